@@ -1,0 +1,10 @@
+// Module whymatch._C: the CPU kernels. Always built; needs no CUDA.
+#include "bindings_common.h"
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "whymatch CPU kernels (torch-agnostic: raw pointers, sizes, a thread count)";
+  whymatch::bind_ops<int>(
+      m, [](const whymatch::RiseApplyParams& p, int t) { whymatch::rise_apply_cpu(p, t); },
+      [](const whymatch::RiseSaliencyParams& p, int t) { whymatch::rise_saliency_cpu(p, t); },
+      [](const whymatch::RankedBlendParams& p, int t) { whymatch::ranked_blend_cpu(p, t); });
+}

@@ -1,0 +1,43 @@
+// Module whymatch._C_cuda: the CUDA kernels, built only when nvcc was found.
+// cudart is linked statically, so importing this module needs no CUDA
+// installation; calling a kernel needs a driver and a device.
+#include <cuda_runtime.h>
+
+#include "bindings_common.h"
+
+namespace {
+
+pybind11::dict device_info() {
+  pybind11::dict d;
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  d["error"] = err == cudaSuccess ? pybind11::none() : pybind11::cast(std::string(cudaGetErrorString(err)));
+  (void)cudaGetLastError();  // clear the sticky "no driver" error
+  pybind11::list devs;
+  if (err == cudaSuccess) {
+    for (int i = 0; i < count; ++i) {
+      cudaDeviceProp prop;
+      if (cudaGetDeviceProperties(&prop, i) != cudaSuccess) continue;
+      devs.append(pybind11::make_tuple(std::string(prop.name), prop.major * 10 + prop.minor));
+    }
+  }
+  d["devices"] = devs;
+  int rt = 0;
+  cudaRuntimeGetVersion(&rt);
+  d["runtime_version"] = rt;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "whymatch CUDA kernels (torch-agnostic: raw device pointers, sizes, a cudaStream_t)";
+  auto as_stream = [](uintptr_t s) { return reinterpret_cast<void*>(s); };
+  whymatch::bind_ops<uintptr_t>(
+      m, [as_stream](const whymatch::RiseApplyParams& p, uintptr_t s) { whymatch::rise_apply_cuda(p, as_stream(s)); },
+      [as_stream](const whymatch::RiseSaliencyParams& p, uintptr_t s) { whymatch::rise_saliency_cuda(p, as_stream(s)); },
+      [as_stream](const whymatch::RankedBlendParams& p, uintptr_t s) { whymatch::ranked_blend_cuda(p, as_stream(s)); });
+  m.attr("cuda_architectures") = WHYMATCH_CUDA_ARCHS;
+  m.attr("cuda_compiler_version") = WHYMATCH_CUDA_VERSION;
+  m.def("device_info", &device_info, "Devices visible to the CUDA runtime linked into this module.");
+}

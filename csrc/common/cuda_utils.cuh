@@ -1,0 +1,56 @@
+// CUDA helpers: error checks that throw (never abort), device storage types.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <sstream>
+#include <stdexcept>
+
+#include "common/dtype.h"
+
+#define WM_CUDA_CHECK(expr)                                                           \
+  do {                                                                                \
+    cudaError_t wm_err_ = (expr);                                                     \
+    if (wm_err_ != cudaSuccess) {                                                     \
+      std::ostringstream wm_msg_;                                                     \
+      wm_msg_ << "CUDA error " << cudaGetErrorName(wm_err_) << " (" << cudaGetErrorString(wm_err_) \
+              << ") at " << __FILE__ << ":" << __LINE__ << " in " #expr;               \
+      throw std::runtime_error(wm_msg_.str());                                        \
+    }                                                                                 \
+  } while (0)
+
+// Check the launch that was just made (configuration errors surface here;
+// asynchronous faults surface at the next synchronizing call, also as exceptions).
+#define WM_CUDA_LAUNCH_CHECK() WM_CUDA_CHECK(cudaGetLastError())
+
+namespace whymatch {
+
+template <typename T> struct DeviceType;
+template <> struct DeviceType<float> { using type = float; };
+template <> struct DeviceType<half_t> { using type = __half; };
+template <> struct DeviceType<bf16_t> { using type = __nv_bfloat16; };
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+inline unsigned int ceil_div(long long a, long long b) { return static_cast<unsigned int>((a + b - 1) / b); }
+
+}  // namespace whymatch
+
+// Calls BODY with `scalar_t` bound to the CUDA storage type of DTYPE.
+#define WM_DISPATCH_FLOAT_CUDA(DTYPE, NAME, ...)                                \
+  [&] {                                                                         \
+    switch (DTYPE) {                                                            \
+      case ::whymatch::DType::F32: { using scalar_t = float; return __VA_ARGS__(); }          \
+      case ::whymatch::DType::F16: { using scalar_t = __half; return __VA_ARGS__(); }         \
+      case ::whymatch::DType::BF16: { using scalar_t = __nv_bfloat16; return __VA_ARGS__(); } \
+    }                                                                           \
+    throw std::invalid_argument(std::string(NAME) + ": unsupported dtype");     \
+  }()

@@ -1,0 +1,31 @@
+// Images along an insertion or deletion curve, from a pixel ranking:
+//   out[b, t, c, p] = rank[b, p] < counts[t] ? first[b, c, p] : second[b, c, p]
+// Insertion: first = image, second = substrate. Deletion: first = substrate,
+// second = image. rank[b] is the position of each pixel in descending saliency.
+#pragma once
+#include <cstdint>
+
+#include "common/dtype.h"
+
+namespace whymatch {
+
+struct RankedBlendParams {
+  const void* first = nullptr;      // [b, c, h*w]
+  const void* second = nullptr;     // [b, c, h*w]
+  const int64_t* rank = nullptr;    // [b, h*w]
+  const int64_t* counts = nullptr;  // [t]
+  void* out = nullptr;              // [b, t, c, h*w]
+  int64_t b = 0, t = 0, c = 0, hw = 0;
+  DType dtype = DType::F32;
+};
+
+inline void check_ranked_blend(const RankedBlendParams& p) {
+  WM_CHECK(p.b >= 0 && p.t >= 0 && p.c >= 0 && p.hw >= 0, "ranked_blend: sizes must be non-negative");
+  if (p.b * p.t * p.c * p.hw > 0)
+    WM_CHECK(p.first && p.second && p.rank && p.counts && p.out, "ranked_blend: null pointer");
+}
+
+void ranked_blend_cpu(const RankedBlendParams& p, int num_threads);
+void ranked_blend_cuda(const RankedBlendParams& p, void* stream);
+
+}  // namespace whymatch

@@ -1,0 +1,32 @@
+// RISE masks applied to an image, written straight into the model's input batch:
+//   out[n, c, y, x] = m * image[c, y, x] + (1 - m) * baseline[c, y, x],  m = mask_n(y, x)
+// (mask geometry in rise_grid.h). N full-size masks are never stored.
+#pragma once
+#include <cstdint>
+
+#include "common/dtype.h"
+
+namespace whymatch {
+
+struct RiseApplyParams {
+  const float* grids = nullptr;     // [n, s, s]
+  const int64_t* shifts = nullptr;  // [n, 2]: (dy, dx), 0 <= dy < cell_h, 0 <= dx < cell_w
+  const float* image = nullptr;     // [c, h, w]
+  const float* baseline = nullptr;  // [c, h, w]
+  void* out = nullptr;              // [n, c, h, w], or [n, h, w, c] when channels_last
+  int64_t n = 0, c = 0, h = 0, w = 0, s = 0;
+  DType out_dtype = DType::F32;
+  bool channels_last = false;
+};
+
+inline void check_rise_apply(const RiseApplyParams& p) {
+  WM_CHECK(p.n >= 0 && p.c >= 0 && p.h >= 0 && p.w >= 0, "rise_apply: sizes must be non-negative");
+  WM_CHECK(p.s >= 1, "rise_apply: grid size s must be >= 1, got " << p.s);
+  if (p.n * p.c * p.h * p.w > 0) {
+    WM_CHECK(p.grids && p.shifts && p.image && p.baseline && p.out, "rise_apply: null pointer");
+  }
+}
+void rise_apply_cpu(const RiseApplyParams& p, int num_threads);
+void rise_apply_cuda(const RiseApplyParams& p, void* stream);
+
+}  // namespace whymatch

@@ -1,0 +1,30 @@
+// RISE saliency for K references at once, masks recomputed from the grids:
+//   out[k, y, x] = sum_n scores[n, k] * mask_n(y, x)
+// (mask geometry in rise_grid.h). Normalization (1/(N p), or SANE's 1/mean mask)
+// is applied by the Python caller; this op is the raw weighted sum.
+#pragma once
+#include <cstdint>
+
+#include "common/check.h"
+
+namespace whymatch {
+
+struct RiseSaliencyParams {
+  const float* grids = nullptr;     // [n, s, s]
+  const int64_t* shifts = nullptr;  // [n, 2]
+  const float* scores = nullptr;    // [n, k]
+  float* out = nullptr;             // [k, h, w]
+  int64_t n = 0, k = 0, h = 0, w = 0, s = 0;
+};
+
+inline void check_rise_saliency(const RiseSaliencyParams& p) {
+  WM_CHECK(p.n >= 0 && p.k >= 0 && p.h >= 0 && p.w >= 0, "rise_saliency: sizes must be non-negative");
+  WM_CHECK(p.s >= 1, "rise_saliency: grid size s must be >= 1, got " << p.s);
+  if (p.k * p.h * p.w > 0) WM_CHECK(p.out, "rise_saliency: null output pointer");
+  if (p.n * p.k * p.h * p.w > 0) WM_CHECK(p.grids && p.shifts && p.scores, "rise_saliency: null pointer");
+}
+
+void rise_saliency_cpu(const RiseSaliencyParams& p, int num_threads);
+void rise_saliency_cuda(const RiseSaliencyParams& p, void* stream);
+
+}  // namespace whymatch

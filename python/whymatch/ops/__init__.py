@@ -1,0 +1,11 @@
+"""whymatch ops: the only layer that touches the compiled kernels.
+
+Public functions validate their arguments and call ops registered with
+torch.library as ``torch.ops.whymatch.*``; ``reference`` holds the pure-PyTorch
+definitions that the kernels are tested against.
+"""
+
+from . import reference
+from .perturb import ranked_blend, rise_apply, rise_saliency
+
+__all__ = ["reference", "rise_apply", "rise_saliency", "ranked_blend"]

@@ -1,0 +1,86 @@
+"""Access to the compiled modules ``whymatch._C`` (CPU) and ``whymatch._C_cuda``.
+
+This file and the op files beside it are the only Python code that touches the
+compiled modules. A module that is missing makes the ops fall back to the pure
+PyTorch reference (``ops/reference.py``) with one warning; a module built from a
+different version of whymatch is refused with a message that says how to fix it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from types import ModuleType
+
+import torch
+
+from .._version import __version__
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+_cache: dict[str, ModuleType | None] = {}
+_import_errors: dict[str, str] = {}
+_warned: set[str] = set()
+
+
+def _load(name: str) -> ModuleType | None:
+    if name in _cache:
+        return _cache[name]
+    try:
+        mod = importlib.import_module(f"whymatch.{name}")
+    except ImportError as exc:
+        _import_errors[name] = str(exc)
+        mod = None
+    if mod is not None and getattr(mod, "__version__", None) != __version__:
+        raise RuntimeError(
+            f"whymatch.{name} was compiled for whymatch {getattr(mod, '__version__', '?')} but the Python "
+            f"package is {__version__}: the build is stale. Reinstall with `pip install --force-reinstall .` "
+            "from the source tree."
+        )
+    _cache[name] = mod
+    return mod
+
+
+def cpu_module() -> ModuleType | None:
+    return _load("_C")
+
+
+def cuda_module() -> ModuleType | None:
+    return _load("_C_cuda")
+
+
+def import_error(name: str) -> str | None:
+    _load(name)
+    return _import_errors.get(name)
+
+
+def module_for(device: torch.device, op: str) -> ModuleType | None:
+    """The compiled module that runs ``op`` on ``device``, or None (reference fallback, warned once)."""
+    if device.type == "cpu":
+        mod, name = cpu_module(), "_C"
+    elif device.type == "cuda":
+        mod, name = cuda_module(), "_C_cuda"
+    else:
+        mod, name = None, f"a kernel for device type {device.type!r}"
+    if mod is None and name not in _warned:
+        _warned.add(name)
+        why = _import_errors.get(name, "it was not compiled")
+        warnings.warn(
+            f"whymatch: no compiled kernels for {device.type} ({name}: {why}); running the pure-PyTorch "
+            "reference implementation instead, which is slower and uses more memory. "
+            "See whymatch.build_info().",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return mod
+
+
+def extra_arg(t: torch.Tensor) -> int:
+    """The kernels' last argument: thread count on CPU, the current stream on CUDA."""
+    if t.device.type == "cuda":
+        return torch.cuda.current_stream(t.device).cuda_stream
+    return torch.get_num_threads()
+
+
+def ptr(t: torch.Tensor) -> int:
+    return t.data_ptr() if t.numel() > 0 else 0

@@ -1,0 +1,205 @@
+"""Perturbation ops: fused RISE masks, RISE saliency, ranked insertion/deletion images.
+
+Each op is registered with torch.library (``whymatch::<name>``), so it works
+under ``torch.compile(fullgraph=True)`` and passes ``torch.library.opcheck``.
+The public functions validate their arguments and name the one that is wrong.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _ext, _validate as V
+from . import reference as ref
+
+__all__ = ["rise_apply", "rise_saliency", "ranked_blend"]
+
+
+# ---------------------------------------------------------------------------
+# registered ops (arguments already validated)
+# ---------------------------------------------------------------------------
+
+def _device_guard(t: Tensor):
+    import contextlib
+
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+@torch.library.custom_op("whymatch::rise_apply", mutates_args=())
+def _rise_apply(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor, dtype: torch.dtype,
+                channels_last: bool) -> Tensor:
+    n, s, _ = grids.shape
+    c, h, w = image.shape
+    mod = _ext.module_for(image.device, "rise_apply")
+    if mod is None:
+        return ref.rise_apply(grids, shifts, image, baseline, dtype, channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty((n, c, h, w), dtype=dtype, device=image.device, memory_format=fmt)
+    with _device_guard(image):
+        mod.rise_apply(_ext.ptr(grids), _ext.ptr(shifts), _ext.ptr(image), _ext.ptr(baseline), _ext.ptr(out),
+                       n, c, h, w, s, _ext.DTYPE_CODES[dtype], channels_last, _ext.extra_arg(image))
+    return out
+
+
+@_rise_apply.register_fake
+def _(grids, shifts, image, baseline, dtype, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((grids.shape[0], *image.shape), dtype=dtype, device=image.device, memory_format=fmt)
+
+
+@torch.library.custom_op("whymatch::rise_saliency", mutates_args=())
+def _rise_saliency(grids: Tensor, shifts: Tensor, scores: Tensor, height: int, width: int) -> Tensor:
+    n, s, _ = grids.shape
+    k = scores.shape[1]
+    mod = _ext.module_for(scores.device, "rise_saliency")
+    if mod is None:
+        return ref.rise_saliency(grids, shifts, scores, (height, width))
+    out = torch.empty((k, height, width), dtype=torch.float32, device=scores.device)
+    with _device_guard(scores):
+        mod.rise_saliency(_ext.ptr(grids), _ext.ptr(shifts), _ext.ptr(scores), _ext.ptr(out), n, k, height, width,
+                          s, _ext.extra_arg(scores))
+    return out
+
+
+@_rise_saliency.register_fake
+def _(grids, shifts, scores, height, width):
+    return scores.new_empty((scores.shape[1], height, width), dtype=torch.float32)
+
+
+@torch.library.custom_op("whymatch::ranked_blend", mutates_args=())
+def _ranked_blend(first: Tensor, second: Tensor, rank: Tensor, counts: Tensor) -> Tensor:
+    b, c, h, w = first.shape
+    t = counts.shape[0]
+    mod = _ext.module_for(first.device, "ranked_blend")
+    if mod is None:
+        return ref.ranked_blend(first, second, rank, counts)
+    out = torch.empty((b, t, c, h, w), dtype=first.dtype, device=first.device)
+    with _device_guard(first):
+        mod.ranked_blend(_ext.ptr(first), _ext.ptr(second), _ext.ptr(rank), _ext.ptr(counts), _ext.ptr(out),
+                         b, t, c, h * w, _ext.DTYPE_CODES[first.dtype], _ext.extra_arg(first))
+    return out
+
+
+@_ranked_blend.register_fake
+def _(first, second, rank, counts):
+    b, c, h, w = first.shape
+    return first.new_empty((b, counts.shape[0], c, h, w))
+
+
+# ---------------------------------------------------------------------------
+# public functions
+# ---------------------------------------------------------------------------
+
+def _check_grids_shifts(grids: object, shifts: object, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    grids = V.tensor("grids", grids, ndim=3, dtypes=V.FLOAT_DTYPES)
+    if grids.shape[1] != grids.shape[2] or grids.shape[1] < 1:
+        raise ValueError(f"grids must have shape (N, s, s) with s >= 1, got {tuple(grids.shape)}")
+    V.finite("grids", grids)
+    n, s, _ = grids.shape
+    shifts = V.tensor("shifts", shifts, ndim=2, dtypes=(torch.int64, torch.int32), device=grids.device)
+    V.shape("shifts", shifts, (n, 2))
+    cell_h, cell_w, _, _ = ref.rise_grid_geometry(size, s)
+    if n and size[0] and size[1]:
+        dy, dx = shifts[:, 0], shifts[:, 1]
+        bad = (dy < 0) | (dy >= cell_h) | (dx < 0) | (dx >= cell_w)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"shifts[{i}] must lie in [0, {cell_h}) x [0, {cell_w}) (cell = ceil(size / s) for s={s}, "
+                f"size={tuple(size)}), got {tuple(int(v) for v in shifts[i])}"
+            )
+    return grids.float().contiguous(), shifts.long().contiguous()
+
+
+def rise_apply(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor | float = 0.0, *,
+               dtype: torch.dtype | None = None, channels_last: bool = False) -> Tensor:
+    """Apply N RISE masks to one image, straight into a model input batch.
+
+    Fuses grid upsampling, shift-crop and blending: ``out[n] = m_n * image +
+    (1 - m_n) * baseline`` with ``m_n`` from :func:`whymatch.ops.reference.rise_masks`.
+    No N x H x W mask tensor is ever stored.
+
+    Args:
+        grids: (N, s, s) float, the low-resolution grids (binary in RISE).
+        shifts: (N, 2) int64, per-mask (dy, dx) in [0, ceil(H/s)) x [0, ceil(W/s)).
+        image: (C, H, W) float, the image to perturb.
+        baseline: (C, H, W) tensor or a number: what masked-out pixels become.
+        dtype: output dtype (float32, float16 or bfloat16); default ``image.dtype``.
+        channels_last: return the batch in channels_last memory format.
+
+    Returns:
+        (N, C, H, W) tensor of ``dtype`` on the image's device.
+    """
+    image = V.tensor("image", image, ndim=3, dtypes=V.FLOAT_DTYPES)
+    V.finite("image", image)
+    c, h, w = image.shape
+    grids, shifts = _check_grids_shifts(grids, shifts, (h, w))
+    if grids.device != image.device:
+        raise ValueError(f"grids must be on {image.device} (like image), got {grids.device}")
+    if isinstance(baseline, torch.Tensor):
+        V.tensor("baseline", baseline, dtypes=V.FLOAT_DTYPES, device=image.device)
+        try:
+            baseline = baseline.expand(c, h, w)
+        except RuntimeError:
+            raise ValueError(f"baseline must broadcast to the image shape {(c, h, w)}, got {tuple(baseline.shape)}") from None
+        V.finite("baseline", baseline)
+    else:
+        V.real("baseline", baseline)
+        baseline = torch.full((c, h, w), float(baseline), device=image.device)
+    dtype = image.dtype if dtype is None else dtype
+    if dtype not in _ext.DTYPE_CODES:
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    return torch.ops.whymatch.rise_apply(grids, shifts, image.float().contiguous(),
+                                         baseline.float().contiguous(), dtype, bool(channels_last))
+
+
+def rise_saliency(grids: Tensor, shifts: Tensor, scores: Tensor, size: tuple[int, int]) -> Tensor:
+    """Score-weighted sum of RISE masks for K references at once.
+
+    ``out[k] = sum_n scores[n, k] * mask_n``, the masks recomputed from the
+    grids (never stored). No normalization: callers divide by N*p (RISE) or by
+    the mean mask (SANE).
+
+    Args:
+        grids: (N, s, s) float grids; shifts: (N, 2) int64 as in :func:`rise_apply`.
+        scores: (N, K) float, the similarity of perturbation n to reference k.
+        size: (H, W) of the saliency maps (the image size the masks were applied at).
+
+    Returns:
+        (K, H, W) float32 tensor on the scores' device.
+    """
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in size)):
+        raise ValueError(f"size must be a pair of non-negative ints (H, W), got {size!r}")
+    grids, shifts = _check_grids_shifts(grids, shifts, tuple(size))
+    scores = V.tensor("scores", scores, ndim=2, dtypes=V.FLOAT_DTYPES, device=grids.device)
+    V.shape("scores", scores, (grids.shape[0], None))
+    V.finite("scores", scores)
+    return torch.ops.whymatch.rise_saliency(grids, shifts, scores.float().contiguous(), int(size[0]), int(size[1]))
+
+
+def ranked_blend(first: Tensor, second: Tensor, rank: Tensor, counts: Tensor) -> Tensor:
+    """Images at each step of an insertion or deletion curve, for a batch of pairs.
+
+    ``out[b, t, :, y, x] = first[b, :, y, x] if rank[b, y*W + x] < counts[t] else second[b, :, y, x]``.
+    Insertion: ``first`` = image, ``second`` = substrate; deletion: the reverse.
+
+    Args:
+        first, second: (B, C, H, W) float tensors of one dtype.
+        rank: (B, H*W) int64, the position of each pixel in descending saliency
+            (0 = most salient), e.g. from :func:`whymatch.metrics.saliency_rank`.
+        counts: (T,) int64, how many pixels come from ``first`` at each step.
+
+    Returns:
+        (B, T, C, H, W) tensor of ``first.dtype``.
+    """
+    first = V.tensor("first", first, ndim=4, dtypes=V.FLOAT_DTYPES)
+    second = V.tensor("second", second, ndim=4, dtypes=(first.dtype,), device=first.device)
+    V.shape("second", second, first.shape)
+    b, c, h, w = first.shape
+    rank = V.tensor("rank", rank, ndim=2, dtypes=(torch.int64, torch.int32), device=first.device)
+    V.shape("rank", rank, (b, h * w))
+    counts = V.tensor("counts", counts, ndim=1, dtypes=(torch.int64, torch.int32), device=first.device)
+    return torch.ops.whymatch.ranked_blend(first.contiguous(), second.contiguous(), rank.long().contiguous(),
+                                           counts.long().contiguous())
