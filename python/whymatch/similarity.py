@@ -115,9 +115,15 @@ class SimilarityModel(nn.Module):
             raise ValueError(f"embedder must return (B, D) embeddings, got shape {tuple(e.shape)}")
         return e.float()
 
-    def check_images(self, name: str, images: object, *, batch: bool = True) -> Tensor:
-        """Validate an image batch (B, C, H, W) (or one image (C, H, W) when batch=False)."""
+    def check_images(self, name: str, images: object, *, batch: bool = True,
+                     device: torch.device | None = None) -> Tensor:
+        """Validate an image batch (B, C, H, W) (or one image (C, H, W) when batch=False).
+
+        Checks the type, rank, dtype, device (when given), channel count, emptiness and finiteness.
+        """
         images = V.tensor(name, images, ndim=4 if batch else 3, dtypes=V.FLOAT_DTYPES, nonempty=True)
+        if device is not None and images.device != device:
+            raise ValueError(f"{name} must be on the model's device {device}, got {images.device}")
         ch = images.shape[1 if batch else 0]
         if self.in_channels is not None and ch != self.in_channels:
             raise ValueError(f"{name} must have {self.in_channels} channels, got {ch} (shape {tuple(images.shape)})")

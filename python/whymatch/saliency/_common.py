@@ -1,0 +1,96 @@
+"""Input handling shared by the explainers: one place for the checks, the
+reference embeddings, the random generator and the progress bar."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..ops import _validate as V
+from ..similarity import SimilarityModel
+
+
+@dataclass
+class PairInputs:
+    query: Tensor             # (C, H, W) float32 on the model's device
+    references: Tensor | None  # (K, C, Hr, Wr) or None when embeddings were given
+    ref_embeddings: Tensor    # (K, D) float32 embeddings of the unperturbed references
+
+
+def check_model(sim: object) -> SimilarityModel:
+    if not isinstance(sim, SimilarityModel):
+        raise TypeError(f"sim must be a whymatch.SimilarityModel, got {type(sim).__name__}")
+    return sim
+
+
+def prepare(sim: SimilarityModel, query: object, references: object, *, reference_embeddings: object = None,
+            batch_size: int, need_images: bool = False) -> PairInputs:
+    """Validate a query (C, H, W) or (1, C, H, W) and K references (K, C, H, W) or (C, H, W)."""
+    if isinstance(query, Tensor) and query.dim() == 4:
+        if query.shape[0] != 1:
+            raise ValueError(f"query must be one image (C, H, W) or (1, C, H, W), got shape {tuple(query.shape)}; "
+                             "explain several queries with one call each")
+        query = query[0]
+    device = sim.device
+    query = sim.check_images("query", query, batch=False, device=device)
+    if references is None and reference_embeddings is None:
+        raise ValueError("references must be given (K, C, H, W) images, or reference_embeddings (K, D)")
+    if references is not None and reference_embeddings is not None:
+        raise ValueError("give either references or reference_embeddings, not both")
+    refs = None
+    if references is not None:
+        if isinstance(references, Tensor) and references.dim() == 3:
+            references = references[None]
+        refs = sim.check_images("references", references, device=device)
+        emb = sim.embed(refs, batch_size)
+    else:
+        if need_images:
+            raise ValueError("this mode perturbs the references, so references must be images, "
+                             "not reference_embeddings")
+        emb = V.tensor("reference_embeddings", reference_embeddings, ndim=2, dtypes=V.FLOAT_DTYPES,
+                       device=device, nonempty=True)
+        V.finite("reference_embeddings", emb)
+        emb = emb.float()
+    return PairInputs(query=query.float(), references=refs, ref_embeddings=emb)
+
+
+def generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded from ``seed`` (nondeterministic when None); global RNG state is untouched."""
+    g = torch.Generator(device="cpu")
+    if seed is None:
+        g.seed()
+    else:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        g.manual_seed(seed)
+    return g
+
+
+def baseline_image(baseline: object, image: Tensor) -> Tensor:
+    """The (C, H, W) image that perturbed pixels take: a number, 'mean' (per-channel mean) or a tensor."""
+    c, h, w = image.shape
+    if isinstance(baseline, str):
+        V.choice("baseline", baseline, ("mean",))
+        return image.mean(dim=(1, 2), keepdim=True).expand(c, h, w).contiguous()
+    if isinstance(baseline, Tensor):
+        V.tensor("baseline", baseline, dtypes=V.FLOAT_DTYPES, device=image.device)
+        try:
+            out = baseline.float().expand(c, h, w)
+        except RuntimeError:
+            raise ValueError(f"baseline must broadcast to {(c, h, w)}, got shape {tuple(baseline.shape)}") from None
+        return V.finite("baseline", out.contiguous())
+    return torch.full((c, h, w), V.real("baseline", baseline), device=image.device)
+
+
+def batches(n: int, batch_size: int, *, show: bool, desc: str) -> Iterator[tuple[int, int]]:
+    """(start, stop) slices of range(n), with a tqdm bar when ``show``."""
+    starts: Iterable[int] = range(0, n, batch_size)
+    if show:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, total=(n + batch_size - 1) // batch_size, desc=desc, unit="batch")
+    for i in starts:
+        yield i, min(n, i + batch_size)

@@ -1,0 +1,149 @@
+"""RISE for similarity models (Petsiuk et al. 2018, as adapted by SANE, Plummer et al. 2020)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..ops import _validate as V
+from ..ops.reference import rise_grid_geometry
+from ..similarity import SimilarityModel
+from . import _common
+
+__all__ = ["RISE"]
+
+
+class RISE:
+    """Black-box saliency for a pair: which query pixels make it similar to each reference.
+
+    N random low-resolution binary grids (s x s, each cell on with probability p)
+    are upsampled bilinearly, shifted by a random offset within one cell and
+    cropped to the query's size (the RISE construction; see
+    :func:`whymatch.ops.reference.rise_masks` for the exact geometry). Each mask
+    blends the query with a baseline; the similarity of every perturbed query to
+    every reference weights its mask:
+
+        S_k = sum_n sim(f(m_n * q + (1 - m_n) * b), f(r_k)) * m_n / Z
+
+    with Z = N * p (RISE paper, the default) or Z = N * mean_n(m_n) per pixel
+    (``normalize='sane'``, what SANE's published code does).
+
+    One query against K references costs one pass over the query's N
+    perturbations: their embeddings meet all K reference embeddings in one
+    matrix product. Masks are never stored at full size (fused kernels), so peak
+    memory grows with ``batch_size``, not ``n_masks``.
+
+    ``fixed_reference=False`` is SANE's "both images" mode: each reference is
+    also perturbed by ``n_reference_masks`` RISE masks and the query map is the
+    mean of the RISE maps against every perturbed reference. Because the map is
+    linear in the scores, that mean is computed exactly as one map of the
+    averaged scores, for N + K * M forward passes instead of N * M.
+
+    Args:
+        sim: the SimilarityModel to explain.
+        n_masks: N, the number of query masks (published: 2000 SANE, 4000-8000 RISE).
+        grid: s, the side of the low-resolution grid.
+        p: probability that a grid cell keeps its pixels, in (0, 1).
+        batch_size: perturbed images per forward pass.
+        baseline: what masked pixels become: a number, 'mean' (per-channel mean
+            of the image) or a tensor broadcastable to (C, H, W), in the space of
+            the images given to the SimilarityModel.
+        normalize: 'rise' (divide by N * p) or 'sane' (divide by N * mean mask).
+        fixed_reference: False perturbs the references too (SANE's both-images mode).
+        n_reference_masks: M, masks per reference when ``fixed_reference=False`` (SANE: 30).
+        seed: seed of the masks (None: a fresh random seed each call).
+        show_progress: show a tqdm progress bar.
+    """
+
+    def __init__(self, sim: SimilarityModel, n_masks: int = 2000, grid: int = 8, p: float = 0.5, *,
+                 batch_size: int = 256, baseline: float | str | Tensor = 0.0, normalize: str = "rise",
+                 fixed_reference: bool = True, n_reference_masks: int = 30, seed: int | None = 0,
+                 show_progress: bool = False) -> None:
+        self.sim = _common.check_model(sim)
+        self.n_masks = V.positive_int("n_masks", n_masks)
+        self.grid = V.positive_int("grid", grid)
+        self.p = V.real("p", p, low=0.0, high=1.0, open_low=True, open_high=True)
+        self.batch_size = V.positive_int("batch_size", batch_size)
+        self.baseline = baseline
+        self.normalize = V.choice("normalize", normalize, ("rise", "sane"))
+        self.fixed_reference = bool(fixed_reference)
+        self.n_reference_masks = V.positive_int("n_reference_masks", n_reference_masks)
+        _common.generator(seed)  # validates the seed
+        self.seed = seed
+        self.show_progress = bool(show_progress)
+
+    def generate_masks(self, size: tuple[int, int], n: int, gen: torch.Generator,
+                       device: torch.device) -> tuple[Tensor, Tensor]:
+        """Grids (n, s, s) float32 and shifts (n, 2) int64 for images of ``size``, on ``device``."""
+        s = self.grid
+        cell_h, cell_w, _, _ = rise_grid_geometry(size, s)
+        grids = (torch.rand(n, s, s, generator=gen) < self.p).float()
+        shifts = torch.stack([torch.randint(0, cell_h, (n,), generator=gen),
+                              torch.randint(0, cell_w, (n,), generator=gen)], dim=1)
+        return grids.to(device), shifts.to(device)
+
+    @torch.no_grad()
+    def _perturbed_embeddings(self, image: Tensor, grids: Tensor, shifts: Tensor, baseline: Tensor,
+                              desc: str) -> Tensor:
+        sim = self.sim
+        dtype = sim.input_dtype(image.device)
+        chunks = []
+        for i, j in _common.batches(grids.shape[0], self.batch_size, show=self.show_progress, desc=desc):
+            batch = ops.rise_apply(grids[i:j], shifts[i:j], image, baseline, dtype=dtype,
+                                   channels_last=sim.channels_last)
+            chunks.append(sim(batch))
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def attribute(self, query: Tensor, references: Tensor | None = None, *,
+                  reference_embeddings: Tensor | None = None, condition: object = None,
+                  seed: int | None = None) -> Tensor:
+        """Saliency of the query for each reference.
+
+        Args:
+            query: (C, H, W) or (1, C, H, W) image on the model's device.
+            references: (K, C, Hr, Wr) or (C, Hr, Wr) images.
+            reference_embeddings: (K, D) embeddings instead of ``references``
+                (fixed-reference mode only): a retrieval system passes the
+                gallery embeddings it already has.
+            condition: passed to the model's conditional similarity, if it has one.
+            seed: overrides the constructor's seed for this call.
+
+        Returns:
+            (K, H, W) float32 saliency maps on the query's device, signed and
+            unnormalized (higher: the pixel supports the similarity more).
+        """
+        sim = self.sim
+        inp = _common.prepare(sim, query, references, reference_embeddings=reference_embeddings,
+                              batch_size=self.batch_size, need_images=not self.fixed_reference)
+        q = inp.query
+        c, h, w = q.shape
+        gen = _common.generator(self.seed if seed is None else seed)
+        grids, shifts = self.generate_masks((h, w), self.n_masks, gen, q.device)
+        base = _common.baseline_image(self.baseline, q)
+        emb = self._perturbed_embeddings(q, grids, shifts, base, "RISE query masks")
+
+        if self.fixed_reference:
+            scores = sim.pairwise(emb, inp.ref_embeddings, condition)  # (N, K)
+        else:
+            refs = inp.references
+            m = self.n_reference_masks
+            scores = torch.zeros(self.n_masks, refs.shape[0], device=q.device)
+            for k in range(refs.shape[0]):
+                r = refs[k].float()
+                rg, rs = self.generate_masks(tuple(r.shape[1:]), m, gen, q.device)
+                r_emb = self._perturbed_embeddings(r, rg, rs, _common.baseline_image(self.baseline, r),
+                                                   f"RISE reference {k} masks")
+                scores[:, k] = sim.pairwise(emb, r_emb, condition).mean(dim=1)
+
+        k = scores.shape[1]
+        if self.normalize == "rise":
+            sal = ops.rise_saliency(grids, shifts, scores, (h, w))
+            return sal / (self.n_masks * self.p)
+        ones = torch.ones(self.n_masks, 1, device=q.device)
+        both = ops.rise_saliency(grids, shifts, torch.cat([scores, ones], dim=1), (h, w))
+        mask_sum = both[k:]  # (1, H, W): sum_n m_n
+        # sum_n s_n m_n / mean_n(m_n); a pixel no mask ever kept gets 0, not NaN.
+        return torch.where(mask_sum > 0, both[:k] * self.n_masks / mask_sum.clamp_min(1e-12),
+                           torch.zeros_like(both[:k]))
