@@ -1,0 +1,83 @@
+"""Saliency maps as pictures. Normalization and colour maps live here, not in the explainers."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+__all__ = ["to_pil", "colorize", "overlay", "mark_point", "contour"]
+
+
+def _jet(x: np.ndarray) -> np.ndarray:
+    """The 'jet' colour map for values in [0, 1] -> (..., 3) float in [0, 1]."""
+    r = np.clip(1.5 - np.abs(4 * x - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * x - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * x - 1), 0, 1)
+    return np.stack([r, g, b], axis=-1)
+
+
+def _diverging(x: np.ndarray) -> np.ndarray:
+    """Blue (0) - white (0.5) - red (1) for signed maps."""
+    t = 2 * x - 1
+    pos, neg = np.clip(t, 0, 1), np.clip(-t, 0, 1)
+    return np.stack([1 - neg, 1 - pos - neg, 1 - pos], axis=-1)
+
+
+def to_pil(image: Tensor) -> Image.Image:
+    """(3, H, W) float in [0, 1] -> PIL RGB image (values clamped)."""
+    arr = (image.detach().float().clamp(0, 1).cpu().permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+def colorize(saliency: Tensor, cmap: str = "jet", signed: bool = False) -> np.ndarray:
+    """(H, W) map -> (H, W, 3) uint8 colours.
+
+    Unsigned: min-max to [0, 1] with 'jet'. Signed: symmetric around 0 with a
+    blue-white-red map. A constant map is drawn at the bottom of the scale (or
+    white when signed), never as NaN.
+    """
+    s = saliency.detach().float().cpu().numpy()
+    if signed:
+        m = float(np.abs(s).max())
+        x = 0.5 + 0.5 * s / m if m > 0 else np.full_like(s, 0.5)
+        rgb = _diverging(x)
+    else:
+        lo, hi = float(s.min()), float(s.max())
+        x = (s - lo) / (hi - lo) if hi > lo else np.zeros_like(s)
+        if cmap != "jet":
+            raise ValueError(f"cmap must be 'jet', got {cmap!r}")
+        rgb = _jet(x)
+    return (rgb * 255 + 0.5).astype(np.uint8)
+
+
+def overlay(image: Tensor, saliency: Tensor, alpha: float = 0.5, signed: bool = False) -> Image.Image:
+    """The image with its saliency map blended on top (the map resized bilinearly to the image)."""
+    h, w = image.shape[1:]
+    if tuple(saliency.shape) != (h, w):
+        saliency = F.interpolate(saliency[None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    heat = colorize(saliency, signed=signed).astype(np.float32)
+    base = np.asarray(to_pil(image), dtype=np.float32)
+    return Image.fromarray((base * (1 - alpha) + heat * alpha + 0.5).astype(np.uint8), "RGB")
+
+
+def mark_point(img: Image.Image, yx: tuple[int, int], size: int = 4, colour=(255, 255, 255)) -> Image.Image:
+    """Draw a small cross at pixel (y, x) (e.g. the saliency peak); returns the image."""
+    y, x = yx
+    d = ImageDraw.Draw(img)
+    d.line([(x - size, y), (x + size, y)], fill=colour, width=1)
+    d.line([(x, y - size), (x, y + size)], fill=colour, width=1)
+    return img
+
+
+def contour(img: Image.Image, mask: Tensor, colour=(255, 255, 255)) -> Image.Image:
+    """Draw the outline of a boolean (H, W) mask (e.g. the ground-truth key object)."""
+    m = mask.bool().cpu()
+    m = F.interpolate(m[None, None].float(), size=(img.height, img.width), mode="nearest")[0, 0] > 0.5
+    eroded = -F.max_pool2d(-m[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0.5
+    edge = (m & ~eroded).numpy()
+    arr = np.asarray(img).copy()
+    arr[edge] = colour
+    return Image.fromarray(arr, "RGB")

@@ -1,0 +1,115 @@
+"""The HTML report: every method side by side for each pair, a summary table on top."""
+
+from __future__ import annotations
+
+import html
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..io import atomic_output_dir
+from .overlay import contour, mark_point, overlay, to_pil
+
+__all__ = ["write_report", "format_table", "html_table"]
+
+_CSS = """body{font-family:sans-serif;margin:20px;color:#222}table{border-collapse:collapse;margin:8px 0}
+td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f0f0f0}
+.pair{margin:24px 0;border-top:2px solid #888}.grid td{text-align:center;vertical-align:top;font-size:12px}
+img{image-rendering:pixelated;width:160px;height:160px}"""
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return "" if v is None else str(v)
+
+
+def _columns(rows: Sequence[dict]) -> list[str]:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    return cols
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """Rows of dicts as a markdown table (also readable in a terminal)."""
+    if not rows:
+        return "(no rows)"
+    cols = _columns(rows)
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells])
+
+
+def html_table(rows: Sequence[dict]) -> str:
+    cols = _columns(rows)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _png(img, path: Path) -> None:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    path.write_bytes(buf.getvalue())
+
+
+def write_report(out_dir: str | Path, pairs: Sequence[dict], summary: Sequence[dict], *,
+                 title: str = "whymatch report", methods: Sequence[str] | None = None) -> Path:
+    """Write ``out_dir/index.html`` and its PNGs; nothing is left half-written on error.
+
+    Args:
+        out_dir: output directory (created; files of the same names are replaced).
+        pairs: one dict per query: 'name' (str), 'query' (3, H, W), 'references'
+            (list of (3, H, W)), 'maps' ({method: (K, H, W)}), optional 'metrics'
+            ({method: [dict per reference]}) and 'key_mask' ((H, W) bool).
+        summary: rows (dicts) of the summary table.
+        methods: column order (default: the maps' keys).
+
+    Returns:
+        The path of index.html.
+    """
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             "<h2>Summary</h2>", html_table(summary),
+             "<p>Saliency overlays: red = pixels that support the similarity most (each map min-max scaled); "
+             "the cross marks the peak; a white outline marks the ground-truth key object when known.</p>"]
+    with atomic_output_dir(out_dir) as tmp:
+        for pi, pair in enumerate(pairs):
+            ms = list(methods or pair["maps"].keys())
+            q = pair["query"]
+            key = pair.get("key_mask")
+            parts.append(f"<div class='pair'><h3>{html.escape(str(pair['name']))}</h3><table class='grid'>")
+            parts.append("<tr><th>query</th><th>reference</th>" + "".join(
+                f"<th>{html.escape(m)}</th>" for m in ms) + "</tr>")
+            qimg = to_pil(q)
+            if key is not None:
+                qimg = contour(qimg, key)
+            _png(qimg, tmp / f"p{pi}_query.png")
+            for k, ref in enumerate(pair["references"]):
+                _png(to_pil(ref), tmp / f"p{pi}_ref{k}.png")
+                row = [f"<td><img src='p{pi}_query.png' alt='query'></td>",
+                       f"<td><img src='p{pi}_ref{k}.png' alt='reference {k}'></td>"]
+                for m in ms:
+                    sal = pair["maps"][m][k].detach().float().cpu()
+                    img = overlay(q.cpu(), sal)
+                    if key is not None:
+                        img = contour(img, key)
+                    flat = int(sal.argmax())
+                    sy, sx = divmod(flat, sal.shape[1])
+                    img = mark_point(img, (sy * img.height // sal.shape[0], sx * img.width // sal.shape[1]))
+                    name = f"p{pi}_ref{k}_{m}.png"
+                    _png(img, tmp / name)
+                    met = (pair.get("metrics") or {}).get(m)
+                    txt = ""
+                    if met:
+                        txt = "<br>".join(f"{html.escape(a)}: {html.escape(_fmt(b))}" for a, b in met[k].items())
+                    row.append(f"<td><img src='{html.escape(name)}' alt='{html.escape(m)}'><br>{txt}</td>")
+                parts.append("<tr>" + "".join(row) + "</tr>")
+            parts.append("</table></div>")
+        parts.append("</body></html>")
+        (tmp / "index.html").write_text("".join(parts), encoding="utf-8")
+    return Path(out_dir) / "index.html"
