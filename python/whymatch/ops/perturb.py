@@ -91,8 +91,9 @@ def _(first, second, rank, counts):
 # public functions
 # ---------------------------------------------------------------------------
 
-def _check_grids_shifts(grids: object, shifts: object, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    grids = V.tensor("grids", grids, ndim=3, dtypes=V.FLOAT_DTYPES)
+def _check_grids_shifts(grids: object, shifts: object, size: tuple[int, int],
+                        device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    grids = V.tensor("grids", grids, ndim=3, dtypes=V.FLOAT_DTYPES, device=device)
     if grids.shape[1] != grids.shape[2] or grids.shape[1] < 1:
         raise ValueError(f"grids must have shape (N, s, s) with s >= 1, got {tuple(grids.shape)}")
     V.finite("grids", grids)
@@ -134,9 +135,7 @@ def rise_apply(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor | 
     image = V.tensor("image", image, ndim=3, dtypes=V.FLOAT_DTYPES)
     V.finite("image", image)
     c, h, w = image.shape
-    grids, shifts = _check_grids_shifts(grids, shifts, (h, w))
-    if grids.device != image.device:
-        raise ValueError(f"grids must be on {image.device} (like image), got {grids.device}")
+    grids, shifts = _check_grids_shifts(grids, shifts, (h, w), image.device)
     if isinstance(baseline, torch.Tensor):
         V.tensor("baseline", baseline, dtypes=V.FLOAT_DTYPES, device=image.device)
         try:

@@ -1,0 +1,39 @@
+"""Test helpers: the device list (overridable, no GPU query at import time) and tolerances."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+def _cuda_visible() -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
+def devices() -> list:
+    """Parameters for a device fixture: 'cpu' always, 'cuda' marked and skipped when no GPU is visible.
+
+    WHYMATCH_TEST_DEVICES=cpu,cuda overrides the list.
+    """
+    names = os.environ.get("WHYMATCH_TEST_DEVICES", "cpu,cuda").split(",")
+    out = []
+    for n in (n.strip() for n in names if n.strip()):
+        if n == "cuda":
+            out.append(pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+                "not __import__('torch').cuda.is_available()", reason="no CUDA device visible")]))
+        else:
+            out.append(n)
+    return out
+
+
+# Elementwise tolerances against the float32 reference. The kernels compute the
+# same float32 arithmetic and round once, so fp16/bf16 outputs may differ from the
+# reference's rounding by at most one unit in the last place: 2^-11 and 2^-8
+# relative for values in [0, 1].
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=8e-3, atol=8e-3),
+}
