@@ -1,0 +1,61 @@
+"""The `whymatch` command end to end on temporary directories."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from whymatch import cli
+from whymatch.models import default_weights_path
+
+
+def _png(path, seed):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def test_explain_with_a_user_model(tmp_path, capsys):
+    q, r1, r2 = (_png(tmp_path / f"{n}.png", i) for i, n in enumerate(["q", "r1", "r2"]))
+    out = tmp_path / "report"
+    rc = cli.main(["explain", q, r1, r2, "--out", str(out), "--model", "toy_models:tiny_cnn", "--size", "32",
+                   "--n-masks", "64", "--batch-size", "32", "--window", "8", "--stride", "4"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "insertion_auc" in text and "rise" in text and "sliding" in text
+    html = (out / "index.html").read_text()
+    assert "q.png" in html and (out / "p0_ref1_sliding.png").is_file()
+
+
+def test_explain_missing_file_is_named_and_nothing_is_written(tmp_path, capsys):
+    q = _png(tmp_path / "q.png", 0)
+    out = tmp_path / "report"
+    rc = cli.main(["explain", q, str(tmp_path / "nope.jpg"), "--out", str(out), "--model", "toy_models:tiny_cnn"])
+    assert rc == 2
+    assert "nope.jpg" in capsys.readouterr().err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["q.png"]
+
+
+def test_explain_bad_model_spec(tmp_path, capsys):
+    q = _png(tmp_path / "q.png", 0)
+    assert cli.main(["explain", q, q, "--out", str(tmp_path / "o"), "--model", "toy_models:not_a_model"]) == 2
+    assert "must return a whymatch.SimilarityModel or a torch.nn.Module" in capsys.readouterr().err
+    assert cli.main(["explain", q, q, "--out", str(tmp_path / "o"), "--model", "no_colon"]) == 2
+    assert "package.module:factory" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not default_weights_path().is_file(), reason="shipped weights not built")
+def test_demo_writes_report_and_prints_table(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = cli.main(["demo", "--out", str(out), "--queries", "2", "--refs", "2", "--n-masks", "200"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for col in ("insertion_auc", "deletion_auc", "pointing_acc", "chance"):
+        assert col in text
+    assert (out / "index.html").is_file() and (out / "p1_ref1_rise.png").is_file()
+
+
+def test_info_json(capsys):
+    assert cli.main(["info", "--json"]) == 0
+    assert '"cpu_kernels"' in capsys.readouterr().out
