@@ -131,7 +131,8 @@ def test_opcheck_every_op(gen):
     torch.library.opcheck(torch.ops.whymatch.ranked_blend.default, (first, second, rank, torch.tensor([0, 5, 16])))
 
 
-def test_torch_compile_fullgraph(gen):
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend, gen):
     grids, shifts = rand_masks(6, 4, (12, 10), gen, "cpu")
     image = torch.rand(3, 12, 10, generator=gen)
     base = torch.zeros(3, 12, 10)
@@ -144,7 +145,7 @@ def test_torch_compile_fullgraph(gen):
         return sal, torch.ops.whymatch.ranked_blend(image[None], base[None], rank, torch.tensor([0, 60, 120]))
 
     eager = pipeline(grids, shifts, image, base)
-    compiled = torch.compile(pipeline, fullgraph=True, backend="aot_eager")(grids, shifts, image, base)
+    compiled = torch.compile(pipeline, fullgraph=True, backend=backend)(grids, shifts, image, base)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b)
 
