@@ -33,3 +33,24 @@ def test_import_works_without_a_driver_and_info_command_runs():
     out = subprocess.run([sys.executable, "-m", "whymatch.cli", "info"], capture_output=True, text=True, check=True)
     assert "CPU kernels:  rise_apply, rise_saliency, ranked_blend" in out.stdout
     assert "CUDA devices:" in out.stdout
+
+
+def test_cmake_cuda_on_without_nvcc_says_how_to_fix(tmp_path):
+    import os
+    import shutil
+    from pathlib import Path
+
+    import pytest
+
+    pybind11 = pytest.importorskip("pybind11")
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake not on PATH")
+    src = Path(__file__).resolve().parents[1]
+    if not (src / "CMakeLists.txt").is_file():
+        pytest.skip("source tree not available")
+    env = dict(os.environ, CUDACXX=str(tmp_path / "no-nvcc"))
+    run = subprocess.run(["cmake", "-S", str(src), "-B", str(tmp_path / "b"), "-DWHYMATCH_CUDA=ON",
+                          f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"], capture_output=True, text=True, env=env)
+    assert run.returncode != 0
+    text = " ".join((run.stdout + run.stderr).split())
+    assert "WHYMATCH_CUDA=ON but no CUDA compiler (nvcc) was found" in text and "WHYMATCH_CUDA=OFF" in text
