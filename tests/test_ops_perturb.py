@@ -50,6 +50,33 @@ def test_rise_apply_matches_reference(device, dtype, channels_last, shape, gen):
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_rise_apply_into_out_buffer(device, dtype, channels_last, gen):
+    grids, shifts = rand_masks(6, 5, (19, 22), gen, device)
+    image = torch.rand(3, 19, 22, generator=gen).to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    buf = torch.full((8, 3, 19, 22), float("nan"), dtype=dtype, device=device).contiguous(memory_format=fmt)
+    out = ops.rise_apply(grids, shifts, image, 0.5, channels_last=channels_last, out=buf[:6])
+    assert out.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(out.float(), ops.rise_apply(grids, shifts, image, 0.5, dtype=dtype).float(),
+                               **TOL[dtype])
+    assert torch.isnan(buf[6:].float()).all()  # nothing written past the slice
+
+
+def test_rise_apply_out_bad_buffers(gen):
+    g, s, i = _ok_args(gen)
+    with pytest.raises(ValueError, match=r"out must have shape \(3, 3, 10, 10\), got \(2, 3, 10, 10\)"):
+        ops.rise_apply(g, s, i, out=torch.empty(2, 3, 10, 10))
+    with pytest.raises(ValueError, match="out must be channels_last"):
+        ops.rise_apply(g, s, i, channels_last=True, out=torch.empty(3, 3, 10, 10))
+    with pytest.raises(ValueError, match="dtype must match out.dtype"):
+        ops.rise_apply(g, s, i, dtype=torch.float16, out=torch.empty(3, 3, 10, 10))
+    with pytest.raises(ValueError, match="out must have dtype"):
+        ops.rise_apply(g, s, i, out=torch.empty(3, 3, 10, 10, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("device", devices())
 def test_rise_apply_extreme_shifts_and_noncontiguous_inputs(device, gen):
     n, s, h, w = 4, 6, 25, 31
     ch, cw = math.ceil(h / s), math.ceil(w / s)
@@ -125,6 +152,8 @@ def test_opcheck_every_op(gen):
     image, base = torch.rand(3, 11, 13, generator=gen), torch.rand(3, 11, 13, generator=gen)
     for dt, cl in [(torch.float32, False), (torch.float16, True), (torch.bfloat16, False)]:
         torch.library.opcheck(torch.ops.whymatch.rise_apply.default, (grids, shifts, image, base, dt, cl))
+    torch.library.opcheck(torch.ops.whymatch.rise_apply_out.default,
+                          (grids, shifts, image, base, torch.empty(5, 3, 11, 13, dtype=torch.bfloat16)))
     torch.library.opcheck(torch.ops.whymatch.rise_saliency.default, (grids, shifts, torch.randn(5, 2), 11, 13))
     first, second = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)
     rank = torch.stack([torch.randperm(16) for _ in range(2)])

@@ -203,3 +203,19 @@ def test_sliding_window_rejects_bad_inputs():
         SlidingWindow(sim, stride=(1, 2, 3))
     with pytest.raises(ValueError, match="references must have 3 channels"):
         SlidingWindow(sim, window=4).attribute(q, q[:2])
+
+
+def test_rise_with_an_embedder_that_returns_a_view_of_its_input():
+    class Flatten(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return x.flatten(1)  # aliases the reused input buffer
+
+    sim = whymatch.SimilarityModel(Flatten())
+    q, r = images(0, 3, 12, 12), images(1, 3, 12, 12)
+    a = RISE(sim, n_masks=40, batch_size=8, seed=1).attribute(q, r)
+    b = RISE(sim, n_masks=40, batch_size=40, seed=1).attribute(q, r)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -25,9 +25,15 @@ struct RiseCanvas {
                 << cell_w << ")");
   }
 
-  // hrows[i * up_w + X] = grid row i interpolated horizontally at canvas column X.
-  void horizontal_rows(const float* g, float* hrows) const {
-    for (int64_t i = 0; i < s; ++i) {
+  // hrows[i * up_w + X] = grid row i interpolated horizontally at canvas column X,
+  // for the grid rows that canvas rows [Y0, Y1) read (all rows by default).
+  void horizontal_rows(const float* g, float* hrows, int64_t Y0 = 0, int64_t Y1 = -1) const {
+    int64_t i0 = 0, i1 = s - 1;
+    if (Y1 > Y0) {
+      i0 = ty[Y0].i0;
+      i1 = ty[Y1 - 1].i1;
+    }
+    for (int64_t i = i0; i <= i1; ++i) {
       const float* gr = g + i * s;
       float* hr = hrows + i * up_w;
       for (int64_t X = 0; X < up_w; ++X) {
@@ -40,8 +46,8 @@ struct RiseCanvas {
   // mrow[x] = mask at canvas row Y, canvas columns dx .. dx + w - 1.
   void mask_row(const float* hrows, int64_t Y, int64_t dx, int64_t w, float* mrow) const {
     const Lerp& l = ty[Y];
-    const float* r0 = hrows + l.i0 * up_w + dx;
-    const float* r1 = hrows + l.i1 * up_w + dx;
+    const float* __restrict__ r0 = hrows + l.i0 * up_w + dx;
+    const float* __restrict__ r1 = hrows + l.i1 * up_w + dx;
     const float a = 1.f - l.l, b = l.l;
     for (int64_t x = 0; x < w; ++x) mrow[x] = a * r0[x] + b * r1[x];
   }

@@ -8,8 +8,10 @@
 
 namespace whymatch {
 
-// Each worker owns a band of output rows for every reference and streams over
-// all N masks; a mask row is built once and accumulated into K output rows.
+// Work is split into tiles of output rows small enough that a tile's K
+// accumulator rows stay in cache (about 256 KiB); each worker streams all N
+// masks over one tile at a time, building a mask row once and accumulating it
+// into the tile's K output rows.
 void rise_saliency_cpu(const RiseSaliencyParams& p, int num_threads) {
   check_rise_saliency(p);
   const int64_t hw = p.h * p.w;
@@ -19,18 +21,28 @@ void rise_saliency_cpu(const RiseSaliencyParams& p, int num_threads) {
   const RiseCanvas cv(p.h, p.w, p.s);
   for (int64_t n = 0; n < p.n; ++n) cv.check_shift(n, p.shifts[2 * n], p.shifts[2 * n + 1], "rise_saliency");
 
-  parallel_for(p.h, num_threads, 4, [&](int64_t y0, int64_t y1) {
+  const int64_t budget = 256 * 1024 / static_cast<int64_t>(sizeof(float));
+  int64_t tile = std::max<int64_t>(1, budget / std::max<int64_t>(1, p.k * p.w));
+  tile = std::min(tile, (p.h + num_threads - 1) / std::max(1, num_threads));  // at least one tile per thread
+  tile = std::max<int64_t>(1, tile);
+  const int64_t n_tiles = (p.h + tile - 1) / tile;
+
+  parallel_for(n_tiles, num_threads, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> hrows(p.s * cv.up_w), mrow(p.w);
-    for (int64_t n = 0; n < p.n; ++n) {
-      const int64_t dy = p.shifts[2 * n], dx = p.shifts[2 * n + 1];
-      cv.horizontal_rows(p.grids + n * p.s * p.s, hrows.data());
-      const float* sc = p.scores + n * p.k;
-      for (int64_t y = y0; y < y1; ++y) {
-        cv.mask_row(hrows.data(), y + dy, dx, p.w, mrow.data());
-        for (int64_t k = 0; k < p.k; ++k) {
-          const float wgt = sc[k];
-          float* o = p.out + k * hw + y * p.w;
-          for (int64_t x = 0; x < p.w; ++x) o[x] += wgt * mrow[x];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t y0 = t * tile, y1 = std::min(p.h, y0 + tile);
+      for (int64_t n = 0; n < p.n; ++n) {
+        const int64_t dy = p.shifts[2 * n], dx = p.shifts[2 * n + 1];
+        cv.horizontal_rows(p.grids + n * p.s * p.s, hrows.data(), y0 + dy, y1 + dy);
+        const float* sc = p.scores + n * p.k;
+        for (int64_t y = y0; y < y1; ++y) {
+          cv.mask_row(hrows.data(), y + dy, dx, p.w, mrow.data());
+          for (int64_t k = 0; k < p.k; ++k) {
+            const float wgt = sc[k];
+            float* __restrict__ o = p.out + k * hw + y * p.w;
+            const float* __restrict__ m = mrow.data();
+            for (int64_t x = 0; x < p.w; ++x) o[x] += wgt * m[x];
+          }
         }
       }
     }

@@ -26,19 +26,26 @@ def _device_guard(t: Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+def _launch_rise_apply(mod, grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor, out: Tensor) -> None:
+    n, s, _ = grids.shape
+    c, h, w = image.shape
+    channels_last = out.dim() == 4 and out.numel() > 0 and not out.is_contiguous()
+    with _device_guard(image):
+        mod.rise_apply(_ext.ptr(grids), _ext.ptr(shifts), _ext.ptr(image), _ext.ptr(baseline), _ext.ptr(out),
+                       n, c, h, w, s, _ext.DTYPE_CODES[out.dtype], channels_last, _ext.extra_arg(image))
+
+
 @torch.library.custom_op("whymatch::rise_apply", mutates_args=())
 def _rise_apply(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor, dtype: torch.dtype,
                 channels_last: bool) -> Tensor:
-    n, s, _ = grids.shape
+    n = grids.shape[0]
     c, h, w = image.shape
     mod = _ext.module_for(image.device, "rise_apply")
     if mod is None:
         return ref.rise_apply(grids, shifts, image, baseline, dtype, channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty((n, c, h, w), dtype=dtype, device=image.device, memory_format=fmt)
-    with _device_guard(image):
-        mod.rise_apply(_ext.ptr(grids), _ext.ptr(shifts), _ext.ptr(image), _ext.ptr(baseline), _ext.ptr(out),
-                       n, c, h, w, s, _ext.DTYPE_CODES[dtype], channels_last, _ext.extra_arg(image))
+    _launch_rise_apply(mod, grids, shifts, image, baseline, out)
     return out
 
 
@@ -46,6 +53,21 @@ def _rise_apply(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor, 
 def _(grids, shifts, image, baseline, dtype, channels_last):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty((grids.shape[0], *image.shape), dtype=dtype, device=image.device, memory_format=fmt)
+
+
+@torch.library.custom_op("whymatch::rise_apply_out", mutates_args=("out",))
+def _rise_apply_out(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor, out: Tensor) -> None:
+    mod = _ext.module_for(image.device, "rise_apply")
+    if mod is None:
+        channels_last = out.numel() > 0 and not out.is_contiguous()
+        out.copy_(ref.rise_apply(grids, shifts, image, baseline, out.dtype, channels_last))
+        return
+    _launch_rise_apply(mod, grids, shifts, image, baseline, out)
+
+
+@_rise_apply_out.register_fake
+def _(grids, shifts, image, baseline, out):
+    return None
 
 
 @torch.library.custom_op("whymatch::rise_saliency", mutates_args=())
@@ -114,7 +136,7 @@ def _check_grids_shifts(grids: object, shifts: object, size: tuple[int, int],
 
 
 def rise_apply(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor | float = 0.0, *,
-               dtype: torch.dtype | None = None, channels_last: bool = False) -> Tensor:
+               dtype: torch.dtype | None = None, channels_last: bool = False, out: Tensor | None = None) -> Tensor:
     """Apply N RISE masks to one image, straight into a model input batch.
 
     Fuses grid upsampling, shift-crop and blending: ``out[n] = m_n * image +
@@ -128,9 +150,13 @@ def rise_apply(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor | 
         baseline: (C, H, W) tensor or a number: what masked-out pixels become.
         dtype: output dtype (float32, float16 or bfloat16); default ``image.dtype``.
         channels_last: return the batch in channels_last memory format.
+        out: optional (N, C, H, W) buffer to write into (its dtype is the output
+            dtype; channels_last when ``channels_last``), so that a loop over
+            batches reuses one model input buffer instead of allocating (and, on
+            the CPU, page-faulting) a fresh one per batch.
 
     Returns:
-        (N, C, H, W) tensor of ``dtype`` on the image's device.
+        (N, C, H, W) tensor of ``dtype`` on the image's device (``out`` when given).
     """
     image = V.tensor("image", image, ndim=3, dtypes=V.FLOAT_DTYPES)
     V.finite("image", image)
@@ -146,11 +172,22 @@ def rise_apply(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor | 
     else:
         V.real("baseline", baseline)
         baseline = torch.full((c, h, w), float(baseline), device=image.device)
+    image, baseline = image.float().contiguous(), baseline.float().contiguous()
+    if out is not None:
+        V.tensor("out", out, ndim=4, dtypes=tuple(_ext.DTYPE_CODES), device=image.device)
+        V.shape("out", out, (grids.shape[0], c, h, w))
+        if dtype is not None and out.dtype != dtype:
+            raise ValueError(f"dtype must match out.dtype ({out.dtype}), got {dtype}")
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        if not out.is_contiguous(memory_format=fmt):
+            want = "channels_last" if channels_last else "contiguous"
+            raise ValueError(f"out must be {want} (channels_last={bool(channels_last)}), got strides {out.stride()}")
+        torch.ops.whymatch.rise_apply_out(grids, shifts, image, baseline, out)
+        return out
     dtype = image.dtype if dtype is None else dtype
     if dtype not in _ext.DTYPE_CODES:
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    return torch.ops.whymatch.rise_apply(grids, shifts, image.float().contiguous(),
-                                         baseline.float().contiguous(), dtype, bool(channels_last))
+    return torch.ops.whymatch.rise_apply(grids, shifts, image, baseline, dtype, bool(channels_last))
 
 
 def rise_saliency(grids: Tensor, shifts: Tensor, scores: Tensor, size: tuple[int, int]) -> Tensor:

@@ -89,10 +89,17 @@ class RISE:
         sim = self.sim
         dtype = sim.input_dtype(image.device)
         chunks = []
+        fmt = torch.channels_last if sim.channels_last else torch.contiguous_format
+        # one model input buffer, reused by every batch (no per-batch allocation)
+        buf = torch.empty((min(self.batch_size, grids.shape[0]), *image.shape), dtype=dtype, device=image.device,
+                          memory_format=fmt)
         for i, j in _common.batches(grids.shape[0], self.batch_size, show=self.show_progress, desc=desc):
-            batch = ops.rise_apply(grids[i:j], shifts[i:j], image, baseline, dtype=dtype,
-                                   channels_last=sim.channels_last)
-            chunks.append(sim(batch))
+            batch = ops.rise_apply(grids[i:j], shifts[i:j], image, baseline, channels_last=sim.channels_last,
+                                   out=buf[:j - i])
+            emb = sim(batch)
+            if emb.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr():
+                emb = emb.clone()  # the embedder returned a view of its input: keep it from being overwritten
+            chunks.append(emb)
         return torch.cat(chunks)
 
     @torch.no_grad()
