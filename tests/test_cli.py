@@ -7,7 +7,6 @@ import pytest
 from PIL import Image
 
 from whymatch import cli
-from whymatch.models import default_weights_path
 
 
 def _png(path, seed):
@@ -45,7 +44,6 @@ def test_explain_bad_model_spec(tmp_path, capsys):
     assert "package.module:factory" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not default_weights_path().is_file(), reason="shipped weights not built")
 def test_demo_writes_report_and_prints_table(tmp_path, capsys):
     out = tmp_path / "demo"
     rc = cli.main(["demo", "--out", str(out), "--queries", "2", "--refs", "2", "--n-masks", "200"])

@@ -103,8 +103,13 @@ def test_pointing_game_mass_and_chance():
     masks2 = torch.zeros(2, 8, 8, dtype=torch.bool)
     masks2[:, 5, 5] = True
     assert pointing_game(sal, masks2, tolerance=2).tolist() == [False, True]
-    torch.testing.assert_close(mass_on_mask(sal, masks), torch.tensor([1.0, 0.0]))
-    assert mass_on_mask(torch.zeros(1, 8, 8), masks[:1]).item() == 0.0  # no positive mass: 0, not NaN
+    torch.testing.assert_close(mass_on_mask(sal, masks, shift="none"), torch.tensor([1.0, 0.0]))
+    assert mass_on_mask(torch.zeros(1, 8, 8), masks[:1]).item() == 0.0  # no mass: 0, not NaN
+    # a constant offset does not change the energy-based score
+    torch.testing.assert_close(mass_on_mask(sal[:1] + 10, masks[:1]), mass_on_mask(sal[:1], masks[:1]))
+    assert mass_on_mask(sal[:1] + 10, masks[:1], shift="none").item() < 0.2
+    with pytest.raises(ValueError, match="shift must be one of"):
+        mass_on_mask(sal, masks, shift="max")
     torch.testing.assert_close(chance_level(masks), torch.full((2,), 9 / 64))
 
 

@@ -37,13 +37,21 @@ def pointing_game(saliency: Tensor, masks: Tensor, tolerance: int = 0) -> Tensor
     return masks.reshape(b, -1).gather(1, peak[:, None])[:, 0]
 
 
-def mass_on_mask(saliency: Tensor, masks: Tensor) -> Tensor:
-    """Fraction of the positive saliency mass inside each mask, (B,) float in [0, 1].
+def mass_on_mask(saliency: Tensor, masks: Tensor, shift: str = "min") -> Tensor:
+    """Fraction of each map's saliency mass inside its mask, (B,) float in [0, 1].
 
-    Negative values are clamped to 0 first; a map without positive mass scores 0.
+    ``shift='min'`` (default) subtracts each map's minimum first: the
+    energy-based pointing game of Score-CAM (Wang et al. 2020). It makes the
+    score independent of a constant offset, which RISE maps always carry (their
+    level is the mean similarity of the perturbed images). ``shift='none'`` uses
+    the positive part of the signed map as it is. A map without mass scores 0.
     """
     saliency, masks = _check(saliency, masks)
-    pos = saliency.clamp_min(0)
+    V.choice("shift", shift, ("min", "none"))
+    if shift == "min":
+        pos = saliency - saliency.amin(dim=(1, 2), keepdim=True)
+    else:
+        pos = saliency.clamp_min(0)
     total = pos.sum(dim=(1, 2))
     inside = (pos * masks).sum(dim=(1, 2))
     return torch.where(total > 0, inside / total.clamp_min(1e-30), torch.zeros_like(total))
