@@ -6,8 +6,9 @@ score-weighted sum of the N masks. Scores are random: no model runs.
 
 Paths (same grids, shifts, image, baseline and scores):
 
-* ``fused``: grids + shifts; per batch ``whymatch.ops.rise_apply`` (the model
-  input batch); then one ``whymatch.ops.rise_saliency`` over all N.
+* ``fused``: grids + shifts; per batch ``whymatch.ops.rise_apply`` into one
+  reused model input buffer (``out=``, as ``whymatch.saliency.RISE`` does); then
+  one ``whymatch.ops.rise_saliency`` over all N.
 * ``pytorch``: what the RISE code does: all N masks built up front
   (``F.interpolate`` bilinear of the (N, 1, s, s) grids to (s+1)*cell, crop
   at the shifts, an N x H x W float32 tensor kept), per batch
@@ -98,10 +99,13 @@ def run_fused(cfg: dict, inp: dict, pt: C.PhaseTimer, sink: list | None = None) 
     with pt("generate"):
         grids, shifts = generate(n, size, cfg["s"], cfg["p"], cfg["seed"])
     with pt("perturb"):
+        # one model input buffer reused by every batch, as whymatch.saliency.RISE does
+        buf = torch.empty((min(bs, n), *inp["image"].shape), dtype=torch.float32)
         for i in range(0, n, bs):
-            batch = ops.rise_apply(grids[i:i + bs], shifts[i:i + bs], inp["image"], inp["baseline"])
+            j = min(n, i + bs)
+            batch = ops.rise_apply(grids[i:j], shifts[i:j], inp["image"], inp["baseline"], out=buf[:j - i])
             if sink is not None:  # correctness check only
-                sink.append(batch)
+                sink.append(batch.clone())
             del batch  # the model would consume it here
     with pt("saliency"):
         sal = ops.rise_saliency(grids, shifts, inp["scores"], size)

