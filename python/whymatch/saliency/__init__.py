@@ -1,6 +1,8 @@
 """Saliency explainers for similarity models: one class per method, work in ``.attribute``."""
 
+from .attention import SimilarityAttention
+from .gradcam import EmbeddingGradCAM
 from .rise import RISE
 from .sliding_window import SlidingWindow
 
-__all__ = ["RISE", "SlidingWindow"]
+__all__ = ["RISE", "SlidingWindow", "SimilarityAttention", "EmbeddingGradCAM"]

@@ -1,0 +1,146 @@
+"""Grad-CAM of the similarity score itself: the baseline users of pytorch-grad-cam build by hand."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import _validate as V
+from ..similarity import SimilarityModel
+from . import _cam, _common
+
+__all__ = ["EmbeddingGradCAM"]
+
+
+class EmbeddingGradCAM:
+    """Grad-CAM with the pair's similarity as the target.
+
+    For a query q and a reference r, with A the query's activations at the target
+    layer and s = sim(f(q), f(r)) the SimilarityModel's own similarity (cosine for
+    the shipped model):
+
+        M = ReLU(sum_c alpha_c A^c),   alpha_c = mean_{x,y} d s / d A^c(x, y)
+
+    upsampled bilinearly to the query's size. This is what a pytorch-grad-cam user
+    gets with a custom "similarity to this embedding" target. Unlike
+    :class:`~whymatch.saliency.SimilarityAttention` it needs no tuple and no
+    weight vector, and it follows the model's similarity function exactly
+    (including conditional similarities).
+
+    ``return_reference_maps=True`` differentiates the same score w.r.t. the
+    reference's activations too (both images of the pair explained by one backward).
+
+    Cost: K forward passes of the query (one per reference, batched) and one backward.
+    Hooks are registered only during a call. The model should be in eval mode.
+
+    Args:
+        sim: the SimilarityModel (or a bare embedding nn.Module, wrapped with cosine similarity).
+        target_layers: a name relative to the embedder (e.g. 'layer4'), a module, or a list of them;
+            None picks the last module whose output is a feature map with more than one position.
+        batch_size: pairs per forward/backward pass.
+    """
+
+    def __init__(self, sim: SimilarityModel | nn.Module, target_layers: object = None, *,
+                 batch_size: int = 64) -> None:
+        if isinstance(sim, nn.Module) and not isinstance(sim, SimilarityModel):
+            sim = SimilarityModel(sim)
+        self.sim = _common.check_model(sim)
+        self.batch_size = V.positive_int("batch_size", batch_size)
+        self._layers = _cam.resolve_target_layers(self.sim, target_layers)
+
+    def __enter__(self) -> EmbeddingGradCAM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    @property
+    def target_layer_names(self) -> list[str] | None:
+        return None if self._layers is None else [n for n, _ in self._layers]
+
+    def _maps(self, x: Tensor, acts: list[Tensor], grads: tuple[Tensor, ...]) -> Tensor:
+        size = tuple(x.shape[2:])
+        return _cam.combine_layers([_cam.grad_cam(a, g, size) for a, g in zip(acts, grads)]).detach()
+
+    def attribute_pairs(self, queries: Tensor, references: Tensor | None = None, *,
+                        reference_embeddings: Tensor | None = None, condition: object = None,
+                        return_reference_maps: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Maps of B independent pairs (queries[i], references[i]).
+
+        Args:
+            queries: (B, C, H, W).
+            references: (B, C, Hr, Wr), or ``reference_embeddings`` (B, D).
+            condition: passed to a conditional similarity.
+            return_reference_maps: also return the references' maps (B, Hr, Wr).
+
+        Returns:
+            (B, H, W) float32 query maps (and the reference maps), non-negative, unnormalized.
+        """
+        sim = self.sim
+        dev = sim.device
+        q = sim.check_images("queries", queries, device=dev)
+        if (references is None) == (reference_embeddings is None):
+            raise ValueError("give exactly one of references (B, C, H, W) or reference_embeddings (B, D)")
+        if references is not None:
+            r = sim.check_images("references", references, device=dev)
+            n_ref = r.shape[0]
+        else:
+            if return_reference_maps:
+                raise ValueError("return_reference_maps needs reference images, not reference_embeddings")
+            r = V.finite("reference_embeddings", V.tensor("reference_embeddings", reference_embeddings, ndim=2,
+                                                          dtypes=V.FLOAT_DTYPES, device=dev, nonempty=True))
+            n_ref = r.shape[0]
+        if n_ref != q.shape[0]:
+            raise ValueError(f"queries and references must pair up one to one: got {q.shape[0]} queries and "
+                             f"{n_ref} references")
+        if self._layers is None:
+            self._layers = _cam.auto_layer(sim, q)
+        _cam.warn_if_training(sim, "EmbeddingGradCAM")
+        q_maps, r_maps = [], []
+        for i in range(0, q.shape[0], self.batch_size):
+            j = min(q.shape[0], i + self.batch_size)
+            qx = q[i:j].float().detach().requires_grad_(True)
+            with torch.enable_grad():
+                with _cam.ActivationCapture(self._layers) as cap_q:
+                    fq = sim(qx)
+                acts_q = cap_q.single()
+                acts_r: list[Tensor] = []
+                if references is None:
+                    fr = r[i:j].float()
+                elif return_reference_maps:
+                    rx = r[i:j].float().detach().requires_grad_(True)
+                    with _cam.ActivationCapture(self._layers) as cap_r:
+                        fr = sim(rx)
+                    acts_r = cap_r.single()
+                else:
+                    with torch.no_grad():
+                        fr = sim(r[i:j].float())
+                score = sim.pairwise(fq, fr, condition).diagonal().sum()
+            _cam.check_differentiable(score, acts_q + acts_r, "EmbeddingGradCAM")
+            grads = torch.autograd.grad(score, acts_q + acts_r)
+            q_maps.append(self._maps(qx, acts_q, grads[:len(acts_q)]))
+            if acts_r:
+                r_maps.append(self._maps(rx, acts_r, grads[len(acts_q):]))
+        if return_reference_maps:
+            return torch.cat(q_maps), torch.cat(r_maps)
+        return torch.cat(q_maps)
+
+    def attribute(self, query: Tensor, references: Tensor | None = None, *,
+                  reference_embeddings: Tensor | None = None, condition: object = None,
+                  return_reference_maps: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Maps (K, H, W) of the query for each of K references (or reference embeddings (K, D))."""
+        if isinstance(query, Tensor) and query.dim() == 4 and query.shape[0] == 1:
+            query = query[0]
+        q = self.sim.check_images("query", query, batch=False)
+        if references is not None:
+            references = V.tensor("references", references, ndim=(3, 4))
+            references = references[None] if references.dim() == 3 else references
+            k = references.shape[0]
+        else:
+            if reference_embeddings is None:
+                raise ValueError("references must be given (K, C, H, W) images, or reference_embeddings (K, D)")
+            reference_embeddings = V.tensor("reference_embeddings", reference_embeddings, ndim=2)
+            k = reference_embeddings.shape[0]
+        return self.attribute_pairs(q[None].expand(k, -1, -1, -1), references,
+                                    reference_embeddings=reference_embeddings, condition=condition,
+                                    return_reference_maps=return_reference_maps)
