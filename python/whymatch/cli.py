@@ -41,7 +41,9 @@ def _settings(args):
 
     return JobSettings(n_masks=args.n_masks, batch_size=args.batch_size, seed=args.seed,
                        fixed_reference=not args.both_images, show_progress=args.progress,
-                       window=args.window, stride=args.stride)
+                       window=args.window, stride=args.stride, lime_samples=args.lime_samples,
+                       lime_segments=args.lime_segments, mask_iters=args.mask_iters,
+                       target_layer=args.target_layer)
 
 
 def cmd_info(args) -> int:
@@ -77,9 +79,17 @@ def cmd_demo(args) -> int:
 
 
 def _methods(choice: str) -> tuple[str, ...]:
+    """'all' or a comma-separated list of methods, checked against jobs.METHODS."""
     from .jobs import METHODS
 
-    return METHODS if choice == "all" else (choice,)
+    if choice == "all":
+        return METHODS
+    names = tuple(m.strip() for m in choice.split(",") if m.strip())
+    bad = [m for m in names if m not in METHODS]
+    if bad or not names:
+        raise ValueError(f"--method must be 'all' or a comma-separated list of {', '.join(METHODS)}; "
+                         f"got {choice!r}")
+    return tuple(dict.fromkeys(names))
 
 
 def cmd_explain(args) -> int:
@@ -125,8 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     def explainer_options(sp, n_masks: int):
-        sp.add_argument("--method", choices=("rise", "sliding", "all"), default="all")
+        sp.add_argument("--method", default="all",
+                        help="'all' or a comma-separated list of: rise, sliding, lime, mask, attention, gradcam "
+                             "(default %(default)s)")
         sp.add_argument("--n-masks", type=int, default=n_masks, help="RISE masks per query (default %(default)s)")
+        sp.add_argument("--lime-samples", type=int, default=1000, help="LIME samples per query (default %(default)s)")
+        sp.add_argument("--lime-segments", default="slic", choices=("slic", "quickshift", "grid"),
+                        help="LIME superpixels (default %(default)s)")
+        sp.add_argument("--mask-iters", type=int, default=500, help="Mask optimization steps (default %(default)s)")
+        sp.add_argument("--target-layer", default=None,
+                        help="layer for attention/gradcam, a module name of the embedder (default: the last "
+                             "feature map)")
         sp.add_argument("--window", type=int, default=None, help="sliding window side in pixels (default H/4)")
         sp.add_argument("--stride", type=int, default=None, help="sliding window stride (default window/4)")
         sp.add_argument("--batch-size", type=int, default=250)

@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 
 from . import metrics
-from .saliency import RISE, SlidingWindow
 from .similarity import SimilarityModel
 
-METHODS = ("rise", "sliding")
+#: Every method the jobs know, in report order. Black-box methods first, then the gradient methods.
+METHODS = ("rise", "sliding", "lime", "mask", "attention", "gradcam")
 
 
 @dataclass
@@ -34,16 +34,46 @@ class JobSettings:
     seed: int = 0
     n_steps: int = 50
     show_progress: bool = False
+    lime_samples: int = 1000
+    lime_segments: str = "slic"
+    mask_iters: int = 500
+    target_layer: str | None = None
+
+
+class _Explainer:
+    """Adapts every method to ``attribute(query, references) -> (K, H, W)``."""
+
+    def __init__(self, method: str, impl) -> None:
+        self.method = method
+        self.impl = impl
+
+    def attribute(self, query: Tensor, references: Tensor) -> Tensor:
+        return self.impl.attribute(query, references)
 
 
 def make_explainer(method: str, sim: SimilarityModel, s: JobSettings):
+    """The explainer for ``method`` configured from the job settings."""
+    from . import saliency
+
     if method == "rise":
-        return RISE(sim, n_masks=s.n_masks, grid=s.grid, p=s.p, batch_size=s.batch_size, seed=s.seed,
-                    fixed_reference=s.fixed_reference, show_progress=s.show_progress)
-    if method == "sliding":
-        return SlidingWindow(sim, s.window, s.stride, batch_size=s.batch_size, fixed_reference=s.fixed_reference,
+        impl = saliency.RISE(sim, n_masks=s.n_masks, grid=s.grid, p=s.p, batch_size=s.batch_size, seed=s.seed,
+                             fixed_reference=s.fixed_reference, show_progress=s.show_progress)
+    elif method == "sliding":
+        impl = saliency.SlidingWindow(sim, s.window, s.stride, batch_size=s.batch_size,
+                                      fixed_reference=s.fixed_reference, show_progress=s.show_progress)
+    elif method == "lime":
+        impl = saliency.LIME(sim, s.lime_samples, segments=s.lime_segments, batch_size=s.batch_size, seed=s.seed,
                              show_progress=s.show_progress)
-    raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    elif method == "mask":
+        impl = saliency.Mask(sim, n_iter=s.mask_iters, fixed_reference=s.fixed_reference, seed=s.seed,
+                             show_progress=s.show_progress)
+    elif method == "attention":
+        impl = saliency.SimilarityAttention(sim, s.target_layer, mode="siamese")
+    elif method == "gradcam":
+        impl = saliency.EmbeddingGradCAM(sim, s.target_layer)
+    else:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    return _Explainer(method, impl)
 
 
 @dataclass
