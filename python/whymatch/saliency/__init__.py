@@ -2,7 +2,8 @@
 
 from .attention import SimilarityAttention
 from .gradcam import EmbeddingGradCAM
+from .lime import LIME, LimeResult
 from .rise import RISE
 from .sliding_window import SlidingWindow
 
-__all__ = ["RISE", "SlidingWindow", "SimilarityAttention", "EmbeddingGradCAM"]
+__all__ = ["RISE", "SlidingWindow", "LIME", "LimeResult", "SimilarityAttention", "EmbeddingGradCAM"]
