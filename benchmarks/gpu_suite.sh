@@ -7,16 +7,17 @@
 #
 #     bash benchmarks/gpu_suite.sh
 #
-# Everything lands in $OUT (default benchmarks/results/gpu), at most 6 files:
+# Everything lands in $OUT (default benchmarks/results/gpu), at most 9 files:
 #   suite.log        environment, each step's exit status, summary
 #   build.log        pip / CMake / nvcc output
 #   pytest_cuda.log  python -m pytest tests -q -m cuda -x
 #   gpu_rise.log     the benchmark's output
 #   gpu_rise.json / gpu_rise.md   the benchmark's results
+#   saliency_table.{log,json,md}  every saliency method on ShapesWorld pairs, on the GPU
 #
 # Environment knobs: PYTHON (default python3), WHYMATCH_CUDA_ARCHITECTURES
 # (default 90), BUILD_TIMEOUT / TEST_TIMEOUT / BENCH_TIMEOUT in seconds
-# (default 180 / 150 / 200), GPU_RISE_ARGS (extra arguments for gpu_rise.py),
+# (default 180 / 150 / 200), SAL_TIMEOUT (240), SAL_ARGS (saliency_table.py arguments), GPU_RISE_ARGS (extra arguments for gpu_rise.py),
 # SKIP_BUILD=1 (use the whymatch already installed), SUITE_DRY_RUN=1 (check this
 # script on a machine without a GPU: no build, no CUDA check, gpu_rise.py --dry-run).
 # Exit status: 0 when the build, the tests and every benchmark check passed.
@@ -127,5 +128,18 @@ if [ -f "$OUT/gpu_rise.md" ]; then
 fi
 tail -45 "$OUT/gpu_rise.log"
 
-log "done in $((SECONDS - START)) s: build $BUILD_RC, tests $TEST_RC, benchmark $BENCH_RC"
-[ $TEST_RC -eq 0 ] && [ $BENCH_RC -eq 0 ]
+# ---------------------------------------------------------------- 4. saliency table on the GPU
+SAL_TIMEOUT="${SAL_TIMEOUT:-240}"
+SAL_ARGS="${SAL_ARGS:---queries 30 --refs 3}"
+if [ "$DRY" = "1" ]; then SAL_ARGS="--queries 2 --refs 2 --methods rise,attention"; fi
+SAL_DEV=cuda; [ "$DRY" = "1" ] && SAL_DEV=cpu
+log "saliency table: $PY benchmarks/saliency_table.py --device $SAL_DEV $SAL_ARGS (cap ${SAL_TIMEOUT}s)"
+t0=$SECONDS
+# shellcheck disable=SC2086
+timeout --kill-after=15 "$SAL_TIMEOUT" "$PY" benchmarks/saliency_table.py --device "$SAL_DEV" --stem "$OUT/saliency_table" $SAL_ARGS > "$OUT/saliency_table.log" 2>&1
+SAL_RC=$?
+log "saliency table: exit $SAL_RC after $((SECONDS - t0)) s"
+tail -25 "$OUT/saliency_table.log"
+
+log "done in $((SECONDS - START)) s: build $BUILD_RC, tests $TEST_RC, benchmark $BENCH_RC, saliency table $SAL_RC"
+[ $TEST_RC -eq 0 ] && [ $BENCH_RC -eq 0 ] && [ $SAL_RC -eq 0 ]

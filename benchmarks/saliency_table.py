@@ -31,8 +31,9 @@ Usage::
     python benchmarks/saliency_table.py                 # writes benchmarks/results/saliency_table.{json,md}
     python benchmarks/saliency_table.py --queries 10 --methods rise,attention --stem /tmp/quick
 
-Completed methods are cached in ``<stem>.partial.json`` so that an interrupted run
-resumes where it stopped (``--fresh`` ignores the cache).
+Completed methods are cached in ``<stem>.partial.json`` (git-ignored) so that an
+interrupted run resumes where it stopped and methods can be added to a table
+later (``--fresh`` ignores the cache).
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ def markdown(data: dict) -> str:
                      f"{r['sec_per_query']:.3f}", cell("sec_per_pair", f"{r['sec_per_pair']:.3f}")])
     body.append(["chance (key-object area)", "", "", f"{data['chance']:.3f}", f"{data['chance']:.3f}", "", ""])
     m = data["machine"]
+    skipped = [f"{labels[k]} ({v})" for k, v in data.get("skipped", {}).items()]
     lines = [
         "# Saliency methods on ShapesWorld (ground truth known)",
         "",
@@ -161,6 +163,7 @@ def markdown(data: dict) -> str:
         "",
         C.md_table(head, body),
         "",
+        *([f"Skipped: {'; '.join(skipped)}.", ""] if skipped else []),
         "## Which method wins which column",
         "",
     ]
@@ -214,13 +217,20 @@ def main() -> None:
         old = json.loads(partial.read_text())
         if old.get("key") == key:
             done = old["methods"]
+    skipped: dict[str, str] = {}
     for name in names:
         if name in done:
             print(f"{name}: cached in {partial}")
             continue
         label, settings, factory = cfgs[name]
         t0 = time.perf_counter()
-        row = run_method(sim, factory(sim), pairs, args.batch_size)
+        try:
+            explainer = factory(sim)
+            row = run_method(sim, explainer, pairs, args.batch_size)
+        except ImportError as exc:  # e.g. LIME's superpixels without scikit-image
+            print(f"{name}: skipped ({exc})")
+            skipped[name] = str(exc)
+            continue
         row["settings"] = settings
         row["total_s"] = time.perf_counter() - t0
         done[name] = row
@@ -229,7 +239,7 @@ def main() -> None:
               f"mass {row['mass_on_key']:.3f} {row['sec_per_query']:.3f} s/query ({row['total_s']:.0f} s total)",
               flush=True)
 
-    rows = {n: done[n] for n in names}
+    rows = {n: done[n] for n in names if n in done}
     data = {
         "benchmark": "saliency_table",
         "queries": args.queries, "refs": args.refs, "pairs": args.queries * args.refs,
@@ -237,12 +247,12 @@ def main() -> None:
                      "timing": "median over queries of attribute(query, K refs), one warm-up call"},
         "chance": chance,
         "labels": {n: cfgs[n][0] for n in names},
+        "skipped": skipped,
         "methods": rows,
         "winners": winners(rows),
         "machine": C.machine_info(device),
     }
     js, md = C.write_results(args.stem, data, markdown(data))
-    partial.unlink(missing_ok=True)
     print(md.read_text())
     print(f"wrote {js} and {md}")
 

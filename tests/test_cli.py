@@ -19,7 +19,8 @@ def test_explain_with_a_user_model(tmp_path, capsys):
     q, r1, r2 = (_png(tmp_path / f"{n}.png", i) for i, n in enumerate(["q", "r1", "r2"]))
     out = tmp_path / "report"
     rc = cli.main(["explain", q, r1, r2, "--out", str(out), "--model", "toy_models:tiny_cnn", "--size", "32",
-                   "--n-masks", "64", "--batch-size", "32", "--window", "8", "--stride", "4"])
+                   "--n-masks", "64", "--batch-size", "32", "--window", "8", "--stride", "4",
+                   "--lime-samples", "64", "--mask-iters", "10"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "insertion_auc" in text and "rise" in text and "sliding" in text
@@ -46,12 +47,31 @@ def test_explain_bad_model_spec(tmp_path, capsys):
 
 def test_demo_writes_report_and_prints_table(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = cli.main(["demo", "--out", str(out), "--queries", "2", "--refs", "2", "--n-masks", "200"])
+    rc = cli.main(["demo", "--out", str(out), "--queries", "2", "--refs", "2", "--n-masks", "200",
+                   "--lime-samples", "100", "--mask-iters", "15"])
     assert rc == 0
     text = capsys.readouterr().out
     for col in ("insertion_auc", "deletion_auc", "pointing_acc", "chance"):
         assert col in text
-    assert (out / "index.html").is_file() and (out / "p1_ref1_rise.png").is_file()
+    for method in ("rise", "sliding", "lime", "mask", "attention", "gradcam"):  # every method, side by side
+        assert method in text
+        assert (out / f"p1_ref1_{method}.png").is_file()
+    assert (out / "index.html").is_file()
+
+
+def test_explain_method_list_and_bad_method(tmp_path, capsys):
+    q, r = (_png(tmp_path / f"{n}.png", i) for i, n in enumerate(["q", "r"]))
+    out = tmp_path / "report"
+    rc = cli.main(["explain", q, r, "--out", str(out), "--model", "toy_models:tiny_cnn", "--size", "32",
+                   "--method", "attention,gradcam,lime", "--lime-samples", "50", "--lime-segments", "grid"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "attention" in text and "lime" in text and "rise" not in text
+    assert (out / "p0_ref0_gradcam.png").is_file() and not (out / "p0_ref0_rise.png").exists()
+    assert cli.main(["explain", q, r, "--out", str(tmp_path / "o2"), "--model", "toy_models:tiny_cnn",
+                     "--method", "rise,grad"]) == 2
+    assert "--method must be 'all' or a comma-separated list" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
 
 
 def test_info_json(capsys):
