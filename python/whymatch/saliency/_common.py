@@ -94,3 +94,48 @@ def batches(n: int, batch_size: int, *, show: bool, desc: str) -> Iterator[tuple
         starts = tqdm(starts, total=(n + batch_size - 1) // batch_size, desc=desc, unit="batch")
     for i in starts:
         yield i, min(n, i + batch_size)
+
+
+def query_as_pairs(sim: SimilarityModel, query: object, references: object,
+                   reference_embeddings: object) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """One query against K references as K pairs for an ``attribute_pairs``.
+
+    Returns (queries (K, C, H, W), an expanded view of the query; references (K, C, Hr, Wr) or
+    None; reference_embeddings (K, D) or None).
+    """
+    if isinstance(query, Tensor) and query.dim() == 4 and query.shape[0] == 1:
+        query = query[0]
+    q = sim.check_images("query", query, batch=False)
+    if references is not None:
+        references = V.tensor("references", references, ndim=(3, 4))
+        references = references[None] if references.dim() == 3 else references
+        k = references.shape[0]
+    elif reference_embeddings is not None:
+        k = V.tensor("reference_embeddings", reference_embeddings, ndim=2).shape[0]
+    else:
+        raise ValueError("references must be given (K, C, H, W) images, or reference_embeddings (K, D)")
+    return q[None].expand(k, -1, -1, -1), references, reference_embeddings
+
+
+def check_pairs(sim: SimilarityModel, queries: object, references: object, reference_embeddings: object, *,
+                need_images: bool) -> tuple[Tensor, Tensor]:
+    """Validate B pairs: queries (B, C, H, W) with references (B, C, Hr, Wr) or reference_embeddings (B, D).
+
+    Returns (queries, references or reference embeddings), on the model's device.
+    """
+    dev = sim.device
+    q = sim.check_images("queries", queries, device=dev)
+    if (references is None) == (reference_embeddings is None):
+        raise ValueError("give exactly one of references (B, C, H, W) or reference_embeddings (B, D)")
+    if references is not None:
+        r = sim.check_images("references", references, device=dev)
+    else:
+        if need_images:
+            raise ValueError("this mode perturbs the references, so references must be images, "
+                             "not reference_embeddings")
+        r = V.finite("reference_embeddings", V.tensor("reference_embeddings", reference_embeddings, ndim=2,
+                                                      dtypes=V.FLOAT_DTYPES, device=dev, nonempty=True))
+    if r.shape[0] != q.shape[0]:
+        raise ValueError(f"queries and references must pair up one to one: got {q.shape[0]} queries and "
+                         f"{r.shape[0]} references")
+    return q, r

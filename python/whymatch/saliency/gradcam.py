@@ -77,22 +77,9 @@ class EmbeddingGradCAM:
             (B, H, W) float32 query maps (and the reference maps), non-negative, unnormalized.
         """
         sim = self.sim
-        dev = sim.device
-        q = sim.check_images("queries", queries, device=dev)
-        if (references is None) == (reference_embeddings is None):
-            raise ValueError("give exactly one of references (B, C, H, W) or reference_embeddings (B, D)")
-        if references is not None:
-            r = sim.check_images("references", references, device=dev)
-            n_ref = r.shape[0]
-        else:
-            if return_reference_maps:
-                raise ValueError("return_reference_maps needs reference images, not reference_embeddings")
-            r = V.finite("reference_embeddings", V.tensor("reference_embeddings", reference_embeddings, ndim=2,
-                                                          dtypes=V.FLOAT_DTYPES, device=dev, nonempty=True))
-            n_ref = r.shape[0]
-        if n_ref != q.shape[0]:
-            raise ValueError(f"queries and references must pair up one to one: got {q.shape[0]} queries and "
-                             f"{n_ref} references")
+        if return_reference_maps and references is None:
+            raise ValueError("return_reference_maps needs reference images, not reference_embeddings")
+        q, r = _common.check_pairs(sim, queries, references, reference_embeddings, need_images=False)
         if self._layers is None:
             self._layers = _cam.auto_layer(sim, q)
         _cam.warn_if_training(sim, "EmbeddingGradCAM")
@@ -129,18 +116,8 @@ class EmbeddingGradCAM:
                   reference_embeddings: Tensor | None = None, condition: object = None,
                   return_reference_maps: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Maps (K, H, W) of the query for each of K references (or reference embeddings (K, D))."""
-        if isinstance(query, Tensor) and query.dim() == 4 and query.shape[0] == 1:
-            query = query[0]
-        q = self.sim.check_images("query", query, batch=False)
-        if references is not None:
-            references = V.tensor("references", references, ndim=(3, 4))
-            references = references[None] if references.dim() == 3 else references
-            k = references.shape[0]
-        else:
-            if reference_embeddings is None:
-                raise ValueError("references must be given (K, C, H, W) images, or reference_embeddings (K, D)")
-            reference_embeddings = V.tensor("reference_embeddings", reference_embeddings, ndim=2)
-            k = reference_embeddings.shape[0]
-        return self.attribute_pairs(q[None].expand(k, -1, -1, -1), references,
+        queries, references, reference_embeddings = _common.query_as_pairs(self.sim, query, references,
+                                                                           reference_embeddings)
+        return self.attribute_pairs(queries, references,
                                     reference_embeddings=reference_embeddings, condition=condition,
                                     return_reference_maps=return_reference_maps)

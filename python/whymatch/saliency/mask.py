@@ -270,26 +270,11 @@ class Mask:
             (B, H, W) float32 saliency 1 - up(m) in [0, 1] (and the reference maps).
         """
         sim = self.sim
-        dev = sim.device
-        q = sim.check_images("queries", queries, device=dev).float()
         both = not self.fixed_reference
         if return_reference_maps and not both:
             raise ValueError("return_reference_maps needs fixed_reference=False (the reference is not masked)")
-        if (references is None) == (reference_embeddings is None):
-            raise ValueError("give exactly one of references (B, C, H, W) or reference_embeddings (B, D)")
-        if references is not None:
-            r = sim.check_images("references", references, device=dev).float()
-            n_ref = r.shape[0]
-        else:
-            if both:
-                raise ValueError("fixed_reference=False perturbs the references, so references must be images, "
-                                 "not reference_embeddings")
-            r = V.finite("reference_embeddings", V.tensor("reference_embeddings", reference_embeddings, ndim=2,
-                                                          dtypes=V.FLOAT_DTYPES, device=dev, nonempty=True))
-            n_ref = r.shape[0]
-        if n_ref != q.shape[0]:
-            raise ValueError(f"queries and references must pair up one to one: got {q.shape[0]} queries and "
-                             f"{n_ref} references")
+        q, r = _common.check_pairs(sim, queries, references, reference_embeddings, need_images=both)
+        q, r = q.float(), r.float()
         from . import _cam
 
         _cam.warn_if_training(sim, "Mask")
@@ -318,18 +303,9 @@ class Mask:
                   reference_embeddings: Tensor | None = None, condition: object = None,
                   seed: int | None = None) -> Tensor:
         """Saliency (K, H, W) of the query for each of K references (K pairs optimized in one batch)."""
-        if isinstance(query, Tensor) and query.dim() == 4 and query.shape[0] == 1:
-            query = query[0]
-        q = self.sim.check_images("query", query, batch=False)
-        if references is not None:
-            references = V.tensor("references", references, ndim=(3, 4))
-            references = references[None] if references.dim() == 3 else references
-            k = references.shape[0]
-        elif reference_embeddings is not None:
-            k = V.tensor("reference_embeddings", reference_embeddings, ndim=2).shape[0]
-        else:
-            raise ValueError("references must be given (K, C, H, W) images, or reference_embeddings (K, D)")
-        return self.attribute_pairs(q[None].expand(k, -1, -1, -1), references,
+        queries, references, reference_embeddings = _common.query_as_pairs(self.sim, query, references,
+                                                                           reference_embeddings)
+        return self.attribute_pairs(queries, references,
                                     reference_embeddings=reference_embeddings, condition=condition, seed=seed)
 
 
