@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--window", type=int, default=None, help="sliding window side in pixels (default H/4)")
         sp.add_argument("--stride", type=int, default=None, help="sliding window stride (default window/4)")
         sp.add_argument("--batch-size", type=int, default=250)
-        sp.add_argument("--both-images", action="store_true", help="perturb the references too (SANE)")
+        sp.add_argument("--both-images", action="store_true",
+                        help="perturb the references too (SANE; RISE, sliding window and Mask)")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--progress", action="store_true", help="show progress bars")
 

@@ -40,19 +40,8 @@ class JobSettings:
     target_layer: str | None = None
 
 
-class _Explainer:
-    """Adapts every method to ``attribute(query, references) -> (K, H, W)``."""
-
-    def __init__(self, method: str, impl) -> None:
-        self.method = method
-        self.impl = impl
-
-    def attribute(self, query: Tensor, references: Tensor) -> Tensor:
-        return self.impl.attribute(query, references)
-
-
 def make_explainer(method: str, sim: SimilarityModel, s: JobSettings):
-    """The explainer for ``method`` configured from the job settings."""
+    """The explainer for ``method`` configured from the job settings (all have ``attribute(query, refs)``)."""
     from . import saliency
 
     if method == "rise":
@@ -73,7 +62,7 @@ def make_explainer(method: str, sim: SimilarityModel, s: JobSettings):
         impl = saliency.EmbeddingGradCAM(sim, s.target_layer)
     else:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    return _Explainer(method, impl)
+    return impl
 
 
 @dataclass

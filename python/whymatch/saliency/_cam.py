@@ -15,15 +15,20 @@ from torch import Tensor, nn
 
 from ..similarity import SimilarityModel
 
-__all__ = ["resolve_target_layers", "auto_layer", "ActivationCapture", "check_differentiable", "warn_if_training", "grad_cam",
-           "combine_layers"]
+__all__ = ["resolve_target_layers", "auto_layer", "ActivationCapture", "check_differentiable", "warn_if_training",
+           "grad_cam", "combine_layers"]
+
 
 def _names(root: nn.Module) -> dict[int, str]:
     return {id(m): n for n, m in root.named_modules()}
 
 
-def _auto_layer(sim: SimilarityModel, size: tuple[int, int], in_channels: int) -> list[tuple[str, nn.Module]]:
-    """The last module (in execution order) whose output is a feature map (B, C, h, w) with h * w > 1."""
+def auto_layer(sim: SimilarityModel, images: Tensor) -> list[tuple[str, nn.Module]]:
+    """The last module (in execution order) whose output is a feature map (B, C, h, w) with h * w > 1.
+
+    Found with one forward pass of a zero image shaped like ``images`` (B, C, H, W).
+    """
+    in_channels, size = images.shape[1], tuple(images.shape[2:])
     root = sim.embedder
     names = _names(root)
     order: list[nn.Module] = []
@@ -76,10 +81,6 @@ def resolve_target_layers(sim: SimilarityModel, target_layers: object) -> list[t
         else:
             raise TypeError(f"target_layers entries must be str or nn.Module, got {type(item).__name__}")
     return out
-
-
-def auto_layer(sim: SimilarityModel, images: Tensor) -> list[tuple[str, nn.Module]]:
-    return _auto_layer(sim, tuple(images.shape[2:]), images.shape[1])
 
 
 class ActivationCapture:
