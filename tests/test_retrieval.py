@@ -130,3 +130,58 @@ def test_bad_input_errors():
         ev.get_accuracy(x[0], y[:1])
     with pytest.raises(ValueError, match="ref_includes_query=True needs the queries"):
         ev.get_accuracy(x, y, x[:3], y[:3], ref_includes_query=True)
+
+
+def _sharded_worker(rank, world, port, backend, mode, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        x, y = clustered(7, noise=1.3)
+        q, ql = clustered(8, noise=1.3)
+        ev = RetrievalEvaluator((1, 2, 4), backend=backend)
+        if mode == "self":
+            res = ev.get_accuracy(x, y, shard=True)
+        elif mode == "separate":
+            xs, ys = torch.tensor_split(x, world)[rank], torch.tensor_split(y, world)[rank]
+            res = ev.get_accuracy(q, ql, xs, ys, shard=True)
+        else:  # ref_includes_query: the gallery is [q; x], split unevenly
+            g, gl = torch.cat([q, x]), torch.cat([ql, y])
+            cut = 50
+            gs, gls = (g[:cut], gl[:cut]) if rank == 0 else (g[cut:], gl[cut:])
+            res = ev.get_accuracy(q, ql, gs, gls, ref_includes_query=True, shard=True)
+        torch.save(res, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["self", "separate", "ref_includes_query"])
+def test_sharded_gallery_equals_one_process(tmp_path, mode):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sharded_worker, args=(2, port, "torch", mode, str(tmp_path)), nprocs=2, join=True)
+    x, y = clustered(7, noise=1.3)
+    q, ql = clustered(8, noise=1.3)
+    ev = RetrievalEvaluator((1, 2, 4), backend="torch")
+    if mode == "self":
+        expected = ev.get_accuracy(x, y)
+    elif mode == "separate":
+        expected = ev.get_accuracy(q, ql, x, y)
+    else:
+        expected = ev.get_accuracy(q, ql, torch.cat([q, x]), torch.cat([ql, y]), ref_includes_query=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert got[key] == pytest.approx(expected[key], abs=1e-12), (rank, key)
+
+
+def test_shard_without_process_group_is_a_named_error():
+    x, y = clustered(9)
+    with pytest.raises(ValueError, match="shard=True needs an initialized torch.distributed"):
+        RetrievalEvaluator(backend="torch").get_accuracy(x, y, shard=True)

@@ -153,65 +153,143 @@ class RetrievalEvaluator:
         return emb, labels.to(torch.int64)
 
     def get_accuracy(self, query: Tensor, query_labels: Tensor, reference: Tensor | None = None,
-                     reference_labels: Tensor | None = None, ref_includes_query: bool = False) -> dict[str, float]:
+                     reference_labels: Tensor | None = None, ref_includes_query: bool = False, *,
+                     shard: bool = False) -> dict[str, float]:
         """Metrics of the queries against the reference set (see the class docstring).
+
+        Args:
+            shard: the gallery is split across the ranks of the initialized torch.distributed
+                process group: every rank passes the same queries and its own consecutive shard
+                of the references (rank 0 the first rows, and so on). Each rank searches its
+                shard; the per-query top neighbours and the label counts are gathered and merged,
+                so every rank returns what one process would over the whole gallery. With
+                ``reference=None`` the queries are the whole gallery and each rank searches its
+                share of them (rows split as ``torch.tensor_split``); with
+                ``ref_includes_query=True`` query i is global reference row i.
 
         Returns:
             {'recall@K': ..., 'precision_at_1': ..., 'r_precision': ...,
             'mean_average_precision_at_r': ..., 'n_queries_scored': ...} (Python numbers).
         """
         query, query_labels = self._check("query", query, query_labels, "query_labels")
+        if shard:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ValueError("shard=True needs an initialized torch.distributed process group")
+            rank, world = dist.get_rank(), dist.get_world_size()
+        else:
+            rank, world = 0, 1
         if reference is None:
             if reference_labels is not None:
                 raise ValueError("reference_labels given without reference")
-            reference, reference_labels, offset = query, query_labels, 0
+            reference = torch.tensor_split(query, world)[rank]
+            reference_labels = torch.tensor_split(query_labels, world)[rank]
+            self_match = True
         else:
             reference, reference_labels = self._check("reference", reference, reference_labels,
                                                       "reference_labels")
-            offset = 0 if ref_includes_query else None
-            if ref_includes_query and reference.shape[0] < query.shape[0]:
-                raise ValueError(f"ref_includes_query=True needs the queries as the first rows of reference: "
-                                 f"reference has {reference.shape[0]} rows, query {query.shape[0]}")
+            self_match = bool(ref_includes_query)
         if reference.shape[1] != query.shape[1]:
             raise ValueError(f"query and reference must have the same dimension, got {query.shape[1]} and "
                              f"{reference.shape[1]}")
         dev = query.device
         reference_labels = reference_labels.to(dev)
         query_labels = query_labels.to(dev)
+        sizes = [reference.shape[0]]
+        if world > 1:
+            sizes = _all_gather_sizes(reference.shape[0], dev)
+        offset = sum(sizes[:rank])
+        n_ref = sum(sizes)
+        if self_match and n_ref < query.shape[0]:
+            raise ValueError(f"ref_includes_query=True needs the queries as the first rows of reference: "
+                             f"reference has {n_ref} rows, query {query.shape[0]}")
         # R per query: references with the query's label, minus itself when it is in the gallery
         uniq, counts = torch.unique(reference_labels, return_counts=True)
-        pos = torch.searchsorted(uniq, query_labels).clamp_max(len(uniq) - 1)
-        r = torch.where(uniq[pos] == query_labels, counts[pos], torch.zeros_like(pos))
-        if offset is not None:
+        pos = torch.searchsorted(uniq, query_labels).clamp_max(max(len(uniq) - 1, 0))
+        r = torch.where(uniq[pos] == query_labels, counts[pos], torch.zeros_like(pos)) if len(uniq) else \
+            torch.zeros_like(query_labels)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(r)
+        if self_match:
             r = r - 1
         scored = r > 0
         need_r = any(m in self.metrics for m in ("r_precision", "mean_average_precision_at_r"))
         k_search = max(self.k) if "recall" in self.metrics else 1
         if need_r and bool(scored.any()):
             k_search = max(k_search, int(r.max()))
-        _, idx = knn(query, reference, k_search, distance=self.distance, backend=self.backend,
-                     query_chunk=self.query_chunk, self_offset=offset)
-        hit = reference_labels[idx] == query_labels[:, None]          # (Q, kk)
-        hit, r_s = hit[scored], r[scored]
+        k_search = min(k_search, n_ref - 1 if self_match else n_ref)
+        # Ask each shard for one extra neighbour, push the query's own row (global row i for query i)
+        # to the end with score -inf, merge, and keep k_search: n_ref - 1 >= k_search real
+        # candidates exist, so neither the self match nor shard padding survives the cut.
+        kq = min(reference.shape[0], k_search + (1 if self_match else 0))
+        if kq > 0:
+            s, idx = knn(query, reference, kq, distance=self.distance, backend=self.backend,
+                         query_chunk=self.query_chunk)
+        else:  # an empty shard
+            s = torch.empty(query.shape[0], 0, device=dev)
+            idx = torch.empty(query.shape[0], 0, dtype=torch.int64, device=dev)
+        if self_match:
+            own = torch.arange(query.shape[0], device=idx.device)[:, None]
+            s = s.masked_fill(idx + offset == own, float("-inf"))
+        labels = reference_labels[idx]
+        if world > 1:
+            s, labels = _merge_shards(s, labels, k_search + (1 if self_match else 0))
+        order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k_search]
+        labels = labels.gather(1, order)
+        hit = labels == query_labels[:, None]                          # (Q, kk)
+        return self._metrics(hit[scored], r[scored])
+
+    def _metrics(self, hit: Tensor, r: Tensor) -> dict[str, float]:
+        """Metrics from the neighbour matches (Q, kk) and R (Q,) of the scored queries."""
         out: dict[str, float] = {}
-        n = int(scored.sum())
+        n = hit.shape[0]
+        nan = float("nan")
         if "recall" in self.metrics:
             for kv in self.k:
-                out[f"recall@{kv}"] = float(hit[:, :kv].any(dim=1).double().mean()) if n else float("nan")
+                out[f"recall@{kv}"] = float(hit[:, :kv].any(dim=1).double().mean()) if n else nan
         if "precision_at_1" in self.metrics:
-            out["precision_at_1"] = float(hit[:, 0].double().mean()) if n else float("nan")
-        if need_r:
-            cols = torch.arange(1, hit.shape[1] + 1, device=dev)
-            within = cols[None] <= r_s[:, None]                          # the R nearest
-            rel = hit & within
+            out["precision_at_1"] = float(hit[:, 0].double().mean()) if n else nan
+        if any(m in self.metrics for m in ("r_precision", "mean_average_precision_at_r")):
+            cols = torch.arange(1, hit.shape[1] + 1, device=hit.device)
+            rel = hit & (cols[None] <= r[:, None])                       # matches among the R nearest
             if "r_precision" in self.metrics:
-                out["r_precision"] = float((rel.sum(1).double() / r_s).mean()) if n else float("nan")
+                out["r_precision"] = float((rel.sum(1).double() / r).mean()) if n else nan
             if "mean_average_precision_at_r" in self.metrics:
                 prec = rel.cumsum(1).double() / cols[None]
-                ap = (prec * rel).sum(1) / r_s
-                out["mean_average_precision_at_r"] = float(ap.mean()) if n else float("nan")
+                out["mean_average_precision_at_r"] = float(((prec * rel).sum(1) / r).mean()) if n else nan
         out["n_queries_scored"] = n
         return out
+
+
+def _all_gather_sizes(n: int, device: torch.device) -> list[int]:
+    import torch.distributed as dist
+
+    t = torch.tensor([n], device=device)
+    out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [int(x) for x in out]
+
+
+def _merge_shards(scores: Tensor, labels: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Every rank's (Q, <= k) neighbours side by side, (Q, world * k), padded with -inf (sorted by the caller)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    kmax = k
+    pad = kmax - scores.shape[1]
+    if pad > 0:  # a shard smaller than k: pad with -inf so every rank sends the same shape
+        scores = torch.cat([scores, scores.new_full((scores.shape[0], pad), float("-inf"))], dim=1)
+        labels = torch.cat([labels, labels.new_full((labels.shape[0], pad), -1)], dim=1)
+    if scores.shape[1] > kmax:
+        scores, labels = scores[:, :kmax], labels[:, :kmax]
+    all_s = [torch.empty_like(scores) for _ in range(world)]
+    all_l = [torch.empty_like(labels) for _ in range(world)]
+    dist.all_gather(all_s, scores.contiguous())
+    dist.all_gather(all_l, labels.contiguous())
+    return torch.cat(all_s, dim=1), torch.cat(all_l, dim=1)
 
 
 def recall_at_k(query: Tensor, query_labels: Tensor, reference: Tensor | None = None,
