@@ -6,6 +6,7 @@ definitions that the kernels are tested against.
 """
 
 from . import reference
+from .mining import soft_mask
 from .perturb import ranked_blend, rise_apply, rise_saliency
 
-__all__ = ["reference", "rise_apply", "rise_saliency", "ranked_blend"]
+__all__ = ["reference", "rise_apply", "rise_saliency", "ranked_blend", "soft_mask"]

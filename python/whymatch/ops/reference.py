@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rise_grid_geometry", "rise_masks", "rise_apply", "rise_saliency", "ranked_blend"]
+__all__ = ["rise_grid_geometry", "rise_masks", "rise_apply", "rise_saliency", "ranked_blend", "soft_mask"]
 
 
 def rise_grid_geometry(size: tuple[int, int], s: int) -> tuple[int, int, int, int]:
@@ -78,3 +78,23 @@ def ranked_blend(first: torch.Tensor, second: torch.Tensor, rank: torch.Tensor,
     keep = rank[:, None, :] < counts[None, :, None]  # (B, T, HW)
     keep = keep.view(b, counts.numel(), 1, h, w)
     return torch.where(keep, first[:, None], second[:, None]).contiguous()
+
+
+def soft_mask(x: torch.Tensor, attention: torch.Tensor, alpha: torch.Tensor | float,
+              beta: torch.Tensor | float) -> torch.Tensor:
+    """Soft masking of the similarity-mining loss (Zheng et al.), (B, C, H, W) in ``x.dtype``.
+
+    out = x * (1 - sigmoid(alpha * (up(attention) - beta))), with up = bilinear
+    upsampling of the (B, h, w) attention to (H, W) with half-pixel centres
+    (``F.interpolate(mode='bilinear', align_corners=False)``, no anti-aliasing).
+    Computed in float64 for float64 inputs and in float32 otherwise, rounded once.
+    Differentiable in x, attention, alpha and beta.
+    """
+    b, c, h, w = x.shape
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if x.numel() == 0:
+        return x.clone()
+    up = F.interpolate(attention.to(acc)[:, None], size=(h, w), mode="bilinear", align_corners=False)
+    keep = 1 - torch.sigmoid(torch.as_tensor(alpha, dtype=acc, device=x.device)
+                             * (up - torch.as_tensor(beta, dtype=acc, device=x.device)))
+    return (x.to(acc) * keep).to(x.dtype)
