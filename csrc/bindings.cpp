@@ -1,5 +1,6 @@
 // Module whymatch._C: the CPU kernels. Always built; needs no CUDA.
 #include "bindings_common.h"
+#include "bindings_mining.h"
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "whymatch CPU kernels (torch-agnostic: raw pointers, sizes, a thread count)";
@@ -7,4 +8,7 @@ PYBIND11_MODULE(_C, m) {
       m, [](const whymatch::RiseApplyParams& p, int t) { whymatch::rise_apply_cpu(p, t); },
       [](const whymatch::RiseSaliencyParams& p, int t) { whymatch::rise_saliency_cpu(p, t); },
       [](const whymatch::RankedBlendParams& p, int t) { whymatch::ranked_blend_cpu(p, t); });
+  whymatch::bind_mining_ops<int>(
+      m, [](const whymatch::SoftMaskParams& p, int t) { whymatch::soft_mask_cpu(p, t); },
+      [](const whymatch::SoftMaskParams& p, int t) { whymatch::soft_mask_backward_cpu(p, t); });
 }

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include "bindings_common.h"
+#include "bindings_mining.h"
 
 namespace {
 
@@ -37,6 +38,11 @@ PYBIND11_MODULE(_C_cuda, m) {
       m, [as_stream](const whymatch::RiseApplyParams& p, uintptr_t s) { whymatch::rise_apply_cuda(p, as_stream(s)); },
       [as_stream](const whymatch::RiseSaliencyParams& p, uintptr_t s) { whymatch::rise_saliency_cuda(p, as_stream(s)); },
       [as_stream](const whymatch::RankedBlendParams& p, uintptr_t s) { whymatch::ranked_blend_cuda(p, as_stream(s)); });
+  whymatch::bind_mining_ops<uintptr_t>(
+      m, [as_stream](const whymatch::SoftMaskParams& p, uintptr_t s) { whymatch::soft_mask_cuda(p, as_stream(s)); },
+      [as_stream](const whymatch::SoftMaskParams& p, uintptr_t s) {
+        whymatch::soft_mask_backward_cuda(p, as_stream(s));
+      });
   m.attr("cuda_architectures") = WHYMATCH_CUDA_ARCHS;
   m.attr("cuda_compiler_version") = WHYMATCH_CUDA_VERSION;
   m.def("device_info", &device_info, "Devices visible to the CUDA runtime linked into this module.");

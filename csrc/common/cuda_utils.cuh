@@ -30,6 +30,7 @@ template <typename T> struct DeviceType;
 template <> struct DeviceType<float> { using type = float; };
 template <> struct DeviceType<half_t> { using type = __half; };
 template <> struct DeviceType<bf16_t> { using type = __nv_bfloat16; };
+template <> struct DeviceType<double> { using type = double; };
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
@@ -51,6 +52,14 @@ inline unsigned int ceil_div(long long a, long long b) { return static_cast<unsi
       case ::whymatch::DType::F32: { using scalar_t = float; return __VA_ARGS__(); }          \
       case ::whymatch::DType::F16: { using scalar_t = __half; return __VA_ARGS__(); }         \
       case ::whymatch::DType::BF16: { using scalar_t = __nv_bfloat16; return __VA_ARGS__(); } \
+      case ::whymatch::DType::F64: break;                                       \
     }                                                                           \
     throw std::invalid_argument(std::string(NAME) + ": unsupported dtype");     \
+  }()
+
+// As WM_DISPATCH_FLOAT_CUDA, with float64 too.
+#define WM_DISPATCH_FLOAT64_CUDA(DTYPE, NAME, ...)                              \
+  [&] {                                                                         \
+    if ((DTYPE) == ::whymatch::DType::F64) { using scalar_t = double; return __VA_ARGS__(); }    \
+    return WM_DISPATCH_FLOAT_CUDA(DTYPE, NAME, __VA_ARGS__);                    \
   }()

@@ -8,10 +8,13 @@
 
 namespace whymatch {
 
-enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+// F64 is accepted only by the ops that support it (soft_mask, for float64 gradcheck);
+// the others are never handed it by the Python side and throw if they are.
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
 
 inline DType dtype_from_code(int code) {
-  WM_CHECK(code >= 0 && code <= 2, "dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got " << code);
+  WM_CHECK(code >= 0 && code <= 3,
+           "dtype code must be 0 (float32), 1 (float16), 2 (bfloat16) or 3 (float64), got " << code);
   return static_cast<DType>(code);
 }
 
@@ -20,6 +23,7 @@ inline const char* dtype_name(DType t) {
     case DType::F32: return "float32";
     case DType::F16: return "float16";
     case DType::BF16: return "bfloat16";
+    case DType::F64: return "float64";
   }
   return "unknown";
 }
@@ -78,6 +82,16 @@ template <> inline float from_float<float>(float f) { return f; }
 template <> inline half_t from_float<half_t>(float f) { return to_half(f); }
 template <> inline bf16_t from_float<bf16_t>(float f) { return to_bf16(f); }
 
+// Compute type of a storage type (double for double, float otherwise) and the conversions.
+template <typename T> struct AccType { using type = float; };
+template <> struct AccType<double> { using type = double; };
+inline float to_acc(float v) { return v; }
+inline float to_acc(half_t v) { return from_half(v); }
+inline float to_acc(bf16_t v) { return from_bf16(v); }
+inline double to_acc(double v) { return v; }
+template <typename T> inline T from_acc(typename AccType<T>::type v) { return from_float<T>(v); }
+template <> inline double from_acc<double>(double v) { return v; }
+
 }  // namespace whymatch
 
 // Calls BODY with `scalar_t` bound to the host storage type of DTYPE.
@@ -87,6 +101,14 @@ template <> inline bf16_t from_float<bf16_t>(float f) { return to_bf16(f); }
       case ::whymatch::DType::F32: { using scalar_t = float; return __VA_ARGS__(); }              \
       case ::whymatch::DType::F16: { using scalar_t = ::whymatch::half_t; return __VA_ARGS__(); } \
       case ::whymatch::DType::BF16: { using scalar_t = ::whymatch::bf16_t; return __VA_ARGS__(); }\
+      case ::whymatch::DType::F64: break;                                      \
     }                                                                          \
     throw std::invalid_argument(std::string(NAME) + ": unsupported dtype");    \
+  }()
+
+// As WM_DISPATCH_FLOAT_HOST, with float64 too.
+#define WM_DISPATCH_FLOAT64_HOST(DTYPE, NAME, ...)                             \
+  [&] {                                                                        \
+    if ((DTYPE) == ::whymatch::DType::F64) { using scalar_t = double; return __VA_ARGS__(); }   \
+    return WM_DISPATCH_FLOAT_HOST(DTYPE, NAME, __VA_ARGS__);                   \
   }()

@@ -8,14 +8,125 @@ backward ``whymatch::soft_mask_backward``) with autograd, so it works under
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from . import _validate as V
+from . import _ext, _validate as V
 from . import reference as ref
+from .perturb import _device_guard
 
 __all__ = ["soft_mask"]
 
 MASK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_CODES = {**_ext.DTYPE_CODES, torch.float64: 3}
+
+
+# ---------------------------------------------------------------------------
+# registered ops (arguments already validated: x (B, C, H, W) contiguous or channels_last,
+# attention (B, h, w) contiguous in the compute dtype, alpha and beta 0-d in the compute dtype)
+# ---------------------------------------------------------------------------
+
+def _channels_last(x: Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _like(x: Tensor) -> Tensor:
+    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+@torch.library.custom_op("whymatch::soft_mask", mutates_args=())
+def _soft_mask(x: Tensor, attention: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
+    mod = _ext.module_for(x.device, "soft_mask")
+    if mod is None:
+        return ref.soft_mask(x, attention, alpha, beta).contiguous(
+            memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
+    out = _like(x)
+    b, c, hh, ww = x.shape
+    with _device_guard(x):
+        mod.soft_mask(_ext.ptr(x), _ext.ptr(attention), _ext.ptr(alpha), _ext.ptr(beta), _ext.ptr(out), b, c, hh, ww,
+                      attention.shape[1], attention.shape[2], _CODES[x.dtype], _channels_last(x), _ext.extra_arg(x))
+    return out
+
+
+@_soft_mask.register_fake
+def _(x, attention, alpha, beta):
+    return _like(x)
+
+
+@torch.library.custom_op("whymatch::soft_mask_backward", mutates_args=())
+def _soft_mask_backward(grad: Tensor, x: Tensor, attention: Tensor, alpha: Tensor, beta: Tensor,
+                        need_x: bool, need_attention: bool) -> tuple[Tensor, Tensor]:
+    """(grad_x like x, G (B, h, w) compute dtype): G is the upsampling adjoint of dL/dz."""
+    b, c, hh, ww = x.shape
+    _, h, w = attention.shape
+    mod = _ext.module_for(x.device, "soft_mask")
+    if mod is None:
+        return _reference_backward(grad, x, attention, alpha, beta, need_x, need_attention)
+    grad = grad.contiguous(memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
+    grad_x = _like(x) if need_x else x.new_empty(0)
+    g_att = torch.empty_like(attention) if need_attention else attention.new_empty(0)
+    ws_size = b * hh * (ww if x.device.type == "cuda" else w)
+    ws = attention.new_empty(ws_size if need_attention else 0)
+    with _device_guard(x):
+        mod.soft_mask_backward(_ext.ptr(grad), _ext.ptr(x), _ext.ptr(attention), _ext.ptr(alpha), _ext.ptr(beta),
+                               _ext.ptr(grad_x) if need_x else 0, _ext.ptr(g_att) if need_attention else 0,
+                               _ext.ptr(ws), b, c, hh, ww, h, w, _CODES[x.dtype], _channels_last(x),
+                               _ext.extra_arg(x))
+    return grad_x, g_att
+
+
+@_soft_mask_backward.register_fake
+def _(grad, x, attention, alpha, beta, need_x, need_attention):
+    return (_like(x) if need_x else x.new_empty(0)), (torch.empty_like(attention) if need_attention
+                                                      else attention.new_empty(0))
+
+
+def _reference_backward(grad, x, attention, alpha, beta, need_x, need_attention):
+    """The backward by autograd through the reference's arithmetic (the fallback without kernels)."""
+    with torch.enable_grad():
+        xs = x.detach().requires_grad_(True)
+        att = attention.detach().requires_grad_(True)
+        up = F.interpolate(att[:, None], size=tuple(x.shape[2:]), mode="bilinear", align_corners=False)
+        z = (alpha.detach() * (up - beta.detach())).detach().requires_grad_(True)  # dL/dz = q
+        out = (xs.to(attention.dtype) * (1 - torch.sigmoid(z))).to(x.dtype)
+        gx, q = torch.autograd.grad(out, [xs, z], grad)
+        g_att = torch.autograd.grad(up, att, q)[0]  # the upsampling's adjoint applied to q
+    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    return (gx.contiguous(memory_format=fmt) if need_x else x.new_empty(0),
+            g_att if need_attention else attention.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, attention, alpha, beta = inputs
+    ctx.save_for_backward(x, attention, alpha, beta)
+
+
+def _backward(ctx, grad):
+    x, attention, alpha, beta = ctx.saved_tensors
+    need_x, need_att, need_alpha, need_beta = ctx.needs_input_grad
+    need_g = need_att or need_alpha or need_beta
+    grad_x, g = torch.ops.whymatch.soft_mask_backward(grad, x, attention, alpha, beta, bool(need_x), bool(need_g))
+    d_x = grad_x if need_x else None
+    d_att = alpha * g if need_att else None
+    sum_g = g.sum() if (need_alpha or need_beta) else None
+    d_alpha = (attention * g).sum() - beta * sum_g if need_alpha else None
+    d_beta = -alpha * sum_g if need_beta else None
+    return d_x, d_att, d_alpha, d_beta
+
+
+def _refuse_double_backward(ctx, grad_x, g):
+    raise RuntimeError("whymatch::soft_mask does not support double backward (its backward is a fused kernel "
+                       "without a derivative); compute the loss without create_graph through soft_mask")
+
+
+def _setup_backward_context(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd("whymatch::soft_mask", _backward, setup_context=_setup_context)
+torch.library.register_autograd("whymatch::soft_mask_backward", _refuse_double_backward,
+                                setup_context=_setup_backward_context)
 
 
 def _scalar(name: str, v: object, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -62,4 +173,6 @@ def soft_mask(x: Tensor, attention: Tensor, alpha: Tensor | float, beta: Tensor 
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     alpha_t = _scalar("alpha", alpha, x.device, acc)
     beta_t = _scalar("beta", beta, x.device, acc)
-    return ref.soft_mask(x, attention, alpha_t, beta_t)
+    if not (x.is_contiguous() or _channels_last(x)):
+        x = x.contiguous()
+    return torch.ops.whymatch.soft_mask(x, attention.to(acc).contiguous(), alpha_t, beta_t)

@@ -1,0 +1,144 @@
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common/parallel.h"
+#include "mining/soft_mask.h"
+
+namespace whymatch {
+namespace {
+
+template <typename acc_t>
+struct Tables {
+  std::vector<SmLerp<acc_t>> ty, tx;  // per output row / column
+  Tables(const SoftMaskParams& p) : ty(p.H), tx(p.W) {
+    for (int64_t y = 0; y < p.H; ++y) ty[y] = sm_lerp<acc_t>(y, p.H, p.h);
+    for (int64_t x = 0; x < p.W; ++x) tx[x] = sm_lerp<acc_t>(x, p.W, p.w);
+  }
+};
+
+// keep[x] = 1 - sigmoid(alpha * (u(y, x) - beta)) = 1 / (1 + exp(alpha * (u - beta))) along one output row.
+template <typename acc_t>
+void keep_row(const SoftMaskParams& p, const Tables<acc_t>& tb, int64_t bi, int64_t y, acc_t alpha, acc_t beta,
+              acc_t* keep) {
+  const acc_t* m = static_cast<const acc_t*>(p.attention) + bi * p.h * p.w;
+  const SmLerp<acc_t>& ly = tb.ty[y];
+  const acc_t* r0 = m + ly.i0 * p.w;
+  const acc_t* r1 = m + ly.i1 * p.w;
+  const acc_t h0 = acc_t(1) - ly.l, h1 = ly.l;
+  for (int64_t x = 0; x < p.W; ++x) {
+    const SmLerp<acc_t>& lx = tb.tx[x];
+    const acc_t w0 = acc_t(1) - lx.l, w1 = lx.l;
+    const acc_t u = h0 * (w0 * r0[lx.i0] + w1 * r0[lx.i1]) + h1 * (w0 * r1[lx.i0] + w1 * r1[lx.i1]);
+    keep[x] = acc_t(1) / (acc_t(1) + std::exp(alpha * (u - beta)));
+  }
+}
+
+// Offset of element (bi, c, y, x) and the stride between channels.
+inline int64_t offset(const SoftMaskParams& p, int64_t bi, int64_t c, int64_t y, int64_t x) {
+  return p.channels_last ? ((bi * p.H + y) * p.W + x) * p.c + c : ((bi * p.c + c) * p.H + y) * p.W + x;
+}
+
+int64_t row_grain(const SoftMaskParams& p) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.W * p.c)); }
+
+template <typename T>
+void forward_impl(const SoftMaskParams& p, int num_threads) {
+  using acc_t = typename AccType<T>::type;
+  const Tables<acc_t> tb(p);
+  const acc_t alpha = *static_cast<const acc_t*>(p.alpha), beta = *static_cast<const acc_t*>(p.beta);
+  const T* x = static_cast<const T*>(p.x);
+  T* out = static_cast<T*>(p.out);
+  parallel_for(p.b * p.H, num_threads, row_grain(p), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> keep(p.W);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t bi = r / p.H, y = r % p.H;
+      keep_row(p, tb, bi, y, alpha, beta, keep.data());
+      for (int64_t c = 0; c < p.c; ++c)
+        for (int64_t xx = 0; xx < p.W; ++xx) {
+          const int64_t o = offset(p, bi, c, y, xx);
+          out[o] = from_acc<T>(static_cast<acc_t>(to_acc(x[o])) * keep[xx]);
+        }
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const SoftMaskParams& p, int num_threads) {
+  using acc_t = typename AccType<T>::type;
+  const Tables<acc_t> tb(p);
+  const acc_t alpha = *static_cast<const acc_t*>(p.alpha), beta = *static_cast<const acc_t*>(p.beta);
+  const T* x = static_cast<const T*>(p.x);
+  const T* g = static_cast<const T*>(p.grad_out);
+  T* gx = static_cast<T*>(p.grad_x);
+  acc_t* qh = static_cast<acc_t*>(p.workspace);  // [b, H, w]: q summed horizontally onto the source columns
+  const bool want_att = p.grad_attention != nullptr;
+
+  // Pass 1, one output row at a time: grad_x, and q pulled back through the horizontal interpolation.
+  parallel_for(p.b * p.H, num_threads, row_grain(p), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> keep(p.W), sgx(p.W);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t bi = r / p.H, y = r % p.H;
+      keep_row(p, tb, bi, y, alpha, beta, keep.data());
+      std::fill(sgx.begin(), sgx.end(), acc_t(0));
+      for (int64_t c = 0; c < p.c; ++c)
+        for (int64_t xx = 0; xx < p.W; ++xx) {
+          const int64_t o = offset(p, bi, c, y, xx);
+          const acc_t gv = to_acc(g[o]);
+          if (gx) gx[o] = from_acc<T>(gv * keep[xx]);
+          if (want_att) sgx[xx] += gv * static_cast<acc_t>(to_acc(x[o]));
+        }
+      if (!want_att) continue;
+      acc_t* row = qh + r * p.w;
+      std::fill(row, row + p.w, acc_t(0));
+      for (int64_t xx = 0; xx < p.W; ++xx) {
+        const acc_t k = keep[xx];
+        const acc_t q = -k * (acc_t(1) - k) * sgx[xx];
+        const SmLerp<acc_t>& lx = tb.tx[xx];
+        row[lx.i0] += (acc_t(1) - lx.l) * q;
+        row[lx.i1] += lx.l * q;
+      }
+    }
+  });
+  if (!want_att) return;
+
+  // Pass 2, one source row (bi, i) at a time: gather the output rows that read it.
+  acc_t* G = static_cast<acc_t*>(p.grad_attention);
+  parallel_for(p.b * p.h, num_threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t bi = r / p.h, i = r % p.h;
+      acc_t* out = G + r * p.w;
+      std::fill(out, out + p.w, acc_t(0));
+      int64_t lo = 0, hi = 0;
+      sm_range<acc_t>(i, p.H, p.h, &lo, &hi);
+      for (int64_t y = lo; y < hi; ++y) {
+        const acc_t wy = sm_weight(tb.ty[y], i);
+        if (wy == acc_t(0)) continue;
+        const acc_t* row = qh + (bi * p.H + y) * p.w;
+        for (int64_t j = 0; j < p.w; ++j) out[j] += wy * row[j];
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void soft_mask_cpu(const SoftMaskParams& p, int num_threads) {
+  check_soft_mask(p, false);
+  if (p.b * p.c * p.H * p.W == 0) return;
+  WM_DISPATCH_FLOAT64_HOST(p.dtype, "soft_mask", [&] { forward_impl<scalar_t>(p, num_threads); });
+}
+
+void soft_mask_backward_cpu(const SoftMaskParams& p, int num_threads) {
+  check_soft_mask(p, true);
+  if (p.grad_attention && p.b * p.h * p.w > 0 && p.c * p.H * p.W == 0) {  // nothing reads the maps: zero gradient
+    WM_DISPATCH_FLOAT64_HOST(p.dtype, "soft_mask_backward", [&] {
+      using acc_t = typename AccType<scalar_t>::type;
+      std::fill_n(static_cast<acc_t*>(p.grad_attention), p.b * p.h * p.w, acc_t(0));
+    });
+    return;
+  }
+  if (p.b * p.c * p.H * p.W == 0) return;
+  WM_DISPATCH_FLOAT64_HOST(p.dtype, "soft_mask_backward", [&] { backward_impl<scalar_t>(p, num_threads); });
+}
+
+}  // namespace whymatch
