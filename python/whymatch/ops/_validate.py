@@ -40,6 +40,9 @@ def tensor(
 
 
 def finite(name: str, t: torch.Tensor) -> torch.Tensor:
+    """Refuse NaN/inf. Skipped while torch.compile traces: the check reads the data (a graph break)."""
+    if torch.compiler.is_compiling():
+        return t
     if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} must be finite, got {bad} NaN or infinite value(s)")

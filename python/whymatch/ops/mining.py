@@ -82,19 +82,27 @@ def _(grad, x, attention, alpha, beta, need_x, need_attention):
                                                       else attention.new_empty(0))
 
 
+def _interp_matrix(n_in: int, n_out: int, like: Tensor) -> Tensor:
+    """(n_out, n_in): row o holds the bilinear weights of output o (F.interpolate, align_corners=False)."""
+    eye = torch.eye(n_in, dtype=like.dtype, device=like.device)[:, None, :, None]
+    return F.interpolate(eye, size=(n_out, 1), mode="bilinear", align_corners=False)[:, 0, :, 0].T
+
+
 def _reference_backward(grad, x, attention, alpha, beta, need_x, need_attention):
-    """The backward by autograd through the reference's arithmetic (the fallback without kernels)."""
-    with torch.enable_grad():
-        xs = x.detach().requires_grad_(True)
-        att = attention.detach().requires_grad_(True)
-        up = F.interpolate(att[:, None], size=tuple(x.shape[2:]), mode="bilinear", align_corners=False)
-        z = (alpha.detach() * (up - beta.detach())).detach().requires_grad_(True)  # dL/dz = q
-        out = (xs.to(attention.dtype) * (1 - torch.sigmoid(z))).to(x.dtype)
-        gx, q = torch.autograd.grad(out, [xs, z], grad)
-        g_att = torch.autograd.grad(up, att, q)[0]  # the upsampling's adjoint applied to q
+    """The backward in plain PyTorch, without autograd (the fallback when the kernels are missing)."""
+    acc = attention.dtype
+    b, c, hh, ww = x.shape
+    up = F.interpolate(attention[:, None], size=(hh, ww), mode="bilinear", align_corners=False)
+    keep = 1 - torch.sigmoid(alpha * (up - beta))
+    g = grad.to(acc)
     fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
-    return (gx.contiguous(memory_format=fmt) if need_x else x.new_empty(0),
-            g_att if need_attention else attention.new_empty(0))
+    grad_x = (g * keep).to(x.dtype).contiguous(memory_format=fmt) if need_x else x.new_empty(0)
+    if not need_attention:
+        return grad_x, attention.new_empty(0)
+    q = -(keep * (1 - keep))[:, 0] * (g * x.to(acc)).sum(1)  # dL/dz, (B, H, W)
+    wy = _interp_matrix(attention.shape[1], hh, attention)
+    wx = _interp_matrix(attention.shape[2], ww, attention)
+    return grad_x, torch.einsum("yi,byx,xj->bij", wy, q, wx).contiguous()
 
 
 def _setup_context(ctx, inputs, output):
@@ -165,6 +173,7 @@ def soft_mask(x: Tensor, attention: Tensor, alpha: Tensor | float, beta: Tensor 
         if attention.shape[1] != 1:
             raise ValueError(f"attention must have shape (B, h, w) or (B, 1, h, w), got {tuple(attention.shape)}")
         attention = attention[:, 0]
+    V.finite("attention", attention)  # small; x is not scanned (NaN in x propagates, as in any torch op)
     b = x.shape[0]
     if attention.shape[0] != b:
         raise ValueError(f"attention must hold one map per image: expected batch {b}, got {attention.shape[0]}")
