@@ -7,13 +7,14 @@
 #
 #     bash benchmarks/gpu_suite.sh
 #
-# Everything lands in $OUT (default benchmarks/results/gpu), at most 9 files:
+# Everything lands in $OUT (default benchmarks/results/gpu), at most 12 files:
 #   suite.log        environment, each step's exit status, summary
 #   build.log        pip / CMake / nvcc output
 #   pytest_cuda.log  python -m pytest tests -q -m cuda -x
 #   gpu_rise.log     the benchmark's output
 #   gpu_rise.json / gpu_rise.md   the benchmark's results
 #   saliency_table.{log,json,md}  every saliency method on ShapesWorld pairs, on the GPU
+#   soft_mask.{log,json,md}  fused soft mask vs composite PyTorch, 180 x 3 x 224 x 224
 #
 # Environment knobs: PYTHON (default python3), WHYMATCH_CUDA_ARCHITECTURES
 # (default 90), BUILD_TIMEOUT / TEST_TIMEOUT / BENCH_TIMEOUT in seconds
@@ -141,5 +142,18 @@ SAL_RC=$?
 log "saliency table: exit $SAL_RC after $((SECONDS - t0)) s"
 tail -25 "$OUT/saliency_table.log"
 
-log "done in $((SECONDS - START)) s: build $BUILD_RC, tests $TEST_RC, benchmark $BENCH_RC, saliency table $SAL_RC"
-[ $TEST_RC -eq 0 ] && [ $BENCH_RC -eq 0 ] && [ $SAL_RC -eq 0 ]
+# ---------------------------------------------------------------- 5. soft mask (similarity mining) on the GPU
+SM_TIMEOUT="${SM_TIMEOUT:-150}"
+SM_ARGS="${SM_ARGS:---dtypes float32,bfloat16}"
+SM_DEV=cuda
+if [ "$DRY" = "1" ]; then SM_ARGS="--dry-run --no-compile"; SM_DEV=cpu; fi
+log "soft mask: $PY benchmarks/soft_mask.py --device $SM_DEV $SM_ARGS (cap ${SM_TIMEOUT}s)"
+t0=$SECONDS
+# shellcheck disable=SC2086
+timeout --kill-after=15 "$SM_TIMEOUT" "$PY" benchmarks/soft_mask.py --device "$SM_DEV" --stem "$OUT/soft_mask" $SM_ARGS > "$OUT/soft_mask.log" 2>&1
+SM_RC=$?
+log "soft mask: exit $SM_RC after $((SECONDS - t0)) s"
+tail -20 "$OUT/soft_mask.log"
+
+log "done in $((SECONDS - START)) s: build $BUILD_RC, tests $TEST_RC, benchmark $BENCH_RC, saliency table $SAL_RC, soft mask $SM_RC"
+[ $TEST_RC -eq 0 ] && [ $BENCH_RC -eq 0 ] && [ $SAL_RC -eq 0 ] && [ $SM_RC -eq 0 ]
