@@ -22,6 +22,12 @@ Usage::
 
     python benchmarks/recall_cpu.py                    # writes benchmarks/results/recall_cpu.{json,md}
     python benchmarks/recall_cpu.py --n 5000 --stem /tmp/recall_small
+    python benchmarks/recall_cpu.py --device cuda      # the same on a GPU: benchmarks/results/recall_cuda.{json,md}
+
+With ``--device cuda`` the embeddings live on the GPU, each call is followed by a
+synchronize, and peak memory is torch's peak CUDA allocation above what was
+allocated before the call (faiss's own GPU memory, when faiss-gpu is installed,
+is not seen by torch's allocator; the host RSS peak is reported beside it).
 """
 
 from __future__ import annotations
@@ -79,14 +85,26 @@ def run(variant: str, x: torch.Tensor, y: torch.Tensor) -> dict:
 
 def child(args: argparse.Namespace) -> None:
     x, y = data(args.n, args.dim, args.classes, args.seed)
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        x, y = x.to(args.device), y.to(args.device)
+        run(args.child, x[:512], y[:512])  # warm-up: CUDA context, kernels, faiss resources
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if cuda else 0
     res: dict = {}
 
     def call() -> None:
         t0 = time.perf_counter()
         res["metrics"] = run(args.child, x, y)
+        if cuda:
+            torch.cuda.synchronize()
         res["seconds"] = time.perf_counter() - t0
 
     res["memory"] = C.peak_rss_region(call)
+    if cuda:
+        res["memory"]["host_peak_over_before_bytes"] = res["memory"]["peak_over_before_bytes"]
+        res["memory"]["peak_over_before_bytes"] = torch.cuda.max_memory_allocated() - before
     print(json.dumps(res))
 
 
@@ -97,16 +115,19 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--stem", default=str(C.RESULTS / "recall_cpu"))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--stem", default=None, help="default benchmarks/results/recall_<device type>")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args)
         return
+    dev = torch.device(args.device)
+    stem = args.stem or str(C.RESULTS / f"recall_{dev.type}")
     rows = {}
     for v in args.variants.split(","):
         cmd = [sys.executable, __file__, "--child", v, "--n", str(args.n), "--dim", str(args.dim),
-               "--classes", str(args.classes), "--seed", str(args.seed)]
+               "--classes", str(args.classes), "--seed", str(args.seed), "--device", args.device]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         if p.returncode != 0:
             rows[v] = {"error": (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1][:300],
@@ -135,21 +156,24 @@ def main() -> None:
         fr = lambda x: "" if x is None else f"{x:.2f}x"  # noqa: E731
         body.append([v, C.fmt_s(r["seconds"]), fr(ratio(v, "naive_torch", t)), fr(ratio(v, "pml", t)),
                      C.fmt_bytes(m(r)), fr(ratio(v, "naive_torch", m)), rec])
-    mi = C.machine_info("cpu")
+    mi = C.machine_info(dev)
+    where = mi.get("gpu") or f"{mi['cpu_model']} ({mi['torch_threads']} threads)"
+    mem_note = ("peak memory = torch's peak CUDA allocation above the allocation before the call" if dev.type == "cuda"
+                else "peak memory = peak RSS above the RSS before the call")
     md = "\n".join([
-        "# Recall@K evaluation on the CPU",
+        f"# Recall@K evaluation on the {'GPU' if dev.type == 'cuda' else 'CPU'}",
         "",
-        f"`python benchmarks/recall_cpu.py --n {args.n} --dim {args.dim} --classes {args.classes}` on "
-        f"{mi['cpu_model']} ({mi['torch_threads']} threads), torch {mi['torch']}, commit {str(mi['git_commit'])[:10]}.",
+        f"`python benchmarks/recall_cpu.py --n {args.n} --dim {args.dim} --classes {args.classes} --device {args.device}` "
+        f"on {where}, torch {mi['torch']}, commit {str(mi['git_commit'])[:10]}.",
         f"Self-retrieval of {args.n:,} x {args.dim} float32 embeddings ({args.classes} Gaussian classes, noise 4), cosine, "
-        "the query excluded from its own neighbours. Each variant in a fresh process; peak memory = peak RSS "
-        "above the RSS before the call. Ratios: the baseline's time (or memory) over the variant's, same run.",
+        f"the query excluded from its own neighbours. Each variant in a fresh process; {mem_note}. "
+        "Ratios: the baseline's time (or memory) over the variant's, same run.",
         "",
         C.md_table(head, body),
         "",
         f"recall@1 agrees across the variants that ran: {'yes' if agree else 'NO'} ({r1}).",
     ]) + "\n"
-    C.write_results(args.stem, {"benchmark": "recall_cpu", "n": args.n, "dim": args.dim, "classes": args.classes,
+    C.write_results(stem, {"benchmark": "recall_cpu", "device": str(dev), "n": args.n, "dim": args.dim, "classes": args.classes,
                                 "seed": args.seed, "variants": rows, "recall_at_1_agree": agree, "machine": mi}, md)
     print(md)
 
