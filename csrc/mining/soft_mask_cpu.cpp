@@ -6,6 +6,11 @@
 #include "mining/soft_mask.h"
 
 namespace whymatch {
+
+// keep[i] = 1 / (1 + exp(alpha * (u[i] - beta))), in soft_mask_math_cpu.cpp (built so that exp vectorizes).
+void sigmoid_keep(const float* u, float alpha, float beta, float* keep, int64_t n);
+void sigmoid_keep(const double* u, double alpha, double beta, double* keep, int64_t n);
+
 namespace {
 
 template <typename acc_t>
@@ -20,7 +25,7 @@ struct Tables {
 // keep[x] = 1 - sigmoid(alpha * (u(y, x) - beta)) = 1 / (1 + exp(alpha * (u - beta))) along one output row.
 template <typename acc_t>
 void keep_row(const SoftMaskParams& p, const Tables<acc_t>& tb, int64_t bi, int64_t y, acc_t alpha, acc_t beta,
-              acc_t* keep) {
+              acc_t* u, acc_t* keep) {
   const acc_t* m = static_cast<const acc_t*>(p.attention) + bi * p.h * p.w;
   const SmLerp<acc_t>& ly = tb.ty[y];
   const acc_t* r0 = m + ly.i0 * p.w;
@@ -29,14 +34,14 @@ void keep_row(const SoftMaskParams& p, const Tables<acc_t>& tb, int64_t bi, int6
   for (int64_t x = 0; x < p.W; ++x) {
     const SmLerp<acc_t>& lx = tb.tx[x];
     const acc_t w0 = acc_t(1) - lx.l, w1 = lx.l;
-    const acc_t u = h0 * (w0 * r0[lx.i0] + w1 * r0[lx.i1]) + h1 * (w0 * r1[lx.i0] + w1 * r1[lx.i1]);
-    keep[x] = acc_t(1) / (acc_t(1) + std::exp(alpha * (u - beta)));
+    u[x] = h0 * (w0 * r0[lx.i0] + w1 * r0[lx.i1]) + h1 * (w0 * r1[lx.i0] + w1 * r1[lx.i1]);
   }
+  sigmoid_keep(u, alpha, beta, keep, p.W);  // vectorized exp (soft_mask_math_cpu.cpp)
 }
 
-// Offset of element (bi, c, y, x) and the stride between channels.
-inline int64_t offset(const SoftMaskParams& p, int64_t bi, int64_t c, int64_t y, int64_t x) {
-  return p.channels_last ? ((bi * p.H + y) * p.W + x) * p.c + c : ((bi * p.c + c) * p.H + y) * p.W + x;
+// Element (bi, c, y, 0) of a row and the distance between neighbours along x.
+inline int64_t row_base(const SoftMaskParams& p, int64_t bi, int64_t c, int64_t y) {
+  return p.channels_last ? (bi * p.H + y) * p.W * p.c + c : ((bi * p.c + c) * p.H + y) * p.W;
 }
 
 int64_t row_grain(const SoftMaskParams& p) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.W * p.c)); }
@@ -49,15 +54,21 @@ void forward_impl(const SoftMaskParams& p, int num_threads) {
   const T* x = static_cast<const T*>(p.x);
   T* out = static_cast<T*>(p.out);
   parallel_for(p.b * p.H, num_threads, row_grain(p), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> keep(p.W);
+    std::vector<acc_t> u(p.W), keep(p.W);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t bi = r / p.H, y = r % p.H;
-      keep_row(p, tb, bi, y, alpha, beta, keep.data());
-      for (int64_t c = 0; c < p.c; ++c)
-        for (int64_t xx = 0; xx < p.W; ++xx) {
-          const int64_t o = offset(p, bi, c, y, xx);
-          out[o] = from_acc<T>(static_cast<acc_t>(to_acc(x[o])) * keep[xx]);
+      keep_row(p, tb, bi, y, alpha, beta, u.data(), keep.data());
+      for (int64_t c = 0; c < p.c; ++c) {
+        const int64_t base = row_base(p, bi, c, y);
+        if (p.channels_last) {
+          for (int64_t xx = 0; xx < p.W; ++xx)
+            out[base + xx * p.c] = from_acc<T>(static_cast<acc_t>(to_acc(x[base + xx * p.c])) * keep[xx]);
+        } else {
+          const T* __restrict__ xr = x + base;
+          T* __restrict__ orow = out + base;
+          for (int64_t xx = 0; xx < p.W; ++xx) orow[xx] = from_acc<T>(static_cast<acc_t>(to_acc(xr[xx])) * keep[xx]);
         }
+      }
     }
   });
 }
@@ -75,18 +86,24 @@ void backward_impl(const SoftMaskParams& p, int num_threads) {
 
   // Pass 1, one output row at a time: grad_x, and q pulled back through the horizontal interpolation.
   parallel_for(p.b * p.H, num_threads, row_grain(p), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> keep(p.W), sgx(p.W);
+    std::vector<acc_t> u(p.W), keep(p.W), sgx(p.W);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t bi = r / p.H, y = r % p.H;
-      keep_row(p, tb, bi, y, alpha, beta, keep.data());
+      keep_row(p, tb, bi, y, alpha, beta, u.data(), keep.data());
       std::fill(sgx.begin(), sgx.end(), acc_t(0));
-      for (int64_t c = 0; c < p.c; ++c)
-        for (int64_t xx = 0; xx < p.W; ++xx) {
-          const int64_t o = offset(p, bi, c, y, xx);
-          const acc_t gv = to_acc(g[o]);
-          if (gx) gx[o] = from_acc<T>(gv * keep[xx]);
-          if (want_att) sgx[xx] += gv * static_cast<acc_t>(to_acc(x[o]));
+      const int64_t step = p.channels_last ? p.c : 1;
+      for (int64_t c = 0; c < p.c; ++c) {
+        const int64_t base = row_base(p, bi, c, y);
+        const T* __restrict__ gr = g + base;
+        const T* __restrict__ xr = x + base;
+        if (gx) {
+          T* __restrict__ gxr = gx + base;
+          for (int64_t xx = 0; xx < p.W; ++xx) gxr[xx * step] = from_acc<T>(to_acc(gr[xx * step]) * keep[xx]);
         }
+        if (want_att)
+          for (int64_t xx = 0; xx < p.W; ++xx)
+            sgx[xx] += to_acc(gr[xx * step]) * static_cast<acc_t>(to_acc(xr[xx * step]));
+      }
       if (!want_att) continue;
       acc_t* row = qh + r * p.w;
       std::fill(row, row + p.w, acc_t(0));
