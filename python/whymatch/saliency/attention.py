@@ -121,6 +121,11 @@ class SimilarityAttention:
     def target_layer_names(self) -> list[str] | None:
         return None if self._layers is None else [n for n, _ in self._layers]
 
+    @property
+    def target_layers(self) -> list[nn.Module] | None:
+        """The target modules (None until the first call when they are picked automatically)."""
+        return None if self._layers is None else [m for _, m in self._layers]
+
     def _layers_for(self, images: Tensor) -> list[tuple[str, nn.Module]]:
         if self._layers is None:
             self._layers = _cam.auto_layer(self.sim, images)
