@@ -1,4 +1,4 @@
-"""The `whymatch` command: info, demo, explain."""
+"""The `whymatch` command: info, demo, explain, train."""
 
 from __future__ import annotations
 
@@ -125,6 +125,53 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_train_mining(args) -> int:
+    from .train import MiningConfig, train_mining
+
+    if args.gamma < 0:
+        raise ValueError(f"--gamma must be >= 0, got {args.gamma}")
+    cfg = MiningConfig(data=args.data, backbone=args.backbone, out=args.out, epochs=args.epochs,
+                       batch_p=args.batch_p, batch_k=args.batch_k, lr=args.lr, loss_lr=args.loss_lr,
+                       weight_decay=args.weight_decay, loss=args.loss, mode=args.mode, gamma=args.gamma,
+                       alpha=args.alpha, beta=args.beta, mining=not args.no_mining,
+                       embedding_dim=args.embedding_dim, image_size=args.image_size, n_train=args.n_train,
+                       n_test=args.n_test, seed=args.seed, device=args.device, resume=args.resume,
+                       flip=not args.no_flip, batches_per_epoch=args.batches_per_epoch,
+                       num_workers=args.num_workers, show_progress=not args.quiet)
+    distributed = _init_distributed(args.device)
+    try:
+        trainer = train_mining(cfg)
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if trainer.rank == 0:
+        last = trainer.history[-1] if trainer.history else {}
+        r1 = last.get("recall@1")
+        print(f"trained {trainer.epoch} epochs; Recall@1 {r1 if r1 is None else round(r1, 4)} "
+              f"(best {trainer.best_recall_at_1:.4f}); wrote {args.out}/checkpoint.pt, model.pt, metrics.jsonl")
+    return 0
+
+
+def _init_distributed(device: str | None) -> bool:
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo otherwise)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="whymatch", description="Explain why an image similarity model matched two images.")
     p.add_argument("--version", action="version", version=f"whymatch {__version__}")
@@ -171,6 +218,46 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--size", type=int, default=None, help="resize images to SIZE x SIZE (default: the model's)")
     explainer_options(ex, 2000)
     ex.set_defaults(func=cmd_explain)
+
+    train = sub.add_parser("train", help="train a similarity model (run under torchrun for DDP)")
+    train_sub = train.add_subparsers(dest="task", required=True)  # mining now; avsl, sane to come
+
+    def trainer_options(sp):
+        sp.add_argument("--data", required=True,
+                        help="shapesworld, or cub:PATH, cars196:PATH, sop:PATH (local copies)")
+        sp.add_argument("--backbone", default="shapes", choices=("shapes", "resnet18", "resnet50"),
+                        help="randomly initialized embedder (default %(default)s)")
+        sp.add_argument("--out", required=True, help="output directory (checkpoints, metrics.jsonl, model.pt)")
+        sp.add_argument("--epochs", type=int, default=8)
+        sp.add_argument("--batch-p", type=int, default=16, help="classes per batch (default %(default)s)")
+        sp.add_argument("--batch-k", type=int, default=4, help="images per class per batch (default %(default)s)")
+        sp.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default %(default)s)")
+        sp.add_argument("--loss-lr", type=float, default=None,
+                        help="learning rate of the loss's parameters, e.g. proxies (default 100 x --lr)")
+        sp.add_argument("--weight-decay", type=float, default=1e-4)
+        sp.add_argument("--embedding-dim", type=int, default=64)
+        sp.add_argument("--image-size", type=int, default=None, help="default 96 (shapesworld) or 224")
+        sp.add_argument("--n-train", type=int, default=9000, help="shapesworld: training images")
+        sp.add_argument("--n-test", type=int, default=3000, help="shapesworld: test images (held-out classes)")
+        sp.add_argument("--batches-per-epoch", type=int, default=None, help="default: train size / (P K)")
+        sp.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+        sp.add_argument("--num-workers", type=int, default=0)
+        sp.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
+        sp.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+
+    mining = train_sub.add_parser("mining", help="metric loss + similarity mining (Zheng et al.)")
+    trainer_options(mining)
+    mining.add_argument("--loss", default="triplet", choices=("contrastive", "triplet", "margin", "proxyanchor"),
+                        help="metric loss L_ml from pytorch-metric-learning (default %(default)s)")
+    mining.add_argument("--mode", default="triplet", choices=("siamese", "triplet", "quadruplet"),
+                        help="tuple form of the attention and of L_sm (default %(default)s)")
+    mining.add_argument("--gamma", type=float, default=1.0, help="weight of L_sm (default %(default)s)")
+    mining.add_argument("--alpha", type=float, default=10.0, help="soft-mask sharpness (default %(default)s)")
+    mining.add_argument("--beta", type=float, default=0.5, help="soft-mask threshold (default %(default)s)")
+    mining.add_argument("--no-mining", action="store_true", help="train with L_ml alone (the baseline)")
+    mining.set_defaults(func=cmd_train_mining)
     return p
 
 

@@ -1,0 +1,14 @@
+"""Training: P x K sampling, a reusable Trainer (exact resume, DDP, AMP, Recall@K), task wiring.
+
+``whymatch train mining`` trains with the similarity-mining loss (:mod:`whymatch.mining`)
+through :func:`train_mining`; the AVSL and SANE trainers reuse :class:`Trainer`.
+"""
+
+from .sampler import PKSampler
+from .tasks import (BACKBONES, DATASETS, METRIC_LOSSES, MiningConfig, TensorImages, build_backbone, build_data,
+                    build_metric_loss, train_mining)
+from .trainer import BEST, CHECKPOINT, METRICS_LOG, Trainer, random_flip
+
+__all__ = ["PKSampler", "Trainer", "random_flip", "CHECKPOINT", "BEST", "METRICS_LOG", "BACKBONES", "DATASETS",
+           "METRIC_LOSSES", "MiningConfig", "TensorImages", "build_backbone", "build_data", "build_metric_loss",
+           "train_mining"]

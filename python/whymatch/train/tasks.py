@@ -1,0 +1,189 @@
+"""Building blocks the `whymatch train ...` commands share: backbones, data sets, metric losses.
+
+Task wiring for similarity mining: :func:`train_mining` (what ``whymatch train mining`` runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ..ops import _validate as V
+from ..similarity import SimilarityModel
+
+__all__ = ["BACKBONES", "METRIC_LOSSES", "DATASETS", "TensorImages", "build_backbone", "build_data",
+           "build_metric_loss", "MiningConfig", "train_mining"]
+
+BACKBONES = ("shapes", "resnet18", "resnet50")
+METRIC_LOSSES = ("contrastive", "triplet", "margin", "proxyanchor")
+DATASETS = ("shapesworld", "cub", "cars196", "sop")
+
+
+class TensorImages(Dataset):
+    """Images held in one tensor (uint8 or float) with their labels; items (image, int label)."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        if images.dim() != 4 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
+            raise ValueError(f"images (N, C, H, W) and labels (N,) must match, got {tuple(images.shape)} and "
+                             f"{tuple(labels.shape)}")
+        self.images = images
+        self.labels = labels.long()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i])
+
+
+class _Embedder(nn.Module):
+    """A ResNet trunk with a linear embedding head (the metric-learning standard, e.g. ProxyAnchor)."""
+
+    def __init__(self, trunk: nn.Module, feature_dim: int, dim: int) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.embed = nn.Linear(feature_dim, dim)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.embed(self.trunk((x - self.mean.to(x.dtype)) / self.std.to(x.dtype)))
+
+
+def build_backbone(name: str, embedding_dim: int = 128) -> tuple[SimilarityModel, str]:
+    """A randomly initialized SimilarityModel (cosine) and the name of its attention layer.
+
+    'shapes': :class:`whymatch.models.ShapesCNN` (for ShapesWorld); 'resnet18' / 'resnet50':
+    whymatch's own ResNets (no weights are downloaded) + a linear embedding. Inputs in [0, 1].
+    """
+    V.choice("backbone", name, BACKBONES)
+    dim = V.positive_int("embedding_dim", embedding_dim)
+    if name == "shapes":
+        from ..models import ShapesCNN
+
+        return SimilarityModel(ShapesCNN(dim), "cosine"), "layer4"
+    from ..models.resnet import resnet18, resnet50
+
+    trunk = resnet18(embedding=True) if name == "resnet18" else resnet50(embedding=True)
+    return SimilarityModel(_Embedder(trunk, trunk.feature_dim, dim), "cosine"), "trunk.layer4"
+
+
+def build_data(spec: str, *, image_size: int | None = None, n_train: int = 9000, n_test: int = 3000,
+               seed: int = 0, show_progress: bool = False) -> tuple[Dataset, Dataset, dict]:
+    """(train set, test set, info) from 'shapesworld' or 'cub:PATH' / 'cars196:PATH' / 'sop:PATH'.
+
+    ShapesWorld: the train classes for training, the (disjoint) test classes for Recall@K,
+    rendered once into uint8 tensors. The others: ``whymatch.data.retrieval_dataset``
+    (train split with augmentation, test split without).
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"data must be a string, got {type(spec).__name__}")
+    name, _, root = spec.partition(":")
+    V.choice("data", name, DATASETS)
+    if name == "shapesworld":
+        from ..data import ShapesWorld
+
+        size = image_size or 96
+        tr = ShapesWorld("train", n_train, size, seed=seed)
+        te = ShapesWorld("test", n_test, size, seed=seed)
+        train = TensorImages(tr.images(dtype=torch.uint8, show_progress=show_progress), tr.labels)
+        test = TensorImages(te.images(dtype=torch.uint8, show_progress=show_progress), te.labels)
+        info = {"data": "shapesworld", "image_size": size, "n_train": n_train, "n_test": n_test, "seed": seed}
+        return train, test, info
+    if not root:
+        raise ValueError(f"data {name!r} needs a path: --data {name}:/path/to/{name}")
+    if not Path(root).exists():
+        raise FileNotFoundError(f"data root not found: {root}")
+    try:
+        from ..data import retrieval_dataset
+    except ImportError as exc:
+        raise ImportError(f"data {name!r} needs whymatch.data.retrieval_dataset, which this install lacks") from exc
+    size = image_size or 224
+    resize = max(size, round(size * 256 / 224))
+    g = torch.Generator().manual_seed(seed)
+    train = retrieval_dataset(name, root, "train", train=True, size=size, resize=resize, generator=g)
+    test = retrieval_dataset(name, root, "test", train=False, size=size, resize=resize)
+    return train, test, {"data": name, "root": str(root), "image_size": size}
+
+
+def build_metric_loss(name: str, n_classes: int, embedding_dim: int) -> nn.Module:
+    """A pytorch-metric-learning loss: contrastive, triplet (margin 0.1), margin, or proxyanchor."""
+    from pytorch_metric_learning import losses
+
+    V.choice("loss", name, METRIC_LOSSES)
+    if name == "contrastive":
+        return losses.ContrastiveLoss(pos_margin=0.0, neg_margin=1.0)
+    if name == "triplet":
+        return losses.TripletMarginLoss(margin=0.1)
+    if name == "margin":
+        return losses.MarginLoss(margin=0.2, nu=0.0, beta=1.2)
+    return losses.ProxyAnchorLoss(num_classes=n_classes, embedding_size=embedding_dim, margin=0.1, alpha=32)
+
+
+@dataclass
+class MiningConfig:
+    """Settings of ``whymatch train mining`` (the CLI's options, same names)."""
+
+    data: str = "shapesworld"
+    backbone: str = "shapes"
+    out: str = "whymatch-train"
+    epochs: int = 8
+    batch_p: int = 16
+    batch_k: int = 4
+    lr: float = 1e-3
+    loss_lr: float | None = None
+    weight_decay: float = 1e-4
+    loss: str = "triplet"
+    mode: str = "triplet"
+    gamma: float = 1.0
+    alpha: float = 10.0
+    beta: float = 0.5
+    mining: bool = True
+    embedding_dim: int = 64
+    image_size: int | None = None
+    n_train: int = 9000
+    n_test: int = 3000
+    seed: int = 0
+    device: str | None = None
+    resume: bool = False
+    flip: bool = True
+    warmup_steps: int = 0
+    batches_per_epoch: int | None = None
+    num_workers: int = 0
+    show_progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def train_mining(cfg: MiningConfig):
+    """Train a model with L_ml (+ gamma L_sm unless ``cfg.mining`` is False); returns the Trainer.
+
+    Writes cfg.out/{checkpoint.pt, best.pt, metrics.jsonl, config.json} and, at the end,
+    model.pt (the embedder's state dict) on rank 0.
+    """
+    from ..mining import SimilarityMiningLoss
+    from .trainer import Trainer, _atomic_torch_save, random_flip
+
+    train, test, info = build_data(cfg.data, image_size=cfg.image_size, n_train=cfg.n_train, n_test=cfg.n_test,
+                                   seed=cfg.seed, show_progress=cfg.show_progress)
+    torch.manual_seed(cfg.seed)  # the initial weights
+    model, layer = build_backbone(cfg.backbone, cfg.embedding_dim)
+    n_classes = int(torch.unique(train.labels).numel())
+    metric = build_metric_loss(cfg.loss, n_classes, cfg.embedding_dim)
+    loss = SimilarityMiningLoss(cfg.mode, cfg.alpha, cfg.beta, metric, cfg.gamma if cfg.mining else 0.0,
+                                target_layers=layer)
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "show_progress", "extra")}
+    config.update(info)
+    config.update(cfg.extra)
+    trainer = Trainer(model, loss, train, out_dir=cfg.out, test_set=test, epochs=cfg.epochs, batch_p=cfg.batch_p,
+                      batch_k=cfg.batch_k, lr=cfg.lr, loss_lr=cfg.loss_lr, weight_decay=cfg.weight_decay,
+                      warmup_steps=cfg.warmup_steps, device=cfg.device, seed=cfg.seed,
+                      augment=random_flip if cfg.flip else None, batches_per_epoch=cfg.batches_per_epoch,
+                      num_workers=cfg.num_workers, show_progress=cfg.show_progress, config=config)
+    trainer.fit(resume=cfg.resume)
+    if trainer.rank == 0:
+        _atomic_torch_save(model.embedder.state_dict(), Path(cfg.out) / "model.pt")
+    return trainer
