@@ -204,3 +204,15 @@ def test_soft_mask_fallback_to_reference(monkeypatch, gen):
 def test_soft_mask_errors_name_the_argument(args, match):
     with pytest.raises((ValueError, TypeError), match=match):
         ops.soft_mask(*args())
+
+
+def test_module_without_the_op_falls_back(monkeypatch, gen):
+    class OldBuild:  # a compiled module from before soft_mask existed
+        __version__ = _ext.__version__
+
+    monkeypatch.setattr(_ext, "_cache", {"_C": OldBuild(), "_C_cuda": None})
+    monkeypatch.setattr(_ext, "_warned", set())
+    x, m = _inputs((2, 3, 6, 5), (2, 2), torch.float32, "cpu", gen)
+    with pytest.warns(RuntimeWarning, match="predates this op"):
+        out = ops.soft_mask(x, m, 5.0, 0.5)
+    torch.testing.assert_close(out, ref.soft_mask(x, m, 5.0, 0.5))

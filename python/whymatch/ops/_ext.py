@@ -62,9 +62,13 @@ def module_for(device: torch.device, op: str) -> ModuleType | None:
         mod, name = cuda_module(), "_C_cuda"
     else:
         mod, name = None, f"a kernel for device type {device.type!r}"
+    missing_op = mod is not None and not hasattr(mod, op)
+    if missing_op:  # a module built before this op existed (same version string): use the reference
+        name, mod = f"{name}.{op}", None
     if mod is None and name not in _warned:
         _warned.add(name)
-        why = _import_errors.get(name, "it was not compiled")
+        why = ("the installed module predates this op: reinstall with `pip install --force-reinstall .`"
+               if missing_op else _import_errors.get(name, "it was not compiled"))
         warnings.warn(
             f"whymatch: no compiled kernels for {device.type} ({name}: {why}); running the pure-PyTorch "
             "reference implementation instead, which is slower and uses more memory. "
