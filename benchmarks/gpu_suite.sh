@@ -21,6 +21,7 @@
 # Environment knobs: PYTHON (default python3), WHYMATCH_CUDA_ARCHITECTURES
 # (default 90), BUILD_TIMEOUT / TEST_TIMEOUT / BENCH_TIMEOUT in seconds
 # (default 180 / 150 / 200), SAL_TIMEOUT (240), SAL_ARGS (saliency_table.py arguments), GPU_RISE_ARGS (extra arguments for gpu_rise.py),
+# SM_TIMEOUT / SM_ARGS (soft_mask.py, 150 s), RC_TIMEOUT / RC_ARGS (recall_cpu.py --device cuda, 150 s),
 # SKIP_BUILD=1 (use the whymatch already installed), SUITE_DRY_RUN=1 (check this
 # script on a machine without a GPU: no build, no CUDA check, gpu_rise.py --dry-run).
 # Exit status: 0 when the build, the tests and every benchmark check passed.
@@ -131,44 +132,44 @@ if [ -f "$OUT/gpu_rise.md" ]; then
 fi
 tail -45 "$OUT/gpu_rise.log"
 
+# run_step NAME CAP LOGSTEM CMD...: run CMD under a time cap, output to $OUT/LOGSTEM.log; sets STEP_RC
+run_step() {
+  local name=$1 cap=$2 stem=$3
+  shift 3
+  log "$name: $* (cap ${cap}s)"
+  local t0=$SECONDS
+  timeout --kill-after=15 "$cap" "$@" > "$OUT/$stem.log" 2>&1
+  STEP_RC=$?
+  log "$name: exit $STEP_RC after $((SECONDS - t0)) s"
+  tail -25 "$OUT/$stem.log"
+}
+
 # ---------------------------------------------------------------- 4. saliency table on the GPU
-SAL_TIMEOUT="${SAL_TIMEOUT:-240}"
 SAL_ARGS="${SAL_ARGS:---queries 30 --refs 3}"
 if [ "$DRY" = "1" ]; then SAL_ARGS="--queries 2 --refs 2 --methods rise,attention"; fi
 SAL_DEV=cuda; [ "$DRY" = "1" ] && SAL_DEV=cpu
-log "saliency table: $PY benchmarks/saliency_table.py --device $SAL_DEV $SAL_ARGS (cap ${SAL_TIMEOUT}s)"
-t0=$SECONDS
 # shellcheck disable=SC2086
-timeout --kill-after=15 "$SAL_TIMEOUT" "$PY" benchmarks/saliency_table.py --device "$SAL_DEV" --stem "$OUT/saliency_table" $SAL_ARGS > "$OUT/saliency_table.log" 2>&1
-SAL_RC=$?
-log "saliency table: exit $SAL_RC after $((SECONDS - t0)) s"
-tail -25 "$OUT/saliency_table.log"
+run_step "saliency table" "${SAL_TIMEOUT:-240}" saliency_table \
+  "$PY" benchmarks/saliency_table.py --device "$SAL_DEV" --stem "$OUT/saliency_table" $SAL_ARGS
+SAL_RC=$STEP_RC
 
 # ---------------------------------------------------------------- 5. soft mask (similarity mining) on the GPU
-SM_TIMEOUT="${SM_TIMEOUT:-150}"
 SM_ARGS="${SM_ARGS:---dtypes float32,bfloat16}"
 SM_DEV=cuda
 if [ "$DRY" = "1" ]; then SM_ARGS="--dry-run --no-compile"; SM_DEV=cpu; fi
-log "soft mask: $PY benchmarks/soft_mask.py --device $SM_DEV $SM_ARGS (cap ${SM_TIMEOUT}s)"
-t0=$SECONDS
 # shellcheck disable=SC2086
-timeout --kill-after=15 "$SM_TIMEOUT" "$PY" benchmarks/soft_mask.py --device "$SM_DEV" --stem "$OUT/soft_mask" $SM_ARGS > "$OUT/soft_mask.log" 2>&1
-SM_RC=$?
-log "soft mask: exit $SM_RC after $((SECONDS - t0)) s"
-tail -20 "$OUT/soft_mask.log"
+run_step "soft mask" "${SM_TIMEOUT:-150}" soft_mask \
+  "$PY" benchmarks/soft_mask.py --device "$SM_DEV" --stem "$OUT/soft_mask" $SM_ARGS
+SM_RC=$STEP_RC
 
 # ---------------------------------------------------------------- 6. Recall@K at 60,000 x 512 on the GPU
-RC_TIMEOUT="${RC_TIMEOUT:-150}"
 RC_ARGS="${RC_ARGS:---n 60000 --dim 512 --classes 600}"
 RC_DEV=cuda
 if [ "$DRY" = "1" ]; then RC_ARGS="--n 2000 --classes 40"; RC_DEV=cpu; fi
-log "recall: $PY benchmarks/recall_cpu.py --device $RC_DEV $RC_ARGS (cap ${RC_TIMEOUT}s)"
-t0=$SECONDS
 # shellcheck disable=SC2086
-timeout --kill-after=15 "$RC_TIMEOUT" "$PY" benchmarks/recall_cpu.py --device "$RC_DEV" --stem "$OUT/recall_cuda" $RC_ARGS > "$OUT/recall_cuda.log" 2>&1
-RC_RC=$?
-log "recall: exit $RC_RC after $((SECONDS - t0)) s"
-tail -12 "$OUT/recall_cuda.log"
+run_step "recall" "${RC_TIMEOUT:-150}" recall_cuda \
+  "$PY" benchmarks/recall_cpu.py --device "$RC_DEV" --stem "$OUT/recall_cuda" $RC_ARGS
+RC_RC=$STEP_RC
 
 log "done in $((SECONDS - START)) s: build $BUILD_RC, tests $TEST_RC, benchmark $BENCH_RC, saliency table $SAL_RC, soft mask $SM_RC, recall $RC_RC"
 [ $TEST_RC -eq 0 ] && [ $BENCH_RC -eq 0 ] && [ $SAL_RC -eq 0 ] && [ $SM_RC -eq 0 ] && [ $RC_RC -eq 0 ]
