@@ -178,3 +178,24 @@ def test_cli_train_errors(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["train", "mining", "--data", "shapesworld", "--out", "o", "--loss", "arcface"])
+
+
+@pytest.mark.slow
+def test_cli_train_mining_under_torchrun(tmp_path):
+    """`torchrun --nproc_per_node 2 -m whymatch.cli train mining ...`: two gloo ranks, rank 0 writes."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "whymatch.cli", "train", "mining", "--data", "shapesworld", "--image-size", "32",
+           "--n-train", "180", "--n-test", "120", "--batch-p", "3", "--batch-k", "2", "--batches-per-epoch", "2",
+           "--embedding-dim", "8", "--epochs", "1", "--out", str(out), "--quiet", "--device", "cpu"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("trained 1 epochs") == 1  # only rank 0 reports
+    ck = torch.load(out / CHECKPOINT, weights_only=False)
+    assert ck["epoch"] == 1
+    assert len((out / METRICS_LOG).read_text().splitlines()) == 1
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
