@@ -12,7 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rise_grid_geometry", "rise_masks", "rise_apply", "rise_saliency", "ranked_blend", "soft_mask"]
+__all__ = ["rise_grid_geometry", "rise_masks", "rise_apply", "rise_saliency", "ranked_blend", "soft_mask",
+           "avsl_reliability", "avsl_cam_correlation", "avsl_link_star", "avsl_nodes", "avsl_distance", "avsl_topk"]
 
 
 def rise_grid_geometry(size: tuple[int, int], s: int) -> tuple[int, int, int, int]:
@@ -98,3 +99,108 @@ def soft_mask(x: torch.Tensor, attention: torch.Tensor, alpha: torch.Tensor | fl
     keep = 1 - torch.sigmoid(torch.as_tensor(alpha, dtype=acc, device=x.device)
                              * (up - torch.as_tensor(beta, dtype=acc, device=x.device)))
     return (x.to(acc) * keep).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------
+# AVSL (Zhang et al., "Attributable Visual Similarity Learning", CVPR 2022)
+# ---------------------------------------------------------------------------
+
+def avsl_reliability(cam: torch.Tensor, published: bool = False) -> torch.Tensor:
+    """Per-node CAM statistic eta of AVSL's reliability, (B, R) float32 from CAMs (B, R, H, W).
+
+    Each CAM is shifted by its minimum, L1-normalized over its H*W positions, and the
+    (unbiased) standard deviation over the positions is the statistic: a peaked CAM
+    (a node that looks at one place) gets a high value. The minimum is taken over the
+    whole map; ``published=True`` takes it over the last axis only (one minimum per
+    row), as the published code does (marked FIXME there).
+    """
+    x = cam.float()
+    if published:
+        x = x - x.amin(dim=-1, keepdim=True)
+    else:
+        x = x - x.flatten(2).amin(dim=-1)[..., None, None]
+    x = F.normalize(x.flatten(2), p=1, dim=-1)
+    return x.std(dim=-1)
+
+
+def avsl_cam_correlation(cam_low: torch.Tensor, cam_high: torch.Tensor) -> torch.Tensor:
+    """Batch-mean correlation of two levels' CAMs, (R_low, R_high) float32 (AVSL edges).
+
+    The lower level's CAMs (B, R_low, H_l, W_l) are adaptive-average-pooled to the upper
+    level's size (H_h, W_h); every CAM is flattened and l2-normalized over its
+    positions; corr[m, n] = mean over the batch of <low_m, high_n>.
+    """
+    low, high = cam_low.float(), cam_high.float()
+    if low.shape[2:] != high.shape[2:]:
+        low = F.adaptive_avg_pool2d(low, tuple(high.shape[2:]))
+    low = F.normalize(low.flatten(2), p=2, dim=-1)
+    high = F.normalize(high.flatten(2), p=2, dim=-1)
+    return torch.einsum("bmj,bnj->mn", low, high) / low.shape[0]
+
+
+def avsl_link_star(edges: torch.Tensor, k: int) -> torch.Tensor:
+    """The rectification weights from an edge matrix (R_low, R_high): link* of AVSL Eq. 7-8.
+
+    relu(edges), keep in each column its k largest entries (every entry within 1e-8 of the
+    k-th largest, so ties can keep more than k, as in the published code), and normalize
+    each column to sum 1 (+1e-8). k larger than R_low keeps every entry.
+    """
+    link = F.relu(edges.float())
+    kk = min(int(k), link.shape[0])
+    if kk > 0:
+        bound = link.topk(kk, dim=0).values.amin(dim=0, keepdim=True) - 1e-8
+        link = link * (link >= bound)
+    return link / (link.sum(dim=0, keepdim=True) + 1e-8)
+
+
+def avsl_nodes(query: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+    """Similarity nodes delta (Q, G, R) = (e_q - e_g)^2 of l2-normalized embeddings."""
+    a, b = F.normalize(query.float(), dim=1), F.normalize(gallery.float(), dim=1)
+    return (a[:, None, :] - b[None, :, :]) ** 2
+
+
+def avsl_distance(queries: list[torch.Tensor], galleries: list[torch.Tensor], rel_q: list[torch.Tensor],
+                  rel_g: list[torch.Tensor], links: list[torch.Tensor], coef: list[torch.Tensor],
+                  bias: list[torch.Tensor], gamma: float = 10.0) -> torch.Tensor:
+    """The overall AVSL distance of every (query, gallery) pair, (Q, G) float32.
+
+    Levels l = 0..L-1 from low to high, each with embeddings queries[l] (Q, R_l) and
+    galleries[l] (G, R_l) (l2-normalized here), reliability statistics rel_q[l] (Q, R_l)
+    and rel_g[l] (G, R_l), and for l >= 1 the rectification weights links[l-1]
+    (R_{l-1}, R_l) (:func:`avsl_link_star`) and coef[l], bias[l] (R_l,):
+
+        hat_0 = delta_0
+        p_l   = sigmoid(gamma * (rel_q[l]_i * rel_g[l]_j * coef[l] + bias[l]))
+        hat_l = delta_l * p_l + (hat_{l-1} @ links[l-1]) * (1 - p_l)
+        d     = sum over the nodes of hat_{L-1}
+
+    Nodes are treated as constants (the published code detaches them: the overall distance
+    trains only coef and bias); gradients flow to coef and bias. coef[0], bias[0] are unused.
+    """
+    hat = None
+    for lv in range(len(queries)):
+        delta = avsl_nodes(queries[lv], galleries[lv]).detach()
+        if hat is None:
+            hat = delta
+            continue
+        p = torch.sigmoid(gamma * (rel_q[lv].float()[:, None, :] * rel_g[lv].float()[None, :, :] * coef[lv]
+                                   + bias[lv]))
+        hat = delta * p + (hat @ links[lv - 1].float()) * (1 - p)
+    return hat.sum(dim=-1)
+
+
+def avsl_topk(queries: list[torch.Tensor], galleries: list[torch.Tensor], rel_q: list[torch.Tensor],
+              rel_g: list[torch.Tensor], links: list[torch.Tensor], coef: list[torch.Tensor],
+              bias: list[torch.Tensor], gamma: float, k: int,
+              exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's k nearest gallery items by the AVSL distance: (Q, k) distances (ascending), (Q, k) int64.
+
+    ``exclude_self``: the gallery is the query set (Q == G) and item i is not a neighbour of
+    query i. Ties: the lower gallery index first.
+    """
+    d = avsl_distance(queries, galleries, rel_q, rel_g, links, coef, bias, gamma).detach()
+    if exclude_self:
+        d.fill_diagonal_(float("inf"))
+    # stable ascending order: sort by (distance, index)
+    order = torch.sort(d, dim=1, stable=True).indices[:, :k]
+    return d.gather(1, order), order
