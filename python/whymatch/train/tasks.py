@@ -104,8 +104,9 @@ def build_data(spec: str, *, image_size: int | None = None, n_train: int = 9000,
         raise ImportError(f"data {name!r} needs whymatch.data.retrieval_dataset, which this install lacks") from exc
     size = image_size or 224
     resize = max(size, round(size * 256 / 224))
-    g = torch.Generator().manual_seed(seed)
-    train = retrieval_dataset(name, root, "train", train=True, size=size, resize=resize, generator=g)
+    # crops and flips draw from the global RNG, which the Trainer re-seeds from (seed, epoch, rank) at
+    # every epoch (and DataLoader workers derive their seeds from it): an interrupted run resumes exactly
+    train = retrieval_dataset(name, root, "train", train=True, size=size, resize=resize)
     test = retrieval_dataset(name, root, "test", train=False, size=size, resize=resize)
     return train, test, {"data": name, "root": str(root), "image_size": size}
 
