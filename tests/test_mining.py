@@ -250,3 +250,21 @@ def test_bare_module_and_multiple_layers():
     out = SimilarityMiningLoss("triplet", target_layers=["1", "3"])(net, x, y)
     out.total.backward()
     assert net[0].weight.grad is not None and torch.isfinite(out.total)
+
+
+def test_learnable_threshold_gets_gradients():
+    model = _tiny()
+    x, y = _batch(p=4, k=2)
+    loss = SimilarityMiningLoss("triplet", alpha=8.0, beta=0.4, learn_threshold=True)
+    names = {n for n, _ in loss.named_parameters()}
+    assert {"alpha", "beta"} <= names
+    loss(model, x, y).total.backward()
+    assert loss.alpha.grad is not None and loss.beta.grad is not None
+    assert float(loss.alpha.grad.abs()) > 0 and float(loss.beta.grad.abs()) > 0
+    fixed = SimilarityMiningLoss("triplet", alpha=8.0, beta=0.4)
+    assert not any(n in ("alpha", "beta") for n, _ in fixed.named_parameters())
+    torch.manual_seed(0)
+    a = fixed(model, x, y).total
+    torch.manual_seed(0)
+    b = SimilarityMiningLoss("triplet", alpha=8.0, beta=0.4, learn_threshold=True)(model, x, y).total
+    torch.testing.assert_close(a, b)  # the same value before any update

@@ -258,6 +258,9 @@ class SimilarityMiningLoss(nn.Module):
         normalize: 'max' or 'minmax' normalization of each map before the threshold.
         detach_attention: treat the maps as constants (an ablation: no gradient through the
             attention, only through the erased image's embedding).
+        learn_threshold: make alpha and beta learnable parameters of the loss (initialized to
+            the given values; the Trainer optimizes the loss's parameters with ``loss_lr``).
+            The soft-mask op gives their gradients.
 
     Call: ``loss(model, images, labels)`` with the SimilarityModel (or bare embedder), images
     (B, C, H, W) and labels (B,) int, returns a :class:`MiningLossOutput` (total, metric, mining,
@@ -267,11 +270,15 @@ class SimilarityMiningLoss(nn.Module):
     def __init__(self, mode: str = "triplet", alpha: float = 10.0, beta: float = 0.5,
                  metric_loss: object = None, gamma: float = 1.0, target_layers: object = None, *,
                  miner: object = None, margin: float = 1.0, normalize: str = "max",
-                 detach_attention: bool = False) -> None:
+                 detach_attention: bool = False, learn_threshold: bool = False) -> None:
         super().__init__()
         self.mode = V.choice("mode", mode, MODES)
-        self.alpha = V.real("alpha", alpha)
-        self.beta = V.real("beta", beta)
+        alpha, beta = V.real("alpha", alpha), V.real("beta", beta)
+        if learn_threshold:
+            self.alpha = nn.Parameter(torch.tensor(alpha))
+            self.beta = nn.Parameter(torch.tensor(beta))
+        else:
+            self.alpha, self.beta = alpha, beta
         self.gamma = V.real("gamma", gamma)
         if self.gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
@@ -295,7 +302,7 @@ class SimilarityMiningLoss(nn.Module):
         self._layers_of: int | None = None
 
     def extra_repr(self) -> str:
-        return (f"mode={self.mode!r}, alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, "
+        return (f"mode={self.mode!r}, alpha={float(self.alpha):g}, beta={float(self.beta):g}, gamma={self.gamma}, "
                 f"normalize={self.normalize!r}")
 
     # ------------------------------------------------------------ pieces
