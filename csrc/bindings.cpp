@@ -1,5 +1,6 @@
 // Module whymatch._C: the CPU kernels. Always built; needs no CUDA.
 #include "bindings_common.h"
+#include "bindings_avsl.h"
 #include "bindings_mining.h"
 
 PYBIND11_MODULE(_C, m) {
@@ -11,4 +12,9 @@ PYBIND11_MODULE(_C, m) {
   whymatch::bind_mining_ops<int>(
       m, [](const whymatch::SoftMaskParams& p, int t) { whymatch::soft_mask_cpu(p, t); },
       [](const whymatch::SoftMaskParams& p, int t) { whymatch::soft_mask_backward_cpu(p, t); });
+  whymatch::bind_avsl_ops<int>(
+      m, [](const whymatch::AvslParams& p, int t) { whymatch::avsl_distance_cpu(p, t); },
+      [](const whymatch::AvslParams& p, int t) { whymatch::avsl_distance_backward_cpu(p, t); },
+      [](const whymatch::AvslParams& p, int t) { whymatch::avsl_topk_cpu(p, t); },
+      [](const whymatch::AvslParams&, int) -> int64_t { return 0; });
 }

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include "bindings_common.h"
+#include "bindings_avsl.h"
 #include "bindings_mining.h"
 
 namespace {
@@ -43,6 +44,13 @@ PYBIND11_MODULE(_C_cuda, m) {
       [as_stream](const whymatch::SoftMaskParams& p, uintptr_t s) {
         whymatch::soft_mask_backward_cuda(p, as_stream(s));
       });
+  whymatch::bind_avsl_ops<uintptr_t>(
+      m, [as_stream](const whymatch::AvslParams& p, uintptr_t s) { whymatch::avsl_distance_cuda(p, as_stream(s)); },
+      [as_stream](const whymatch::AvslParams& p, uintptr_t s) {
+        whymatch::avsl_distance_backward_cuda(p, as_stream(s));
+      },
+      [as_stream](const whymatch::AvslParams& p, uintptr_t s) { whymatch::avsl_topk_cuda(p, as_stream(s)); },
+      [](const whymatch::AvslParams& p, int op) { return whymatch::avsl_workspace_bytes_cuda(p, op); });
   m.attr("cuda_architectures") = WHYMATCH_CUDA_ARCHS;
   m.attr("cuda_compiler_version") = WHYMATCH_CUDA_VERSION;
   m.def("device_info", &device_info, "Devices visible to the CUDA runtime linked into this module.");

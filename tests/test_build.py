@@ -15,7 +15,8 @@ def test_build_info_reports_kernels_and_devices():
                 "torch_cuda_available"):
         assert key in info
     assert info["version"] == whymatch.__version__
-    assert set(info["cpu_kernels"]) == {"rise_apply", "rise_saliency", "ranked_blend", "soft_mask", "soft_mask_backward"}
+    assert set(info["cpu_kernels"]) == {"rise_apply", "rise_saliency", "ranked_blend", "soft_mask", "soft_mask_backward",
+                                         "avsl_distance", "avsl_distance_backward", "avsl_topk"}
     if info["cuda_kernels"]:
         assert set(info["cuda_kernels"]) == set(info["cpu_kernels"])
     if info["cuda_kernels"]:

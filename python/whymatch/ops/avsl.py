@@ -2,16 +2,36 @@
 momentum, and the rectified distance of every (query, gallery) pair with its top-k variant.
 
 The public functions validate their arguments and compute; the definitions are in
-``ops/reference.py`` (``avsl_*``).
+``ops/reference.py`` (``avsl_*``). The rectified distance and its top-k variant run fused
+kernels (``whymatch::avsl_distance``, ``whymatch::avsl_distance_backward`` and
+``whymatch::avsl_topk``, registered with torch.library; see ``csrc/avsl/avsl_distance.h``)
+that never form a pairs x nodes tensor; without the compiled kernels they fall back to the
+reference.
+
+Packed form handed to the ops (built by :func:`_pack`, in the compute dtype: float64 when a
+coef or bias of a level >= 1 is float64, else float32):
+
+* ``qe`` (Q, S), ``ge`` (G, S): every level's l2-normalized embeddings side by side,
+  S = sum R_l (normalized once here, in float32 as the reference does);
+* ``rq`` (Q, S1), ``rg`` (G, S1), ``coef``, ``bias`` (S1,): levels 1..L-1, S1 = S - R_0;
+* ``links`` (sum R_{l-1} R_l,): each link* flattened row-major, dense. The ops turn it into
+  compressed columns (and rows, for the backward) themselves, so that no data-dependent
+  shape reaches torch.compile; zero entries are skipped.
+* ``sizes``: [R_0, ..., R_{L-1}] (at most 8 levels; more use the reference).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from . import _validate as V
+from . import _ext, _validate as V
 from . import reference as ref
+from .perturb import _device_guard
+
+_MAX_LEVELS = 8
+_CODES = {torch.float32: 0, torch.float64: 3}
 
 __all__ = ["cam_reliability", "cam_correlation", "link_star", "avsl_distance", "avsl_topk"]
 
@@ -91,19 +111,244 @@ def _check_levels(queries, galleries, rel_q, rel_g, links, coef, bias):
             V.shape(f"links[{lv - 1}]", V.tensor(f"links[{lv - 1}]", links[lv - 1], ndim=2, device=dev), (rp, r))
 
 
+# ---------------------------------------------------------------------------
+# packed form and the registered ops (arguments already validated and packed)
+# ---------------------------------------------------------------------------
+
+def _offsets(sizes: list[int]) -> list[int]:
+    out, acc = [], 0
+    for r in sizes:
+        out.append(acc)
+        acc += r
+    return out
+
+
+def _compressed(links: Tensor, sizes: list[int], rows: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Compressed columns (rows=False) or rows (rows=True) of every link*, in the layout of
+    csrc/avsl/avsl_distance.h: (ptr int64 with absolute positions, indices int32, values)."""
+    ptrs, idx, vals = [], [], []
+    base, pos = 0, 0
+    for lv in range(1, len(sizes)):
+        rp, r = sizes[lv - 1], sizes[lv]
+        m = links[pos:pos + rp * r].view(rp, r)
+        pos += rp * r
+        if not rows:
+            m = m.t()
+        nz = (m != 0).nonzero()  # sorted by (major, minor)
+        counts = torch.bincount(nz[:, 0], minlength=m.shape[0])
+        ptrs.append(torch.cat([counts.new_zeros(1), counts.cumsum(0)]) + base)
+        idx.append(nz[:, 1].to(torch.int32))
+        vals.append(m[nz[:, 0], nz[:, 1]])
+        base += nz.shape[0]
+    if not ptrs:
+        return (links.new_zeros(0, dtype=torch.int64), links.new_zeros(0, dtype=torch.int32), links.new_zeros(0))
+    return torch.cat(ptrs).contiguous(), torch.cat(idx).contiguous(), torch.cat(vals).contiguous()
+
+
+def _packed_reference(qe, ge, rq, rg, links, coef, bias, sizes, gamma):
+    """The rectified distance of the packed form in plain PyTorch (the fallback; differentiable in coef, bias)."""
+    off, hat, pos = _offsets(sizes), None, 0
+    for lv, r in enumerate(sizes):
+        delta = (qe[:, None, off[lv]:off[lv] + r] - ge[None, :, off[lv]:off[lv] + r]) ** 2
+        if hat is None:
+            hat = delta
+            continue
+        o1, rp = off[lv] - sizes[0], sizes[lv - 1]
+        link = links[pos:pos + rp * r].view(rp, r)
+        pos += rp * r
+        sl = slice(o1, o1 + r)
+        p = torch.sigmoid(gamma * (rq[:, None, sl] * rg[None, :, sl] * coef[sl] + bias[sl]))
+        hat = delta * p + (hat @ link) * (1 - p)
+    return hat.sum(dim=-1)
+
+
+def _packed_reference_backward(grad, qe, ge, rq, rg, links, coef, bias, sizes, gamma):
+    """(dL/dcoef, dL/dbias) of the packed form in plain PyTorch, without autograd (the fallback)."""
+    off, hat, pos, saved = _offsets(sizes), None, 0, []
+    for lv, r in enumerate(sizes):
+        delta = (qe[:, None, off[lv]:off[lv] + r] - ge[None, :, off[lv]:off[lv] + r]) ** 2
+        if hat is None:
+            hat = delta
+            continue
+        o1, rp = off[lv] - sizes[0], sizes[lv - 1]
+        link = links[pos:pos + rp * r].view(rp, r)
+        pos += rp * r
+        sl = slice(o1, o1 + r)
+        p = torch.sigmoid(gamma * (rq[:, None, sl] * rg[None, :, sl] * coef[sl] + bias[sl]))
+        a = hat @ link
+        saved.append((sl, link, delta, a, p))
+        hat = delta * p + a * (1 - p)
+    grad_coef, grad_bias = torch.zeros_like(coef), torch.zeros_like(bias)
+    u = grad.to(qe.dtype)[:, :, None]
+    for sl, link, delta, a, p in reversed(saved):
+        s = u * (delta - a) * p * (1 - p)
+        grad_bias[sl] = gamma * s.sum(dim=(0, 1))
+        grad_coef[sl] = gamma * (s * rq[:, None, sl] * rg[None, :, sl]).sum(dim=(0, 1))
+        u = (u * (1 - p)) @ link.t()
+    return grad_coef, grad_bias
+
+
+def _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes):
+    col_ptr, row_idx, values = _compressed(links, sizes, rows=False)
+    if qe.device.type == "cuda":  # the CUDA kernels read the gallery transposed (coalesced)
+        ge, rg = ge.t().contiguous(), rg.t().contiguous()
+    keep = [qe, ge, rq, rg, coef, bias, col_ptr, row_idx, values]
+    return keep, [_ext.ptr(t) for t in keep]
+
+
+def _workspace(mod, op: int, q: int, g: int, sizes: list[int], k: int, like: Tensor) -> Tensor:
+    n = int(mod.avsl_workspace_bytes(op, q, g, list(sizes), k, _CODES[like.dtype]))
+    return torch.empty(n, dtype=torch.uint8, device=like.device)
+
+
+@torch.library.custom_op("whymatch::avsl_distance", mutates_args=())
+def _avsl_distance(qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor, coef: Tensor, bias: Tensor,
+                   sizes: list[int], gamma: float) -> Tensor:
+    q, g = qe.shape[0], ge.shape[0]
+    mod = _ext.module_for(qe.device, "avsl_distance")
+    if mod is None:
+        return _packed_reference(qe, ge, rq, rg, links, coef, bias, sizes, gamma).contiguous()
+    out = qe.new_empty(q, g)
+    keep, ptrs = _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes)
+    ws = _workspace(mod, 0, q, g, sizes, 0, qe)
+    with _device_guard(qe):
+        mod.avsl_distance(*ptrs, _ext.ptr(out), q, g, list(sizes), float(gamma), _CODES[qe.dtype], _ext.ptr(ws),
+                          _ext.extra_arg(qe))
+    return out
+
+
+@_avsl_distance.register_fake
+def _(qe, ge, rq, rg, links, coef, bias, sizes, gamma):
+    return qe.new_empty(qe.shape[0], ge.shape[0])
+
+
+@torch.library.custom_op("whymatch::avsl_distance_backward", mutates_args=())
+def _avsl_distance_backward(grad: Tensor, qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor,
+                            coef: Tensor, bias: Tensor, sizes: list[int], gamma: float) -> tuple[Tensor, Tensor]:
+    """(dL/dcoef, dL/dbias), (S1,) each, of L = sum(grad * d); nodes, reliabilities and links are constants."""
+    q, g = qe.shape[0], ge.shape[0]
+    mod = _ext.module_for(qe.device, "avsl_distance_backward")
+    if mod is None:
+        return _packed_reference_backward(grad, qe, ge, rq, rg, links, coef, bias, sizes, gamma)
+    grad = grad.to(qe.dtype).contiguous()
+    grad_coef, grad_bias = torch.empty_like(coef), torch.empty_like(bias)
+    keep, ptrs = _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes)
+    row_ptr, col_idx, row_values = _compressed(links, sizes, rows=True)
+    ws = _workspace(mod, 1, q, g, sizes, 0, qe)
+    with _device_guard(qe):
+        mod.avsl_distance_backward(_ext.ptr(grad), *ptrs, _ext.ptr(row_ptr), _ext.ptr(col_idx), _ext.ptr(row_values),
+                                   _ext.ptr(grad_coef), _ext.ptr(grad_bias), q, g, list(sizes), float(gamma),
+                                   _CODES[qe.dtype], _ext.ptr(ws), _ext.extra_arg(qe))
+    return grad_coef, grad_bias
+
+
+@_avsl_distance_backward.register_fake
+def _(grad, qe, ge, rq, rg, links, coef, bias, sizes, gamma):
+    return torch.empty_like(coef), torch.empty_like(bias)
+
+
+@torch.library.custom_op("whymatch::avsl_topk", mutates_args=())
+def _avsl_topk(qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor, coef: Tensor, bias: Tensor,
+               sizes: list[int], gamma: float, k: int, exclude_self: bool) -> tuple[Tensor, Tensor]:
+    q, g = qe.shape[0], ge.shape[0]
+    mod = _ext.module_for(qe.device, "avsl_topk")
+    if mod is None:
+        d = _packed_reference(qe, ge, rq, rg, links, coef, bias, sizes, gamma)
+        if exclude_self:
+            d.fill_diagonal_(float("inf"))
+        order = torch.sort(d, dim=1, stable=True).indices[:, :k]
+        return d.gather(1, order).contiguous(), order.contiguous()
+    values = qe.new_empty(q, k)
+    indices = torch.empty(q, k, dtype=torch.int64, device=qe.device)
+    keep, ptrs = _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes)
+    ws = _workspace(mod, 2, q, g, sizes, k, qe)
+    with _device_guard(qe):
+        mod.avsl_topk(*ptrs, _ext.ptr(values), _ext.ptr(indices), q, g, list(sizes), float(gamma), int(k),
+                      bool(exclude_self), _CODES[qe.dtype], _ext.ptr(ws), _ext.extra_arg(qe))
+    return values, indices
+
+
+@_avsl_topk.register_fake
+def _(qe, ge, rq, rg, links, coef, bias, sizes, gamma, k, exclude_self):
+    return qe.new_empty(qe.shape[0], k), qe.new_empty(qe.shape[0], k, dtype=torch.int64)
+
+
+def _setup_context(ctx, inputs, output):
+    qe, ge, rq, rg, links, coef, bias, sizes, gamma = inputs
+    ctx.save_for_backward(qe, ge, rq, rg, links, coef, bias)
+    ctx.sizes, ctx.gamma = list(sizes), float(gamma)
+
+
+def _backward(ctx, grad):
+    qe, ge, rq, rg, links, coef, bias = ctx.saved_tensors
+    need_coef, need_bias = ctx.needs_input_grad[5], ctx.needs_input_grad[6]
+    if not (need_coef or need_bias):
+        return (None,) * 9
+    gc, gb = torch.ops.whymatch.avsl_distance_backward(grad, qe, ge, rq, rg, links, coef, bias, ctx.sizes, ctx.gamma)
+    return None, None, None, None, None, (gc if need_coef else None), (gb if need_bias else None), None, None
+
+
+def _refuse_double_backward(ctx, grad_coef, grad_bias):
+    raise RuntimeError("whymatch::avsl_distance does not support double backward (its backward is a fused kernel "
+                       "without a derivative); compute the loss without create_graph through avsl_distance")
+
+
+def _setup_backward_context(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd("whymatch::avsl_distance", _backward, setup_context=_setup_context)
+torch.library.register_autograd("whymatch::avsl_distance_backward", _refuse_double_backward,
+                                setup_context=_setup_backward_context)
+
+
+def _pack(queries, galleries, rel_q, rel_g, links, coef, bias):
+    """The packed, contiguous form of validated arguments (see the module docstring)."""
+    wide = any(t.dtype == torch.float64 for t in list(coef[1:]) + list(bias[1:]))
+    acc = torch.float64 if wide else torch.float32
+    dev = queries[0].device
+    sizes = [int(q.shape[1]) for q in queries]
+    qe = torch.cat([F.normalize(q.float(), dim=1) for q in queries], dim=1).to(acc).contiguous()
+    ge = torch.cat([F.normalize(g.float(), dim=1) for g in galleries], dim=1).to(acc).contiguous()
+    if len(sizes) > 1:
+        rq = torch.cat([r.float() for r in rel_q[1:]], dim=1).to(acc).contiguous()
+        rg = torch.cat([r.float() for r in rel_g[1:]], dim=1).to(acc).contiguous()
+        lk = torch.cat([x.float().reshape(-1) for x in links]).to(acc).contiguous()
+        cf = torch.cat([c.to(acc) for c in coef[1:]]).contiguous()
+        bs = torch.cat([b.to(acc) for b in bias[1:]]).contiguous()
+    else:
+        rq = torch.zeros(qe.shape[0], 0, dtype=acc, device=dev)
+        rg = torch.zeros(ge.shape[0], 0, dtype=acc, device=dev)
+        lk = cf = bs = torch.zeros(0, dtype=acc, device=dev)
+    return qe, ge, rq, rg, lk, cf, bs, sizes
+
+
 def avsl_distance(queries: list[Tensor], galleries: list[Tensor], rel_q: list[Tensor], rel_g: list[Tensor],
                   links: list[Tensor], coef: list[Tensor], bias: list[Tensor], gamma: float = 10.0) -> Tensor:
-    """Overall AVSL distance of every (query, gallery) pair, (Q, G) float32; see
-    :func:`whymatch.ops.reference.avsl_distance`. Differentiable in coef and bias."""
+    """Overall AVSL distance of every (query, gallery) pair, (Q, G); see
+    :func:`whymatch.ops.reference.avsl_distance` (AVSL Eq. 9-11).
+
+    A fused kernel: memory O(Q G + inputs), never Q x G x R. float32, or float64 when a coef or
+    bias of a level >= 1 is float64 (for gradcheck). Differentiable in coef and bias of levels
+    >= 1 only: nodes, reliabilities and links are constants, as in the published code.
+    """
     _check_levels(queries, galleries, rel_q, rel_g, links, coef, bias)
-    V.real("gamma", gamma)
-    return ref.avsl_distance(queries, galleries, rel_q, rel_g, links, coef, bias, gamma)
+    gamma = V.real("gamma", gamma)
+    if len(queries) > _MAX_LEVELS:
+        return ref.avsl_distance(queries, galleries, rel_q, rel_g, links, coef, bias, gamma)
+    qe, ge, rq, rg, lk, cf, bs, sizes = _pack(queries, galleries, rel_q, rel_g, links, coef, bias)
+    return torch.ops.whymatch.avsl_distance(qe, ge, rq, rg, lk, cf, bs, sizes, gamma)
 
 
 def avsl_topk(queries: list[Tensor], galleries: list[Tensor], rel_q: list[Tensor], rel_g: list[Tensor],
               links: list[Tensor], coef: list[Tensor], bias: list[Tensor], gamma: float, k: int, *,
               exclude_self: bool = False) -> tuple[Tensor, Tensor]:
-    """Each query's k nearest gallery items by the AVSL distance: ((Q, k) float32, (Q, k) int64)."""
+    """Each query's k nearest gallery items by the AVSL distance: ((Q, k) float32, (Q, k) int64).
+
+    Distances ascending, ties broken by the lower gallery index; ``exclude_self`` (Q == G) skips
+    item i for query i. A fused kernel keeps a bounded list per query while scanning the gallery:
+    memory O(Q k), never Q x G. Not differentiable (the values are detached).
+    """
     _check_levels(queries, galleries, rel_q, rel_g, links, coef, bias)
     V.real("gamma", gamma)
     V.positive_int("k", k)
@@ -113,4 +358,10 @@ def avsl_topk(queries: list[Tensor], galleries: list[Tensor], rel_q: list[Tensor
     if exclude_self and queries[0].shape[0] != galleries[0].shape[0]:
         raise ValueError("exclude_self needs the gallery to be the query set (Q == G), got "
                          f"Q={queries[0].shape[0]}, G={galleries[0].shape[0]}")
-    return ref.avsl_topk(queries, galleries, rel_q, rel_g, links, coef, bias, gamma, k, exclude_self)
+    gamma = float(gamma)
+    if len(queries) > _MAX_LEVELS:
+        return ref.avsl_topk(queries, galleries, rel_q, rel_g, links, coef, bias, gamma, k, exclude_self)
+    with torch.no_grad():
+        qe, ge, rq, rg, lk, cf, bs, sizes = _pack(queries, galleries, rel_q, rel_g, links, coef, bias)
+    return torch.ops.whymatch.avsl_topk(qe, ge, rq, rg, lk, cf.detach(), bs.detach(), sizes, gamma, int(k),
+                                        bool(exclude_self))

@@ -1,0 +1,446 @@
+// CUDA kernels of the AVSL rectified distance (see avsl/avsl_distance.h).
+//
+// On CUDA the gallery tensors are passed transposed: ge (S, G) and rg (S1, G), so that the P
+// threads of a pair group read P consecutive gallery items (coalesced).
+//
+// Work unit: a tile = one query i and P consecutive gallery items; a block of kThreads threads
+// handles one tile at a time (grid-stride loop over tiles). Thread t works on pair jj = t % P and
+// on the columns c = t / P, t / P + kThreads / P, ... of each level; the hats of the tile's two
+// current levels live node-major (R_max x P) in shared memory when they fit in 48 KiB, else in a
+// per-block slice of the global workspace. Link values and rows are read through the read-only
+// cache (__ldg), shared by the P threads of a column.
+//
+// Top-k: the gallery of each query is split into nseg segments; block (i, seg) keeps the sorted
+// k best of its segment in the workspace (thread 0 inserts the tile's P candidates), and a merge
+// kernel (one thread per query) takes the k best of the nseg sorted lists.
+//
+// Backward: a fixed grid of blocks, each owning a slice of the workspace: A_l, p_l of the tile,
+// two R_max x P buffers, and its partial sums of the coef / bias gradients (double), which a last
+// kernel adds up in block order (deterministic, no atomics).
+#include <algorithm>
+
+#include "avsl/avsl_distance.h"
+#include "common/cuda_utils.cuh"
+
+namespace whymatch {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kSmemLimit = 48 * 1024;
+constexpr int64_t kMaxForwardBlocks = 4096;
+constexpr int64_t kMaxBackwardBlocks = 1024;
+constexpr int64_t kTopkTargetBlocks = 2048;
+
+struct Levels {
+  int L;
+  int64_t R[kAvslMaxLevels], off[kAvslMaxLevels];
+  int64_t S, S1, R0, Rmax;
+};
+
+Levels levels_of(const AvslParams& p) {
+  Levels lv;
+  lv.L = p.L;
+  for (int l = 0; l < kAvslMaxLevels; ++l) { lv.R[l] = l < p.L ? p.R[l] : 0; lv.off[l] = l < p.L ? p.off(l) : 0; }
+  lv.S = p.S(); lv.S1 = p.S1(); lv.R0 = p.R[0]; lv.Rmax = p.Rmax();
+  return lv;
+}
+
+int64_t elem_size(const AvslParams& p) { return p.dtype == DType::F64 ? 8 : 4; }
+int64_t align256(int64_t n) { return (n + 255) / 256 * 256; }
+
+// Pair-group size and where the hats live for the forward / top-k kernels.
+struct FwdConfig {
+  int P;
+  bool global;           // hats in the global workspace instead of shared memory
+  int64_t hat_bytes;     // per block: 2 * R_max * P elements
+  int64_t tiles;         // per query: ceil(G / P)
+};
+
+FwdConfig forward_config(const AvslParams& p) {
+  FwdConfig f;
+  const int64_t es = elem_size(p), rmax = p.Rmax();
+  f.P = 32;
+  while (f.P > 1 && 2 * rmax * f.P * es > kSmemLimit) f.P /= 2;
+  f.global = 2 * rmax * f.P * es > kSmemLimit;
+  if (f.global) f.P = 8;
+  f.hat_bytes = align256(2 * rmax * f.P * es);
+  f.tiles = (p.G + f.P - 1) / f.P;
+  return f;
+}
+
+int64_t forward_blocks(const AvslParams& p, const FwdConfig& f) {
+  return std::max<int64_t>(1, std::min<int64_t>(p.Q * f.tiles, kMaxForwardBlocks));
+}
+
+int64_t topk_segments(const AvslParams& p, const FwdConfig& f) {
+  if (p.Q <= 0) return 1;
+  const int64_t want = (kTopkTargetBlocks + p.Q - 1) / p.Q;
+  return std::max<int64_t>(1, std::min<int64_t>(want, f.tiles));
+}
+
+constexpr int kBwdP = 8;
+
+int64_t backward_blocks(const AvslParams& p) {
+  const int64_t tiles = (p.G + kBwdP - 1) / kBwdP;
+  return std::max<int64_t>(1, std::min<int64_t>(p.Q * tiles, kMaxBackwardBlocks));
+}
+
+int64_t backward_block_bytes(const AvslParams& p) {
+  return align256((2 * p.S1() + 2 * p.Rmax()) * kBwdP * elem_size(p));
+}
+
+__device__ __forceinline__ float exp_d(float v) { return expf(v); }
+__device__ __forceinline__ double exp_d(double v) { return exp(v); }
+
+extern __shared__ __align__(16) unsigned char wm_avsl_smem[];
+
+// The forward of one tile (query i, gallery items j0 .. j0 + P - 1). buf0 / buf1: R_max x P each.
+// With A_save / P_save (S1 x P each) the tile's A_l and p_l are kept for the backward. Returns (in
+// registers of threads t < P) the tile's distances; the hats of the last level stay in the
+// returned buffer. Every thread of the block must call it (it synchronizes).
+template <typename T>
+__device__ T tile_forward(const AvslParams& p, const Levels& lv, int64_t i, int64_t j0, int P, T* buf0, T* buf1,
+                          T* A_save, T* P_save) {
+  const int t = threadIdx.x, jj = t % P, slot = t / P, nslots = blockDim.x / P;
+  const int64_t j = j0 + jj;
+  const bool valid = j < p.G;
+  const int64_t jc = valid ? j : 0;
+  const T* qe = static_cast<const T*>(p.qe) + i * lv.S;
+  const T* geT = static_cast<const T*>(p.ge);  // (S, G)
+  for (int64_t r = slot; r < lv.R0; r += nslots) {
+    const T d = __ldg(qe + r) - __ldg(geT + r * p.G + jc);
+    buf0[r * P + jj] = valid ? d * d : T(0);
+  }
+  __syncthreads();
+  T* prev = buf0;
+  T* cur = buf1;
+  const T gamma = static_cast<T>(p.gamma);
+  for (int l = 1; l < lv.L; ++l) {
+    const int64_t R = lv.R[l], o = lv.off[l], o1 = o - lv.R0;
+    const int64_t* cp = p.col_ptr + o1 + (l - 1);
+    const T* vals = static_cast<const T*>(p.values);
+    const T* rq = static_cast<const T*>(p.rq) + i * lv.S1;
+    const T* rgT = static_cast<const T*>(p.rg);  // (S1, G)
+    const T* coef = static_cast<const T*>(p.coef);
+    const T* bias = static_cast<const T*>(p.bias);
+    for (int64_t c = slot; c < R; c += nslots) {
+      T acc = T(0);
+      const int64_t kb = __ldg(cp + c), ke = __ldg(cp + c + 1);
+      for (int64_t k = kb; k < ke; ++k) acc += __ldg(vals + k) * prev[static_cast<int64_t>(__ldg(p.row_idx + k)) * P + jj];
+      const int64_t cc = o1 + c;
+      const T z = gamma * (__ldg(rq + cc) * __ldg(rgT + cc * p.G + jc) * __ldg(coef + cc) + __ldg(bias + cc));
+      const T pp = T(1) / (T(1) + exp_d(-z));
+      const T d = __ldg(qe + o + c) - __ldg(geT + (o + c) * p.G + jc);
+      const T h = d * d * pp + acc * (T(1) - pp);
+      cur[c * P + jj] = valid ? h : T(0);
+      if (A_save) {
+        A_save[cc * P + jj] = acc;
+        P_save[cc * P + jj] = pp;
+      }
+    }
+    __syncthreads();
+    T* tmp = prev; prev = cur; cur = tmp;
+  }
+  T s = T(0);
+  if (t < P) {
+    const int64_t Rl = lv.R[lv.L - 1];
+    for (int64_t c = 0; c < Rl; ++c) s += prev[c * P + t];
+  }
+  __syncthreads();  // the caller may overwrite the buffers next
+  return s;
+}
+
+template <typename T>
+__device__ __forceinline__ T* hat_buffers(const FwdConfig& f, void* workspace) {
+  if (f.global) return reinterpret_cast<T*>(static_cast<unsigned char*>(workspace) + blockIdx.x * f.hat_bytes);
+  return reinterpret_cast<T*>(wm_avsl_smem);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) avsl_forward_kernel(AvslParams p, Levels lv, FwdConfig f) {
+  T* buf0 = hat_buffers<T>(f, p.workspace);
+  T* buf1 = buf0 + lv.Rmax * f.P;
+  T* out = static_cast<T*>(p.out);
+  const int64_t tasks = p.Q * f.tiles;
+  for (int64_t task = blockIdx.x; task < tasks; task += gridDim.x) {
+    const int64_t i = task / f.tiles, j0 = (task % f.tiles) * f.P;
+    const T d = tile_forward<T>(p, lv, i, j0, f.P, buf0, buf1, nullptr, nullptr);
+    if (threadIdx.x < f.P && j0 + threadIdx.x < p.G) out[i * p.G + j0 + threadIdx.x] = d;
+  }
+}
+
+// Top-k, pass 1: block task = (query i, segment seg) keeps the sorted best k of its segment.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) avsl_topk_partial_kernel(AvslParams p, Levels lv, FwdConfig f,
+                                                                     int64_t nseg, T* list_d, int64_t* list_j,
+                                                                     int64_t* counts, unsigned char* hat_ws) {
+  T* buf0 = f.global ? reinterpret_cast<T*>(hat_ws + blockIdx.x * f.hat_bytes) : reinterpret_cast<T*>(wm_avsl_smem);
+  T* buf1 = buf0 + lv.Rmax * f.P;
+  const int64_t k = p.k;
+  const int lane = threadIdx.x;
+  T* dt = reinterpret_cast<T*>(wm_avsl_smem + (f.global ? 0 : f.hat_bytes));  // P distances of the tile
+  const int64_t tasks = p.Q * nseg;
+  for (int64_t task = blockIdx.x; task < tasks; task += gridDim.x) {
+    const int64_t i = task / nseg, seg = task % nseg;
+    const int64_t t0 = f.tiles * seg / nseg, t1 = f.tiles * (seg + 1) / nseg;
+    T* ld = list_d + task * k;
+    int64_t* lj = list_j + task * k;
+    int64_t cnt = 0;  // meaningful in thread 0 only
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const int64_t j0 = tile * f.P;
+      const T d = tile_forward<T>(p, lv, i, j0, f.P, buf0, buf1, nullptr, nullptr);
+      if (lane < f.P) dt[lane] = d;
+      __syncthreads();
+      if (lane == 0) {
+        for (int jj = 0; jj < f.P; ++jj) {
+          const int64_t j = j0 + jj;
+          if (j >= p.G || (p.exclude_self && j == i)) continue;
+          const T v = dt[jj];
+          if (cnt == k && !avsl_before(v, j, ld[k - 1], lj[k - 1])) continue;
+          int64_t pos = cnt < k ? cnt++ : k - 1;  // drop the last when full
+          while (pos > 0 && avsl_before(v, j, ld[pos - 1], lj[pos - 1])) {
+            ld[pos] = ld[pos - 1];
+            lj[pos] = lj[pos - 1];
+            --pos;
+          }
+          ld[pos] = v;
+          lj[pos] = j;
+        }
+      }
+      __syncthreads();
+    }
+    if (lane == 0) counts[task] = cnt;
+  }
+}
+
+// Top-k, pass 2: one thread per query merges its nseg sorted lists.
+template <typename T>
+__global__ void avsl_topk_merge_kernel(AvslParams p, int64_t nseg, const T* list_d, const int64_t* list_j,
+                                       const int64_t* counts, int64_t* heads) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= p.Q) return;
+  const int64_t k = p.k;
+  int64_t* head = heads + i * nseg;
+  for (int64_t s = 0; s < nseg; ++s) head[s] = 0;
+  T* out_d = static_cast<T*>(p.topk_values) + i * k;
+  int64_t* out_j = p.topk_indices + i * k;
+  for (int64_t m = 0; m < k; ++m) {
+    int64_t best = -1;
+    T bd = T(0);
+    int64_t bj = 0;
+    for (int64_t s = 0; s < nseg; ++s) {
+      const int64_t task = i * nseg + s;
+      if (head[s] >= counts[task]) continue;
+      const T d = list_d[task * k + head[s]];
+      const int64_t j = list_j[task * k + head[s]];
+      if (best < 0 || avsl_before(d, j, bd, bj)) { best = s; bd = d; bj = j; }
+    }
+    if (best < 0) { out_d[m] = T(0); out_j[m] = -1; continue; }  // cannot happen when k <= candidates
+    ++head[best];
+    out_d[m] = bd;
+    out_j[m] = bj;
+  }
+}
+
+// Backward: per tile, recompute the forward (keeping A_l, p_l), then walk the levels down.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) avsl_backward_kernel(AvslParams p, Levels lv, int64_t block_bytes,
+                                                                 double* partials) {
+  constexpr int P = kBwdP;
+  unsigned char* base = static_cast<unsigned char*>(p.workspace) + blockIdx.x * block_bytes;
+  T* A_save = reinterpret_cast<T*>(base);
+  T* P_save = A_save + lv.S1 * P;
+  T* buf0 = P_save + lv.S1 * P;
+  T* buf1 = buf0 + lv.Rmax * P;
+  double* part_b = partials + blockIdx.x * 2 * lv.S1;
+  double* part_c = part_b + lv.S1;
+  for (int64_t c = threadIdx.x; c < 2 * lv.S1; c += blockDim.x) part_b[c] = 0.0;
+  __syncthreads();
+  const int t = threadIdx.x, jj = t % P, slot = t / P, nslots = blockDim.x / P;
+  const int64_t tiles = (p.G + P - 1) / P, tasks = p.Q * tiles;
+  const T gamma = static_cast<T>(p.gamma);
+  const T* g = static_cast<const T*>(p.grad_out);
+  const T* qe_all = static_cast<const T*>(p.qe);
+  const T* geT = static_cast<const T*>(p.ge);
+  const T* rgT = static_cast<const T*>(p.rg);
+  const T* rv = static_cast<const T*>(p.row_values);
+  for (int64_t task = blockIdx.x; task < tasks; task += gridDim.x) {
+    const int64_t i = task / tiles, j0 = (task % tiles) * P, j = j0 + jj;
+    const bool valid = j < p.G;
+    const int64_t jc = valid ? j : 0;
+    tile_forward<T>(p, lv, i, j0, P, buf0, buf1, A_save, P_save);
+    const T* qe = qe_all + i * lv.S;
+    const T* rq = static_cast<const T*>(p.rq) + i * lv.S1;
+    T* u = buf0;
+    T* un = buf1;
+    const int top = lv.L - 1;
+    const T gij = valid ? g[i * p.G + j] : T(0);
+    for (int64_t c = slot; c < lv.R[top]; c += nslots) u[c * P + jj] = gij;
+    __syncthreads();
+    for (int l = top; l >= 1; --l) {
+      const int64_t R = lv.R[l], o = lv.off[l], o1 = o - lv.R0;
+      for (int64_t cb = 0; cb < R; cb += nslots) {  // the same trip count for every thread: shuffles below
+        const int64_t c = cb + slot;
+        const bool act = c < R;
+        T s = T(0), sr = T(0);
+        if (act) {
+          const int64_t cc = o1 + c;
+          const T pp = P_save[cc * P + jj], q = T(1) - pp;
+          const T d = __ldg(qe + o + c) - __ldg(geT + (o + c) * p.G + jc);
+          const T uu = u[c * P + jj];
+          s = uu * (d * d - A_save[cc * P + jj]) * pp * q;
+          sr = s * __ldg(rgT + cc * p.G + jc);
+          u[c * P + jj] = uu * q;
+        }
+        for (int w = P / 2; w > 0; w /= 2) {  // sum over the P threads of the column (aligned in the warp)
+          s += __shfl_down_sync(0xffffffffu, s, w, P);
+          sr += __shfl_down_sync(0xffffffffu, sr, w, P);
+        }
+        if (act && jj == 0) {
+          const int64_t cc = o1 + c;
+          part_b[cc] += static_cast<double>(gamma * s);
+          part_c[cc] += static_cast<double>(gamma * __ldg(rq + cc) * sr);
+        }
+      }
+      __syncthreads();
+      if (l > 1) {
+        const int64_t* rp = p.row_ptr + lv.off[l - 1] + (l - 1);
+        for (int64_t r = slot; r < lv.R[l - 1]; r += nslots) {
+          T acc = T(0);
+          const int64_t kb = __ldg(rp + r), ke = __ldg(rp + r + 1);
+          for (int64_t k = kb; k < ke; ++k) acc += __ldg(rv + k) * u[static_cast<int64_t>(__ldg(p.col_idx + k)) * P + jj];
+          un[r * P + jj] = acc;
+        }
+        __syncthreads();
+        T* tmp = u; u = un; un = tmp;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T>
+__global__ void avsl_backward_reduce_kernel(int64_t S1, int64_t blocks, const double* partials, T* grad_coef,
+                                            T* grad_bias) {
+  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (c >= S1) return;
+  double sb = 0.0, sc = 0.0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    sb += partials[b * 2 * S1 + c];
+    sc += partials[b * 2 * S1 + S1 + c];
+  }
+  grad_bias[c] = static_cast<T>(sb);
+  grad_coef[c] = static_cast<T>(sc);
+}
+
+// Top-k workspace sections: lists (values, indices), counts, merge heads, then the hats (global mode).
+struct TopkLayout {
+  int64_t nseg, list_d, list_j, counts, heads, hats, total;
+};
+
+TopkLayout topk_layout(const AvslParams& p, const FwdConfig& f) {
+  TopkLayout t;
+  t.nseg = topk_segments(p, f);
+  const int64_t lists = p.Q * t.nseg;
+  t.list_d = 0;
+  t.list_j = align256(lists * p.k * elem_size(p));
+  t.counts = t.list_j + align256(lists * p.k * 8);
+  t.heads = t.counts + align256(lists * 8);
+  t.hats = t.heads + align256(lists * 8);
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(lists, kMaxForwardBlocks));
+  t.total = t.hats + (f.global ? blocks * f.hat_bytes : 0);
+  return t;
+}
+
+}  // namespace
+
+int64_t avsl_workspace_bytes_cuda(const AvslParams& p, int op) {
+  if (p.Q * p.G == 0 && op != 2) return 0;
+  if (op == 0) {
+    const FwdConfig f = forward_config(p);
+    return f.global ? forward_blocks(p, f) * f.hat_bytes : 0;
+  }
+  if (op == 1) {
+    if (p.S1() == 0) return 0;
+    return backward_blocks(p) * (backward_block_bytes(p) + align256(2 * p.S1() * 8));
+  }
+  WM_CHECK(op == 2, "avsl_workspace_bytes: op must be 0, 1 or 2, got " << op);
+  if (p.Q == 0) return 0;
+  return topk_layout(p, forward_config(p)).total;
+}
+
+void avsl_distance_cuda(const AvslParams& p, void* stream) {
+  check_avsl(p, "avsl_distance", false, false);
+  if (p.Q * p.G == 0) return;
+  const FwdConfig f = forward_config(p);
+  WM_CHECK(!f.global || p.workspace, "avsl_distance: null workspace pointer");
+  const Levels lv = levels_of(p);
+  const unsigned int blocks = static_cast<unsigned int>(forward_blocks(p, f));
+  const size_t smem = f.global ? 0 : static_cast<size_t>(f.hat_bytes);
+  auto st = static_cast<cudaStream_t>(stream);
+  if (p.dtype == DType::F64) avsl_forward_kernel<double><<<blocks, kThreads, smem, st>>>(p, lv, f);
+  else avsl_forward_kernel<float><<<blocks, kThreads, smem, st>>>(p, lv, f);
+  WM_CUDA_LAUNCH_CHECK();
+}
+
+void avsl_topk_cuda(const AvslParams& p, void* stream) {
+  check_avsl(p, "avsl_topk", false, true);
+  if (p.Q == 0) return;
+  WM_CHECK(p.workspace, "avsl_topk: null workspace pointer");
+  const FwdConfig f = forward_config(p);
+  const TopkLayout t = topk_layout(p, f);
+  const Levels lv = levels_of(p);
+  unsigned char* ws = static_cast<unsigned char*>(p.workspace);
+  const int64_t lists = p.Q * t.nseg;
+  const unsigned int blocks = static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(lists, kMaxForwardBlocks)));
+  const size_t smem = static_cast<size_t>((f.global ? 0 : f.hat_bytes) + 32 * 8);  // + the tile's distances
+  auto st = static_cast<cudaStream_t>(stream);
+  const unsigned int mblocks = ceil_div(p.Q, 128);
+  auto* lj = reinterpret_cast<int64_t*>(ws + t.list_j);
+  auto* counts = reinterpret_cast<int64_t*>(ws + t.counts);
+  auto* heads = reinterpret_cast<int64_t*>(ws + t.heads);
+  if (p.dtype == DType::F64) {
+    auto* ld = reinterpret_cast<double*>(ws + t.list_d);
+    avsl_topk_partial_kernel<double><<<blocks, kThreads, smem, st>>>(p, lv, f, t.nseg, ld, lj, counts, ws + t.hats);
+    WM_CUDA_LAUNCH_CHECK();
+    avsl_topk_merge_kernel<double><<<mblocks, 128, 0, st>>>(p, t.nseg, ld, lj, counts, heads);
+  } else {
+    auto* ld = reinterpret_cast<float*>(ws + t.list_d);
+    avsl_topk_partial_kernel<float><<<blocks, kThreads, smem, st>>>(p, lv, f, t.nseg, ld, lj, counts, ws + t.hats);
+    WM_CUDA_LAUNCH_CHECK();
+    avsl_topk_merge_kernel<float><<<mblocks, 128, 0, st>>>(p, t.nseg, ld, lj, counts, heads);
+  }
+  WM_CUDA_LAUNCH_CHECK();
+}
+
+void avsl_distance_backward_cuda(const AvslParams& p, void* stream) {
+  check_avsl(p, "avsl_distance_backward", true, false);
+  const int64_t S1 = p.S1();
+  if (S1 == 0) return;
+  auto st = static_cast<cudaStream_t>(stream);
+  const int64_t es = elem_size(p);
+  if (p.Q * p.G == 0) {
+    WM_CUDA_CHECK(cudaMemsetAsync(p.grad_coef, 0, S1 * es, st));
+    WM_CUDA_CHECK(cudaMemsetAsync(p.grad_bias, 0, S1 * es, st));
+    return;
+  }
+  WM_CHECK(p.workspace, "avsl_distance_backward: null workspace pointer");
+  const Levels lv = levels_of(p);
+  const int64_t blocks = backward_blocks(p), bb = backward_block_bytes(p);
+  double* partials = reinterpret_cast<double*>(static_cast<unsigned char*>(p.workspace) + blocks * bb);
+  const unsigned int rblocks = ceil_div(S1, 256);
+  if (p.dtype == DType::F64) {
+    avsl_backward_kernel<double><<<static_cast<unsigned int>(blocks), kThreads, 0, st>>>(p, lv, bb, partials);
+    WM_CUDA_LAUNCH_CHECK();
+    avsl_backward_reduce_kernel<double><<<rblocks, 256, 0, st>>>(S1, blocks, partials, static_cast<double*>(p.grad_coef),
+                                                                 static_cast<double*>(p.grad_bias));
+  } else {
+    avsl_backward_kernel<float><<<static_cast<unsigned int>(blocks), kThreads, 0, st>>>(p, lv, bb, partials);
+    WM_CUDA_LAUNCH_CHECK();
+    avsl_backward_reduce_kernel<float><<<rblocks, 256, 0, st>>>(S1, blocks, partials, static_cast<float*>(p.grad_coef),
+                                                                static_cast<float*>(p.grad_bias));
+  }
+  WM_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace whymatch
