@@ -154,6 +154,42 @@ def cmd_train_mining(args) -> int:
     return 0
 
 
+def _floats(name: str, text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated numbers, got {text!r}") from None
+
+
+def cmd_train_avsl(args) -> int:
+    from .train import AVSLConfig, train_avsl
+
+    cfg = AVSLConfig(data=args.data, backbone=args.backbone, out=args.out, epochs=args.epochs, batch_p=args.batch_p,
+                     batch_k=args.batch_k, lr=args.lr, loss_lr=args.loss_lr, weight_decay=args.weight_decay,
+                     embedding_dim=args.embedding_dim, topk=args.topk, momentum=args.momentum, gamma=args.gamma,
+                     reliability=args.reliability, loss=args.loss, use_proxy=not args.no_proxy,
+                     level_weights=_floats("--level-weights", args.level_weights), image_size=args.image_size,
+                     n_train=args.n_train, n_test=args.n_test, seed=args.seed, device=args.device,
+                     resume=args.resume, flip=not args.no_flip, batches_per_epoch=args.batches_per_epoch,
+                     num_workers=args.num_workers, show_progress=not args.quiet)
+    distributed = _init_distributed(args.device)
+    try:
+        trainer = train_avsl(cfg)
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if trainer.rank == 0:
+        last = trainer.history[-1] if trainer.history else {}
+        r1 = last.get("recall@1")
+        print(f"trained {trainer.epoch} epochs; Recall@1 (AVSL distance) {r1 if r1 is None else round(r1, 4)} "
+              f"(best {trainer.best_recall_at_1:.4f}); wrote {args.out}/checkpoint.pt, model.pt, metrics.jsonl")
+    return 0
+
+
 def _init_distributed(device: str | None) -> bool:
     """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo otherwise)."""
     import os
@@ -220,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_explain)
 
     train = sub.add_parser("train", help="train a similarity model (run under torchrun for DDP)")
-    train_sub = train.add_subparsers(dest="task", required=True)  # mining now; avsl, sane to come
+    train_sub = train.add_subparsers(dest="task", required=True)  # mining, avsl; sane to come
 
     def trainer_options(sp):
         sp.add_argument("--data", required=True,
@@ -258,6 +294,20 @@ def build_parser() -> argparse.ArgumentParser:
     mining.add_argument("--beta", type=float, default=0.5, help="soft-mask threshold (default %(default)s)")
     mining.add_argument("--no-mining", action="store_true", help="train with L_ml alone (the baseline)")
     mining.set_defaults(func=cmd_train_mining)
+
+    avsl = train_sub.add_parser("avsl", help="attributable visual similarity learning (Zhang et al. 2022)")
+    trainer_options(avsl)  # --embedding-dim: the nodes per level
+    avsl.add_argument("--loss", default="proxyanchor", choices=("proxyanchor", "margin"),
+                      help="distance-matrix loss per level and on the overall distance (default %(default)s)")
+    avsl.add_argument("--no-proxy", action="store_true", help="in-batch anchors instead of one proxy per class")
+    avsl.add_argument("--level-weights", default=None,
+                      help="comma-separated loss weight per level, low to high (default 1,0.2,1)")
+    avsl.add_argument("--topk", type=int, default=128, help="lower-level nodes per upper node (default %(default)s)")
+    avsl.add_argument("--momentum", type=float, default=0.5, help="edge momentum (default %(default)s)")
+    avsl.add_argument("--gamma", type=float, default=10.0, help="reliability sigmoid sharpness (default %(default)s)")
+    avsl.add_argument("--reliability", default="map", choices=("map", "published"),
+                      help="CAM minimum over the whole map, or over the last axis as published (default %(default)s)")
+    avsl.set_defaults(func=cmd_train_avsl)
     return p
 
 
