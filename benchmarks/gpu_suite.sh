@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Build whymatch with CUDA kernels, run the CUDA tests, run benchmarks/gpu_rise.py.
+# Build whymatch with CUDA kernels, run the CUDA tests and the GPU benchmarks (RISE, saliency
+# table, soft mask, Recall@K, AVSL).
 #
 # Unattended, no network, on one GPU (written for an H100 with torch 2.11+cu130,
-# Python 3.12); about 6 minutes. The step caps add up to about 15 minutes, more than the
-# device tool's 10-minute limit per call: lower them (or SAL_ARGS) if a step runs long.
+# Python 3.12). The step caps add up to about 20 minutes, more than the device tool's
+# 10-minute limit per call: run it in two calls with STEPS (see below).
 # Run from anywhere:
 #
 #     bash benchmarks/gpu_suite.sh
 #
-# Everything lands in $OUT (default benchmarks/results/gpu), at most 15 files:
+# Everything lands in $OUT (default benchmarks/results/gpu), at most 18 files:
 #   suite.log        environment, each step's exit status, summary
 #   build.log        pip / CMake / nvcc output
 #   pytest_cuda.log  python -m pytest tests -q -m cuda -x
@@ -17,11 +18,13 @@
 #   saliency_table.{log,json,md}  every saliency method on ShapesWorld pairs, on the GPU
 #   soft_mask.{log,json,md}  fused soft mask vs composite PyTorch, 180 x 3 x 224 x 224
 #   recall_cuda.{log,json,md}  Recall@{1,2,4,8} of 60,000 x 512 self-retrieval on the GPU
+#   avsl_cuda.{log,json,md}  AVSL distance + top-k (20,000 x 20,000 by default) vs the sliced baseline
 #
 # Environment knobs: PYTHON (default python3), WHYMATCH_CUDA_ARCHITECTURES
 # (default 90), BUILD_TIMEOUT / TEST_TIMEOUT / BENCH_TIMEOUT in seconds
 # (default 180 / 150 / 200), SAL_TIMEOUT (240), SAL_ARGS (saliency_table.py arguments), GPU_RISE_ARGS (extra arguments for gpu_rise.py),
 # SM_TIMEOUT / SM_ARGS (soft_mask.py, 150 s), RC_TIMEOUT / RC_ARGS (recall_cpu.py --device cuda, 150 s),
+# AV_TIMEOUT / AV_ARGS (avsl_cpu.py --device cuda, 240 s), STEPS (which steps; see below),
 # SKIP_BUILD=1 (use the whymatch already installed), SUITE_DRY_RUN=1 (check this
 # script on a machine without a GPU: no build, no CUDA check, gpu_rise.py --dry-run).
 # Exit status: 0 when the build, the tests and every benchmark check passed.
@@ -104,33 +107,12 @@ if [ $BUILD_RC -ne 0 ] || { [ $KERNELS_RC -ne 0 ] && [ "$DRY" != "1" ]; }; then
   exit 1
 fi
 
-# ---------------------------------------------------------------- 2. CUDA tests
-TEST_ARGS=(tests -q -m cuda -x -p no:cacheprovider)
-if "$PY" -c "import pytest_timeout" 2>/dev/null; then
-  TEST_ARGS+=(--timeout=120)
-fi
-log "tests: $PY -m pytest ${TEST_ARGS[*]} (cap ${TEST_TIMEOUT}s)"
-t0=$SECONDS
-timeout --kill-after=15 "$TEST_TIMEOUT" "$PY" -m pytest "${TEST_ARGS[@]}" > "$OUT/pytest_cuda.log" 2>&1
-TEST_RC=$?
-case $TEST_RC in
-  0) log "tests: passed after $((SECONDS - t0)) s ($(tail -1 "$OUT/pytest_cuda.log"))" ;;
-  5) log "tests: no CUDA tests were collected (pytest exit 5)"; TEST_RC=0 ;;
-  124) log "tests: TIMED OUT after ${TEST_TIMEOUT}s"; tail -20 "$OUT/pytest_cuda.log" | tee -a "$SUITE_LOG" ;;
-  *) log "tests: FAILED (exit $TEST_RC) after $((SECONDS - t0)) s"; tail -30 "$OUT/pytest_cuda.log" | tee -a "$SUITE_LOG" ;;
-esac
-
-# ---------------------------------------------------------------- 3. benchmark
-log "benchmark: $PY benchmarks/gpu_rise.py --out $OUT ${GPU_RISE_ARGS:-} (cap ${BENCH_TIMEOUT}s)"
-t0=$SECONDS
-# shellcheck disable=SC2086
-timeout --kill-after=15 "$BENCH_TIMEOUT" "$PY" benchmarks/gpu_rise.py --out "$OUT" ${GPU_RISE_ARGS:-} > "$OUT/gpu_rise.log" 2>&1
-BENCH_RC=$?
-log "benchmark: exit $BENCH_RC after $((SECONDS - t0)) s$([ $BENCH_RC -eq 124 ] && echo ' (TIMED OUT: partial results in gpu_rise.json)'; true)"
-if [ -f "$OUT/gpu_rise.md" ]; then
-  cat "$OUT/gpu_rise.md" >> "$SUITE_LOG"
-fi
-tail -45 "$OUT/gpu_rise.log"
+# STEPS: which of tests,rise,saliency,softmask,recall,avsl to run (default: all). With the device
+# tool's 10-minute limit per call, run the suite in two back-to-back calls (the machine stays warm
+# and keeps the build), e.g. STEPS=tests,rise,saliency then SKIP_BUILD=1 STEPS=softmask,recall,avsl.
+STEPS="${STEPS:-tests,rise,saliency,softmask,recall,avsl}"
+want() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+TEST_RC=0; BENCH_RC=0; SAL_RC=0; SM_RC=0; RC_RC=0; AV_RC=0
 
 # run_step NAME CAP LOGSTEM CMD...: run CMD under a time cap, output to $OUT/LOGSTEM.log; sets STEP_RC
 run_step() {
@@ -140,36 +122,72 @@ run_step() {
   local t0=$SECONDS
   timeout --kill-after=15 "$cap" "$@" > "$OUT/$stem.log" 2>&1
   STEP_RC=$?
-  log "$name: exit $STEP_RC after $((SECONDS - t0)) s"
+  log "$name: exit $STEP_RC after $((SECONDS - t0)) s$([ $STEP_RC -eq 124 ] && echo ' (TIMED OUT)'; true)"
   tail -25 "$OUT/$stem.log"
 }
 
+# ---------------------------------------------------------------- 2. CUDA tests
+if want tests; then
+  TEST_ARGS=(tests -q -m cuda -x -p no:cacheprovider)
+  if "$PY" -c "import pytest_timeout" 2>/dev/null; then
+    TEST_ARGS+=(--timeout=120)
+  fi
+  run_step tests "$TEST_TIMEOUT" pytest_cuda "$PY" -m pytest "${TEST_ARGS[@]}"
+  TEST_RC=$STEP_RC
+  [ $TEST_RC -eq 5 ] && { log "tests: no CUDA tests were collected (pytest exit 5)"; TEST_RC=0; }
+fi
+
+# ---------------------------------------------------------------- 3. RISE benchmark
+if want rise; then
+  # shellcheck disable=SC2086
+  run_step benchmark "$BENCH_TIMEOUT" gpu_rise "$PY" benchmarks/gpu_rise.py --out "$OUT" ${GPU_RISE_ARGS:-}
+  BENCH_RC=$STEP_RC
+  [ -f "$OUT/gpu_rise.md" ] && cat "$OUT/gpu_rise.md" >> "$SUITE_LOG"
+fi
+
 # ---------------------------------------------------------------- 4. saliency table on the GPU
-SAL_ARGS="${SAL_ARGS:---queries 30 --refs 3}"
-if [ "$DRY" = "1" ]; then SAL_ARGS="--queries 2 --refs 2 --methods rise,attention"; fi
-SAL_DEV=cuda; [ "$DRY" = "1" ] && SAL_DEV=cpu
-# shellcheck disable=SC2086
-run_step "saliency table" "${SAL_TIMEOUT:-240}" saliency_table \
-  "$PY" benchmarks/saliency_table.py --device "$SAL_DEV" --stem "$OUT/saliency_table" $SAL_ARGS
-SAL_RC=$STEP_RC
+if want saliency; then
+  SAL_ARGS="${SAL_ARGS:---queries 30 --refs 3}"
+  if [ "$DRY" = "1" ]; then SAL_ARGS="--queries 2 --refs 2 --methods rise,attention"; fi
+  SAL_DEV=cuda; [ "$DRY" = "1" ] && SAL_DEV=cpu
+  # shellcheck disable=SC2086
+  run_step "saliency table" "${SAL_TIMEOUT:-240}" saliency_table \
+    "$PY" benchmarks/saliency_table.py --device "$SAL_DEV" --stem "$OUT/saliency_table" $SAL_ARGS
+  SAL_RC=$STEP_RC
+fi
 
 # ---------------------------------------------------------------- 5. soft mask (similarity mining) on the GPU
-SM_ARGS="${SM_ARGS:---dtypes float32,bfloat16}"
-SM_DEV=cuda
-if [ "$DRY" = "1" ]; then SM_ARGS="--dry-run --no-compile"; SM_DEV=cpu; fi
-# shellcheck disable=SC2086
-run_step "soft mask" "${SM_TIMEOUT:-150}" soft_mask \
-  "$PY" benchmarks/soft_mask.py --device "$SM_DEV" --stem "$OUT/soft_mask" $SM_ARGS
-SM_RC=$STEP_RC
+if want softmask; then
+  SM_ARGS="${SM_ARGS:---dtypes float32,bfloat16}"
+  SM_DEV=cuda
+  if [ "$DRY" = "1" ]; then SM_ARGS="--dry-run --no-compile"; SM_DEV=cpu; fi
+  # shellcheck disable=SC2086
+  run_step "soft mask" "${SM_TIMEOUT:-150}" soft_mask \
+    "$PY" benchmarks/soft_mask.py --device "$SM_DEV" --stem "$OUT/soft_mask" $SM_ARGS
+  SM_RC=$STEP_RC
+fi
 
 # ---------------------------------------------------------------- 6. Recall@K at 60,000 x 512 on the GPU
-RC_ARGS="${RC_ARGS:---n 60000 --dim 512 --classes 600}"
-RC_DEV=cuda
-if [ "$DRY" = "1" ]; then RC_ARGS="--n 2000 --classes 40"; RC_DEV=cpu; fi
-# shellcheck disable=SC2086
-run_step "recall" "${RC_TIMEOUT:-150}" recall_cuda \
-  "$PY" benchmarks/recall_cpu.py --device "$RC_DEV" --stem "$OUT/recall_cuda" $RC_ARGS
-RC_RC=$STEP_RC
+if want recall; then
+  RC_ARGS="${RC_ARGS:---n 60000 --dim 512 --classes 600}"
+  RC_DEV=cuda
+  if [ "$DRY" = "1" ]; then RC_ARGS="--n 2000 --classes 40"; RC_DEV=cpu; fi
+  # shellcheck disable=SC2086
+  run_step "recall" "${RC_TIMEOUT:-150}" recall_cuda \
+    "$PY" benchmarks/recall_cpu.py --device "$RC_DEV" --stem "$OUT/recall_cuda" $RC_ARGS
+  RC_RC=$STEP_RC
+fi
 
-log "done in $((SECONDS - START)) s: build $BUILD_RC, tests $TEST_RC, benchmark $BENCH_RC, saliency table $SAL_RC, soft mask $SM_RC, recall $RC_RC"
-[ $TEST_RC -eq 0 ] && [ $BENCH_RC -eq 0 ] && [ $SAL_RC -eq 0 ] && [ $SM_RC -eq 0 ] && [ $RC_RC -eq 0 ]
+# ---------------------------------------------------------------- 7. AVSL distance + top-k on the GPU
+if want avsl; then
+  AV_ARGS="${AV_ARGS:---n 20000}"
+  AV_DEV=cuda
+  if [ "$DRY" = "1" ]; then AV_ARGS="--n 200 --nodes 64 --link-k 16 --topk 10"; AV_DEV=cpu; fi
+  # shellcheck disable=SC2086
+  run_step "avsl" "${AV_TIMEOUT:-240}" avsl_cuda \
+    "$PY" benchmarks/avsl_cpu.py --device "$AV_DEV" --stem "$OUT/avsl_cuda" $AV_ARGS
+  AV_RC=$STEP_RC
+fi
+
+log "done in $((SECONDS - START)) s (steps $STEPS): build $BUILD_RC, tests $TEST_RC, rise $BENCH_RC, saliency table $SAL_RC, soft mask $SM_RC, recall $RC_RC, avsl $AV_RC"
+[ $TEST_RC -eq 0 ] && [ $BENCH_RC -eq 0 ] && [ $SAL_RC -eq 0 ] && [ $SM_RC -eq 0 ] && [ $RC_RC -eq 0 ] && [ $AV_RC -eq 0 ]
