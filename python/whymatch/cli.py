@@ -125,22 +125,21 @@ def cmd_explain(args) -> int:
     return 0
 
 
-def cmd_train_mining(args) -> int:
-    from .train import MiningConfig, train_mining
+def _train_config(args) -> dict:
+    """The TrainConfig fields every `whymatch train ...` command takes from its options."""
+    return dict(data=args.data, backbone=args.backbone, out=args.out, epochs=args.epochs, batch_p=args.batch_p,
+                batch_k=args.batch_k, lr=args.lr, loss_lr=args.loss_lr, weight_decay=args.weight_decay,
+                embedding_dim=args.embedding_dim, image_size=args.image_size, n_train=args.n_train,
+                n_test=args.n_test, seed=args.seed, device=args.device, resume=args.resume, flip=not args.no_flip,
+                batches_per_epoch=args.batches_per_epoch, num_workers=args.num_workers,
+                show_progress=not args.quiet)
 
-    if args.gamma < 0:
-        raise ValueError(f"--gamma must be >= 0, got {args.gamma}")
-    cfg = MiningConfig(data=args.data, backbone=args.backbone, out=args.out, epochs=args.epochs,
-                       batch_p=args.batch_p, batch_k=args.batch_k, lr=args.lr, loss_lr=args.loss_lr,
-                       weight_decay=args.weight_decay, loss=args.loss, mode=args.mode, gamma=args.gamma,
-                       alpha=args.alpha, beta=args.beta, mining=not args.no_mining,
-                       embedding_dim=args.embedding_dim, image_size=args.image_size, n_train=args.n_train,
-                       n_test=args.n_test, seed=args.seed, device=args.device, resume=args.resume,
-                       flip=not args.no_flip, batches_per_epoch=args.batches_per_epoch,
-                       num_workers=args.num_workers, show_progress=not args.quiet)
+
+def _run_training(train_fn, cfg, args, what: str) -> int:
+    """Join the torchrun group if there is one, train, leave it, and report on rank 0."""
     distributed = _init_distributed(args.device)
     try:
-        trainer = train_mining(cfg)
+        trainer = train_fn(cfg)
     finally:
         if distributed:
             import torch.distributed as dist
@@ -149,9 +148,19 @@ def cmd_train_mining(args) -> int:
     if trainer.rank == 0:
         last = trainer.history[-1] if trainer.history else {}
         r1 = last.get("recall@1")
-        print(f"trained {trainer.epoch} epochs; Recall@1 {r1 if r1 is None else round(r1, 4)} "
+        print(f"trained {trainer.epoch} epochs; Recall@1{what} {r1 if r1 is None else round(r1, 4)} "
               f"(best {trainer.best_recall_at_1:.4f}); wrote {args.out}/checkpoint.pt, model.pt, metrics.jsonl")
     return 0
+
+
+def cmd_train_mining(args) -> int:
+    from .train import MiningConfig, train_mining
+
+    if args.gamma < 0:
+        raise ValueError(f"--gamma must be >= 0, got {args.gamma}")
+    cfg = MiningConfig(**_train_config(args), loss=args.loss, mode=args.mode, gamma=args.gamma, alpha=args.alpha,
+                       beta=args.beta, mining=not args.no_mining)
+    return _run_training(train_mining, cfg, args, "")
 
 
 def _floats(name: str, text: str | None) -> tuple[float, ...] | None:
@@ -166,28 +175,10 @@ def _floats(name: str, text: str | None) -> tuple[float, ...] | None:
 def cmd_train_avsl(args) -> int:
     from .train import AVSLConfig, train_avsl
 
-    cfg = AVSLConfig(data=args.data, backbone=args.backbone, out=args.out, epochs=args.epochs, batch_p=args.batch_p,
-                     batch_k=args.batch_k, lr=args.lr, loss_lr=args.loss_lr, weight_decay=args.weight_decay,
-                     embedding_dim=args.embedding_dim, topk=args.topk, momentum=args.momentum, gamma=args.gamma,
+    cfg = AVSLConfig(**_train_config(args), topk=args.topk, momentum=args.momentum, gamma=args.gamma,
                      reliability=args.reliability, loss=args.loss, use_proxy=not args.no_proxy,
-                     level_weights=_floats("--level-weights", args.level_weights), image_size=args.image_size,
-                     n_train=args.n_train, n_test=args.n_test, seed=args.seed, device=args.device,
-                     resume=args.resume, flip=not args.no_flip, batches_per_epoch=args.batches_per_epoch,
-                     num_workers=args.num_workers, show_progress=not args.quiet)
-    distributed = _init_distributed(args.device)
-    try:
-        trainer = train_avsl(cfg)
-    finally:
-        if distributed:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-    if trainer.rank == 0:
-        last = trainer.history[-1] if trainer.history else {}
-        r1 = last.get("recall@1")
-        print(f"trained {trainer.epoch} epochs; Recall@1 (AVSL distance) {r1 if r1 is None else round(r1, 4)} "
-              f"(best {trainer.best_recall_at_1:.4f}); wrote {args.out}/checkpoint.pt, model.pt, metrics.jsonl")
-    return 0
+                     level_weights=_floats("--level-weights", args.level_weights))
+    return _run_training(train_avsl, cfg, args, " (AVSL distance)")
 
 
 def _init_distributed(device: str | None) -> bool:

@@ -7,11 +7,11 @@ through :func:`train_mining`; ``whymatch train avsl`` trains AVSL through :func:
 """
 
 from .sampler import PKSampler
-from .tasks import (BACKBONES, DATASETS, METRIC_LOSSES, MiningConfig, TensorImages, build_backbone, build_data,
-                    build_metric_loss, train_mining)
+from .tasks import (BACKBONES, DATASETS, METRIC_LOSSES, MiningConfig, TensorImages, TrainConfig, build_backbone,
+                    build_data, build_metric_loss, train_mining)
 from .trainer import BEST, CHECKPOINT, METRICS_LOG, Trainer, random_flip
 from .avsl_task import AVSLConfig, AVSLTrainer, avsl_recall_at_k, build_avsl_model, train_avsl
 
 __all__ = ["PKSampler", "Trainer", "random_flip", "CHECKPOINT", "BEST", "METRICS_LOG", "BACKBONES", "DATASETS",
-           "METRIC_LOSSES", "MiningConfig", "TensorImages", "build_backbone", "build_data", "build_metric_loss",
+           "METRIC_LOSSES", "TrainConfig", "MiningConfig", "TensorImages", "build_backbone", "build_data", "build_metric_loss",
            "train_mining", "AVSLConfig", "AVSLTrainer", "avsl_recall_at_k", "build_avsl_model", "train_avsl"]

@@ -9,7 +9,7 @@ distance instead of a cosine over one embedding.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..ops import _validate as V
 from ..similarity import SimilarityModel
-from .tasks import BACKBONES, build_data
+from .tasks import BACKBONES, TrainConfig, build_data
 from .trainer import Trainer
 
 __all__ = ["AVSLConfig", "AVSLTrainer", "build_avsl_model", "train_avsl", "avsl_recall_at_k"]
@@ -118,19 +118,9 @@ class AVSLTrainer(Trainer):
 
 
 @dataclass
-class AVSLConfig:
-    """Settings of ``whymatch train avsl`` (the CLI's options, same names)."""
+class AVSLConfig(TrainConfig):
+    """Settings of ``whymatch train avsl``: :class:`~whymatch.train.tasks.TrainConfig` plus AVSL's."""
 
-    data: str = "shapesworld"
-    backbone: str = "shapes"
-    out: str = "whymatch-train"
-    epochs: int = 8
-    batch_p: int = 16
-    batch_k: int = 4
-    lr: float = 1e-3
-    loss_lr: float | None = None
-    weight_decay: float = 1e-4
-    embedding_dim: int = 64
     topk: int = 128
     momentum: float = 0.5
     gamma: float = 10.0
@@ -138,19 +128,7 @@ class AVSLConfig:
     loss: str = "proxyanchor"
     use_proxy: bool = True
     level_weights: tuple[float, ...] | None = None
-    image_size: int | None = None
-    n_train: int = 9000
-    n_test: int = 3000
-    seed: int = 0
-    device: str | None = None
-    resume: bool = False
-    flip: bool = True
-    warmup_steps: int = 0
-    batches_per_epoch: int | None = None
-    num_workers: int = 0
-    show_progress: bool = True
     stop_after: int | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def train_avsl(cfg: AVSLConfig) -> AVSLTrainer:

@@ -16,7 +16,7 @@ from ..ops import _validate as V
 from ..similarity import SimilarityModel
 
 __all__ = ["BACKBONES", "METRIC_LOSSES", "DATASETS", "TensorImages", "build_backbone", "build_data",
-           "build_metric_loss", "MiningConfig", "train_mining"]
+           "build_metric_loss", "TrainConfig", "MiningConfig", "train_mining"]
 
 BACKBONES = ("shapes", "resnet18", "resnet50")
 METRIC_LOSSES = ("contrastive", "triplet", "margin", "proxyanchor")
@@ -126,8 +126,8 @@ def build_metric_loss(name: str, n_classes: int, embedding_dim: int) -> nn.Modul
 
 
 @dataclass
-class MiningConfig:
-    """Settings of ``whymatch train mining`` (the CLI's options, same names)."""
+class TrainConfig:
+    """Settings every ``whymatch train ...`` command shares (the CLI's options, same names)."""
 
     data: str = "shapesworld"
     backbone: str = "shapes"
@@ -138,12 +138,6 @@ class MiningConfig:
     lr: float = 1e-3
     loss_lr: float | None = None
     weight_decay: float = 1e-4
-    loss: str = "triplet"
-    mode: str = "triplet"
-    gamma: float = 1.0
-    alpha: float = 10.0
-    beta: float = 0.5
-    mining: bool = True
     embedding_dim: int = 64
     image_size: int | None = None
     n_train: int = 9000
@@ -157,6 +151,18 @@ class MiningConfig:
     num_workers: int = 0
     show_progress: bool = True
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class MiningConfig(TrainConfig):
+    """Settings of ``whymatch train mining``: :class:`TrainConfig` plus the loss's."""
+
+    loss: str = "triplet"
+    mode: str = "triplet"
+    gamma: float = 1.0
+    alpha: float = 10.0
+    beta: float = 0.5
+    mining: bool = True
 
 
 def train_mining(cfg: MiningConfig):
