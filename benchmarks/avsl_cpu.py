@@ -188,9 +188,7 @@ def main(argv=None) -> int:
             return x / y if x and y else None
         return None
 
-    t_all = lambda r: r["seconds"]  # noqa: E731
     t_d = lambda r: r["distance_seconds"]  # noqa: E731
-    t_k = lambda r: r["topk_seconds"]  # noqa: E731
     mem = lambda r: r["memory"].get("peak_over_before_bytes") or None  # noqa: E731
     fr = lambda x: "" if x is None else f"{x:.2f}x"  # noqa: E731
     # two tasks: the (Q, G) matrix (baseline: its sliced loop), and retrieval (baseline: the matrix then

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_info, md_table, system_load, write_results  # noqa: E402
+from common import (RESULTS, machine_info, md_table, shapesworld_data_info, shapesworld_sets,  # noqa: E402
+                    system_load, write_results)
 
 from whymatch.data import ShapesWorld  # noqa: E402
 from whymatch.evaluation import RetrievalEvaluator  # noqa: E402
@@ -107,10 +108,7 @@ def avsl_ablations(avsl, test: TensorImages) -> dict:
 def run(args) -> dict:
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
-    tr = ShapesWorld("train", args.n_train, args.image_size, seed=args.seed)
-    te = ShapesWorld("test", args.n_test, args.image_size, seed=args.seed)
-    train = TensorImages(tr.images(dtype=torch.uint8), tr.labels)
-    test = TensorImages(te.images(dtype=torch.uint8), te.labels)
+    tr, te, train, test = shapesworld_sets(args.n_train, args.n_test, args.image_size, args.seed)
     n_classes = int(torch.unique(train.labels).numel())
     x1, x2, masks = _pairs(te, args.n_pairs, args.seed)
     common = dict(test_set=test, epochs=args.epochs, batch_p=args.p, batch_k=args.k, lr=args.lr, seed=args.seed,
@@ -161,9 +159,7 @@ def run(args) -> dict:
             "optimizer": f"AdamW lr {args.lr} (proxies 100 x lr), weight decay 1e-4, cosine decay per step",
             "batch": f"P x K = {args.p} x {args.k}, random horizontal flips",
         },
-        "data": {"image_size": args.image_size, "n_train_images": args.n_train, "n_train_classes": n_classes,
-                 "n_test_images": args.n_test, "n_test_classes": int(torch.unique(test.labels).numel()),
-                 "chance_recall_at_1": 1 / int(torch.unique(test.labels).numel())},
+        "data": shapesworld_data_info(train, test, args.image_size),
         "results": results,
         "wall_time_s": time.perf_counter() - t_start,
         "machine": machine_info("cpu"),

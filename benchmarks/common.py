@@ -373,3 +373,25 @@ def write_results(stem: str | Path, data: dict[str, Any], markdown: str) -> tupl
                            json.dumps(_clean(data), indent=2, allow_nan=False) + "\n")
     md = atomic_write_text(stem.with_suffix(".md"), markdown)
     return js, md
+
+
+# --------------------------------------------------------------------------- ShapesWorld training runs
+
+def shapesworld_sets(n_train: int, n_test: int, image_size: int, seed: int):
+    """(train ShapesWorld, test ShapesWorld, train TensorImages, test TensorImages): the train classes
+    rendered once into uint8 tensors for training, the disjoint test classes for Recall@K."""
+    from whymatch.data import ShapesWorld
+    from whymatch.train import TensorImages
+
+    tr = ShapesWorld("train", n_train, image_size, seed=seed)
+    te = ShapesWorld("test", n_test, image_size, seed=seed)
+    return (tr, te, TensorImages(tr.images(dtype=torch.uint8), tr.labels),
+            TensorImages(te.images(dtype=torch.uint8), te.labels))
+
+
+def shapesworld_data_info(train, test, image_size: int) -> dict[str, Any]:
+    """The 'data' entry of a ShapesWorld training benchmark's results."""
+    n_train_classes = int(torch.unique(train.labels).numel())
+    n_test_classes = int(torch.unique(test.labels).numel())
+    return {"image_size": image_size, "n_train_images": len(train), "n_train_classes": n_train_classes,
+            "n_test_images": len(test), "n_test_classes": n_test_classes, "chance_recall_at_1": 1 / n_test_classes}

@@ -31,13 +31,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_info, md_table, system_load, write_results  # noqa: E402
+from common import (RESULTS, machine_info, md_table, shapesworld_data_info, shapesworld_sets,  # noqa: E402
+                    system_load, write_results)
 
 from whymatch.data import ShapesWorld  # noqa: E402
 from whymatch.metrics import chance_level, mass_on_mask, pointing_game  # noqa: E402
 from whymatch.mining import SimilarityMiningLoss  # noqa: E402
 from whymatch.saliency import SimilarityAttention  # noqa: E402
-from whymatch.train import TensorImages, Trainer, build_backbone, build_metric_loss, random_flip  # noqa: E402
+from whymatch.train import Trainer, build_backbone, build_metric_loss, random_flip  # noqa: E402
 
 
 def attention_scores(model, test: ShapesWorld, n: int, seed: int) -> dict:
@@ -63,10 +64,7 @@ def attention_scores(model, test: ShapesWorld, n: int, seed: int) -> dict:
 def run(args) -> dict:
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
-    tr = ShapesWorld("train", args.n_train, args.image_size, seed=args.seed)
-    te = ShapesWorld("test", args.n_test, args.image_size, seed=args.seed)
-    train = TensorImages(tr.images(dtype=torch.uint8), tr.labels)
-    test = TensorImages(te.images(dtype=torch.uint8), te.labels)
+    tr, te, train, test = shapesworld_sets(args.n_train, args.n_test, args.image_size, args.seed)
     n_classes = int(torch.unique(train.labels).numel())
     results: dict = {}
     for name, gamma in (("init", None), ("metric_only", 0.0), ("metric_plus_mining", args.gamma)):
@@ -102,9 +100,7 @@ def run(args) -> dict:
             "attention_metric": "SimilarityAttention(mode='triplet', layer4) anchor maps of test triplets; "
                                 "mass_on_mask(shift='none') and pointing_game against the key object's mask",
         },
-        "data": {"image_size": args.image_size, "n_train_images": args.n_train, "n_train_classes": n_classes,
-                 "n_test_images": args.n_test, "n_test_classes": int(torch.unique(test.labels).numel()),
-                 "chance_recall_at_1": 1 / int(torch.unique(test.labels).numel())},
+        "data": shapesworld_data_info(train, test, args.image_size),
         "results": results,
         "wall_time_s": time.perf_counter() - t_start,
         "machine": machine_info("cpu"),
