@@ -1,6 +1,7 @@
 // Module whymatch._C: the CPU kernels. Always built; needs no CUDA.
 #include "bindings_common.h"
 #include "bindings_avsl.h"
+#include "bindings_avsl_cam.h"
 #include "bindings_mining.h"
 
 PYBIND11_MODULE(_C, m) {
@@ -17,4 +18,8 @@ PYBIND11_MODULE(_C, m) {
       [](const whymatch::AvslParams& p, int t) { whymatch::avsl_distance_backward_cpu(p, t); },
       [](const whymatch::AvslParams& p, int t) { whymatch::avsl_topk_cpu(p, t); },
       [](const whymatch::AvslParams&, int) -> int64_t { return 0; });
+  whymatch::bind_avsl_cam_ops<int>(
+      m, [](const whymatch::CamCorrParams& p, int t) { whymatch::avsl_cam_correlation_cpu(p, t); },
+      [](const whymatch::CamRelParams& p, int t) { whymatch::avsl_cam_reliability_cpu(p, t); },
+      [](int64_t B, int64_t J) { return whymatch::cam_corr_chunk_images_cpu(B, J); });
 }

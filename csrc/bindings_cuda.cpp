@@ -5,6 +5,7 @@
 
 #include "bindings_common.h"
 #include "bindings_avsl.h"
+#include "bindings_avsl_cam.h"
 #include "bindings_mining.h"
 
 namespace {
@@ -51,6 +52,15 @@ PYBIND11_MODULE(_C_cuda, m) {
       },
       [as_stream](const whymatch::AvslParams& p, uintptr_t s) { whymatch::avsl_topk_cuda(p, as_stream(s)); },
       [](const whymatch::AvslParams& p, int op) { return whymatch::avsl_workspace_bytes_cuda(p, op); });
+  whymatch::bind_avsl_cam_ops<uintptr_t>(
+      m,
+      [as_stream](const whymatch::CamCorrParams& p, uintptr_t s) {
+        whymatch::avsl_cam_correlation_cuda(p, as_stream(s));
+      },
+      [as_stream](const whymatch::CamRelParams& p, uintptr_t s) {
+        whymatch::avsl_cam_reliability_cuda(p, as_stream(s));
+      },
+      [](int64_t B, int64_t) { return B; });
   m.attr("cuda_architectures") = WHYMATCH_CUDA_ARCHS;
   m.attr("cuda_compiler_version") = WHYMATCH_CUDA_VERSION;
   m.def("device_info", &device_info, "Devices visible to the CUDA runtime linked into this module.");

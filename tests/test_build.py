@@ -16,7 +16,8 @@ def test_build_info_reports_kernels_and_devices():
         assert key in info
     assert info["version"] == whymatch.__version__
     assert set(info["cpu_kernels"]) == {"rise_apply", "rise_saliency", "ranked_blend", "soft_mask", "soft_mask_backward",
-                                         "avsl_distance", "avsl_distance_backward", "avsl_topk"}
+                                         "avsl_distance", "avsl_distance_backward", "avsl_topk",
+                                         "avsl_cam_correlation", "avsl_cam_reliability"}
     if info["cuda_kernels"]:
         assert set(info["cuda_kernels"]) == set(info["cpu_kernels"])
     if info["cuda_kernels"]:

@@ -1,6 +1,14 @@
 """AVSL ops (Zhang et al., CVPR 2022): CAM reliability statistic, CAM correlation edges with
 momentum, and the rectified distance of every (query, gallery) pair with its top-k variant.
 
+The CAM statistics run fused kernels (``csrc/avsl/cam_correlation.h``), registered as
+``whymatch::avsl_cam_correlation(cam_low, cam_high, reliability, published) -> (corr, rel_low,
+rel_high)``, ``whymatch::avsl_edge_update_(edges!, cam_low, cam_high, momentum, first,
+reliability, published) -> (corr, rel_low, rel_high)`` (edges updated in place, in the same
+launch) and ``whymatch::avsl_cam_reliability(cam, published) -> rel``: contiguous float32 (or
+float64) CAMs, outputs of their dtype, the rel outputs (0,) when ``reliability`` is False; a
+workspace of the CAMs' size, never B x R_low x R_high. No autograd (detached inputs).
+
 The public functions validate their arguments and compute; the definitions are in
 ``ops/reference.py`` (``avsl_*``). The rectified distance and its top-k variant run fused
 kernels (``whymatch::avsl_distance``, ``whymatch::avsl_distance_backward`` and
@@ -33,20 +41,38 @@ from .perturb import _device_guard
 _MAX_LEVELS = 8
 _CODES = {torch.float32: 0, torch.float64: 3}
 
-__all__ = ["cam_reliability", "cam_correlation", "link_star", "avsl_distance", "avsl_topk"]
+__all__ = ["cam_reliability", "cam_correlation", "cam_statistics", "link_star", "avsl_distance", "avsl_topk"]
 
 
 def cam_reliability(cam: Tensor, *, published: bool = False) -> Tensor:
     """The per-node CAM statistic of AVSL's reliability: (B, R) float32 from CAMs (B, R, H, W).
 
     See :func:`whymatch.ops.reference.avsl_reliability`; ``published=True`` reproduces the
-    published code's minimum over the last axis only.
+    published code's minimum over the last axis only. A fused kernel (``whymatch::avsl_cam_reliability``)
+    reads each map once; no gradient (the published code computes it under no_grad).
     """
     cam = V.tensor("cam", cam, ndim=4, dtypes=V.FLOAT_DTYPES + (torch.float64,))
     if cam.shape[2] * cam.shape[3] < 2:
         raise ValueError(f"cam must have at least 2 positions per map for a standard deviation, got "
                          f"{tuple(cam.shape[2:])}")
-    return ref.avsl_reliability(cam, published=bool(published))
+    return torch.ops.whymatch.avsl_cam_reliability(_cam_input(cam), bool(published))
+
+
+def _check_pair(cam_low: Tensor, cam_high: Tensor) -> tuple[Tensor, Tensor]:
+    cam_low = V.tensor("cam_low", cam_low, ndim=4, dtypes=V.FLOAT_DTYPES + (torch.float64,), nonempty=True)
+    cam_high = V.tensor("cam_high", cam_high, ndim=4, dtypes=V.FLOAT_DTYPES + (torch.float64,),
+                        device=cam_low.device, nonempty=True)
+    if cam_high.shape[0] != cam_low.shape[0]:
+        raise ValueError(f"cam_high must have cam_low's batch size {cam_low.shape[0]}, got {cam_high.shape[0]}")
+    return _cam_input(cam_low), _cam_input(cam_high)
+
+
+def _check_edges(edges: Tensor, cam_low: Tensor, cam_high: Tensor) -> Tensor:
+    edges = V.tensor("edges", edges, ndim=2, dtypes=(torch.float32,), device=cam_low.device)
+    V.shape("edges", edges, (cam_low.shape[1], cam_high.shape[1]))
+    if not edges.is_contiguous():
+        raise ValueError("edges must be contiguous (it is updated in place)")
+    return edges
 
 
 def cam_correlation(cam_low: Tensor, cam_high: Tensor, *, edges: Tensor | None = None, momentum: float = 0.5,
@@ -56,26 +82,149 @@ def cam_correlation(cam_low: Tensor, cam_high: Tensor, *, edges: Tensor | None =
     With ``edges`` (R_low, R_high) float32: ``edges = corr`` when ``first`` else
     ``edges = momentum * edges + (1 - momentum) * corr`` (in place, no gradient).
 
+    One fused call (``whymatch::avsl_cam_correlation``, or ``whymatch::avsl_edge_update_`` with
+    edges): pooling, normalization, the batch-mean product and the edge update, never forming a
+    B x R_low x R_high tensor. No gradient (the published code computes it under no_grad).
+
     Args:
         cam_low: (B, R_low, H_l, W_l) CAMs of the lower level; cam_high: (B, R_high, H_h, W_h)
             of the upper one (the lower is average-pooled to the upper's size).
     """
-    cam_low = V.tensor("cam_low", cam_low, ndim=4, dtypes=V.FLOAT_DTYPES + (torch.float64,), nonempty=True)
-    cam_high = V.tensor("cam_high", cam_high, ndim=4, dtypes=V.FLOAT_DTYPES + (torch.float64,),
-                        device=cam_low.device, nonempty=True)
-    if cam_high.shape[0] != cam_low.shape[0]:
-        raise ValueError(f"cam_high must have cam_low's batch size {cam_low.shape[0]}, got {cam_high.shape[0]}")
-    m = V.real("momentum", momentum, low=0.0, high=1.0)
-    with torch.no_grad():
-        corr = ref.avsl_cam_correlation(cam_low.detach(), cam_high.detach())
-        if edges is not None:
-            edges = V.tensor("edges", edges, ndim=2, dtypes=(torch.float32,), device=cam_low.device)
-            V.shape("edges", edges, tuple(corr.shape))
-            if first:
-                edges.copy_(corr)
-            else:
-                edges.mul_(m).add_(corr, alpha=1.0 - m)
+    corr, _, _ = cam_statistics(cam_low, cam_high, edges=edges, momentum=momentum, first=first, reliability=False)
     return corr
+
+
+def cam_statistics(cam_low: Tensor, cam_high: Tensor, *, edges: Tensor | None = None, momentum: float = 0.5,
+                   first: bool = False, reliability: bool = True,
+                   published: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Everything AVSL takes from the CAMs of a level pair in one pass: ``(corr, rel_low, rel_high)``.
+
+    ``corr`` (R_low, R_high) float32 and the in-place edge update as :func:`cam_correlation`;
+    ``rel_low`` (B, R_low) and ``rel_high`` (B, R_high) float32 as :func:`cam_reliability` of
+    each level (empty (0,) tensors when ``reliability`` is False). Each CAM is read once.
+    """
+    cam_low, cam_high = _check_pair(cam_low, cam_high)
+    m = V.real("momentum", momentum, low=0.0, high=1.0)
+    rel = bool(reliability)
+    if rel and (cam_low.shape[2] * cam_low.shape[3] < 2 or cam_high.shape[2] * cam_high.shape[3] < 2):
+        raise ValueError("the reliability needs at least 2 positions per map for a standard deviation, got "
+                         f"cam_low {tuple(cam_low.shape[2:])} and cam_high {tuple(cam_high.shape[2:])}")
+    if edges is None:
+        return torch.ops.whymatch.avsl_cam_correlation(cam_low, cam_high, rel, bool(published))
+    edges = _check_edges(edges, cam_low, cam_high)
+    return torch.ops.whymatch.avsl_edge_update_(edges, cam_low, cam_high, m, bool(first), rel, bool(published))
+
+
+# ---------------------------------------------------------------------------
+# CAM ops (arguments already validated: contiguous float32 CAMs, edges contiguous float32).
+# float64 CAMs are accepted by the ops themselves (exact tests); the public functions use float32.
+# ---------------------------------------------------------------------------
+
+def _cam_input(cam: Tensor) -> Tensor:
+    """CAMs as the ops take them: detached, float32 (as the reference computes), contiguous."""
+    return cam.detach().to(torch.float32).contiguous()
+
+
+def _cam_reference(cam_low, cam_high, edges, momentum, first, reliability, published):
+    """The fallback: ops/reference.py in the CAMs' dtype (float32 there, cast back for float64)."""
+    corr = ref.avsl_cam_correlation(cam_low, cam_high).to(cam_low.dtype)
+    if edges is not None:
+        if first:
+            edges.copy_(corr)
+        else:
+            edges.mul_(momentum).add_(corr, alpha=1.0 - momentum)
+    if not reliability:
+        return corr, cam_low.new_empty(0), cam_high.new_empty(0)
+    return (corr, ref.avsl_reliability(cam_low, published).to(cam_low.dtype),
+            ref.avsl_reliability(cam_high, published).to(cam_high.dtype))
+
+
+def _cam_launch(cam_low, cam_high, edges, momentum, first, reliability, published):
+    mod = _ext.module_for(cam_low.device, "avsl_cam_correlation")
+    if mod is None:
+        return _cam_reference(cam_low, cam_high, edges, momentum, first, reliability, published)
+    b, r1, h1, w1 = cam_low.shape
+    _, r2, h2, w2 = cam_high.shape
+    code = _CODES[cam_low.dtype]
+    corr = cam_low.new_empty(r1, r2)
+    rel_low = cam_low.new_empty(b, r1) if reliability else cam_low.new_empty(0)
+    rel_high = cam_low.new_empty(b, r2) if reliability else cam_low.new_empty(0)
+    ws = torch.empty(int(mod.avsl_cam_workspace_bytes(b, r1, r2, h2, w2, code)), dtype=torch.uint8,
+                     device=cam_low.device)
+    with _device_guard(cam_low):
+        mod.avsl_cam_correlation(_ext.ptr(cam_low), _ext.ptr(cam_high), _ext.ptr(corr),
+                                 _ext.ptr(edges) if edges is not None else 0, _ext.ptr(rel_low), _ext.ptr(rel_high),
+                                 _ext.ptr(ws), b, r1, h1, w1, r2, h2, w2, float(momentum), bool(first),
+                                 bool(published), code, _ext.extra_arg(cam_low))
+    return corr, rel_low, rel_high
+
+
+def _check_cam_op(cam_low: Tensor, cam_high: Tensor, edges: Tensor | None = None) -> None:
+    """The ops' own contract (the public functions validate more and name the argument first)."""
+    for name, t in (("cam_low", cam_low), ("cam_high", cam_high)):
+        if t.dim() != 4 or t.dtype not in _CODES or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous 4-D float32 or float64 tensor, got {t.dim()}-D "
+                             f"{t.dtype} (contiguous={t.is_contiguous()})")
+    if cam_high.dtype != cam_low.dtype or cam_high.shape[0] != cam_low.shape[0] or cam_low.shape[0] == 0:
+        raise ValueError("cam_high must have cam_low's dtype and (non-zero) batch size, got "
+                         f"{tuple(cam_low.shape)} {cam_low.dtype} and {tuple(cam_high.shape)} {cam_high.dtype}")
+    if edges is not None and (edges.dtype != cam_low.dtype or tuple(edges.shape) != (cam_low.shape[1],
+                                                                                   cam_high.shape[1])):
+        raise ValueError(f"edges must be ({cam_low.shape[1]}, {cam_high.shape[1]}) {cam_low.dtype}, got "
+                         f"{tuple(edges.shape)} {edges.dtype}")
+
+
+@torch.library.custom_op("whymatch::avsl_cam_correlation", mutates_args=())
+def _avsl_cam_correlation(cam_low: Tensor, cam_high: Tensor, reliability: bool,
+                          published: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(corr (R1, R2), rel_low (B, R1), rel_high (B, R2)); the rel are (0,) when not reliability."""
+    _check_cam_op(cam_low, cam_high)
+    return _cam_launch(cam_low, cam_high, None, 0.5, False, reliability, published)
+
+
+def _cam_fake(cam_low, cam_high, reliability):
+    b, r1, r2 = cam_low.shape[0], cam_low.shape[1], cam_high.shape[1]
+    return (cam_low.new_empty(r1, r2), cam_low.new_empty(b, r1) if reliability else cam_low.new_empty(0),
+            cam_low.new_empty(b, r2) if reliability else cam_low.new_empty(0))
+
+
+@_avsl_cam_correlation.register_fake
+def _(cam_low, cam_high, reliability, published):
+    return _cam_fake(cam_low, cam_high, reliability)
+
+
+@torch.library.custom_op("whymatch::avsl_edge_update_", mutates_args=("edges",))
+def _avsl_edge_update(edges: Tensor, cam_low: Tensor, cam_high: Tensor, momentum: float, first: bool,
+                      reliability: bool, published: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """As avsl_cam_correlation, and edges (R1, R2) = corr (first) or momentum * edges + (1 - momentum) * corr."""
+    _check_cam_op(cam_low, cam_high, edges)
+    return _cam_launch(cam_low, cam_high, edges, momentum, first, reliability, published)
+
+
+@_avsl_edge_update.register_fake
+def _(edges, cam_low, cam_high, momentum, first, reliability, published):
+    return _cam_fake(cam_low, cam_high, reliability)
+
+
+@torch.library.custom_op("whymatch::avsl_cam_reliability", mutates_args=())
+def _avsl_cam_reliability(cam: Tensor, published: bool) -> Tensor:
+    """(B, R) reliability statistic of contiguous float32/float64 CAMs (B, R, H, W), H * W >= 2."""
+    if cam.dim() != 4 or cam.dtype not in _CODES or not cam.is_contiguous():
+        raise ValueError(f"cam must be a contiguous 4-D float32 or float64 tensor, got {cam.dim()}-D {cam.dtype}")
+    b, r, h, w = cam.shape
+    mod = _ext.module_for(cam.device, "avsl_cam_reliability")
+    if mod is None:
+        return ref.avsl_reliability(cam, published).to(cam.dtype)
+    rel = cam.new_empty(b, r)
+    with _device_guard(cam):
+        mod.avsl_cam_reliability(_ext.ptr(cam), _ext.ptr(rel), b, r, h, w, bool(published), _CODES[cam.dtype],
+                                 _ext.extra_arg(cam))
+    return rel
+
+
+@_avsl_cam_reliability.register_fake
+def _(cam, published):
+    return cam.new_empty(cam.shape[0], cam.shape[1])
 
 
 def link_star(edges: Tensor, k: int) -> Tensor:

@@ -1,0 +1,67 @@
+// Binding of the fused AVSL CAM ops (correlation + edge update + reliability, and reliability
+// alone) into _C and _C_cuda, with the conventions of bindings_common.h: raw pointers as integers
+// (0 = absent output), sizes, and a last argument that is a thread count (CPU) or a cudaStream_t
+// (CUDA). GIL released. See avsl/cam_correlation.h.
+#pragma once
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "avsl/cam_correlation.h"
+#include "common/dtype.h"
+
+namespace whymatch {
+
+// workspace_images(B, J): the images the kernel's workspace holds at once (CPU: a chunk; CUDA: B).
+template <typename Extra, typename CorrFn, typename RelFn, typename ImagesFn>
+void bind_avsl_cam_ops(pybind11::module_& m, CorrFn correlation, RelFn reliability, ImagesFn workspace_images) {
+  namespace py = pybind11;
+  const char* extra_doc = std::is_same<Extra, int>::value ? "num_threads" : "stream";
+  auto vp = [](uintptr_t v) { return reinterpret_cast<void*>(v); };
+  m.def(
+      "avsl_cam_correlation",
+      [correlation, vp](uintptr_t low, uintptr_t high, uintptr_t corr, uintptr_t edges, uintptr_t rel_low,
+                        uintptr_t rel_high, uintptr_t workspace, int64_t B, int64_t R1, int64_t H1, int64_t W1,
+                        int64_t R2, int64_t H2, int64_t W2, double momentum, bool first, bool published, int dtype,
+                        uintptr_t extra) {
+        CamCorrParams p;
+        p.low = vp(low); p.high = vp(high); p.corr = vp(corr); p.edges = vp(edges);
+        p.rel_low = vp(rel_low); p.rel_high = vp(rel_high); p.workspace = vp(workspace);
+        p.B = B; p.R1 = R1; p.H1 = H1; p.W1 = W1; p.R2 = R2; p.H2 = H2; p.W2 = W2;
+        p.momentum = momentum; p.first = first; p.published = published;
+        p.dtype = dtype_from_code(dtype);
+        py::gil_scoped_release nogil;
+        correlation(p, (Extra)extra);
+      },
+      py::arg("low"), py::arg("high"), py::arg("corr"), py::arg("edges"), py::arg("rel_low"), py::arg("rel_high"),
+      py::arg("workspace"), py::arg("B"), py::arg("R1"), py::arg("H1"), py::arg("W1"), py::arg("R2"), py::arg("H2"),
+      py::arg("W2"), py::arg("momentum"), py::arg("first"), py::arg("published"), py::arg("dtype"),
+      py::arg(extra_doc),
+      "Batch-mean CAM correlation of two levels, the in-place edge update and both levels' reliability, "
+      "in one call (see avsl/cam_correlation.h); null pointers skip an output.");
+  m.def(
+      "avsl_cam_reliability",
+      [reliability, vp](uintptr_t cam, uintptr_t rel, int64_t B, int64_t R, int64_t H, int64_t W, bool published,
+                        int dtype, uintptr_t extra) {
+        CamRelParams p;
+        p.cam = vp(cam); p.rel = vp(rel);
+        p.B = B; p.R = R; p.H = H; p.W = W; p.published = published;
+        p.dtype = dtype_from_code(dtype);
+        py::gil_scoped_release nogil;
+        reliability(p, (Extra)extra);
+      },
+      py::arg("cam"), py::arg("rel"), py::arg("B"), py::arg("R"), py::arg("H"), py::arg("W"), py::arg("published"),
+      py::arg("dtype"), py::arg(extra_doc), "AVSL reliability statistic (B, R) of CAMs (B, R, H, W).");
+  m.def(
+      "avsl_cam_workspace_bytes",
+      [workspace_images](int64_t B, int64_t R1, int64_t R2, int64_t H2, int64_t W2, int dtype) -> int64_t {
+        return cam_corr_workspace_bytes(workspace_images(B, H2 * W2), R1, R2, H2, W2, dtype_from_code(dtype));
+      },
+      py::arg("B"), py::arg("R1"), py::arg("R2"), py::arg("H2"), py::arg("W2"), py::arg("dtype"),
+      "Bytes of workspace the caller allocates for avsl_cam_correlation (the normalized maps, K-major).");
+  py::tuple ops = m.attr("ops");
+  m.attr("ops") = ops + py::make_tuple("avsl_cam_correlation", "avsl_cam_reliability");
+}
+
+}  // namespace whymatch
