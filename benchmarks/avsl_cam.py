@@ -39,12 +39,12 @@ import common as C  # noqa: E402
 VARIANTS = ("fused", "torch", "fused_corr_only", "torch_corr_only")
 
 
-def make_inputs(batch, nodes, low, high, seed):
+def make_inputs(batch, nodes, low, high, seed, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     c1 = torch.relu(torch.randn(batch, nodes, low, low, generator=gen))  # CAMs of post-ReLU features
     c2 = torch.relu(torch.randn(batch, nodes, high, high, generator=gen))
     edges = torch.rand(nodes, nodes, generator=gen)
-    return c1, c2, edges
+    return c1.to(device), c2.to(device), edges.to(device)
 
 
 def torch_reliability(cam):
@@ -88,7 +88,7 @@ STEPS = {"fused": fused_step, "torch": torch_step, "fused_corr_only": fused_corr
 
 
 def check(args, low, high):
-    c1, c2, edges = make_inputs(args.batch, args.nodes, low, high, args.seed)
+    c1, c2, edges = make_inputs(args.batch, args.nodes, low, high, args.seed, args.device)
     e1, e2 = edges.clone(), edges.clone()
     a, b = fused_step(c1, c2, e1, args.momentum), torch_step(c1, c2, e2, args.momentum)
     return {"corr": C.rel_err(a[0], b[0]), "edges": C.rel_err(e1, e2), "rel_low": C.rel_err(a[1], b[1]),
@@ -97,16 +97,26 @@ def check(args, low, high):
 
 def run_child(args, variant, low, high) -> dict:
     """Time and peak memory of one variant (run in a fresh process by the parent)."""
-    c1, c2, edges = make_inputs(args.batch, args.nodes, low, high, args.seed)
+    c1, c2, edges = make_inputs(args.batch, args.nodes, low, high, args.seed, args.device)
     fn = STEPS[variant]
-    fn(c1, c2, edges, args.momentum)  # warm-up (thread pools, the ISA choice)
+    fn(c1, c2, edges, args.momentum)  # warm-up (thread pools, the ISA choice, CUDA context)
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
     mem = C.peak_rss_region(lambda: fn(c1, c2, edges, args.momentum))
-    t = C.time_fn(lambda: fn(c1, c2, edges, args.momentum), warmup=args.warmup, repeats=args.repeats)
+    if cuda:  # on the GPU, peak = torch's peak CUDA allocation above the allocation before the call
+        torch.cuda.synchronize()
+        mem = {"host": mem, "peak_over_before_bytes": torch.cuda.max_memory_allocated() - before}
+    t = C.time_fn(lambda: fn(c1, c2, edges, args.momentum), warmup=args.warmup, repeats=args.repeats,
+                  device=args.device)
     return {"time": t, "memory": mem}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--batch", type=int, default=180)
     ap.add_argument("--nodes", type=int, default=512)
     ap.add_argument("--pairs", default="28:14,14:7", help="lower:upper map sides, comma-separated")
@@ -114,7 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--stem", default=None, help="result path without suffix (default benchmarks/results/avsl_cam_cpu)")
+    ap.add_argument("--stem", default=None, help="result path without suffix (default benchmarks/results/avsl_cam_<device type>)")
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes, to check the script")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # "variant:low:high"
     args = ap.parse_args(argv)
@@ -138,22 +148,23 @@ def main(argv=None) -> int:
             print(f"[avsl_cam] {low}x{low} -> {high}x{high} {variant} ...", flush=True)
             cmd = [sys.executable, __file__, "--child", f"{variant}:{low}:{high}", "--batch", str(args.batch),
                    "--nodes", str(args.nodes), "--momentum", str(args.momentum), "--repeats", str(args.repeats),
-                   "--warmup", str(args.warmup), "--seed", str(args.seed)]
+                   "--warmup", str(args.warmup), "--seed", str(args.seed), "--device", args.device]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             row["variants"][variant] = json.loads(out.strip().splitlines()[-1])
         results.append(row)
 
-    info = C.machine_info("cpu")
+    dev = torch.device(args.device)
+    info = C.machine_info(dev)
     data = {"benchmark": "avsl_cam", "argv": sys.argv[1:], "machine": info,
             "sizes": {"batch": args.batch, "nodes": args.nodes, "pairs": pairs}, "momentum": args.momentum,
             "results": results}
-    where = f"{info['cpu_model']} ({info['torch_threads']} threads)"
-    lines = ["# AVSL CAM statistics of a level pair: fused op vs the published code's PyTorch (cpu)", "",
+    where = info.get("gpu") or f"{info['cpu_model']} ({info['torch_threads']} threads)"
+    lines = [f"# AVSL CAM statistics of a level pair: fused op vs the published code's PyTorch ({dev.type})", "",
              f"`python benchmarks/avsl_cam.py {' '.join(sys.argv[1:])}` on {where}, torch {info['torch']}, "
              f"whymatch {whymatch.__version__} at {str(info['git_commit'])[:10]}.",
              f"B = {args.batch}, R = {args.nodes} nodes per level; one step = correlation + edge update + both "
              f"levels' reliability. Median of {args.repeats} after {args.warmup} warm-up calls; peak = peak RSS "
-             "above the RSS before one call, each variant in its own process. time / fused = the variant's time over the fused op's (of the same task), same run.",
+             "(on CUDA: peak CUDA allocation) above the level before one call, each variant in its own process. time / fused = the variant's time over the fused op's (of the same task), same run.",
              ""]
     rows = []
     for r in results:
@@ -170,7 +181,7 @@ def main(argv=None) -> int:
                              "rel. error fused vs torch"], rows))
     data["load_at_end"] = C.system_load()
     lines.append(C.load_note(data))
-    stem = Path(args.stem) if args.stem else C.RESULTS / "avsl_cam_cpu"
+    stem = Path(args.stem) if args.stem else C.RESULTS / f"avsl_cam_{dev.type}"
     if args.dry_run and not args.stem:
         stem = Path("/tmp/avsl_cam_dry")
     js, md = C.write_results(stem, data, "\n".join(lines) + "\n")

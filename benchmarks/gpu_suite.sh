@@ -9,7 +9,7 @@
 #
 #     bash benchmarks/gpu_suite.sh
 #
-# Everything lands in $OUT (default benchmarks/results/gpu), at most 18 files:
+# Everything lands in $OUT (default benchmarks/results/gpu), at most 21 files:
 #   suite.log        environment, each step's exit status, summary
 #   build.log        pip / CMake / nvcc output
 #   pytest_cuda.log  python -m pytest tests -q -m cuda -x
@@ -19,6 +19,7 @@
 #   soft_mask.{log,json,md}  fused soft mask vs composite PyTorch, 180 x 3 x 224 x 224
 #   recall_cuda.{log,json,md}  Recall@{1,2,4,8} of 60,000 x 512 self-retrieval on the GPU
 #   avsl_cuda.{log,json,md}  AVSL distance + top-k (20,000 x 20,000 by default) vs the sliced baseline
+#   avsl_cam_cuda.{log,json,md}  AVSL CAM correlation + edges + reliabilities, B = 180, R = 512
 #
 # Environment knobs: PYTHON (default python3), WHYMATCH_CUDA_ARCHITECTURES
 # (default 90), BUILD_TIMEOUT / TEST_TIMEOUT / BENCH_TIMEOUT in seconds
@@ -187,6 +188,11 @@ if want avsl; then
   run_step "avsl" "${AV_TIMEOUT:-240}" avsl_cuda \
     "$PY" benchmarks/avsl_cpu.py --device "$AV_DEV" --stem "$OUT/avsl_cuda" $AV_ARGS
   AV_RC=$STEP_RC
+  CAM_ARGS=""; [ "$DRY" = "1" ] && CAM_ARGS="--dry-run"
+  # shellcheck disable=SC2086
+  run_step "avsl cam" "${CAM_TIMEOUT:-120}" avsl_cam_cuda \
+    "$PY" benchmarks/avsl_cam.py --device "$AV_DEV" --stem "$OUT/avsl_cam_cuda" $CAM_ARGS
+  [ $STEP_RC -ne 0 ] && AV_RC=$STEP_RC
 fi
 
 log "done in $((SECONDS - START)) s (steps $STEPS): build $BUILD_RC, tests $TEST_RC, rise $BENCH_RC, saliency table $SAL_RC, soft mask $SM_RC, recall $RC_RC, avsl $AV_RC"
