@@ -3,6 +3,7 @@
 #include "bindings_avsl.h"
 #include "bindings_avsl_cam.h"
 #include "bindings_mining.h"
+#include "common/cpu_isa.h"
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "whymatch CPU kernels (torch-agnostic: raw pointers, sizes, a thread count)";
@@ -22,4 +23,14 @@ PYBIND11_MODULE(_C, m) {
       m, [](const whymatch::CamCorrParams& p, int t) { whymatch::avsl_cam_correlation_cpu(p, t); },
       [](const whymatch::CamRelParams& p, int t) { whymatch::avsl_cam_reliability_cpu(p, t); },
       [](int64_t B, int64_t J) { return whymatch::cam_corr_chunk_images_cpu(B, J); });
+  m.def(
+      "cpu_isa",
+      [] {
+        switch (whymatch::cpu_isa()) {
+          case whymatch::CpuIsa::kAvx512: return "avx512";
+          case whymatch::CpuIsa::kAvx2: return "avx2";
+          default: return "base";
+        }
+      },
+      "The instruction set the CPU kernels' hot loops use (capped by WHYMATCH_CPU_ISA=base|avx2|avx512).");
 }

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "avsl/avsl_distance.h"
+#include "common/cpu_isa.h"
 #include "common/parallel.h"
 
 // The vector helpers below are always inlined into their callers, which share one target: no
@@ -41,21 +42,9 @@ constexpr int kB = 16;  // gallery items per block
 #define WM_ALWAYS_INLINE inline
 #endif
 
-// The instruction set of the hot loops, chosen once from what the CPU supports.
-enum class Isa { kBase, kAvx2, kAvx512 };
-Isa detect_isa() {
-#if WM_AVSL_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-#endif
-  return Isa::kBase;
-}
-Isa isa() {
-  static const Isa v = detect_isa();
-  return v;
-}
+// The instruction set of the hot loops, chosen once from what the CPU supports (common/cpu_isa.h).
+using Isa = CpuIsa;
+inline Isa isa() { return WM_AVSL_X86 ? cpu_isa() : Isa::kBase; }
 
 template <typename T>
 struct Ctx {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "avsl/cam_correlation.h"
+#include "common/cpu_isa.h"
 #include "common/parallel.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -252,18 +253,8 @@ WM_CAM_AVX2 void micro_f64_avx2(const double* a, const double* b, int64_t kc, do
   micro_generic<double, 8, 16>(a, b, kc, c, ldc);
 }
 
-enum class Isa { kBase, kAvx2, kAvx512 };
-Isa isa() {
-  static const Isa v = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512dq"))
-      return Isa::kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-    return Isa::kBase;
-  }();
-  return v;
-}
+using Isa = CpuIsa;  // chosen once from what the CPU supports (common/cpu_isa.h)
+inline Isa isa() { return cpu_isa(); }
 #endif
 
 // Copies columns [c0, c0 + n) of rows [k0, k0 + kc) of a K-major panel (row stride ld) into

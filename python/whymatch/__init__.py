@@ -30,6 +30,7 @@ def build_info() -> dict:
         "torch": torch.__version__,
         "cpu_kernels": list(cpu.ops) if cpu is not None else [],
         "cpu_module_error": _ext.import_error("_C"),
+        "cpu_isa": cpu.cpu_isa() if cpu is not None and hasattr(cpu, "cpu_isa") else None,
         "cuda_kernels": list(cuda.ops) if cuda is not None else [],
         "cuda_module_error": _ext.import_error("_C_cuda"),
         "cuda_architectures": cuda.cuda_architectures.split(",") if cuda is not None else [],
