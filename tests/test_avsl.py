@@ -455,3 +455,29 @@ def test_cli_train_avsl_under_torchrun(tmp_path):
     assert p.stdout.count("trained 1 epochs") == 1
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 1
+
+
+def test_avsl_report_draws_every_level(tmp_path):
+    from whymatch.viz import write_avsl_report
+
+    m = _model("map")
+    m.train()
+    m.encode(torch.rand(6, 3, 16, 16))
+    x = torch.rand(2, 3, 16, 16)
+    ex = m.explain(x[0], x[1], top=3)
+    key = torch.zeros(16, 16, dtype=torch.bool)
+    key[4:9, 4:9] = True
+    out = write_avsl_report(tmp_path / "rep", [{"name": "pair 0", "x1": x[0], "x2": x[1], "explanation": ex,
+                                                 "key_mask1": key}])
+    page = out.read_text()
+    assert out.name == "index.html" and "pair 0" in page
+    for lv, le in enumerate(ex.levels):
+        assert f"level {lv}: {le.level}" in page
+        for j in range(3):
+            assert (tmp_path / "rep" / f"p0_l{lv}_n{j}_0.png").is_file()
+            assert f"<td>{int(le.nodes[j])}</td>" in page
+    pngs = list((tmp_path / "rep").glob("*.png"))
+    assert len(pngs) == 3 * (3 * 2 + 2)
+    with pytest.raises(KeyError):  # a pair without an explanation leaves nothing behind
+        write_avsl_report(tmp_path / "bad", [{"name": "x", "x1": x[0], "x2": x[1]}])
+    assert not (tmp_path / "bad").exists()

@@ -1,4 +1,5 @@
-"""The HTML report: every method side by side for each pair, a summary table on top."""
+"""The HTML reports: every method side by side for each pair with a summary table on top
+(:func:`write_report`), and AVSL's node-level explanations (:func:`write_avsl_report`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from ..io import atomic_output_dir
 from .overlay import contour, mark_point, overlay, to_pil
 
-__all__ = ["write_report", "format_table", "html_table"]
+__all__ = ["write_report", "write_avsl_report", "format_table", "html_table"]
 
 _CSS = """body{font-family:sans-serif;margin:20px;color:#222}table{border-collapse:collapse;margin:8px 0}
 td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f0f0f0}
@@ -110,6 +111,69 @@ def write_report(out_dir: str | Path, pairs: Sequence[dict], summary: Sequence[d
                     row.append(f"<td><img src='{html.escape(name)}' alt='{html.escape(m)}'><br>{txt}</td>")
                 parts.append("<tr>" + "".join(row) + "</tr>")
             parts.append("</table></div>")
+        parts.append("</body></html>")
+        (tmp / "index.html").write_text("".join(parts), encoding="utf-8")
+    return Path(out_dir) / "index.html"
+
+
+def _overlay_png(image, saliency, key, path: Path) -> None:
+    img = overlay(image.detach().float().cpu(), saliency.detach().float().cpu())
+    if key is not None:
+        img = contour(img, key)
+    _png(img, path)
+
+
+def write_avsl_report(out_dir: str | Path, pairs: Sequence[dict], *, title: str = "whymatch AVSL report") -> Path:
+    """Write ``out_dir/index.html``: for each pair and each level, the top nodes of an AVSL explanation.
+
+    Each level is a table with one row per top node: its index, sensitivity lambda (Eq. 11), its
+    contribution lambda * delta to the distance, and its CAM over each image. The first row of
+    every level shows the two images with the lambda-weighted sum of the top nodes' CAMs.
+    Nothing is left half-written on error.
+
+    Args:
+        out_dir: output directory (created; files of the same names are replaced).
+        pairs: one dict per pair: 'name' (str), 'x1', 'x2' ((3, H, W) images in [0, 1]),
+            'explanation' (what :meth:`whymatch.avsl.AVSL.explain` returns), optional
+            'key_mask1' / 'key_mask2' ((H, W) bool ground truth, outlined in white).
+
+    Returns:
+        The path of index.html.
+    """
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             "<p>For each level (low to high), the similarity nodes that made the distance of the pair, "
+             "most important first: lambda = the distance's sensitivity to the node (Eq. 11 of AVSL), "
+             "contribution = lambda x node value (the contributions of all nodes add up to the distance). "
+             "Red = where the node's CAM is high, each map min-max scaled.</p>"]
+    with atomic_output_dir(out_dir) as tmp:
+        for pi, pair in enumerate(pairs):
+            ex = pair["explanation"]
+            k1, k2 = pair.get("key_mask1"), pair.get("key_mask2")
+            parts.append(f"<div class='pair'><h3>{html.escape(str(pair['name']))}: distance "
+                         f"{_fmt(float(ex.distance))}</h3>")
+            for li, lv in enumerate(ex.levels):
+                parts.append(f"<h4>level {li}: {html.escape(str(lv.level))}</h4><table class='grid'>"
+                             "<tr><th>node</th><th>lambda</th><th>contribution</th><th>image 1</th>"
+                             "<th>image 2</th></tr>")
+                w = lv.lambdas.float().clamp_min(0)[:, None, None]
+                for side, (x, cams, key) in enumerate(((pair["x1"], lv.cam1, k1), (pair["x2"], lv.cam2, k2))):
+                    _overlay_png(x, (w * cams.float().clamp_min(0)).sum(0), key, tmp / f"p{pi}_l{li}_sum{side}.png")
+                parts.append(f"<tr><td>top {len(lv.nodes)}, lambda-weighted</td><td></td><td></td>"
+                             f"<td><img src='p{pi}_l{li}_sum0.png' alt='weighted CAMs, image 1'></td>"
+                             f"<td><img src='p{pi}_l{li}_sum1.png' alt='weighted CAMs, image 2'></td></tr>")
+                for j in range(len(lv.nodes)):
+                    names = []
+                    for side, (x, cams, key) in enumerate(((pair["x1"], lv.cam1, k1), (pair["x2"], lv.cam2, k2))):
+                        name = f"p{pi}_l{li}_n{j}_{side}.png"
+                        _overlay_png(x, cams[j], key, tmp / name)
+                        names.append(name)
+                    parts.append(f"<tr><td>{int(lv.nodes[j])}</td><td>{_fmt(float(lv.lambdas[j]))}</td>"
+                                 f"<td>{_fmt(float(lv.contributions[j]))}</td>"
+                                 f"<td><img src='{names[0]}' alt='node CAM, image 1'></td>"
+                                 f"<td><img src='{names[1]}' alt='node CAM, image 2'></td></tr>")
+                parts.append("</table>")
+            parts.append("</div>")
         parts.append("</body></html>")
         (tmp / "index.html").write_text("".join(parts), encoding="utf-8")
     return Path(out_dir) / "index.html"
