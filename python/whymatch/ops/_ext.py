@@ -1,4 +1,6 @@
-"""Access to the compiled modules ``whymatch._C`` (CPU) and ``whymatch._C_cuda``.
+"""Access to the compiled modules ``whymatch._C`` (CPU) and ``whymatch._C_cuda``, and what every
+op's launch shares (dtype codes, pointers, the thread count or stream, the device guard, the
+refusal of a double backward through a fused backward kernel).
 
 This file and the op files beside it are the only Python code that touches the
 compiled modules. A module that is missing makes the ops fall back to the pure
@@ -8,6 +10,7 @@ different version of whymatch is refused with a message that says how to fix it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
 from types import ModuleType
@@ -17,6 +20,8 @@ import torch
 from .._version import __version__
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+#: The codes of the ops that also take float64 (csrc/common/dtype.h, DType::F64): for gradcheck.
+FLOAT64_CODE = 3
 
 _cache: dict[str, ModuleType | None] = {}
 _import_errors: dict[str, str] = {}
@@ -88,3 +93,26 @@ def extra_arg(t: torch.Tensor) -> int:
 
 def ptr(t: torch.Tensor) -> int:
     return t.data_ptr() if t.numel() > 0 else 0
+
+
+def dtype_code(t: torch.Tensor) -> int:
+    """The kernels' code for t's dtype (float32, float16, bfloat16, float64)."""
+    return FLOAT64_CODE if t.dtype == torch.float64 else DTYPE_CODES[t.dtype]
+
+
+def device_guard(t: torch.Tensor):
+    """Makes t's CUDA device current for a launch (a no-op on the CPU)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def refuse_double_backward(backward_op: str, forward_op: str) -> None:
+    """Register an autograd formula for ``backward_op`` that refuses a second derivative by name.
+
+    The fused backward kernels have no derivative of their own; without this, a double
+    backward through them fails with torch's generic "no autograd kernel" message.
+    """
+    def _refuse(ctx, *grads):
+        raise RuntimeError(f"{forward_op} does not support double backward (its backward is a fused kernel "
+                           f"without a derivative); compute the loss without create_graph through {forward_op}")
+
+    torch.library.register_autograd(backward_op, _refuse, setup_context=lambda ctx, inputs, output: None)

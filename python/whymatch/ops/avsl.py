@@ -36,10 +36,9 @@ from torch import Tensor
 
 from . import _ext, _validate as V
 from . import reference as ref
-from .perturb import _device_guard
 
 _MAX_LEVELS = 8
-_CODES = {torch.float32: 0, torch.float64: 3}
+_FLOATS = (torch.float32, torch.float64)  # what the AVSL kernels take
 
 __all__ = ["cam_reliability", "cam_correlation", "cam_statistics", "link_star", "avsl_distance", "avsl_topk"]
 
@@ -71,7 +70,7 @@ def _check_edges(edges: Tensor, cam_low: Tensor, cam_high: Tensor) -> Tensor:
     edges = V.tensor("edges", edges, ndim=2, dtypes=(torch.float32,), device=cam_low.device)
     V.shape("edges", edges, (cam_low.shape[1], cam_high.shape[1]))
     if not edges.is_contiguous():
-        raise ValueError("edges must be contiguous (it is updated in place)")
+        raise ValueError(f"edges must be contiguous (it is updated in place), got strides {edges.stride()}")
     return edges
 
 
@@ -145,13 +144,13 @@ def _cam_launch(cam_low, cam_high, edges, momentum, first, reliability, publishe
         return _cam_reference(cam_low, cam_high, edges, momentum, first, reliability, published)
     b, r1, h1, w1 = cam_low.shape
     _, r2, h2, w2 = cam_high.shape
-    code = _CODES[cam_low.dtype]
+    code = _ext.dtype_code(cam_low)
     corr = cam_low.new_empty(r1, r2)
     rel_low = cam_low.new_empty(b, r1) if reliability else cam_low.new_empty(0)
     rel_high = cam_low.new_empty(b, r2) if reliability else cam_low.new_empty(0)
     ws = torch.empty(int(mod.avsl_cam_workspace_bytes(b, r1, r2, h2, w2, code)), dtype=torch.uint8,
                      device=cam_low.device)
-    with _device_guard(cam_low):
+    with _ext.device_guard(cam_low):
         mod.avsl_cam_correlation(_ext.ptr(cam_low), _ext.ptr(cam_high), _ext.ptr(corr),
                                  _ext.ptr(edges) if edges is not None else 0, _ext.ptr(rel_low), _ext.ptr(rel_high),
                                  _ext.ptr(ws), b, r1, h1, w1, r2, h2, w2, float(momentum), bool(first),
@@ -162,7 +161,7 @@ def _cam_launch(cam_low, cam_high, edges, momentum, first, reliability, publishe
 def _check_cam_op(cam_low: Tensor, cam_high: Tensor, edges: Tensor | None = None) -> None:
     """The ops' own contract (the public functions validate more and name the argument first)."""
     for name, t in (("cam_low", cam_low), ("cam_high", cam_high)):
-        if t.dim() != 4 or t.dtype not in _CODES or not t.is_contiguous():
+        if t.dim() != 4 or t.dtype not in _FLOATS or not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous 4-D float32 or float64 tensor, got {t.dim()}-D "
                              f"{t.dtype} (contiguous={t.is_contiguous()})")
     if cam_high.dtype != cam_low.dtype or cam_high.shape[0] != cam_low.shape[0] or cam_low.shape[0] == 0:
@@ -209,15 +208,16 @@ def _(edges, cam_low, cam_high, momentum, first, reliability, published):
 @torch.library.custom_op("whymatch::avsl_cam_reliability", mutates_args=())
 def _avsl_cam_reliability(cam: Tensor, published: bool) -> Tensor:
     """(B, R) reliability statistic of contiguous float32/float64 CAMs (B, R, H, W), H * W >= 2."""
-    if cam.dim() != 4 or cam.dtype not in _CODES or not cam.is_contiguous():
-        raise ValueError(f"cam must be a contiguous 4-D float32 or float64 tensor, got {cam.dim()}-D {cam.dtype}")
+    if cam.dim() != 4 or cam.dtype not in _FLOATS or not cam.is_contiguous():
+        raise ValueError(f"cam must be a contiguous 4-D float32 or float64 tensor, got {cam.dim()}-D {cam.dtype} "
+                         f"(contiguous={cam.is_contiguous()})")
     b, r, h, w = cam.shape
     mod = _ext.module_for(cam.device, "avsl_cam_reliability")
     if mod is None:
         return ref.avsl_reliability(cam, published).to(cam.dtype)
     rel = cam.new_empty(b, r)
-    with _device_guard(cam):
-        mod.avsl_cam_reliability(_ext.ptr(cam), _ext.ptr(rel), b, r, h, w, bool(published), _CODES[cam.dtype],
+    with _ext.device_guard(cam):
+        mod.avsl_cam_reliability(_ext.ptr(cam), _ext.ptr(rel), b, r, h, w, bool(published), _ext.dtype_code(cam),
                                  _ext.extra_arg(cam))
     return rel
 
@@ -243,7 +243,7 @@ def _check_levels(queries, galleries, rel_q, rel_g, links, coef, bias):
                              f"{' pair' if name == 'links' else ''}), got "
                              f"{len(seq) if isinstance(seq, (list, tuple)) else type(seq).__name__}")
     if n < 1:
-        raise ValueError("queries must hold at least one level")
+        raise ValueError("queries must hold at least one level, got an empty list")
     dev = queries[0].device
     q0, g0 = queries[0].shape[0], galleries[0].shape[0]
     for lv in range(n):
@@ -294,8 +294,9 @@ def _compressed(links: Tensor, sizes: list[int], rows: bool) -> tuple[Tensor, Te
     return torch.cat(ptrs).contiguous(), torch.cat(idx).contiguous(), torch.cat(vals).contiguous()
 
 
-def _packed_reference(qe, ge, rq, rg, links, coef, bias, sizes, gamma):
-    """The rectified distance of the packed form in plain PyTorch (the fallback; differentiable in coef, bias)."""
+def _packed_reference(qe, ge, rq, rg, links, coef, bias, sizes, gamma, saved=None):
+    """The rectified distance of the packed form in plain PyTorch (the fallback; differentiable in
+    coef, bias). With a list ``saved``, each level >= 1 appends (columns, link, delta, A, p)."""
     off, hat, pos = _offsets(sizes), None, 0
     for lv, r in enumerate(sizes):
         delta = (qe[:, None, off[lv]:off[lv] + r] - ge[None, :, off[lv]:off[lv] + r]) ** 2
@@ -307,26 +308,17 @@ def _packed_reference(qe, ge, rq, rg, links, coef, bias, sizes, gamma):
         pos += rp * r
         sl = slice(o1, o1 + r)
         p = torch.sigmoid(gamma * (rq[:, None, sl] * rg[None, :, sl] * coef[sl] + bias[sl]))
-        hat = delta * p + (hat @ link) * (1 - p)
+        a = hat @ link
+        if saved is not None:
+            saved.append((sl, link, delta, a, p))
+        hat = delta * p + a * (1 - p)
     return hat.sum(dim=-1)
 
 
 def _packed_reference_backward(grad, qe, ge, rq, rg, links, coef, bias, sizes, gamma):
     """(dL/dcoef, dL/dbias) of the packed form in plain PyTorch, without autograd (the fallback)."""
-    off, hat, pos, saved = _offsets(sizes), None, 0, []
-    for lv, r in enumerate(sizes):
-        delta = (qe[:, None, off[lv]:off[lv] + r] - ge[None, :, off[lv]:off[lv] + r]) ** 2
-        if hat is None:
-            hat = delta
-            continue
-        o1, rp = off[lv] - sizes[0], sizes[lv - 1]
-        link = links[pos:pos + rp * r].view(rp, r)
-        pos += rp * r
-        sl = slice(o1, o1 + r)
-        p = torch.sigmoid(gamma * (rq[:, None, sl] * rg[None, :, sl] * coef[sl] + bias[sl]))
-        a = hat @ link
-        saved.append((sl, link, delta, a, p))
-        hat = delta * p + a * (1 - p)
+    saved: list = []
+    _packed_reference(qe, ge, rq, rg, links, coef, bias, sizes, gamma, saved)
     grad_coef, grad_bias = torch.zeros_like(coef), torch.zeros_like(bias)
     u = grad.to(qe.dtype)[:, :, None]
     for sl, link, delta, a, p in reversed(saved):
@@ -346,7 +338,7 @@ def _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes):
 
 
 def _workspace(mod, op: int, q: int, g: int, sizes: list[int], k: int, like: Tensor) -> Tensor:
-    n = int(mod.avsl_workspace_bytes(op, q, g, list(sizes), k, _CODES[like.dtype]))
+    n = int(mod.avsl_workspace_bytes(op, q, g, list(sizes), k, _ext.dtype_code(like)))
     return torch.empty(n, dtype=torch.uint8, device=like.device)
 
 
@@ -360,8 +352,8 @@ def _avsl_distance(qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor
     out = qe.new_empty(q, g)
     keep, ptrs = _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes)
     ws = _workspace(mod, 0, q, g, sizes, 0, qe)
-    with _device_guard(qe):
-        mod.avsl_distance(*ptrs, _ext.ptr(out), q, g, list(sizes), float(gamma), _CODES[qe.dtype], _ext.ptr(ws),
+    with _ext.device_guard(qe):
+        mod.avsl_distance(*ptrs, _ext.ptr(out), q, g, list(sizes), float(gamma), _ext.dtype_code(qe), _ext.ptr(ws),
                           _ext.extra_arg(qe))
     return out
 
@@ -384,10 +376,10 @@ def _avsl_distance_backward(grad: Tensor, qe: Tensor, ge: Tensor, rq: Tensor, rg
     keep, ptrs = _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes)
     row_ptr, col_idx, row_values = _compressed(links, sizes, rows=True)
     ws = _workspace(mod, 1, q, g, sizes, 0, qe)
-    with _device_guard(qe):
+    with _ext.device_guard(qe):
         mod.avsl_distance_backward(_ext.ptr(grad), *ptrs, _ext.ptr(row_ptr), _ext.ptr(col_idx), _ext.ptr(row_values),
                                    _ext.ptr(grad_coef), _ext.ptr(grad_bias), q, g, list(sizes), float(gamma),
-                                   _CODES[qe.dtype], _ext.ptr(ws), _ext.extra_arg(qe))
+                                   _ext.dtype_code(qe), _ext.ptr(ws), _ext.extra_arg(qe))
     return grad_coef, grad_bias
 
 
@@ -411,9 +403,9 @@ def _avsl_topk(qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor, co
     indices = torch.empty(q, k, dtype=torch.int64, device=qe.device)
     keep, ptrs = _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes)
     ws = _workspace(mod, 2, q, g, sizes, k, qe)
-    with _device_guard(qe):
+    with _ext.device_guard(qe):
         mod.avsl_topk(*ptrs, _ext.ptr(values), _ext.ptr(indices), q, g, list(sizes), float(gamma), int(k),
-                      bool(exclude_self), _CODES[qe.dtype], _ext.ptr(ws), _ext.extra_arg(qe))
+                      bool(exclude_self), _ext.dtype_code(qe), _ext.ptr(ws), _ext.extra_arg(qe))
     return values, indices
 
 
@@ -437,18 +429,8 @@ def _backward(ctx, grad):
     return None, None, None, None, None, (gc if need_coef else None), (gb if need_bias else None), None, None
 
 
-def _refuse_double_backward(ctx, grad_coef, grad_bias):
-    raise RuntimeError("whymatch::avsl_distance does not support double backward (its backward is a fused kernel "
-                       "without a derivative); compute the loss without create_graph through avsl_distance")
-
-
-def _setup_backward_context(ctx, inputs, output):
-    pass
-
-
 torch.library.register_autograd("whymatch::avsl_distance", _backward, setup_context=_setup_context)
-torch.library.register_autograd("whymatch::avsl_distance_backward", _refuse_double_backward,
-                                setup_context=_setup_backward_context)
+_ext.refuse_double_backward("whymatch::avsl_distance_backward", "whymatch::avsl_distance")
 
 
 def _pack(queries, galleries, rel_q, rel_g, links, coef, bias):

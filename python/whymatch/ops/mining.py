@@ -13,12 +13,10 @@ from torch import Tensor
 
 from . import _ext, _validate as V
 from . import reference as ref
-from .perturb import _device_guard
 
 __all__ = ["soft_mask"]
 
 MASK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_CODES = {**_ext.DTYPE_CODES, torch.float64: 3}
 
 
 # ---------------------------------------------------------------------------
@@ -43,9 +41,9 @@ def _soft_mask(x: Tensor, attention: Tensor, alpha: Tensor, beta: Tensor) -> Ten
             memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
     out = _like(x)
     b, c, hh, ww = x.shape
-    with _device_guard(x):
+    with _ext.device_guard(x):
         mod.soft_mask(_ext.ptr(x), _ext.ptr(attention), _ext.ptr(alpha), _ext.ptr(beta), _ext.ptr(out), b, c, hh, ww,
-                      attention.shape[1], attention.shape[2], _CODES[x.dtype], _channels_last(x), _ext.extra_arg(x))
+                      attention.shape[1], attention.shape[2], _ext.dtype_code(x), _channels_last(x), _ext.extra_arg(x))
     return out
 
 
@@ -68,10 +66,10 @@ def _soft_mask_backward(grad: Tensor, x: Tensor, attention: Tensor, alpha: Tenso
     g_att = torch.empty_like(attention) if need_attention else attention.new_empty(0)
     ws_size = b * hh * (ww if x.device.type == "cuda" else w)
     ws = attention.new_empty(ws_size if need_attention else 0)
-    with _device_guard(x):
+    with _ext.device_guard(x):
         mod.soft_mask_backward(_ext.ptr(grad), _ext.ptr(x), _ext.ptr(attention), _ext.ptr(alpha), _ext.ptr(beta),
                                _ext.ptr(grad_x) if need_x else 0, _ext.ptr(g_att) if need_attention else 0,
-                               _ext.ptr(ws), b, c, hh, ww, h, w, _CODES[x.dtype], _channels_last(x),
+                               _ext.ptr(ws), b, c, hh, ww, h, w, _ext.dtype_code(x), _channels_last(x),
                                _ext.extra_arg(x))
     return grad_x, g_att
 
@@ -123,18 +121,8 @@ def _backward(ctx, grad):
     return d_x, d_att, d_alpha, d_beta
 
 
-def _refuse_double_backward(ctx, grad_x, g):
-    raise RuntimeError("whymatch::soft_mask does not support double backward (its backward is a fused kernel "
-                       "without a derivative); compute the loss without create_graph through soft_mask")
-
-
-def _setup_backward_context(ctx, inputs, output):
-    pass
-
-
 torch.library.register_autograd("whymatch::soft_mask", _backward, setup_context=_setup_context)
-torch.library.register_autograd("whymatch::soft_mask_backward", _refuse_double_backward,
-                                setup_context=_setup_backward_context)
+_ext.refuse_double_backward("whymatch::soft_mask_backward", "whymatch::soft_mask")
 
 
 def _scalar(name: str, v: object, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -20,17 +20,11 @@ __all__ = ["rise_apply", "rise_saliency", "ranked_blend"]
 # registered ops (arguments already validated)
 # ---------------------------------------------------------------------------
 
-def _device_guard(t: Tensor):
-    import contextlib
-
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _launch_rise_apply(mod, grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor, out: Tensor) -> None:
     n, s, _ = grids.shape
     c, h, w = image.shape
     channels_last = out.dim() == 4 and out.numel() > 0 and not out.is_contiguous()
-    with _device_guard(image):
+    with _ext.device_guard(image):
         mod.rise_apply(_ext.ptr(grids), _ext.ptr(shifts), _ext.ptr(image), _ext.ptr(baseline), _ext.ptr(out),
                        n, c, h, w, s, _ext.DTYPE_CODES[out.dtype], channels_last, _ext.extra_arg(image))
 
@@ -78,7 +72,7 @@ def _rise_saliency(grids: Tensor, shifts: Tensor, scores: Tensor, height: int, w
     if mod is None:
         return ref.rise_saliency(grids, shifts, scores, (height, width))
     out = torch.empty((k, height, width), dtype=torch.float32, device=scores.device)
-    with _device_guard(scores):
+    with _ext.device_guard(scores):
         mod.rise_saliency(_ext.ptr(grids), _ext.ptr(shifts), _ext.ptr(scores), _ext.ptr(out), n, k, height, width,
                           s, _ext.extra_arg(scores))
     return out
@@ -97,7 +91,7 @@ def _ranked_blend(first: Tensor, second: Tensor, rank: Tensor, counts: Tensor) -
     if mod is None:
         return ref.ranked_blend(first, second, rank, counts)
     out = torch.empty((b, t, c, h, w), dtype=first.dtype, device=first.device)
-    with _device_guard(first):
+    with _ext.device_guard(first):
         mod.ranked_blend(_ext.ptr(first), _ext.ptr(second), _ext.ptr(rank), _ext.ptr(counts), _ext.ptr(out),
                          b, t, c, h * w, _ext.DTYPE_CODES[first.dtype], _ext.extra_arg(first))
     return out
