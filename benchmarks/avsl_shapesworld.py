@@ -18,7 +18,6 @@ sampler seed, same flips) for the same number of steps. Reported:
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -28,8 +27,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, machine_info, md_table, shapesworld_data_info, shapesworld_sets,  # noqa: E402
-                    system_load, write_results)
+from common import (machine_info, md_table, shapesworld_data_info, shapesworld_sets,  # noqa: E402
+                    shapesworld_training_parser, system_load, write_results)
 
 from whymatch.data import ShapesWorld  # noqa: E402
 from whymatch.evaluation import RetrievalEvaluator  # noqa: E402
@@ -208,23 +207,12 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--image-size", type=int, default=48)
-    ap.add_argument("--n-train", type=int, default=3000)
-    ap.add_argument("--n-test", type=int, default=1200)
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--p", type=int, default=16)
-    ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap = shapesworld_training_parser(__doc__, "avsl_shapesworld")
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--topk", type=int, default=16, help="published: 128 of 512 nodes; 16 of 64 keeps the ratio")
     ap.add_argument("--reliability", default="map", choices=("map", "published"))
     ap.add_argument("--top", type=int, default=5)
     ap.add_argument("--n-pairs", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--progress", action="store_true")
-    ap.add_argument("--out", type=Path, default=RESULTS / "avsl_shapesworld")
     ap.add_argument("--note", default=None, help="a remark recorded in the JSON and the table")
     args = ap.parse_args(argv)
     res = run(args)

@@ -395,3 +395,22 @@ def shapesworld_data_info(train, test, image_size: int) -> dict[str, Any]:
     n_test_classes = int(torch.unique(test.labels).numel())
     return {"image_size": image_size, "n_train_images": len(train), "n_train_classes": n_train_classes,
             "n_test_images": len(test), "n_test_classes": n_test_classes, "chance_recall_at_1": 1 / n_test_classes}
+
+
+def shapesworld_training_parser(doc: str, stem: str):
+    """The options every ShapesWorld training benchmark shares (data, budget, threads, output)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--image-size", type=int, default=48)
+    ap.add_argument("--n-train", type=int, default=3000)
+    ap.add_argument("--n-test", type=int, default=1200)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--p", type=int, default=16, help="classes per batch")
+    ap.add_argument("--k", type=int, default=4, help="images per class per batch")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS / stem, help="result path without suffix")
+    return ap

@@ -22,7 +22,6 @@ the settings are in the JSON.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -31,8 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, machine_info, md_table, shapesworld_data_info, shapesworld_sets,  # noqa: E402
-                    system_load, write_results)
+from common import (machine_info, md_table, shapesworld_data_info, shapesworld_sets,  # noqa: E402
+                    shapesworld_training_parser, system_load, write_results)
 
 from whymatch.data import ShapesWorld  # noqa: E402
 from whymatch.metrics import chance_level, mass_on_mask, pointing_game  # noqa: E402
@@ -138,24 +137,13 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--image-size", type=int, default=48)
-    ap.add_argument("--n-train", type=int, default=3000)
-    ap.add_argument("--n-test", type=int, default=1200)
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--p", type=int, default=16)
-    ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap = shapesworld_training_parser(__doc__, "mining_shapesworld")
     ap.add_argument("--loss", default="triplet", choices=("contrastive", "triplet", "margin", "proxyanchor"))
     ap.add_argument("--gamma", type=float, default=1.0)
     ap.add_argument("--alpha", type=float, default=10.0)
     ap.add_argument("--beta", type=float, default=0.5)
     ap.add_argument("--embedding-dim", type=int, default=64)
     ap.add_argument("--n-attention", type=int, default=300)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--progress", action="store_true")
-    ap.add_argument("--out", type=Path, default=RESULTS / "mining_shapesworld")
     args = ap.parse_args(argv)
     res = run(args)
     js, md = write_results(args.out, res, markdown(res))
