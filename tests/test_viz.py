@@ -67,3 +67,20 @@ def test_format_table():
     t = format_table([{"method": "rise", "auc": 0.51234}, {"method": "chance", "extra": True}])
     lines = t.splitlines()
     assert lines[0].startswith("| method") and "0.512" in t and "yes" in t and len(lines) == 4
+
+
+def test_atomic_torch_save_keeps_the_old_file_on_error(tmp_path):
+    from whymatch.io import atomic_torch_save
+
+    path = tmp_path / "ck.pt"
+    atomic_torch_save({"a": torch.ones(2)}, path)
+    assert torch.equal(torch.load(path)["a"], torch.ones(2))
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        atomic_torch_save({"a": Unpicklable()}, path)
+    assert torch.equal(torch.load(path)["a"], torch.ones(2))  # the previous checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary file left

@@ -6,14 +6,16 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["load_image", "atomic_output_dir", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["load_image", "atomic_output_dir", "atomic_write", "atomic_write_bytes", "atomic_write_text",
+           "atomic_torch_save"]
 
 
 def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> Tensor:
@@ -65,14 +67,20 @@ def atomic_output_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file through a temporary file and an atomic rename."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """Write a file through a temporary file in the same folder, fsync and an atomic rename.
+
+    ``write(f)`` fills the open binary file; if it raises, nothing is left behind and any
+    previous file at ``path`` stays as it was.
+    """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -80,5 +88,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 text atomically (see :func:`atomic_write`)."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save`` atomically (see :func:`atomic_write`): a checkpoint is never half-written."""
+    atomic_write(path, lambda f: torch.save(obj, f))

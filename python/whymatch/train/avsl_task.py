@@ -139,7 +139,8 @@ def train_avsl(cfg: AVSLConfig) -> AVSLTrainer:
     at ``lr`` with the network, the proxies (and margin betas) at ``loss_lr``.
     """
     from ..avsl import AVSLLoss
-    from .trainer import _atomic_torch_save, random_flip
+    from ..io import atomic_torch_save
+    from .trainer import random_flip
 
     train, test, info = build_data(cfg.data, image_size=cfg.image_size, n_train=cfg.n_train, n_test=cfg.n_test,
                                    seed=cfg.seed, show_progress=cfg.show_progress)
@@ -160,5 +161,5 @@ def train_avsl(cfg: AVSLConfig) -> AVSLTrainer:
                           num_workers=cfg.num_workers, show_progress=cfg.show_progress, config=config)
     trainer.fit(resume=cfg.resume, stop_after=cfg.stop_after)
     if trainer.rank == 0:
-        _atomic_torch_save(model.embedder.state_dict(), Path(cfg.out) / "model.pt")
+        atomic_torch_save(model.embedder.state_dict(), Path(cfg.out) / "model.pt")
     return trainer

@@ -172,7 +172,8 @@ def train_mining(cfg: MiningConfig):
     model.pt (the embedder's state dict) on rank 0.
     """
     from ..mining import SimilarityMiningLoss
-    from .trainer import Trainer, _atomic_torch_save, random_flip
+    from ..io import atomic_torch_save
+    from .trainer import Trainer, random_flip
 
     train, test, info = build_data(cfg.data, image_size=cfg.image_size, n_train=cfg.n_train, n_test=cfg.n_test,
                                    seed=cfg.seed, show_progress=cfg.show_progress)
@@ -192,5 +193,5 @@ def train_mining(cfg: MiningConfig):
                       num_workers=cfg.num_workers, show_progress=cfg.show_progress, config=config)
     trainer.fit(resume=cfg.resume)
     if trainer.rank == 0:
-        _atomic_torch_save(model.embedder.state_dict(), Path(cfg.out) / "model.pt")
+        atomic_torch_save(model.embedder.state_dict(), Path(cfg.out) / "model.pt")
     return trainer

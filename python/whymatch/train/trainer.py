@@ -28,11 +28,9 @@ the learning rate ``loss_lr``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..io import atomic_torch_save, atomic_write_text
 from ..ops import _validate as V
 from ..similarity import SimilarityModel
 from .sampler import PKSampler
@@ -62,27 +61,6 @@ def random_flip(images: Tensor, generator: torch.Generator) -> Tensor:
     idx = torch.nonzero(flip).flatten().to(images.device)
     out[idx] = images[idx].flip(-1)
     return out
-
-
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    from ..io import atomic_write_text
-
-    atomic_write_text(path, text)
 
 
 def _seed_of(*parts: int) -> int:
@@ -294,8 +272,8 @@ class Trainer:
         """Write out_dir/checkpoint.pt (and metrics.jsonl) atomically; rank 0 only (other ranks no-op)."""
         path = self.out_dir / CHECKPOINT
         if self.rank == 0:
-            _atomic_torch_save(self.state_dict(), path)
-            _atomic_text(self.out_dir / METRICS_LOG, "".join(json.dumps(h) + "\n" for h in self.history))
+            atomic_torch_save(self.state_dict(), path)
+            atomic_write_text(self.out_dir / METRICS_LOG, "".join(json.dumps(h) + "\n" for h in self.history))
         return path
 
     def load_checkpoint(self, path: str | os.PathLike | None = None) -> None:
@@ -445,7 +423,7 @@ class Trainer:
                    "loss_lr": self.loss_lr, "weight_decay": self.weight_decay, "scheduler": self.scheduler_kind,
                    "seed": self.seed, "world_size": self.world, "device": str(self.device),
                    "autocast": str(self.model.autocast), "steps_per_epoch": self.steps_per_epoch, **self.config}
-            _atomic_text(self.out_dir / "config.json", json.dumps(cfg, indent=2, default=str) + "\n")
+            atomic_write_text(self.out_dir / "config.json", json.dumps(cfg, indent=2, default=str) + "\n")
         done = 0
         while self.epoch < self.epochs and (stop_after is None or done < stop_after):
             t0 = time.perf_counter()
@@ -465,7 +443,7 @@ class Trainer:
                 if r1 > self.best_recall_at_1:
                     self.best_recall_at_1 = r1
                     if self.rank == 0:
-                        _atomic_torch_save({"model": self.model.state_dict(), "epoch": self.epoch,
+                        atomic_torch_save({"model": self.model.state_dict(), "epoch": self.epoch,
                                             "recall@1": r1, "config": self.config}, self.out_dir / BEST)
             self.history.append(rec)
             self.save_checkpoint()
