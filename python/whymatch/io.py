@@ -8,14 +8,37 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["load_image", "atomic_output_dir", "atomic_write", "atomic_write_bytes", "atomic_write_text",
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = ["load_image", "pil_to_tensor", "atomic_output_dir", "atomic_write", "atomic_write_bytes", "atomic_write_text",
            "atomic_torch_save"]
+
+
+def pil_to_tensor(image: Image.Image) -> Tensor:
+    """A PIL image as a float32 RGB tensor in [0, 1].
+
+    Args:
+        image: any PIL image; grayscale, palette, CMYK and alpha images are converted
+            to RGB (alpha is dropped).
+
+    Returns:
+        (3, H, W) float32 in [0, 1].
+    """
+    from PIL import Image  # noqa: F811 (the runtime import; the one above is for annotations)
+
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    arr = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous().float().div_(255.0)
 
 
 def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> Tensor:
@@ -36,10 +59,9 @@ def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> 
             im = im.convert("RGB")
             if size is not None:
                 im = im.resize((int(size[1]), int(size[0])), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
+            return pil_to_tensor(im)
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"{p} is not a readable image: {exc}") from exc
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
 @contextlib.contextmanager

@@ -10,33 +10,15 @@ Images stay in [0, 1]: mean / std normalization belongs to the model
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from ..io import pil_to_tensor  # re-exported: whymatch.data.pil_to_tensor
 from ..ops import _validate as V
 
 __all__ = ["ResizeCrop", "train_transform", "eval_transform", "pil_to_tensor"]
-
-
-def pil_to_tensor(image: Image.Image) -> Tensor:
-    """A PIL image as a float32 RGB tensor in [0, 1].
-
-    Args:
-        image: any PIL image; grayscale, palette, CMYK and alpha images are converted
-            to RGB (alpha is dropped).
-
-    Returns:
-        (3, H, W) float32 in [0, 1].
-    """
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    arr = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous().float().div_(255.0)
 
 
 def _shorter_side_size(h: int, w: int, resize: int) -> tuple[int, int]:
