@@ -227,15 +227,24 @@ class AVSL(nn.Module):
         images = V.tensor("images", images, ndim=4, nonempty=True)
         feats = self.features(images)
         embs = [self.embed_level(i, f) for i, f in enumerate(feats)]
+        published = self.reliability == "published"
         with torch.no_grad():
             cams = [self.cam_level(i, f).float() for i, f in enumerate(feats)]
-            rels = [ops.cam_reliability(c, published=self.reliability == "published") for c in cams]
             corrs = None
-            if self.training:
+            if self.training and self.edges:
+                # one fused pass per level pair: correlation, edge update and both levels' reliability
                 first = not bool(self.edges_initialized)
-                corrs = [ops.cam_correlation(cams[i], cams[i + 1], edges=e, momentum=self.momentum, first=first)
-                         for i, e in enumerate(self.edges)]
+                rels, corrs = [None] * len(cams), []
+                for i, e in enumerate(self.edges):
+                    corr, rel_low, rel_high = ops.cam_statistics(cams[i], cams[i + 1], edges=e,
+                                                                 momentum=self.momentum, first=first,
+                                                                 published=published)
+                    rels[i] = rel_low if rels[i] is None else rels[i]
+                    rels[i + 1] = rel_high
+                    corrs.append(corr)
                 self.edges_initialized.fill_(True)
+            else:
+                rels = [ops.cam_reliability(c, published=published) for c in cams]
         return AVSLEncoding([e.float() for e in embs], rels, cams if keep_cams else None, corrs)
 
     def forward(self, images: Tensor) -> Tensor:

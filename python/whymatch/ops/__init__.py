@@ -6,9 +6,9 @@ definitions that the kernels are tested against.
 """
 
 from . import reference
-from .avsl import avsl_distance, avsl_topk, cam_correlation, cam_reliability, link_star
+from .avsl import avsl_distance, avsl_topk, cam_correlation, cam_reliability, cam_statistics, link_star
 from .mining import soft_mask
 from .perturb import ranked_blend, rise_apply, rise_saliency
 
 __all__ = ["reference", "rise_apply", "rise_saliency", "ranked_blend", "soft_mask", "cam_reliability",
-           "cam_correlation", "link_star", "avsl_distance", "avsl_topk"]
+           "cam_correlation", "cam_statistics", "link_star", "avsl_distance", "avsl_topk"]
