@@ -6,12 +6,18 @@ The attribute insertion and deletion metrics of SANE section 4.2 live here too
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import _validate as V
+from ..similarity import SimilarityModel, pairwise_similarity
 
-__all__ = ["average_precision", "mean_average_precision"]
+__all__ = ["average_precision", "mean_average_precision", "AttributeCounterfactuals",
+           "attribute_insertion_deletion", "rowwise_similarity"]
 
 
 def average_precision(scores: Tensor, labels: Tensor) -> Tensor:
@@ -67,3 +73,220 @@ def mean_average_precision(scores: Tensor, labels: Tensor) -> tuple[float, Tenso
     ap = average_precision(scores, labels)
     valid = ~torch.isnan(ap)
     return (float(ap[valid].mean()) if bool(valid.any()) else float("nan")), ap
+
+
+# ------------------------------------------------------------ attribute insertion / deletion
+def rowwise_similarity(similarity: str | Callable | SimilarityModel, a: Tensor, b: Tensor, *,
+                       chunk: int = 1024) -> Tensor:
+    """Similarity of the row pairs (a[i], b[i]): (P,) float32.
+
+    Args:
+        similarity: 'cosine', 'dot', 'neg_l2', a callable ``f(a, b) -> (Na, Nb)`` or a SimilarityModel
+            (its ``.pairwise``).
+        a, b: (P, D) embeddings.
+        chunk: rows per call of a callable / SimilarityModel (its (chunk, chunk) output's diagonal is kept).
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"the two embedding batches must have the same shape, got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    if isinstance(similarity, str):
+        a, b = a.float(), b.float()
+        if similarity == "cosine":
+            return (F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(1)
+        if similarity == "dot":
+            return (a * b).sum(1)
+        if similarity == "neg_l2":
+            return -(a - b).norm(dim=1)
+        raise ValueError(f"similarity must be 'cosine', 'dot', 'neg_l2', a callable or a SimilarityModel, "
+                         f"got {similarity!r}")
+    fn = similarity.pairwise if isinstance(similarity, SimilarityModel) else similarity
+    if not callable(fn):
+        raise TypeError(f"similarity must be a string, a callable or a SimilarityModel, got {type(similarity).__name__}")
+    out = [fn(a[i:i + chunk], b[i:i + chunk]).diagonal() for i in range(0, a.shape[0], chunk)]
+    return torch.cat(out).float() if out else a.new_zeros(0, dtype=torch.float32)
+
+
+@dataclass
+class AttributeCounterfactuals:
+    """Attribute deletion / insertion scores of chosen attributes (see :func:`attribute_insertion_deletion`).
+
+    Attributes:
+        deletion: (P,) float, in (-inf, 1]; higher is better. 0 where the query lacks the attribute.
+        insertion: (P,) float, in (-inf, 1]; higher is better.
+        deletion_index, insertion_index: (P,) int64 database rows used as the counterfactual
+            (-1 where there was none: that pair's score is NaN and left out of the means).
+        base_index: (P,) int64 database row of the query without the attribute (insertion's start).
+        similarity: (P,) the similarity of each query to its reference.
+    """
+
+    deletion: Tensor
+    insertion: Tensor
+    deletion_index: Tensor
+    insertion_index: Tensor
+    base_index: Tensor
+    similarity: Tensor
+
+    @property
+    def mean_deletion(self) -> float:
+        v = self.deletion[~torch.isnan(self.deletion)]
+        return float(v.mean()) if v.numel() else float("nan")
+
+    @property
+    def mean_insertion(self) -> float:
+        v = self.insertion[~torch.isnan(self.insertion)]
+        return float(v.mean()) if v.numel() else float("nan")
+
+
+def _binary(name: str, t: object, shape: tuple[int | None, ...]) -> Tensor:
+    V.tensor(name, t, ndim=len(shape))
+    V.shape(name, t, shape)
+    if t.dtype != torch.bool:
+        if t.is_floating_point() or t.is_complex() or not bool(((t == 0) | (t == 1)).all()):
+            raise ValueError(f"{name} must be bool or 0/1 integers, got dtype {t.dtype}")
+        t = t.bool()
+    return t
+
+
+def _closest_in_other_attributes(target: Tensor, target_emb: Tensor, chosen: Tensor, db_attr: Tensor,
+                                 db_emb_n: Tensor, want: bool, allowed: Tensor, similarity) -> Tensor:
+    """Per row: the allowed database row with attribute ``chosen`` == want that agrees with ``target`` on the
+    most other attributes; ties go to the highest embedding similarity to the target. -1 when none."""
+    p, a = target.shape
+    # agreement on every attribute, minus the chosen column (where they differ by construction or not at all)
+    agree = (target.float() @ db_attr.float().T) + ((~target).float() @ (~db_attr).float().T)   # (P, N)
+    col = db_attr[:, chosen].T                                                                      # (P, N)
+    same_chosen = col == target.gather(1, chosen[:, None])
+    agree = agree - same_chosen.float()
+    ok = allowed & (col == want)
+    tie = _pairwise(similarity, target_emb, db_emb_n)                                         # (P, N)
+    tie = (tie - tie.amin(1, keepdim=True)) / (tie.amax(1, keepdim=True) - tie.amin(1, keepdim=True) + 1)
+    score = torch.where(ok, agree + tie, torch.full_like(agree, -1.0))
+    best = score.argmax(1)
+    return torch.where(ok.any(1), best, torch.full_like(best, -1))
+
+
+def _pairwise(similarity, a: Tensor, b: Tensor) -> Tensor:
+    """(Na, Nb) similarity for a string kind, a callable or a SimilarityModel."""
+    if isinstance(similarity, str):
+        return pairwise_similarity(a, b, similarity)
+    fn = similarity.pairwise if isinstance(similarity, SimilarityModel) else similarity
+    return fn(a, b).float()
+
+
+@torch.no_grad()
+def attribute_insertion_deletion(query_embeddings: Tensor, reference_embeddings: Tensor, chosen: Tensor,
+                                 query_attributes: Tensor, database_embeddings: Tensor, database_attributes: Tensor,
+                                 *, similarity: str | Callable | SimilarityModel = "cosine",
+                                 query_index: Tensor | None = None, reference_index: Tensor | None = None,
+                                 query_types: Tensor | None = None,
+                                 database_types: Tensor | None = None,
+                                 similarity_range: tuple[float, float] = (-1.0, 1.0)) -> AttributeCounterfactuals:
+    """SANE's attribute deletion and insertion metrics (section 4.2) for one chosen attribute per pair.
+
+    An attribute explanation claims that attribute ``a`` makes query q match reference r. The
+    metrics swap q for a real database image that differs from q in ``a`` and as little as
+    possible otherwise, and measure how the similarity to r moves:
+
+    - Deletion: q- = the database image that LACKS ``a`` and agrees with q on the most other
+      attributes (ties: the one most similar to q in the embedding). With s = sim(q, r) and
+      [lo, hi] = ``similarity_range``, ``deletion = (s - sim(q-, r)) / (s - lo)``: the fraction of
+      the possible drop that removing ``a`` caused. 1 is the bound (q- as dissimilar as possible).
+      A query that lacks ``a`` has nothing to delete: its score is 0.
+    - Insertion: start from b = q- (the query without ``a``) and take q+ = the image that HAS
+      ``a`` and agrees with b on the most other attributes (ties: most similar to b);
+      ``insertion = (sim(q+, r) - sim(b, r)) / (hi - sim(b, r))``: the fraction of the possible
+      gain that adding ``a`` back produced. Bound 1.
+
+    Candidates are restricted to the query's item type when types are given (Polyvore), and never
+    include the query or its reference (``query_index``, ``reference_index``). Both denominators are
+    floored at 5% of ``hi - lo`` so that a pair already at a bound does not divide noise by zero;
+    the floor keeps both scores <= 1. The paper states the procedure in words only; the
+    normalization by the similarity range and insertion's start from q- are whymatch's reading,
+    chosen so that higher is better and both scores are bounded by 1 for any similarity range.
+
+    Args:
+        query_embeddings: (P, D) query embeddings; reference_embeddings: (P, D) their references.
+        chosen: (P,) int64 attribute index chosen by the explanation of each pair.
+        query_attributes: (P, A) bool attributes of each query.
+        database_embeddings: (N, D); database_attributes: (N, A) bool: the images to draw from.
+        similarity: the model's similarity: 'cosine', 'dot', 'neg_l2', a callable or a SimilarityModel.
+        query_index: (P,) int64 row of each query in the database (excluded), or -1 / None.
+        reference_index: (P,) int64 row of each reference in the database (excluded), or -1 / None.
+        query_types, database_types: (P,) and (N,) int64 item types, or None.
+        similarity_range: (lo, hi) bounds of the similarity (cosine: (-1, 1)); every similarity used
+            must lie inside.
+
+    Returns:
+        :class:`AttributeCounterfactuals` with (P,) scores.
+    """
+    V.tensor("query_embeddings", query_embeddings, ndim=2)
+    p, d = query_embeddings.shape
+    dev = query_embeddings.device
+    V.tensor("reference_embeddings", reference_embeddings, ndim=2, device=dev)
+    V.shape("reference_embeddings", reference_embeddings, (p, d))
+    V.tensor("database_embeddings", database_embeddings, ndim=2, device=dev, nonempty=True)
+    n = database_embeddings.shape[0]
+    V.shape("database_embeddings", database_embeddings, (n, d))
+    db_attr = _binary("database_attributes", database_attributes, (n, None)).to(dev)
+    a = db_attr.shape[1]
+    q_attr = _binary("query_attributes", query_attributes, (p, a)).to(dev)
+    V.tensor("chosen", chosen, ndim=1)
+    V.shape("chosen", chosen, (p,))
+    if chosen.dtype not in (torch.int64, torch.int32) or (p and (int(chosen.min()) < 0 or int(chosen.max()) >= a)):
+        raise ValueError(f"chosen must hold int attribute indices in [0, {a}), got {chosen.dtype} "
+                         f"{chosen.tolist()[:8]}")
+    chosen = chosen.to(dev, torch.int64)
+    lo, hi = (float(v) for v in similarity_range)
+    if not lo < hi:
+        raise ValueError(f"similarity_range must be (lo, hi) with lo < hi, got {similarity_range}")
+    allowed = torch.ones(p, n, dtype=torch.bool, device=dev)
+    for name, index in (("query_index", query_index), ("reference_index", reference_index)):
+        if index is None:
+            continue
+        V.tensor(name, index, ndim=1)
+        V.shape(name, index, (p,))
+        qi = index.to(dev, torch.int64)
+        if p and (int(qi.max()) >= n or int(qi.min()) < -1):
+            raise ValueError(f"{name} must hold database rows in [0, {n}) or -1, got values in "
+                             f"[{int(qi.min())}, {int(qi.max())}]")
+        rows = torch.nonzero(qi >= 0).flatten()
+        allowed[rows, qi[rows]] = False
+    if (query_types is None) != (database_types is None):
+        raise ValueError("query_types and database_types must be given together")
+    if query_types is not None:
+        V.tensor("query_types", query_types, ndim=1)
+        V.shape("query_types", query_types, (p,))
+        V.tensor("database_types", database_types, ndim=1)
+        V.shape("database_types", database_types, (n,))
+        allowed &= query_types.to(dev)[:, None] == database_types.to(dev)[None, :]
+
+    s = rowwise_similarity(similarity, query_embeddings, reference_embeddings)
+    nan = torch.full((p,), float("nan"), device=dev)
+    minus = _closest_in_other_attributes(q_attr, query_embeddings, chosen, db_attr, database_embeddings,
+                                         False, allowed, similarity)
+    has = q_attr.gather(1, chosen[:, None])[:, 0]
+    s_minus = torch.where(minus >= 0, rowwise_similarity(similarity, database_embeddings[minus.clamp(min=0)],
+                                                         reference_embeddings), nan)
+    floor = 0.05 * (hi - lo)
+    deletion = torch.where(has, (s - s_minus) / (s - lo).clamp(min=floor), torch.zeros_like(s))
+    deletion = torch.where(has & (minus < 0), nan, deletion)
+
+    base_attr = db_attr[minus.clamp(min=0)]
+    base_emb = database_embeddings[minus.clamp(min=0)]
+    allowed_b = allowed.clone()
+    rows = torch.nonzero(minus >= 0).flatten()
+    allowed_b[rows, minus[rows]] = False
+    plus = _closest_in_other_attributes(base_attr, base_emb, chosen, db_attr, database_embeddings,
+                                        True, allowed_b, similarity)
+    plus = torch.where(minus >= 0, plus, torch.full_like(plus, -1))
+    s_plus = torch.where(plus >= 0, rowwise_similarity(similarity, database_embeddings[plus.clamp(min=0)],
+                                                       reference_embeddings), nan)
+    insertion = (s_plus - s_minus) / (hi - s_minus).clamp(min=floor)
+    for name, v in (("the query-reference similarity", s), ("a counterfactual's similarity", s_minus),
+                    ("a counterfactual's similarity", s_plus)):
+        v = v[~torch.isnan(v)]
+        if v.numel() and (float(v.min()) < lo - 1e-5 or float(v.max()) > hi + 1e-5):
+            raise ValueError(f"similarity_range must bound every similarity: {name} spans "
+                             f"[{float(v.min()):.4g}, {float(v.max()):.4g}], outside {similarity_range}")
+    return AttributeCounterfactuals(deletion=deletion, insertion=insertion, deletion_index=minus,
+                                    insertion_index=plus, base_index=minus, similarity=s)
