@@ -23,11 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..ops import _validate as V
+from ._local import check_index, check_root, find_base, open_rgb, parse_int, read_lines
 from .transforms import eval_transform, pil_to_tensor, train_transform
 
 __all__ = ["RetrievalDataset", "CUB200", "Cars196", "StanfordOnlineProducts", "SOP", "retrieval_dataset",
@@ -100,16 +101,7 @@ class RetrievalDataset(Dataset):
                 f"root='{self.root}'{t})")
 
     def _check_index(self, index: object) -> int:
-        if isinstance(index, Tensor) and index.numel() == 1 and not index.is_floating_point():
-            index = int(index)
-        if isinstance(index, np.integer):
-            index = int(index)
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise TypeError(f"index must be an int, got {type(index).__name__}")
-        n = len(self)
-        if not -n <= index < n:
-            raise IndexError(f"index must be in [-{n}, {n}), got {index}")
-        return index % n
+        return check_index(index, len(self))
 
     def load_image(self, index: int) -> Image.Image:
         """The image of item ``index`` as a PIL RGB image (no transform).
@@ -117,15 +109,7 @@ class RetrievalDataset(Dataset):
         Raises FileNotFoundError naming the path when the listed file is absent.
         """
         i = self._check_index(index)
-        path = self.paths[i]
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{self.name}: image {path} (item {i}, listed in {self._index_file}) "
-                                    f"not found") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise OSError(f"{self.name}: cannot read image {path} (item {i}): {e}") from e
+        return open_rgb(self.name, self.paths[i], f"item {i}, listed in {self._index_file}")
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         """(image, label) of item ``index``; see the class docstring."""
@@ -133,44 +117,6 @@ class RetrievalDataset(Dataset):
         image = self.load_image(i)
         out = pil_to_tensor(image) if self.transform is None else self.transform(image)
         return out, int(self._labels[i])
-
-
-# -------------------------------------------------------------------- helpers
-def _root(name: str, root: str | Path) -> Path:
-    if not isinstance(root, (str, Path)):
-        raise TypeError(f"root must be a str or pathlib.Path, got {type(root).__name__}")
-    r = Path(root).expanduser()
-    if not r.is_dir():
-        raise FileNotFoundError(f"{name}: root folder {r} not found")
-    return r
-
-
-def _find(root: Path, subdir: str, marker: str) -> Path:
-    """``root/subdir`` when it holds ``marker``, else ``root`` when it does, else ``root/subdir``."""
-    if (root / subdir / marker).is_file():
-        return root / subdir
-    if (root / marker).is_file():
-        return root
-    return root / subdir
-
-
-def _read_lines(name: str, path: Path, layout: str) -> list[tuple[int, str]]:
-    """(1-based line number, stripped text) of each non-blank line of ``path``."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{name}: {path} not found; expected {layout}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return [(n, s.strip()) for n, s in enumerate(f, start=1) if s.strip()]
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{name}: {path} is not a UTF-8 text file ({e}); expected {layout}") from None
-
-
-def _int(name: str, path: Path, lineno: int, text: str, field: str, line: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"{name}: {path} line {lineno}: {field} must be an integer, got {text!r} "
-                         f"in {line!r}") from None
 
 
 # -------------------------------------------------------------------- CUB-200-2011
@@ -199,27 +145,27 @@ class CUB200(RetrievalDataset):
     def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None, *,
                  check_files: bool = False) -> None:
         V.choice("split", split, _SPLITS)
-        self._given = _root(self.name, root)
-        base = _find(self._given, "CUB_200_2011", "images.txt")
+        self._given = check_root(self.name, root)
+        base = find_base(self._given, "CUB_200_2011", "images.txt")
         images_file, labels_file = base / "images.txt", base / "image_class_labels.txt"
         paths: dict[int, tuple[int, str]] = {}
-        for n, line in _read_lines(self.name, images_file, self._layout()):
+        for n, line in read_lines(self.name, images_file, self._layout()):
             parts = line.split(maxsplit=1)
             if len(parts) != 2:
                 raise ValueError(f"{self.name}: {images_file} line {n}: expected 'image_id relative_path', "
                                  f"got {line!r}")
-            i = _int(self.name, images_file, n, parts[0], "image_id", line)
+            i = parse_int(self.name, images_file, n, parts[0], "image_id", line)
             if i in paths:
                 raise ValueError(f"{self.name}: {images_file} line {n}: image_id {i} already listed on line "
                                  f"{paths[i][0]}")
             paths[i] = (n, parts[1].strip())
         labels: dict[int, int] = {}
-        for n, line in _read_lines(self.name, labels_file, self._layout()):
+        for n, line in read_lines(self.name, labels_file, self._layout()):
             parts = line.split()
             if len(parts) != 2:
                 raise ValueError(f"{self.name}: {labels_file} line {n}: expected 'image_id class_id', got {line!r}")
-            i = _int(self.name, labels_file, n, parts[0], "image_id", line)
-            c = _int(self.name, labels_file, n, parts[1], "class_id", line)
+            i = parse_int(self.name, labels_file, n, parts[0], "image_id", line)
+            c = parse_int(self.name, labels_file, n, parts[1], "class_id", line)
             if not 1 <= c <= self.N_CLASSES:
                 raise ValueError(f"{self.name}: {labels_file} line {n}: class_id must be in [1, {self.N_CLASSES}], "
                                  f"got {c}")
@@ -282,7 +228,7 @@ class Cars196(RetrievalDataset):
     def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None, *,
                  check_files: bool = False) -> None:
         V.choice("split", split, _SPLITS)
-        self._given = base = _root(self.name, root)
+        self._given = base = check_root(self.name, root)
         mat = base / "cars_annos.mat"
         if not mat.is_file():
             raise FileNotFoundError(f"{self.name}: {mat} not found; expected {self._layout()}")
@@ -356,10 +302,10 @@ class StanfordOnlineProducts(RetrievalDataset):
     def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None, *,
                  check_files: bool = False) -> None:
         V.choice("split", split, _SPLITS)
-        self._given = _root(self.name, root)
-        base = _find(self._given, "Stanford_Online_Products", f"Ebay_{split}.txt")
+        self._given = check_root(self.name, root)
+        base = find_base(self._given, "Stanford_Online_Products", f"Ebay_{split}.txt")
         index = base / f"Ebay_{split}.txt"
-        lines = _read_lines(self.name, index, self._layout())
+        lines = read_lines(self.name, index, self._layout())
         if lines and lines[0][1].split()[0] == "image_id":
             if tuple(lines[0][1].split()) != self._HEADER:
                 raise ValueError(f"{self.name}: {index} line {lines[0][0]}: expected the header "
@@ -371,9 +317,9 @@ class StanfordOnlineProducts(RetrievalDataset):
             if len(parts) != 4:
                 raise ValueError(f"{self.name}: {index} line {n}: expected 'image_id class_id super_class_id path', "
                                  f"got {line!r}")
-            _int(self.name, index, n, parts[0], "image_id", line)
-            labels.append(_int(self.name, index, n, parts[1], "class_id", line))
-            supers.append(_int(self.name, index, n, parts[2], "super_class_id", line))
+            parse_int(self.name, index, n, parts[0], "image_id", line)
+            labels.append(parse_int(self.name, index, n, parts[1], "class_id", line))
+            supers.append(parse_int(self.name, index, n, parts[2], "super_class_id", line))
             paths.append(base / parts[3].strip())
         self.super_labels = torch.tensor(supers, dtype=torch.int64)
         super().__init__(base, split, paths, labels, index, transform, check_files)
