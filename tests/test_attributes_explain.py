@@ -52,7 +52,7 @@ def test_terms_follow_eq4_definitions():
     torch.testing.assert_close(t.confidence, out.confidences)
     # reference: area-resample the saliency, normalize both sides, cosine per attribute
     for i in range(3):
-        m = normalize_maps(F.adaptive_avg_pool2d(sal[i][None, None], 4)[0, 0])
+        m = normalize_maps(F.adaptive_avg_pool2d(sal[i][None, None], 4)[0, 0], "softmax", 0.05)
         for j in range(A):
             n = normalize_maps(out.maps[i, j])
             assert t.map_match[i, j].item() == pytest.approx(F.cosine_similarity(m, n, dim=0).item(), abs=1e-6)
@@ -165,6 +165,7 @@ def test_phi_grid_has_one_triple_per_direction():
     (dict(tcav=torch.zeros(3)), ValueError, r"tcav must have shape \(4\)"),
     (dict(saliency=object()), TypeError, "saliency must be an explainer"),
     (dict(normalize="max"), ValueError, "normalize"),
+    (dict(temperature=0.0), ValueError, "temperature"),
 ])
 def test_sane_errors(kw, err, match):
     sim, model = _setup()

@@ -74,7 +74,8 @@ def test_deletion_rewards_the_attribute_the_model_uses():
     assert abs(res_unused.mean_deletion) < 0.05
     assert res_used.mean_insertion > 0.2
     assert abs(res_unused.mean_insertion) < 0.05
-    assert (res_used.deletion <= 1 + 1e-6).all() and (res_used.insertion <= 1 + 1e-6).all()
+    for r in (res_used, res_unused):
+        assert (r.deletion.abs() <= 1 + 1e-6).all() and (r.insertion.abs() <= 1 + 1e-6).all()
 
 
 def test_counterfactuals_lack_or_have_the_attribute_and_agree_elsewhere():
@@ -156,3 +157,28 @@ def test_insertion_deletion_errors(change, match):
     kw.update(change)
     with pytest.raises(ValueError, match=match):
         attribute_insertion_deletion(**kw)
+
+
+def test_scores_follow_the_formulas_on_a_worked_example():
+    import torch.nn.functional as F
+
+    # rows: query, reference, c (lacks a), d (has a); a single attribute plus one shared other attribute
+    emb = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [1.0, 1.0]])
+    attrs = torch.tensor([[1, 1], [1, 1], [0, 1], [1, 1]], dtype=torch.bool)
+    res = attribute_insertion_deletion(emb[:1], emb[1:2], torch.tensor([0]), attrs[:1], emb, attrs,
+                                       query_index=torch.tensor([0]), reference_index=torch.tensor([1]))
+    cos = lambda i, j: float(F.cosine_similarity(emb[i], emb[j], dim=0))  # noqa: E731
+    s, s_minus, s_plus = cos(0, 1), cos(2, 1), cos(3, 1)
+    assert int(res.deletion_index) == 2 and int(res.insertion_index) == 3
+    assert res.deletion.item() == pytest.approx((s - s_minus) / (s + 1), abs=1e-6)
+    assert res.insertion.item() == pytest.approx((s_plus - s_minus) / (1 - s_minus), abs=1e-6)
+    # swap the roles: removing the attribute now RAISES the similarity -> minus the fraction of the rise
+    emb2 = emb.clone()
+    emb2[2] = torch.tensor([1.0, 0.12])
+    res2 = attribute_insertion_deletion(emb2[:1], emb2[1:2], torch.tensor([0]), attrs[:1], emb2, attrs,
+                                        query_index=torch.tensor([0]), reference_index=torch.tensor([1]))
+    s_minus2 = float(F.cosine_similarity(emb2[2], emb2[1], dim=0))
+    assert s_minus2 > s
+    want = (s - s_minus2) / max(1 - s, 0.1)   # the room above s is under the 5% floor (0.1)
+    assert res2.deletion.item() == pytest.approx(want, abs=1e-6)
+    assert -1 <= res2.deletion.item() < 0

@@ -135,8 +135,21 @@ def _train_config(args) -> dict:
                 show_progress=not args.quiet)
 
 
-def _run_training(train_fn, cfg, args, what: str) -> int:
-    """Join the torchrun group if there is one, train, leave it, and report on rank 0."""
+def _recall_report(what: str):
+    """The final line of a metric-learning run: Recall@1 of the last epoch and the best."""
+    def report(trainer, args) -> str:
+        last = trainer.history[-1] if trainer.history else {}
+        r1 = last.get("recall@1")
+        return (f"trained {trainer.epoch} epochs; Recall@1{what} {r1 if r1 is None else round(r1, 4)} "
+                f"(best {trainer.best_recall_at_1:.4f}); wrote {args.out}/checkpoint.pt, model.pt, metrics.jsonl")
+    return report
+
+
+def _run_training(train_fn, cfg, args, what: str = "", report=None) -> int:
+    """Join the torchrun group if there is one, train, leave it, and report on rank 0.
+
+    ``report(trainer, args) -> str`` is the final line (default: Recall@1, ``what`` after its name).
+    """
     distributed = _init_distributed(args.device)
     try:
         trainer = train_fn(cfg)
@@ -146,10 +159,7 @@ def _run_training(train_fn, cfg, args, what: str) -> int:
 
             dist.destroy_process_group()
     if trainer.rank == 0:
-        last = trainer.history[-1] if trainer.history else {}
-        r1 = last.get("recall@1")
-        print(f"trained {trainer.epoch} epochs; Recall@1{what} {r1 if r1 is None else round(r1, 4)} "
-              f"(best {trainer.best_recall_at_1:.4f}); wrote {args.out}/checkpoint.pt, model.pt, metrics.jsonl")
+        print((report or _recall_report(what))(trainer, args))
     return 0
 
 
@@ -179,6 +189,28 @@ def cmd_train_avsl(args) -> int:
                      reliability=args.reliability, loss=args.loss, use_proxy=not args.no_proxy,
                      level_weights=_floats("--level-weights", args.level_weights))
     return _run_training(train_avsl, cfg, args, " (AVSL distance)")
+
+
+def _sane_report(trainer, args) -> str:
+    """The final line of `whymatch train sane`: validation mAP of the last epoch and the best."""
+    last = trainer.history[-1] if trainer.history else {}
+    m = last.get("map")
+    best = "none" if trainer.best_map == float("-inf") else f"{trainer.best_map:.4f}"
+    return (f"trained {trainer.epoch} epochs; attribute mAP {m if m is None else round(m, 4)} (best {best}); "
+            f"wrote {args.out}/checkpoint.pt, model.pt, metrics.jsonl")
+
+
+def cmd_train_sane(args) -> int:
+    from .attributes.train import SANEConfig, train_sane
+
+    cfg = SANEConfig(data=args.data, backbone=args.backbone, out=args.out, epochs=args.epochs,
+                     batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay, lam=args.lam,
+                     normalize=args.normalize, temperature=args.temperature, k_maps=args.k_maps,
+                     n_masks=args.n_masks, saliency_size=args.saliency_size, similarity=args.similarity,
+                     image_size=args.image_size, n_train=args.n_train, n_val=args.n_val, flip=not args.no_flip,
+                     seed=args.seed, device=args.device, resume=args.resume, show_progress=not args.quiet,
+                     num_workers=args.num_workers)
+    return _run_training(train_sane, cfg, args, report=_sane_report)
 
 
 def _init_distributed(device: str | None) -> bool:
@@ -247,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_explain)
 
     train = sub.add_parser("train", help="train a similarity model (run under torchrun for DDP)")
-    train_sub = train.add_subparsers(dest="task", required=True)  # mining, avsl; sane to come
+    train_sub = train.add_subparsers(dest="task", required=True)  # mining, avsl, sane
 
     def trainer_options(sp):
         sp.add_argument("--data", required=True,
@@ -299,6 +331,40 @@ def build_parser() -> argparse.ArgumentParser:
     avsl.add_argument("--reliability", default="map", choices=("map", "published"),
                       help="CAM minimum over the whole map, or over the last axis as published (default %(default)s)")
     avsl.set_defaults(func=cmd_train_avsl)
+
+    sane = train_sub.add_parser("sane", help="SANE attribute model with saliency matching (Plummer et al. 2020)")
+    sane.add_argument("--data", required=True,
+                      help="shapesworld, or awa2:PATH, polyvore:PATH (local copies)")
+    sane.add_argument("--out", required=True,
+                      help="output directory (checkpoints, metrics.jsonl, model.pt, saliency/)")
+    sane.add_argument("--backbone", default="shapes", choices=("shapes", "resnet18", "resnet50"),
+                      help="randomly initialized trunk (default %(default)s; SANE: resnet50)")
+    sane.add_argument("--epochs", type=int, default=20)
+    sane.add_argument("--batch-size", type=int, default=64, help="images per batch per rank (default %(default)s)")
+    sane.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate (default %(default)s)")
+    sane.add_argument("--lr-decay", type=float, default=0.985, help="per-epoch lr factor (default %(default)s)")
+    sane.add_argument("--lam", type=float, default=5e-3,
+                      help="weight of the saliency matching term; 0: no saliency maps (default %(default)s)")
+    sane.add_argument("--normalize", default="softmax", choices=("softmax", "l1"),
+                      help="spatial normalization of the maps in the matching term (default %(default)s)")
+    sane.add_argument("--temperature", type=float, default=0.05,
+                      help="softmax temperature of the saliency maps (default %(default)s)")
+    sane.add_argument("--k-maps", type=int, default=5, help="saliency maps per training image (default %(default)s)")
+    sane.add_argument("--n-masks", type=int, default=500, help="RISE masks per saliency map (default %(default)s)")
+    sane.add_argument("--saliency-size", type=int, default=48, help="side of the cached maps (default %(default)s)")
+    sane.add_argument("--similarity", default=None,
+                      help="'package.module:factory' of the similarity model to explain (default: the shipped "
+                           "ShapesWorld model; needed for awa2 / polyvore unless --lam 0)")
+    sane.add_argument("--image-size", type=int, default=None, help="shapesworld image side (default 96)")
+    sane.add_argument("--n-train", type=int, default=3000, help="shapesworld: training images")
+    sane.add_argument("--n-val", type=int, default=1000, help="shapesworld: validation images (held-out classes)")
+    sane.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    sane.add_argument("--num-workers", type=int, default=0)
+    sane.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    sane.add_argument("--seed", type=int, default=0)
+    sane.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
+    sane.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    sane.set_defaults(func=cmd_train_sane)
     return p
 
 

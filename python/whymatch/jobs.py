@@ -180,6 +180,66 @@ def run_demo(out_dir: str | Path, *, n_queries: int = 4, n_refs: int = 3, settin
         sets.append((f"test #{qi}: {k.size} {k.colour} {k.pattern} {k.shape}", smp.image, ref_imgs, smp.key_mask))
     log(f"whymatch demo: {n_queries} ShapesWorld test queries x {n_refs} references, methods {', '.join(methods)}")
     explained = explain_sets(sim, sets, methods, s, log)
+    truth = [ds.attributes(int(q), "key")[None] & torch.stack([ds.attributes(int(r), "key") for r in refs])
+             for q, refs in zip(pairs.query.tolist(), pairs.references)]
+    attributed = add_attribute_explanations(sim, explained, methods, truth=truth, seed=s.seed, log=log)
     summary = summarize(explained, methods)
+    if attributed:
+        for row in summary:
+            if row["method"] in methods:
+                pm = [r for x in explained for r in x.pair_metrics[row["method"]]]
+                row["attribute_top1"] = sum(r["attribute_shared"] for r in pm) / len(pm)
     index = write(out_dir, explained, methods, summary, "whymatch demo: ShapesWorld test pairs")
     return summary, index
+
+
+def shapesworld_sane(sim: SimilarityModel, *, n_tcav: int = 1000, seed: int = 0):
+    """SANE for the shipped ShapesWorld models: the shipped attribute model and a TCAV prior fitted on
+    ``n_tcav`` train-split images (un-hinged triplet sensitivities). None when the attribute weights
+    are not installed."""
+    from .attributes import SANE, TCAV, load_default_attribute_model
+    from .data import ShapesWorld
+
+    try:
+        model = load_default_attribute_model(sim.device)
+    except FileNotFoundError:
+        return None
+    train = ShapesWorld("train", n_samples=n_tcav, seed=seed)
+    emb = sim.embed(train.images())
+    attrs = torch.stack([train.attributes(i, "all") for i in range(len(train))])
+    tcav = TCAV(similarity=sim, hinge=False, seed=seed, attribute_names=model.attribute_names).fit(emb, attrs)
+    a, p, n = TCAV.triplets(emb, train.labels, seed=seed, similarity=sim)
+    phi = tuple(model.config.get("phi", (1.0, 1.0, 1.0)))
+    return SANE(sim, model, tcav.scores(emb[a], emb[p], emb[n]), phi=phi)
+
+
+def add_attribute_explanations(sim: SimilarityModel, sets: Sequence[ExplainedSet], methods: Sequence[str], *,
+                               truth: Sequence[Tensor] | None = None, seed: int = 0,
+                               log: Callable[[str], None] = lambda _m: None) -> bool:
+    """Put SANE's attribute explanation of every saliency map into the sets' per-pair metrics.
+
+    For each (query, reference, method) the attribute that best explains the match under that
+    method's map (Eq. 4) goes in as 'attribute', the query's own most likely attribute as
+    'query_attribute', and, when ``truth`` ((K, A) bool per set: the attributes the two key objects
+    share) is given, whether the chosen attribute is one of them as 'attribute_shared'.
+
+    Returns:
+        False (and changes nothing) when the shipped attribute model is not installed.
+    """
+    sane = shapesworld_sane(sim, seed=seed)
+    if sane is None:
+        log("  (no attribute model installed: attribute explanations skipped)")
+        return False
+    names = sane.attribute_names
+    for si, x in enumerate(sets):
+        k = x.references.shape[0]
+        queries = x.query[None].expand(k, -1, -1, -1)
+        for m in methods:
+            ex = sane.explain_pairs(queries, x.references, saliency=x.maps[m])
+            for j, row in enumerate(x.pair_metrics[m]):
+                top = int(ex.top_attribute[j])
+                row["attribute"] = names[top]
+                row["query_attribute"] = names[int(ex.query_attribute[j])]
+                if truth is not None:
+                    row["attribute_shared"] = bool(truth[si][j, top])
+    return True

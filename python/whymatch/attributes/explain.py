@@ -10,7 +10,8 @@ default) and ranks the attributes i of an attribute explanation model by (Eq. 4)
 - cos(m_q, n_i): how well the saliency map agrees with the attribute's activation map n_i of the
   query. Both maps are brought to the activation map's size (area resampling of the saliency)
   and normalized the way the attribute model was trained to match them
-  (:func:`whymatch.attributes.losses.normalize_maps`), then compared by cosine;
+  (:func:`whymatch.attributes.losses.normalize_maps`, the saliency side with a temperature), then
+  compared by cosine;
 - TCAV_i: a prior over attributes, the TCAV score of attribute i for the similarity model
   (:class:`whymatch.attributes.tcav.TCAV`), the same for every pair.
 
@@ -165,12 +166,15 @@ class SANE:
         phi: (phi1, phi2, phi3) of Eq. 4 (default equal weights; fit them with :meth:`fit_phi`).
         normalize: how saliency and activation maps are normalized before the cosine: 'softmax'
             (spatial softmax, the attribute model's training default) or 'l1'.
+        temperature: softmax temperature of the saliency maps (activation maps: 1), as in
+            :class:`~whymatch.attributes.losses.AttributeLoss`; use the value the attribute model
+            was trained with (``whymatch train sane`` default 0.05: RISE maps are in similarity units).
         batch_size: images per attribute-model forward pass.
     """
 
     def __init__(self, sim: SimilarityModel, attribute_model: AttributeModel, tcav: Tensor | None = None, *,
                  saliency: object = None, phi: Sequence[float] = (1.0, 1.0, 1.0), normalize: str = "softmax",
-                 batch_size: int = 64) -> None:
+                 temperature: float = 0.05, batch_size: int = 64) -> None:
         self.sim = _common.check_model(sim)
         if not isinstance(attribute_model, AttributeModel):
             raise TypeError(f"attribute_model must be a whymatch AttributeModel, got {type(attribute_model).__name__}")
@@ -193,6 +197,7 @@ class SANE:
         self.saliency = saliency
         self.phi = _check_phi(phi)
         self.normalize = V.choice("normalize", normalize, ("softmax", "l1"))
+        self.temperature = V.real("temperature", temperature, low=0.0, open_low=True)
         self.batch_size = V.positive_int("batch_size", batch_size)
 
     @property
@@ -228,7 +233,7 @@ class SANE:
                 maps = out.maps.float()                                        # (b, A, h, w)
                 h, w = maps.shape[-2:]
                 sal = F.adaptive_avg_pool2d(saliency[i:i + self.batch_size].to(dev).float()[:, None], (h, w))
-                m = normalize_maps(sal, self.normalize).flatten(1)             # (b, hw)
+                m = normalize_maps(sal, self.normalize, self.temperature).flatten(1)  # (b, hw)
                 n = normalize_maps(maps, self.normalize).flatten(2)            # (b, A, hw)
                 match.append(F.cosine_similarity(n, m[:, None, :], dim=2).cpu())
                 conf.append(out.confidences.float().cpu())

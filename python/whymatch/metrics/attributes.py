@@ -111,8 +111,8 @@ class AttributeCounterfactuals:
     """Attribute deletion / insertion scores of chosen attributes (see :func:`attribute_insertion_deletion`).
 
     Attributes:
-        deletion: (P,) float, in (-inf, 1]; higher is better. 0 where the query lacks the attribute.
-        insertion: (P,) float, in (-inf, 1]; higher is better.
+        deletion: (P,) float in [-1, 1]; higher is better. 0 where the query lacks the attribute.
+        insertion: (P,) float in [-1, 1]; higher is better.
         deletion_index, insertion_index: (P,) int64 database rows used as the counterfactual
             (-1 where there was none: that pair's score is NaN and left out of the means).
         base_index: (P,) int64 database row of the query without the attribute (insertion's start).
@@ -173,6 +173,12 @@ def _pairwise(similarity, a: Tensor, b: Tensor) -> Tensor:
     return fn(a, b).float()
 
 
+def _signed_fraction(change: Tensor, room_up: Tensor, room_down: Tensor, floor: float) -> Tensor:
+    """change / room_up where change >= 0, change / room_down where it is negative: a value in [-1, 1]
+    (the rooms are floored at ``floor`` so that a pair at a bound does not divide noise by zero)."""
+    return torch.where(change >= 0, change / room_up.clamp(min=floor), change / room_down.clamp(min=floor))
+
+
 @torch.no_grad()
 def attribute_insertion_deletion(query_embeddings: Tensor, reference_embeddings: Tensor, chosen: Tensor,
                                  query_attributes: Tensor, database_embeddings: Tensor, database_attributes: Tensor,
@@ -191,16 +197,19 @@ def attribute_insertion_deletion(query_embeddings: Tensor, reference_embeddings:
       attributes (ties: the one most similar to q in the embedding). With s = sim(q, r) and
       [lo, hi] = ``similarity_range``, ``deletion = (s - sim(q-, r)) / (s - lo)``: the fraction of
       the possible drop that removing ``a`` caused. 1 is the bound (q- as dissimilar as possible).
-      A query that lacks ``a`` has nothing to delete: its score is 0.
+      When removing ``a`` raises the similarity instead, the score is minus the fraction of the
+      possible rise, ``(s - sim(q-, r)) / (hi - s)``, so that it lies in [-1, 1] and one bad pair
+      cannot outweigh many good ones. A query that lacks ``a`` has nothing to delete: its score is 0.
     - Insertion: start from b = q- (the query without ``a``) and take q+ = the image that HAS
       ``a`` and agrees with b on the most other attributes (ties: most similar to b);
       ``insertion = (sim(q+, r) - sim(b, r)) / (hi - sim(b, r))``: the fraction of the possible
-      gain that adding ``a`` back produced. Bound 1.
+      gain that adding ``a`` back produced (bound 1); a loss is divided by ``sim(b, r) - lo``
+      instead, so the score lies in [-1, 1].
 
     Candidates are restricted to the query's item type when types are given (Polyvore), and never
-    include the query or its reference (``query_index``, ``reference_index``). Both denominators are
+    include the query or its reference (``query_index``, ``reference_index``). Every denominator is
     floored at 5% of ``hi - lo`` so that a pair already at a bound does not divide noise by zero;
-    the floor keeps both scores <= 1. The paper states the procedure in words only; the
+    the floor keeps both scores in [-1, 1]. The paper states the procedure in words only; the
     normalization by the similarity range and insertion's start from q- are whymatch's reading,
     chosen so that higher is better and both scores are bounded by 1 for any similarity range.
 
@@ -268,7 +277,7 @@ def attribute_insertion_deletion(query_embeddings: Tensor, reference_embeddings:
     s_minus = torch.where(minus >= 0, rowwise_similarity(similarity, database_embeddings[minus.clamp(min=0)],
                                                          reference_embeddings), nan)
     floor = 0.05 * (hi - lo)
-    deletion = torch.where(has, (s - s_minus) / (s - lo).clamp(min=floor), torch.zeros_like(s))
+    deletion = torch.where(has, _signed_fraction(s - s_minus, s - lo, hi - s, floor), torch.zeros_like(s))
     deletion = torch.where(has & (minus < 0), nan, deletion)
 
     base_attr = db_attr[minus.clamp(min=0)]
@@ -281,7 +290,7 @@ def attribute_insertion_deletion(query_embeddings: Tensor, reference_embeddings:
     plus = torch.where(minus >= 0, plus, torch.full_like(plus, -1))
     s_plus = torch.where(plus >= 0, rowwise_similarity(similarity, database_embeddings[plus.clamp(min=0)],
                                                        reference_embeddings), nan)
-    insertion = (s_plus - s_minus) / (hi - s_minus).clamp(min=floor)
+    insertion = _signed_fraction(s_plus - s_minus, hi - s_minus, s_minus - lo, floor)
     for name, v in (("the query-reference similarity", s), ("a counterfactual's similarity", s_minus),
                     ("a counterfactual's similarity", s_plus)):
         v = v[~torch.isnan(v)]

@@ -1,0 +1,579 @@
+"""Training SANE's attribute model with saliency supervision: ``whymatch train sane``.
+
+Plummer et al., "Why do These Match?" (ECCV 2020), section 3.2: an attribute classifier
+(:class:`~whymatch.attributes.model.AttributeModel`) trained with L = L_attr + lambda L_match
+(:class:`~whymatch.attributes.losses.AttributeLoss`, Eqs. 1-3), where L_match pulls the
+activation map of the closest ground-truth attribute towards the saliency map of each of the
+image's matches. The saliency maps (RISE, against the image's K most similar images of its
+class under the similarity model being explained) are computed once into a
+:class:`~whymatch.attributes.cache.SaliencyCache` under ``out/saliency``.
+
+Published schedule: Adam, learning rate 5e-4 decayed as lr * 0.985^epoch, lambda 5e-3.
+
+:class:`AttributeTrainer` gives the guarantees of :class:`whymatch.train.Trainer`:
+an atomic checkpoint after every epoch with everything needed to resume exactly (on the CPU,
+2 epochs straight == 1 epoch + resume + 1 epoch, bit for bit: randomness is re-seeded from
+(seed, epoch, rank) at every epoch), best.pt kept by validation mAP, metrics.jsonl, a tqdm bar
+on rank 0, DDP under torchrun (each rank a disjoint shard of every epoch's permutation, as
+DistributedSampler does), and autocast only on CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..io import atomic_torch_save, atomic_write_text
+from ..ops import _validate as V
+from ..train.trainer import BEST, CHECKPOINT, METRICS_LOG, _seed_of
+from .cache import SaliencyCache
+from .losses import AttributeLoss
+from .model import ATTRIBUTE_BACKBONES, AttributeModel, attribute_model_state, build_attribute_model
+
+__all__ = ["SANEConfig", "AttributeImages", "AttributeTrainer", "build_sane_data", "train_sane", "SANE_DATASETS",
+           "MODEL_FILE", "SALIENCY_DIR"]
+
+SANE_DATASETS = ("shapesworld", "awa2", "polyvore")
+MODEL_FILE = "model.pt"
+SALIENCY_DIR = "saliency"
+_FORMAT = 1
+
+
+@dataclass
+class SANEConfig:
+    """Settings of ``whymatch train sane`` (the CLI's options, same names).
+
+    Attributes:
+        data: 'shapesworld' (generated), 'awa2:PATH' or 'polyvore:PATH' (local copies, read by
+            ``whymatch.data.awa2.AwA2`` / ``whymatch.data.polyvore.PolyvoreOutfits``).
+        backbone: trunk of the attribute model: 'shapes', 'resnet18' or 'resnet50' (SANE's).
+        out: output directory (checkpoint.pt, best.pt, model.pt, metrics.jsonl, config.json, saliency/).
+        epochs, batch_size: per rank batch size.
+        lr, lr_decay: Adam learning rate and its per-epoch factor (SANE: 5e-4, 0.985).
+        lam: lambda of Eq. 3 (SANE: 5e-3); 0 trains the classifier alone and builds no saliency maps.
+        normalize, distance, temperature: of the matching term (see AttributeLoss); the
+            temperature applies to the saliency maps, which are in similarity units.
+        k_maps: K, saliency maps per training image (its K most similar images of its class).
+        n_masks, rise_grid, rise_p, rise_batch_size: RISE settings of the saliency cache.
+        saliency_size: side of the stored saliency maps.
+        similarity: the similarity model explained: None = the shipped ShapesWorld model
+            (shapesworld only), or 'package.module:factory' returning a SimilarityModel.
+        image_size: ShapesWorld image side (default 96, the shipped similarity model's).
+        n_train, n_val: ShapesWorld images (train split classes for training; the disjoint
+            test split classes for validation: new combinations of seen attribute values).
+        flip: random horizontal flips of image and saliency maps together.
+        seed, device, resume, show_progress, num_workers, eval_batch_size: as for the other trainers.
+    """
+
+    data: str = "shapesworld"
+    backbone: str = "shapes"
+    out: str = "whymatch-sane"
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 5e-4
+    lr_decay: float = 0.985
+    lam: float = 5e-3
+    normalize: str = "softmax"
+    distance: str = "squared"
+    temperature: float = 0.05
+    k_maps: int = 5
+    n_masks: int = 500
+    rise_grid: int = 8
+    rise_p: float = 0.5
+    rise_batch_size: int = 250
+    saliency_size: int = 48
+    similarity: str | None = None
+    image_size: int | None = None
+    n_train: int = 3000
+    n_val: int = 1000
+    flip: bool = True
+    seed: int = 0
+    device: str | None = None
+    resume: bool = False
+    show_progress: bool = True
+    num_workers: int = 0
+    eval_batch_size: int = 256
+
+
+# ------------------------------------------------------------------ data
+class AttributeImages(Dataset):
+    """Images with binary attribute labels; items (image (3, H, W) float in [0, 1], attributes (A,) bool, index).
+
+    Args:
+        images: (N, 3, H, W) uint8 or float tensor, or a Dataset whose items are an image or
+            (image, label, ...).
+        attributes: (N, A) bool.
+        attribute_names: A names.
+        labels: optional (N,) int class labels (references of the saliency cache share them).
+    """
+
+    def __init__(self, images: Tensor | Dataset, attributes: Tensor, attribute_names: Sequence[str],
+                 labels: Tensor | None = None) -> None:
+        attributes = V.tensor("attributes", attributes, ndim=2)
+        n = len(images)
+        if attributes.shape[0] != n:
+            raise ValueError(f"attributes must have one row per image ({n}), got {attributes.shape[0]}")
+        if len(attribute_names) != attributes.shape[1]:
+            raise ValueError(f"attribute_names must hold {attributes.shape[1]} names (attributes' columns), "
+                             f"got {len(attribute_names)}")
+        if labels is not None:
+            labels = V.tensor("labels", torch.as_tensor(labels), ndim=1)
+            if labels.shape[0] != n:
+                raise ValueError(f"labels must have one entry per image ({n}), got {labels.shape[0]}")
+            labels = labels.long()
+        self.images = images
+        self.attributes = attributes.bool()
+        self.attribute_names = tuple(attribute_names)
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        x = self.images[i]
+        if isinstance(x, (tuple, list)):
+            x = x[0]
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        return x, self.attributes[i], int(i)
+
+
+def build_sane_data(cfg: SANEConfig) -> tuple[AttributeImages, AttributeImages, dict]:
+    """(train set, validation set, info) for ``cfg.data``.
+
+    ShapesWorld: attributes = ``ShapesWorld.attributes(i, which='all')`` (18, every object),
+    images rendered once into uint8 tensors; training on the train-split classes, validation on
+    the (disjoint) test-split classes. AwA2 / Polyvore Outfits: the 'train' and 'test' splits
+    of the loaders in ``whymatch.data.awa2`` / ``whymatch.data.polyvore``.
+    """
+    if not isinstance(cfg.data, str):
+        raise TypeError(f"data must be a string, got {type(cfg.data).__name__}")
+    name, _, root = cfg.data.partition(":")
+    V.choice("data", name, SANE_DATASETS)
+    if name == "shapesworld":
+        from ..data import ShapesWorld
+        from ..data.shapesworld import ATTRIBUTE_NAMES
+
+        size = cfg.image_size or 96
+        out = []
+        for split, n in (("train", cfg.n_train), ("test", cfg.n_val)):
+            ds = ShapesWorld(split, n, size, seed=cfg.seed)
+            attrs = torch.stack([ds.attributes(i, which="all") for i in range(len(ds))])
+            imgs = ds.images(dtype=torch.uint8, show_progress=cfg.show_progress)
+            out.append(AttributeImages(imgs, attrs, ATTRIBUTE_NAMES, ds.labels))
+        info = {"data": "shapesworld", "image_size": size, "n_train": cfg.n_train, "n_val": cfg.n_val,
+                "attributes": "all objects"}
+        return out[0], out[1], info
+    if not root:
+        raise ValueError(f"data {name!r} needs a path: --data {name}:/path/to/{name}")
+    if not Path(root).exists():
+        raise FileNotFoundError(f"data root not found: {root}")
+    module, cls_name = ("awa2", "AwA2") if name == "awa2" else ("polyvore", "PolyvoreOutfits")
+    try:
+        import importlib
+
+        cls = getattr(importlib.import_module(f"whymatch.data.{module}"), cls_name)
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(f"data {name!r} needs whymatch.data.{module}.{cls_name}, which this install lacks "
+                          f"({exc})") from exc
+    out = []
+    for split in ("train", "test"):
+        ds = cls(root, split)
+        out.append(AttributeImages(ds, torch.as_tensor(ds.attributes), list(ds.attribute_names),
+                                   getattr(ds, "labels", None)))
+    return out[0], out[1], {"data": name, "root": str(root)}
+
+
+def _load_similarity(cfg: SANEConfig, device: torch.device):
+    """The SimilarityModel whose saliency supervises the attribute maps."""
+    if cfg.similarity is None:
+        if not cfg.data.startswith("shapesworld"):
+            raise ValueError(f"similarity must name the model to explain for data {cfg.data!r} "
+                             "('package.module:factory'), or lam must be 0 (no saliency matching)")
+        from ..models import load_default_model
+
+        sim = load_default_model(device)
+    else:
+        from ..cli import _load_user_model
+
+        sim = _load_user_model(cfg.similarity).to(device)
+    if device.type == "cpu" and sim.autocast is None:
+        sim.channels_last = True  # 1.5x faster CPU convolutions for the RISE passes
+        sim.embedder.to(memory_format=torch.channels_last)
+    return sim.eval()
+
+
+# ------------------------------------------------------------------ trainer
+def _dist_info() -> tuple[bool, int, int]:
+    import torch.distributed as dist
+
+    on = dist.is_available() and dist.is_initialized()
+    return on, (dist.get_rank() if on else 0), (dist.get_world_size() if on else 1)
+
+
+class AttributeTrainer:
+    """Train an :class:`AttributeModel` with :class:`AttributeLoss` (and cached saliency maps).
+
+    Args:
+        model: the attribute model (moved to ``device``).
+        loss: the AttributeLoss.
+        train_set: items (image, attributes (A,) bool, index), e.g. :class:`AttributeImages`.
+        out_dir: where checkpoint.pt, best.pt, metrics.jsonl and config.json go.
+        val_set: optional, same items; validation mAP after every epoch (best.pt by it).
+        cache: optional :class:`SaliencyCache` over ``train_set`` (row i = item i); without it
+            the loss gets no saliency (lambda has no effect).
+        epochs: total epochs.
+        batch_size: images per batch per rank.
+        lr: Adam learning rate; lr_decay: per-epoch factor (lr * lr_decay^epoch).
+        device: default cuda:LOCAL_RANK when available, else cpu.
+        seed: every random choice derives from it (permutations, flips).
+        amp: 'auto' (bf16 or fp16 autocast on CUDA, nothing on CPU), 'bf16', 'fp16' or 'none'.
+        flip: random horizontal flips of images and their saliency maps.
+        num_workers: DataLoader workers; eval_batch_size: images per validation batch.
+        show_progress: tqdm bar and a JSON line per epoch on rank 0.
+        config: extra JSON-able settings recorded in config.json and the checkpoints.
+    """
+
+    def __init__(self, model: AttributeModel, loss: AttributeLoss, train_set: Dataset, *,
+                 out_dir: str | os.PathLike, val_set: Dataset | None = None, cache: SaliencyCache | None = None,
+                 epochs: int = 20, batch_size: int = 64, lr: float = 5e-4, lr_decay: float = 0.985,
+                 device: str | torch.device | None = None, seed: int = 0, amp: str = "auto", flip: bool = False,
+                 num_workers: int = 0, eval_batch_size: int = 256, show_progress: bool = True,
+                 config: dict | None = None) -> None:
+        if not isinstance(model, AttributeModel):
+            raise TypeError(f"model must be a whymatch.attributes.AttributeModel, got {type(model).__name__}")
+        if not isinstance(loss, AttributeLoss):
+            raise TypeError(f"loss must be a whymatch.attributes.AttributeLoss, got {type(loss).__name__}")
+        if len(train_set) == 0:
+            raise ValueError("train_set must not be empty")
+        if cache is not None:
+            if not isinstance(cache, SaliencyCache):
+                raise TypeError(f"cache must be a SaliencyCache, got {type(cache).__name__}")
+            if len(cache) != len(train_set):
+                raise ValueError(f"cache must have one row per train_set item ({len(train_set)}), got {len(cache)}")
+        self.distributed, self.rank, self.world = _dist_info()
+        if device is None:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.out_dir = Path(out_dir)
+        self.epochs = V.positive_int("epochs", epochs)
+        self.batch_size = V.positive_int("batch_size", batch_size)
+        self.lr = V.real("lr", lr, low=0.0, open_low=True)
+        self.lr_decay = V.real("lr_decay", lr_decay, low=0.0, high=1.0, open_low=True)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.seed = seed
+        self.amp = V.choice("amp", amp, ("auto", "bf16", "fp16", "none"))
+        self.flip = bool(flip)
+        self.num_workers = V.positive_int("num_workers", num_workers, minimum=0)
+        self.eval_batch_size = V.positive_int("eval_batch_size", eval_batch_size)
+        self.show_progress = bool(show_progress)
+        self.train_set, self.val_set, self.cache = train_set, val_set, cache
+        self.config = dict(config or {})
+        per_rank = len(train_set) // self.world
+        if per_rank == 0:
+            raise ValueError(f"train_set ({len(train_set)} items) must have at least one item per rank ({self.world})")
+        self.steps_per_epoch = math.ceil(per_rank / self.batch_size)
+
+        cuda = self.device.type == "cuda"
+        self.model = model.to(self.device)
+        self.loss = loss.to(self.device)
+        self.amp_dtype = None
+        if cuda and self.amp != "none":
+            bf16 = self.amp == "bf16" or (self.amp == "auto" and torch.cuda.is_bf16_supported())
+            self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=self.lr)
+        decay = self.lr_decay
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: decay ** e)
+        self.net: nn.Module = self.model
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.net = DDP(self.model, device_ids=[self.device.index] if cuda else None)
+        self.epoch = 0
+        self.global_step = 0
+        self.history: list[dict] = []
+        self.best_map = -math.inf
+        self.last_epoch_indices: Tensor = torch.empty(0, dtype=torch.long)
+
+    # ------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "format": _FORMAT,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "history": self.history,
+            "best_map": self.best_map,
+            "n_train": len(self.train_set),
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "attribute_names": list(self.model.attribute_names),
+            "config": self.config,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != _FORMAT:
+            raise ValueError(f"checkpoint format {state.get('format')!r} is not {_FORMAT}")
+        for key, mine in (("n_train", len(self.train_set)), ("seed", self.seed), ("batch_size", self.batch_size),
+                          ("attribute_names", list(self.model.attribute_names))):
+            if state[key] != mine:
+                raise ValueError(f"the checkpoint has {key}={state[key]!r}, this run {mine!r}; "
+                                 "resume with the same settings")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.history = list(state["history"])
+        self.best_map = float(state["best_map"])
+        torch.set_rng_state(state["rng"]["torch"])
+
+    def save_checkpoint(self) -> Path:
+        """Write out_dir/checkpoint.pt and metrics.jsonl atomically (rank 0; other ranks no-op)."""
+        path = self.out_dir / CHECKPOINT
+        if self.rank == 0:
+            atomic_torch_save(self.state_dict(), path)
+            atomic_write_text(self.out_dir / METRICS_LOG, "".join(json.dumps(h) + "\n" for h in self.history))
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike | None = None) -> None:
+        p = Path(path) if path is not None else self.out_dir / CHECKPOINT
+        if not p.is_file():
+            raise FileNotFoundError(f"no checkpoint to resume from at {p}")
+        self.load_state_dict(torch.load(p, map_location=self.device, weights_only=False))
+
+    def model_state(self, **extra: object) -> dict:
+        """The model as a loadable file's content (:func:`attribute_model_state` when it can be rebuilt)."""
+        if self.model.config:
+            return attribute_model_state(self.model, **extra)
+        return {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "attribute_names": list(self.model.attribute_names), **extra}
+
+    # ------------------------------------------------------------ one epoch
+    def epoch_indices(self, epoch: int) -> list[Tensor]:
+        """This rank's batches (index tensors) of an epoch: a permutation seeded by (seed, epoch),
+        rank r taking positions r, r + world, ... (N // world of them), cut into batch_size pieces."""
+        g = torch.Generator().manual_seed(_seed_of(self.seed, epoch, 0x5A3E))
+        perm = torch.randperm(len(self.train_set), generator=g)
+        mine = perm[self.rank::self.world][:len(self.train_set) // self.world]
+        return list(torch.split(mine, self.batch_size))
+
+    def _autocast(self):
+        if self.amp_dtype is not None:
+            return torch.autocast("cuda", dtype=self.amp_dtype)
+        return contextlib.nullcontext()
+
+    def train_epoch(self) -> dict[str, float]:
+        """One epoch (self.epoch); returns the mean loss parts over the epoch (all ranks)."""
+        e = self.epoch
+        torch.manual_seed(_seed_of(self.seed, e, self.rank, 1))
+        gen = torch.Generator().manual_seed(_seed_of(self.seed, e, self.rank, 2))
+        batches = self.epoch_indices(e)
+        self.last_epoch_indices = torch.cat(batches)
+        loader = DataLoader(self.train_set, batch_sampler=[b.tolist() for b in batches],
+                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        self.net.train()
+        sums = {"total": 0.0, "huber": 0.0, "matching": 0.0}
+        it = loader
+        bar = None
+        if self.show_progress and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(loader, desc=f"epoch {e + 1}/{self.epochs}", unit="batch", leave=False)
+            it = bar
+        for images, attrs, index in it:
+            x = images.to(self.device, non_blocking=True)
+            y = attrs.to(self.device, non_blocking=True)
+            sal = valid = None
+            if self.cache is not None:
+                sal, valid = self.cache.batch(index)
+                sal, valid = sal.to(self.device, non_blocking=True), valid.to(self.device)
+            if self.flip:
+                f = (torch.rand(x.shape[0], generator=gen) < 0.5).to(self.device)
+                x = torch.where(f[:, None, None, None], x.flip(-1), x)
+                if sal is not None:
+                    sal = torch.where(f[:, None, None, None], sal.flip(-1), sal)
+            with self._autocast():
+                out = self.net(x)
+            parts = self.loss(out, y, sal, valid)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(parts["total"]).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.global_step += 1
+            for k in sums:
+                sums[k] += float(parts[k].detach())
+            if bar is not None:
+                bar.set_postfix({k: f"{float(v.detach()):.3g}" for k, v in parts.items()})
+        if bar is not None:
+            bar.close()
+        self.scheduler.step()
+        keys = sorted(sums)
+        vals = torch.tensor([sums[k] for k in keys] + [float(len(batches))], dtype=torch.float64)
+        if self.distributed:
+            import torch.distributed as dist
+
+            for buf in self.model.buffers():  # DDP broadcasts buffers at each forward; the last update is local
+                dist.broadcast(buf, 0)
+            vals = vals.to(self.device)
+            dist.all_reduce(vals)
+            vals = vals.cpu()
+        n = max(1.0, float(vals[-1]))
+        return {k: float(v) / n for k, v in zip(keys, vals[:-1].tolist())}
+
+    # ------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def predict(self, dataset: Dataset) -> tuple[Tensor, Tensor, Tensor]:
+        """(confidences (N, A), logits (N, A) float32, attributes (N, A) bool) of a data set, eval
+        mode, on the CPU; under torch.distributed each rank embeds a share and all get everything."""
+        n = len(dataset)
+        parts = torch.tensor_split(torch.arange(n), self.world)
+        mine = parts[self.rank]
+        self.model.eval()
+        a = self.model.n_attributes
+        conf, logit, lab = [], [], []
+        loader = DataLoader(Subset(dataset, mine.tolist()), batch_size=self.eval_batch_size, shuffle=False,
+                            num_workers=self.num_workers)
+        for images, attrs, _ in loader:
+            with self._autocast():
+                out = self.model(images.to(self.device))
+            conf.append(out.confidences.float())
+            logit.append(out.logits.float())
+            lab.append(attrs.to(self.device))
+        c = torch.cat(conf) if conf else torch.empty(0, a, device=self.device)
+        lg = torch.cat(logit) if logit else torch.empty(0, a, device=self.device)
+        lb = torch.cat(lab).bool() if lab else torch.empty(0, a, dtype=torch.bool, device=self.device)
+        if self.distributed:
+            import torch.distributed as dist
+
+            size = max(len(p) for p in parts)
+            packed = torch.zeros(size, 3 * a, device=self.device)
+            packed[:c.shape[0]] = torch.cat([c, lg, lb.float()], dim=1)
+            gathered = [torch.empty_like(packed) for _ in range(self.world)]
+            dist.all_gather(gathered, packed)
+            full = torch.cat([g[:len(p)] for g, p in zip(gathered, parts)])
+            c, lg, lb = full[:, :a], full[:, a:2 * a], full[:, 2 * a:] > 0.5
+        return c.cpu(), lg.cpu(), lb.cpu()
+
+    def evaluate(self, dataset: Dataset | None = None) -> dict:
+        """Validation attribute mAP: 'map' (ranked by confidences), 'map_logits', and 'ap' per attribute name."""
+        from ..metrics.attributes import mean_average_precision
+
+        ds = self.val_set if dataset is None else dataset
+        if ds is None:
+            raise ValueError("evaluate() needs a data set: pass one or give the trainer a val_set")
+        conf, logits, lab = self.predict(ds)
+        m, ap = mean_average_precision(conf, lab)
+        m_logits, _ = mean_average_precision(logits, lab)
+        names = self.model.attribute_names
+        return {"map": m, "map_logits": m_logits,
+                "ap": {n: (None if math.isnan(v) else v) for n, v in zip(names, ap.tolist())}}
+
+    # ------------------------------------------------------------ the loop
+    def fit(self, resume: bool = False, *, stop_after: int | None = None) -> list[dict]:
+        """Train until ``epochs`` (or ``stop_after`` more epochs in this call); returns the history.
+
+        Args:
+            resume: continue from out_dir/checkpoint.pt (an error when there is none).
+            stop_after: return after this many epochs (the next ``fit(resume=True)`` continues).
+        """
+        if resume:
+            self.load_checkpoint()
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            cfg = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "lr_decay": self.lr_decay,
+                   "loss": repr(self.loss), "seed": self.seed, "world_size": self.world, "device": str(self.device),
+                   "autocast": str(self.amp_dtype), "steps_per_epoch": self.steps_per_epoch,
+                   "n_train": len(self.train_set), "saliency_cache": str(self.cache.path) if self.cache else None,
+                   **self.config}
+            atomic_write_text(self.out_dir / "config.json", json.dumps(cfg, indent=2, default=str) + "\n")
+        done = 0
+        while self.epoch < self.epochs and (stop_after is None or done < stop_after):
+            lr = self.optimizer.param_groups[0]["lr"]
+            t0 = time.perf_counter()
+            means = self.train_epoch()
+            self.epoch += 1
+            done += 1
+            rec = {"epoch": self.epoch, "step": self.global_step, "lr": lr, **means,
+                   "train_time_s": time.perf_counter() - t0}
+            if self.val_set is not None:
+                t1 = time.perf_counter()
+                ev = self.evaluate()
+                rec.update({"map": ev["map"], "map_logits": ev["map_logits"],
+                            "eval_time_s": time.perf_counter() - t1})
+                m = -math.inf if math.isnan(ev["map"]) else ev["map"]
+                if m > self.best_map:
+                    self.best_map = m
+                    if self.rank == 0:
+                        atomic_torch_save(self.model_state(epoch=self.epoch, map=m, ap=ev["ap"], train=self.config),
+                                          self.out_dir / BEST)
+            self.history.append(rec)
+            self.save_checkpoint()
+            if self.rank == 0 and self.show_progress:
+                print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return self.history
+
+
+# ------------------------------------------------------------------ task
+def train_sane(cfg: SANEConfig) -> AttributeTrainer:
+    """Train SANE's attribute model as ``cfg`` says; returns the trainer.
+
+    Builds the data (:func:`build_sane_data`), a fresh model (``torch.manual_seed(cfg.seed)``),
+    the saliency cache under ``cfg.out/saliency`` when ``cfg.lam > 0`` (reused by a later run
+    with the same settings), trains, and writes ``cfg.out/model.pt`` (loadable with
+    :func:`whymatch.attributes.model.load_attribute_model`) on rank 0.
+    """
+    if not isinstance(cfg, SANEConfig):
+        raise TypeError(f"cfg must be a SANEConfig, got {type(cfg).__name__}")
+    V.choice("backbone", cfg.backbone, ATTRIBUTE_BACKBONES)
+    V.real("lam", cfg.lam, low=0.0)
+    loss = AttributeLoss(cfg.lam, cfg.normalize, distance=cfg.distance, temperature=cfg.temperature)
+    train, val, info = build_sane_data(cfg)
+    _, rank, _ = _dist_info()
+    if cfg.device is None:
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    cache = None
+    if cfg.lam > 0:
+        sim = _load_similarity(cfg, device)
+        cache = SaliencyCache.build(sim, train, Path(cfg.out) / SALIENCY_DIR, k=cfg.k_maps, labels=train.labels,
+                                    size=cfg.saliency_size, n_masks=cfg.n_masks, grid=cfg.rise_grid, p=cfg.rise_p,
+                                    batch_size=cfg.rise_batch_size, seed=cfg.seed,
+                                    show_progress=cfg.show_progress and rank == 0)
+        del sim
+    torch.manual_seed(cfg.seed)  # the initial weights
+    model = build_attribute_model(cfg.backbone, len(train.attribute_names), attribute_names=train.attribute_names)
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "show_progress")}
+    config.update(info)
+    trainer = AttributeTrainer(model, loss, train, out_dir=cfg.out, val_set=val, cache=cache, epochs=cfg.epochs,
+                               batch_size=cfg.batch_size, lr=cfg.lr, lr_decay=cfg.lr_decay, device=device,
+                               seed=cfg.seed, flip=cfg.flip, num_workers=cfg.num_workers,
+                               eval_batch_size=cfg.eval_batch_size, show_progress=cfg.show_progress, config=config)
+    trainer.fit(resume=cfg.resume)
+    if trainer.rank == 0:
+        last = trainer.history[-1] if trainer.history else {}
+        atomic_torch_save(trainer.model_state(epoch=trainer.epoch, map=last.get("map"), train=config),
+                          Path(cfg.out) / MODEL_FILE)
+    return trainer
