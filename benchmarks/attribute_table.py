@@ -81,11 +81,11 @@ def train_attribute_model(args, lam: float, out: Path):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", type=int, default=240, help="scored pairs")
-    ap.add_argument("--held-out", type=int, default=120, help="pairs that choose phi")
+    ap.add_argument("--pairs", type=int, default=160, help="scored pairs")
+    ap.add_argument("--held-out", type=int, default=80, help="pairs that choose phi")
     ap.add_argument("--n-test", type=int, default=1500, help="test images (database of the metrics)")
     ap.add_argument("--n-tcav", type=int, default=2000, help="train images that fit the CAVs")
-    ap.add_argument("--n-masks", type=int, default=1000, help="RISE masks per explained pair")
+    ap.add_argument("--n-masks", type=int, default=500, help="RISE masks per explained pair")
     ap.add_argument("--n-train", type=int, default=1500, help="attribute-model training images")
     ap.add_argument("--n-val", type=int, default=600)
     ap.add_argument("--epochs", type=int, default=20)
@@ -95,6 +95,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("benchmarks/.work/attribute_table"),
                     help="training outputs and the saliency cache (reused by a second run)")
+    ap.add_argument("--train-matching", action="store_true",
+                    help="train the saliency-matching model here too instead of loading the shipped one")
+    ap.add_argument("--write-phi", type=Path, default=None,
+                    help="write the fitted SANE phi here (JSON) for the demo: "
+                         "python/whymatch/models/weights/shapesworld_sane.json")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--out", type=Path, default=C.RESULTS / "attribute_table")
@@ -109,7 +114,15 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------- attribute models
     models, model_info = {}, {}
-    for name, lam in (("matching", args.lam), ("plain", 0.0)):
+    if args.train_matching:
+        runs = (("matching", args.lam), ("plain", 0.0))
+    else:   # the shipped model: scripts/train_shapesworld_attributes.py, the same settings and seed
+        from whymatch.attributes import load_default_attribute_model
+
+        models["matching"] = load_default_attribute_model()
+        model_info["matching"] = {"lam": args.lam, "source": "shipped weights (scripts/train_shapesworld_attributes.py)"}
+        runs = (("plain", 0.0),)
+    for name, lam in runs:
         model, secs, best = train_attribute_model(args, lam, args.work / name)
         models[name] = model.eval()
         model_info[name] = {"lam": lam, "train_s": secs, "best_val_map": best}
@@ -162,7 +175,7 @@ def main(argv=None) -> int:
     def deletion_of(rows):
         return lambda chosen: metrics_of(chosen, rows)["deletion"]
 
-    results, fitted = {}, {}
+    results, fitted, tables = {}, {}, {}
     g = torch.Generator().manual_seed(args.seed)
     results["random"] = metrics_of(torch.randint(0, len(ATTRIBUTE_NAMES), (len(scored),), generator=g), scored)
     results["tcav"] = metrics_of(torch.full((len(scored),), int(torch.nan_to_num(tcav_scores, -1).argmax())),
@@ -177,7 +190,7 @@ def main(argv=None) -> int:
         else:
             variants = (("sane_no_tcav", [t for t in phi_grid() if t[2] == 0]), ("sane", None))
         for row, grid in variants:
-            phi, _ = sane.fit_phi(terms[held], deletion_of(held), grid=grid)
+            phi, tables[row] = sane.fit_phi(terms[held], deletion_of(held), grid=grid)
             fitted[row] = phi
             results[row] = metrics_of(rank_scores(terms[scored], phi).argmax(1), scored)
             results[row]["phi"] = phi
@@ -201,6 +214,16 @@ def main(argv=None) -> int:
         "load_at_end": C.system_load(),
     }
     C.write_results(args.out, data, markdown(data))
+    if args.write_phi is not None:
+        import json
+
+        from whymatch.io import atomic_write_text
+
+        atomic_write_text(args.write_phi, json.dumps({
+            "phi": list(fitted["sane"]), "temperature": 0.05,
+            "source": "benchmarks/attribute_table.py: grid search on held-out ShapesWorld test pairs against the "
+                      f"attribute deletion metric ({args.held_out} pairs, seed {args.seed})",
+            "deletion_held_out": max(r["value"] for r in tables["sane"])}, indent=1) + "\n")
     print(markdown(data))
     return 0
 
@@ -227,8 +250,8 @@ def markdown(data: dict) -> str:
         f"torch {m.get('torch', '?')}, commit {str(m.get('git_commit'))[:10]}; {data['total_s']:.0f} s in all.",
         f"{s['pairs']} scored positive test pairs (unseen classes; {s['held_out']} more pairs chose phi), RISE "
         f"{s['n_masks']} masks per pair, database of {s['n_test']} test images. Attribute models: ShapesCNN trunk, "
-        f"{s['epochs']} epochs on {s['n_train']} train images, with saliency matching (lambda {s['lam']}) or "
-        "without. Deletion / insertion: relative similarity change when the query is swapped for the database "
+        f"{s['epochs']} epochs on {s['n_train']} train images, with saliency matching (lambda {s['lam']}; "
+        + ("trained here" if s["train_matching"] else "the shipped weights, same settings") + ") or without. Deletion / insertion: relative similarity change when the query is swapped for the database "
         "image that lacks / regains the chosen attribute (higher is better, bound 1). Top-1: the chosen "
         "attribute is one the two key objects share (± standard error).",
         "",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the ShapesWorld attribute model that ships with whymatch (SANE, Plummer et al. 2020).
 
-    python scripts/train_shapesworld_attributes.py             # the shipped weights (about 12 min, 2 CPU cores)
+    python scripts/train_shapesworld_attributes.py             # the shipped weights (about 9 min on 2 CPU cores)
     python scripts/train_shapesworld_attributes.py --lam 0 --weights none --out build/sane_lam0   # no matching
 
 What it does, all from a fixed seed:

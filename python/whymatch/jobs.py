@@ -209,8 +209,22 @@ def shapesworld_sane(sim: SimilarityModel, *, n_tcav: int = 1000, seed: int = 0)
     attrs = torch.stack([train.attributes(i, "all") for i in range(len(train))])
     tcav = TCAV(similarity=sim, hinge=False, seed=seed, attribute_names=model.attribute_names).fit(emb, attrs)
     a, p, n = TCAV.triplets(emb, train.labels, seed=seed, similarity=sim)
-    phi = tuple(model.config.get("phi", (1.0, 1.0, 1.0)))
-    return SANE(sim, model, tcav.scores(emb[a], emb[p], emb[n]), phi=phi)
+    return SANE(sim, model, tcav.scores(emb[a], emb[p], emb[n]), **shapesworld_sane_settings())
+
+
+def shapesworld_sane_settings() -> dict:
+    """SANE's phi (and saliency temperature) for the shipped ShapesWorld models: the weights chosen by
+    ``benchmarks/attribute_table.py --write-phi`` on held-out pairs (models/weights/shapesworld_sane.json),
+    or equal weights when that file is missing."""
+    import json
+
+    from .attributes.model import default_attribute_weights_path
+
+    path = default_attribute_weights_path().with_name("shapesworld_sane.json")
+    if not path.is_file():
+        return {"phi": (1.0, 1.0, 1.0)}
+    blob = json.loads(path.read_text())
+    return {"phi": tuple(float(v) for v in blob["phi"]), "temperature": float(blob.get("temperature", 0.05))}
 
 
 def add_attribute_explanations(sim: SimilarityModel, sets: Sequence[ExplainedSet], methods: Sequence[str], *,
