@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..io import atomic_torch_save, atomic_write_text
 from ..ops import _validate as V
-from ..train.trainer import BEST, CHECKPOINT, METRICS_LOG, _seed_of
+from ..train.trainer import BEST, CheckpointedLoop, _seed_of
 from .cache import SaliencyCache
 from .losses import AttributeLoss
 from .model import ATTRIBUTE_BACKBONES, AttributeModel, attribute_model_state, build_attribute_model
@@ -220,7 +220,7 @@ def _dist_info() -> tuple[bool, int, int]:
     return on, (dist.get_rank() if on else 0), (dist.get_world_size() if on else 1)
 
 
-class AttributeTrainer:
+class AttributeTrainer(CheckpointedLoop):
     """Train an :class:`AttributeModel` with :class:`AttributeLoss` (and cached saliency maps).
 
     Args:
@@ -335,29 +335,8 @@ class AttributeTrainer:
             if state[key] != mine:
                 raise ValueError(f"the checkpoint has {key}={state[key]!r}, this run {mine!r}; "
                                  "resume with the same settings")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.epoch = int(state["epoch"])
-        self.global_step = int(state["global_step"])
-        self.history = list(state["history"])
+        self.restore_loop_state(state)
         self.best_map = float(state["best_map"])
-        torch.set_rng_state(state["rng"]["torch"])
-
-    def save_checkpoint(self) -> Path:
-        """Write out_dir/checkpoint.pt and metrics.jsonl atomically (rank 0; other ranks no-op)."""
-        path = self.out_dir / CHECKPOINT
-        if self.rank == 0:
-            atomic_torch_save(self.state_dict(), path)
-            atomic_write_text(self.out_dir / METRICS_LOG, "".join(json.dumps(h) + "\n" for h in self.history))
-        return path
-
-    def load_checkpoint(self, path: str | os.PathLike | None = None) -> None:
-        p = Path(path) if path is not None else self.out_dir / CHECKPOINT
-        if not p.is_file():
-            raise FileNotFoundError(f"no checkpoint to resume from at {p}")
-        self.load_state_dict(torch.load(p, map_location=self.device, weights_only=False))
 
     def model_state(self, **extra: object) -> dict:
         """The model as a loadable file's content (:func:`attribute_model_state` when it can be rebuilt)."""

@@ -99,7 +99,42 @@ def _total_and_parts(out: object) -> tuple[Tensor, dict[str, float]]:
     return total, parts
 
 
-class Trainer:
+class CheckpointedLoop:
+    """Checkpoint files of a training loop: the part the metric-learning and attribute trainers share.
+
+    A subclass has ``out_dir``, ``rank``, ``device``, ``history``, ``model``, ``optimizer``,
+    ``scheduler``, ``scaler``, ``epoch``, ``global_step`` and its own ``state_dict`` /
+    ``load_state_dict``; the latter calls :meth:`restore_loop_state` for the shared entries.
+    """
+
+    def restore_loop_state(self, state: dict) -> None:
+        """Load the model, optimizer, scheduler, grad scaler, counters, history and torch RNG of a checkpoint."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.history = list(state["history"])
+        torch.set_rng_state(state["rng"]["torch"])
+
+    def save_checkpoint(self) -> Path:
+        """Write out_dir/checkpoint.pt (and metrics.jsonl) atomically; rank 0 only (other ranks no-op)."""
+        path = self.out_dir / CHECKPOINT
+        if self.rank == 0:
+            atomic_torch_save(self.state_dict(), path)
+            atomic_write_text(self.out_dir / METRICS_LOG, "".join(json.dumps(h) + "\n" for h in self.history))
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike | None = None) -> None:
+        """Resume from ``path`` (default out_dir/checkpoint.pt); FileNotFoundError names the path."""
+        p = Path(path) if path is not None else self.out_dir / CHECKPOINT
+        if not p.is_file():
+            raise FileNotFoundError(f"no checkpoint to resume from at {p}")
+        self.load_state_dict(torch.load(p, map_location=self.device, weights_only=False))
+
+
+class Trainer(CheckpointedLoop):
     """Train a SimilarityModel with a metric loss on P x K batches; see the module docstring.
 
     Args:
@@ -256,32 +291,10 @@ class Trainer:
             raise ValueError(f"checkpoint format {state.get('format')!r} is not {_FORMAT}")
         if not torch.equal(state["classes"], self.classes):
             raise ValueError("the checkpoint was trained on other classes than this train_set")
-        self.model.load_state_dict(state["model"])
         self.loss.load_state_dict(state["loss"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
-        self.epoch = int(state["epoch"])
-        self.global_step = int(state["global_step"])
-        self.history = list(state["history"])
+        self.restore_loop_state(state)
         self.best_recall_at_1 = float(state["best_recall_at_1"])
-        torch.set_rng_state(state["rng"]["torch"])
-
-    def save_checkpoint(self) -> Path:
-        """Write out_dir/checkpoint.pt (and metrics.jsonl) atomically; rank 0 only (other ranks no-op)."""
-        path = self.out_dir / CHECKPOINT
-        if self.rank == 0:
-            atomic_torch_save(self.state_dict(), path)
-            atomic_write_text(self.out_dir / METRICS_LOG, "".join(json.dumps(h) + "\n" for h in self.history))
-        return path
-
-    def load_checkpoint(self, path: str | os.PathLike | None = None) -> None:
-        p = Path(path) if path is not None else self.out_dir / CHECKPOINT
-        if not p.is_file():
-            raise FileNotFoundError(f"no checkpoint to resume from at {p}")
-        state = torch.load(p, map_location=self.device, weights_only=False)
-        self.load_state_dict(state)
 
     # ------------------------------------------------------------ one epoch
     def _to_input(self, images: Tensor) -> Tensor:
