@@ -39,6 +39,11 @@ gk = torch.autograd.grad((d * w).sum(), coef[1:] + bias[1:])
 gr = torch.autograd.grad((d_ref * w).sum(), coef[1:] + bias[1:])
 for a, b in zip(gk, gr):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+for gamma in (1e3, -1e3):  # both tails of the kernels' own sigmoid
+    torch.testing.assert_close(ops.avsl_distance(qs, gs, rq, rg, links, coef, bias, gamma),
+                               ref.avsl_distance(qs, gs, rq, rg, links, coef, bias, gamma), rtol=1e-5, atol=1e-5)
+d64 = [[t.double() for t in part] for part in (qs, gs, rq, rg, links, coef, bias)]
+torch.testing.assert_close(ops.avsl_distance(*d64, 3.0), ref.avsl_distance(*d64, 3.0), rtol=1e-12, atol=1e-12)
 v, i = ops.avsl_topk(qs, gs, rq, rg, links, coef, bias, 10.0, 5)
 vr, ir = ref.avsl_topk(qs, gs, rq, rg, links, coef, bias, 10.0, 5)
 torch.testing.assert_close(v, vr, rtol=1e-5, atol=1e-5)

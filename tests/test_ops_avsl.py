@@ -140,6 +140,30 @@ def test_gradcheck_float64(device, gen):
     assert torch.autograd.gradcheck(fn, tuple(params))
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gamma", [0.0, 1e-3, 3.0, 1e3, -1e3])
+def test_reliability_sigmoid_across_its_range(device, dtype, gamma, gen):
+    # The kernels compute sigmoid with their own vectorized exp: |gamma| = 1e3 drives z far into both
+    # tails (saturation, the clamp), gamma = 0 gives p = 1/2 exactly; float64 must stay float64-accurate.
+    args = _inputs(5, 23, [9, 17, 11], gen, device, k=4, dtype=dtype)
+    got, want = ops.avsl_distance(*args, gamma), ref.avsl_distance(*args, gamma)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_nan_reliability_gives_nan_distance_for_its_pairs_only(device, gen):
+    qs, gs, rq, rg, links, coef, bias = _inputs(3, 20, [6, 8, 5], gen, device)
+    rg = [r.clone() for r in rg]
+    rg[2][7, 1] = float("nan")  # top level, one gallery item
+    d = ops.avsl_distance(qs, gs, rq, rg, links, coef, bias, 10.0)
+    want = ref.avsl_distance(qs, gs, rq, rg, links, coef, bias, 10.0)
+    assert bool(d[:, 7].isnan().all()) and bool(want[:, 7].isnan().all())
+    keep = torch.arange(20, device=device) != 7
+    torch.testing.assert_close(d[:, keep], want[:, keep], rtol=1e-5, atol=1e-5)
+
+
 def _packed(args, gamma=10.0):
     from whymatch.ops import avsl as A
 

@@ -439,12 +439,13 @@ def _pack(queries, galleries, rel_q, rel_g, links, coef, bias):
     acc = torch.float64 if wide else torch.float32
     dev = queries[0].device
     sizes = [int(q.shape[1]) for q in queries]
-    qe = torch.cat([F.normalize(q.float(), dim=1) for q in queries], dim=1).to(acc).contiguous()
-    ge = torch.cat([F.normalize(g.float(), dim=1) for g in galleries], dim=1).to(acc).contiguous()
+    # everything in the compute dtype: float64 mode is float64 throughout (no float32 rounding)
+    qe = torch.cat([F.normalize(q.to(acc), dim=1) for q in queries], dim=1).contiguous()
+    ge = torch.cat([F.normalize(g.to(acc), dim=1) for g in galleries], dim=1).contiguous()
     if len(sizes) > 1:
-        rq = torch.cat([r.float() for r in rel_q[1:]], dim=1).to(acc).contiguous()
-        rg = torch.cat([r.float() for r in rel_g[1:]], dim=1).to(acc).contiguous()
-        lk = torch.cat([x.float().reshape(-1) for x in links]).to(acc).contiguous()
+        rq = torch.cat([r.to(acc) for r in rel_q[1:]], dim=1).contiguous()
+        rg = torch.cat([r.to(acc) for r in rel_g[1:]], dim=1).contiguous()
+        lk = torch.cat([x.to(acc).reshape(-1) for x in links]).contiguous()
         cf = torch.cat([c.to(acc) for c in coef[1:]]).contiguous()
         bs = torch.cat([b.to(acc) for b in bias[1:]]).contiguous()
     else:

@@ -153,16 +153,17 @@ def avsl_link_star(edges: torch.Tensor, k: int) -> torch.Tensor:
     return link / (link.sum(dim=0, keepdim=True) + 1e-8)
 
 
-def avsl_nodes(query: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
-    """Similarity nodes delta (Q, G, R) = (e_q - e_g)^2 of l2-normalized embeddings."""
-    a, b = F.normalize(query.float(), dim=1), F.normalize(gallery.float(), dim=1)
+def avsl_nodes(query: torch.Tensor, gallery: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Similarity nodes delta (Q, G, R) = (e_q - e_g)^2 of l2-normalized embeddings, computed in ``dtype``."""
+    a, b = F.normalize(query.to(dtype), dim=1), F.normalize(gallery.to(dtype), dim=1)
     return (a[:, None, :] - b[None, :, :]) ** 2
 
 
 def avsl_distance(queries: list[torch.Tensor], galleries: list[torch.Tensor], rel_q: list[torch.Tensor],
                   rel_g: list[torch.Tensor], links: list[torch.Tensor], coef: list[torch.Tensor],
                   bias: list[torch.Tensor], gamma: float = 10.0) -> torch.Tensor:
-    """The overall AVSL distance of every (query, gallery) pair, (Q, G) float32.
+    """The overall AVSL distance of every (query, gallery) pair, (Q, G) float32, or float64 (computed in
+    float64 throughout) when a coef or bias of a level >= 1 is float64, as in the kernels.
 
     Levels l = 0..L-1 from low to high, each with embeddings queries[l] (Q, R_l) and
     galleries[l] (G, R_l) (l2-normalized here), reliability statistics rel_q[l] (Q, R_l)
@@ -177,15 +178,17 @@ def avsl_distance(queries: list[torch.Tensor], galleries: list[torch.Tensor], re
     Nodes are treated as constants (the published code detaches them: the overall distance
     trains only coef and bias); gradients flow to coef and bias. coef[0], bias[0] are unused.
     """
+    wide = any(t.dtype == torch.float64 for t in list(coef[1:]) + list(bias[1:]))
+    acc = torch.float64 if wide else torch.float32
     hat = None
     for lv in range(len(queries)):
-        delta = avsl_nodes(queries[lv], galleries[lv]).detach()
+        delta = avsl_nodes(queries[lv], galleries[lv], acc).detach()
         if hat is None:
             hat = delta
             continue
-        p = torch.sigmoid(gamma * (rel_q[lv].float()[:, None, :] * rel_g[lv].float()[None, :, :] * coef[lv]
-                                   + bias[lv]))
-        hat = delta * p + (hat @ links[lv - 1].float()) * (1 - p)
+        p = torch.sigmoid(gamma * (rel_q[lv].to(acc)[:, None, :] * rel_g[lv].to(acc)[None, :, :] * coef[lv].to(acc)
+                                   + bias[lv].to(acc)))
+        hat = delta * p + (hat @ links[lv - 1].to(acc)) * (1 - p)
     return hat.sum(dim=-1)
 
 
