@@ -419,22 +419,41 @@ def test_cli_train_avsl_and_resume(tmp_path, capsys):
     assert "weights must give one weight per level" in capsys.readouterr().err
 
 
-def test_avsl_recall_at_k_matches_a_full_distance_matrix():
+@pytest.mark.parametrize("chunk", [None, 4, 1])
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_avsl_recall_at_k_matches_a_full_distance_matrix(chunk, duplicates):
     from whymatch.train import TensorImages, avsl_recall_at_k
 
     m = _model("map")
     m.train()
     m.encode(torch.rand(6, 3, 16, 16))
     x = torch.rand(10, 3, 16, 16)
-    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
-    got = avsl_recall_at_k(m, TensorImages(x, y), (1, 2, 4), batch_size=3, chunk=4)
+    if duplicates:  # six identical images: ties at distance 0, the query itself among them
+        x[:6] = x[0]
+    y = torch.tensor([0, 1, 1, 0, 2, 2, 3, 3, 4, 4])
+    got = avsl_recall_at_k(m, TensorImages(x, y), (1, 2, 4), batch_size=3, chunk=chunk)
     assert m.training
     m.eval()
     enc = m.encode(x)
-    _, idx = m.topk(enc, enc, 4, exclude_self=True)
+    d = m.distance(enc, enc).detach()
+    d.fill_diagonal_(float("inf"))
+    order = torch.stack([torch.tensor(sorted(range(10), key=lambda j: (float(d[i, j]), j))) for i in range(10)])
     for k in (1, 2, 4):
-        want = float((y[idx[:, :k]] == y[:, None]).any(dim=1).float().mean())
+        want = float((y[order[:, :k]] == y[:, None]).any(dim=1).float().mean())
         assert got[f"recall@{k}"] == pytest.approx(want)
+
+
+def test_avsl_recall_at_k_errors():
+    from whymatch.train import TensorImages, avsl_recall_at_k
+
+    m = _model("map")
+    ds = TensorImages(torch.rand(4, 3, 16, 16), torch.tensor([0, 0, 1, 1]))
+    with pytest.raises(ValueError, match="ks must be positive"):
+        avsl_recall_at_k(m, ds, (0, 1))
+    with pytest.raises(ValueError, match="chunk"):
+        avsl_recall_at_k(m, ds, (1,), chunk=0)
+    with pytest.raises(ValueError, match="at least 2 items"):
+        avsl_recall_at_k(m, TensorImages(torch.rand(1, 3, 16, 16), torch.tensor([0])), (1,))
 
 
 @pytest.mark.slow

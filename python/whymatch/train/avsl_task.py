@@ -8,7 +8,6 @@ distance instead of a cosine over one embedding.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,12 +63,18 @@ def build_avsl_model(backbone: str = "shapes", dim: int = 64, *, topk: int = 128
 
 @torch.no_grad()
 def avsl_recall_at_k(avsl, images: Dataset, ks=(1, 2, 4, 8), *, batch_size: int = 256, device=None,
-                     chunk: int = 64) -> dict[str, float]:
+                     chunk: int | None = None) -> dict[str, float]:
     """Recall@K of each item of a data set against the rest, by the AVSL overall distance (eval mode).
 
-    Distances are computed in slices of ``chunk`` queries (the published evaluator's slicing),
-    the item itself excluded. Returns {'recall@K': float}.
+    Ranking goes through the retrieval kernel (:func:`whymatch.ops.avsl_topk`, the item itself
+    excluded): memory O(n max(ks)), never the (n, n) distance matrix the published evaluator fills.
+    ``chunk``: queries per kernel call (default: all at once); each chunk asks for one more
+    neighbour and drops the query itself, which gives the same ranking. Returns {'recall@K': float}.
     """
+    if not ks or any(int(k) < 1 for k in ks):
+        raise ValueError(f"ks must be positive integers, got {tuple(ks)}")
+    if chunk is not None:
+        chunk = V.positive_int("chunk", chunk)
     was = avsl.training
     avsl.eval()
     try:
@@ -92,17 +97,24 @@ def avsl_recall_at_k(avsl, images: Dataset, ks=(1, 2, 4, 8), *, batch_size: int 
     gallery = AVSLEncoding([torch.cat(e) for e in embs], [torch.cat(r) for r in rels])
     labels = torch.cat(labs).to(gallery.embeddings[0].device)
     n = labels.shape[0]
-    kmax = min(max(ks), n - 1)
-    hits = {k: 0 for k in ks}
-    for s in range(0, n, chunk):
-        sl = torch.arange(s, min(n, s + chunk), device=labels.device)
-        d = avsl.distance(gallery.select(sl), gallery)
-        d[torch.arange(sl.numel()), sl] = math.inf
-        idx = torch.topk(d, kmax, dim=1, largest=False).indices
-        match = labels[idx] == labels[sl, None]
-        for k in ks:
-            hits[k] += int(match[:, :k].any(dim=1).sum())
-    return {f"recall@{k}": hits[k] / n for k in ks}
+    if n < 2:
+        raise ValueError(f"Recall@K needs at least 2 items, got {n}")
+    kmax = min(max(int(k) for k in ks), n - 1)
+    if chunk is None or chunk >= n:
+        _, idx = avsl.topk(gallery, gallery, kmax, exclude_self=True)
+    else:
+        parts = []
+        for s in range(0, n, chunk):
+            sl = torch.arange(s, min(n, s + chunk), device=labels.device)
+            _, nb = avsl.topk(gallery.select(sl), gallery, kmax + 1)
+            # drop the query itself; where it is not among the kmax + 1 (ties at its distance, 0),
+            # the first kmax are already the answer
+            keep = nb != sl[:, None]
+            keep[keep.all(dim=1), -1] = False
+            parts.append(nb[keep].view(-1, kmax))
+        idx = torch.cat(parts)
+    match = labels[idx] == labels[:, None]
+    return {f"recall@{k}": float(match[:, :k].any(dim=1).float().mean()) for k in ks}
 
 
 class AVSLTrainer(Trainer):
