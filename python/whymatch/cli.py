@@ -125,6 +125,17 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_explain_avsl(args) -> int:
+    from .jobs import run_avsl_explain
+    from .viz import format_table
+
+    rows, index = run_avsl_explain(args.run, args.query, args.references, args.out, top=args.top, by=args.by,
+                                   weights=args.weights, size=args.size, device=args.device)
+    print(format_table(rows))
+    print(f"report: {index}")
+    return 0
+
+
 def _train_config(args) -> dict:
     """The TrainConfig fields every `whymatch train ...` command takes from its options."""
     return dict(data=args.data, backbone=args.backbone, out=args.out, epochs=args.epochs, batch_p=args.batch_p,
@@ -277,6 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--size", type=int, default=None, help="resize images to SIZE x SIZE (default: the model's)")
     explainer_options(ex, 2000)
     ex.set_defaults(func=cmd_explain)
+
+    exa = sub.add_parser("explain-avsl", help="which AVSL similarity nodes made a query match each reference "
+                                              "(a model trained with `whymatch train avsl`)")
+    exa.add_argument("query", help="query image file")
+    exa.add_argument("references", nargs="+", help="reference image file(s)")
+    exa.add_argument("--run", required=True, help="the --out directory of `whymatch train avsl` (config.json + weights)")
+    exa.add_argument("--out", required=True, help="output directory of the report")
+    exa.add_argument("--weights", default="model", choices=("model", "best", "checkpoint"),
+                     help="model.pt (end of training), best.pt (best Recall@1) or checkpoint.pt (default %(default)s)")
+    exa.add_argument("--top", type=int, default=5, help="nodes shown per level (default %(default)s)")
+    exa.add_argument("--by", default="lambda", choices=("lambda", "contribution"),
+                     help="rank nodes by sensitivity lambda (Eq. 11) or lambda x node value (default %(default)s)")
+    exa.add_argument("--size", type=int, default=None, help="resize images to SIZE x SIZE (default: the run's)")
+    exa.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
+    exa.set_defaults(func=cmd_explain_avsl)
 
     train = sub.add_parser("train", help="train a similarity model (run under torchrun for DDP)")
     train_sub = train.add_subparsers(dest="task", required=True)  # mining, avsl, sane

@@ -257,3 +257,73 @@ def add_attribute_explanations(sim: SimilarityModel, sets: Sequence[ExplainedSet
                 if truth is not None:
                     row["attribute_shared"] = bool(truth[si][j, top])
     return True
+
+
+# ------------------------------------------------------------------ AVSL
+_AVSL_WEIGHTS = {"model": "model.pt", "best": "best.pt", "checkpoint": "checkpoint.pt"}
+
+
+def load_avsl_run(run_dir: str | Path, weights: str = "model", device: str | torch.device | None = None):
+    """The AVSL model a ``whymatch train avsl --out RUN_DIR`` run wrote, in eval mode, and its image size.
+
+    The architecture comes from RUN_DIR/config.json (backbone, nodes per level, link k, momentum,
+    gamma, reliability, image size); the weights from RUN_DIR/model.pt (``weights='model'``, written
+    when training ends), best.pt (the epoch with the best Recall@1) or checkpoint.pt (the last
+    epoch). Edges are part of the weights. Returns (whymatch.avsl.AVSL, image size).
+    """
+    import json
+
+    from .ops import _validate as V
+    from .train.avsl_task import build_avsl_model
+
+    V.choice("weights", weights, tuple(_AVSL_WEIGHTS))
+    run = Path(run_dir)
+    cfg_path, w_path = run / "config.json", run / _AVSL_WEIGHTS[weights]
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            hint = " (written when training ends; --weights best or checkpoint use the files saved each epoch)" \
+                if weights == "model" and p == w_path else ""
+            raise FileNotFoundError(f"not an AVSL training run: {p} is missing{hint}")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("task") != "avsl":
+        raise ValueError(f"{cfg_path} is a {cfg.get('task')!r} run, not 'avsl'")
+    sim = build_avsl_model(cfg["backbone"], int(cfg["embedding_dim"]), topk=int(cfg["topk"]),
+                           momentum=float(cfg["momentum"]), gamma=float(cfg["gamma"]),
+                           reliability=cfg["reliability"])
+    state = torch.load(w_path, map_location="cpu", weights_only=weights == "model")
+    if weights == "model":
+        sim.embedder.load_state_dict(state)
+    else:
+        sim.load_state_dict(state["model"])
+    avsl = sim.embedder.to(device or "cpu").eval()
+    return avsl, int(cfg["image_size"])
+
+
+def run_avsl_explain(run_dir: str | Path, query: str | Path, references: Sequence[str | Path], out_dir: str | Path,
+                     *, top: int = 5, by: str = "lambda", weights: str = "model", size: int | None = None,
+                     device: str | torch.device | None = None) -> tuple[list[dict], Path]:
+    """Explain a query against each reference with a trained AVSL model (AVSL Eq. 11) and write the report.
+
+    Every image is read before anything is written. Returns (one row per reference: its name,
+    the overall distance and each level's top node with its lambda, index.html path).
+    """
+    from .io import load_image
+    from .viz import write_avsl_report
+
+    avsl, trained_size = load_avsl_run(run_dir, weights, device)
+    s = size or trained_size
+    dev = next(avsl.parameters()).device
+    q = load_image(query, size=(s, s)).to(dev)
+    refs = [load_image(r, size=(s, s)).to(dev) for r in references]
+    pairs, rows = [], []
+    for path, r in zip(references, refs):
+        ex = avsl.explain(q, r, top=top, by=by)
+        name = f"{Path(query).name} vs {Path(path).name}"
+        pairs.append({"name": name, "x1": q.cpu(), "x2": r.cpu(), "explanation": ex})
+        row = {"reference": Path(path).name, "distance": float(ex.distance)}
+        for li, lv in enumerate(ex.levels):
+            row[f"level{li}_top_node"] = int(lv.nodes[0])
+            row[f"level{li}_lambda"] = float(lv.lambdas[0])
+        rows.append(row)
+    index = write_avsl_report(out_dir, pairs, title=f"whymatch AVSL explanation: {Path(query).name}")
+    return rows, index
