@@ -14,6 +14,7 @@
 
 #include "avsl/avsl_distance.h"
 #include "common/cpu_isa.h"
+#include "common/vec_math.h"
 #include "common/parallel.h"
 
 // The vector helpers below are always inlined into their callers, which share one target: no
@@ -138,66 +139,6 @@ template <typename T> struct VecOf;
 template <> struct VecOf<float> { typedef float type __attribute__((vector_size(sizeof(float) * kB))); };
 template <> struct VecOf<double> { typedef double type __attribute__((vector_size(sizeof(double) * kB))); };
 
-// Integers of T's width, kB lanes (the exponent field of 2^n).
-template <typename T> struct IntVecOf;
-template <> struct IntVecOf<float> { typedef int32_t type __attribute__((vector_size(sizeof(int32_t) * kB))); };
-template <> struct IntVecOf<double> { typedef int64_t type __attribute__((vector_size(sizeof(int64_t) * kB))); };
-
-// exp(x) on kB lanes in the vector unit of the block's ISA, for |x| <= kExpClamp (the caller clamps).
-// Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2 (n rounded with the 1.5 * 2^mantissa trick,
-// which needs strict IEEE addition: this file is not built with -ffast-math), then the Cephes
-// polynomial (float, about 1 ulp) or Pade form (double, about 2 ulp) of exp(r), times 2^n built
-// in the exponent field. Replaces a call into libmvec's 4-wide SSE expf, which took about 30% of
-// the forward at R = 512, k* = 128.
-template <typename T> struct ExpConst;
-template <> struct ExpConst<float> {
-  static constexpr float clamp = 80.f, log2e = 1.44269504088896341f, magic = 12582912.f;  // 1.5 * 2^23
-  static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
-  static constexpr int mant = 23, bias = 127;
-};
-template <> struct ExpConst<double> {
-  static constexpr double clamp = 700.0, log2e = 1.4426950408889634073599, magic = 6755399441055744.0;  // 1.5 * 2^52
-  static constexpr double ln2_hi = 6.93145751953125e-1, ln2_lo = 1.42860682030941723212e-6;
-  static constexpr int mant = 52, bias = 1023;
-};
-
-template <typename V>
-WM_ALWAYS_INLINE V exp_poly(const V& r, float) {
-  V p = 1.9875691500e-4f * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  return p * (r * r) + r + 1.f;
-}
-template <typename V>
-WM_ALWAYS_INLINE V exp_poly(const V& r, double) {
-  const V r2 = r * r;
-  const V px = r * ((1.26177193074810590878e-4 * r2 + 3.02994407707441961300e-2) * r2 + 9.99999999999999999910e-1);
-  const V qx = ((3.00198505138664455042e-6 * r2 + 2.52448340349684104192e-3) * r2 + 2.27265548208155028766e-1) * r2 +
-               2.00000000000000000009e0;
-  return 1.0 + 2.0 * px / (qx - px);
-}
-
-// sigmoid(z) = 1 / (1 + exp(-z)) on kB lanes; z is clamped to +-ExpConst::clamp first (below
-// -80 in float the true value is under 2e-35 and the result 1.8e-35, never NaN or a denormal).
-template <typename T>
-WM_ALWAYS_INLINE typename VecOf<T>::type vsigmoid(typename VecOf<T>::type z) {
-  using V = typename VecOf<T>::type;
-  using I = typename IntVecOf<T>::type;
-  using K = ExpConst<T>;
-  V x = -z;
-  x = x < K::clamp ? x : K::clamp;    // also maps NaN to +clamp...
-  x = x > -K::clamp ? x : -K::clamp;
-  x = z == z ? x : z;                 // ...so put NaN back: sigmoid(NaN) = NaN
-  const V n = (x * K::log2e + K::magic) - K::magic;  // round to nearest
-  const V r = (x - n * K::ln2_hi) - n * K::ln2_lo;
-  const I e = (__builtin_convertvector(n, I) + K::bias) << K::mant;
-  V scale;
-  std::memcpy(&scale, &e, sizeof(scale));
-  return T(1) / (T(1) + exp_poly(r, T()) * scale);
-}
-
 template <typename T>
 WM_ALWAYS_INLINE typename VecOf<T>::type vload(const T* p) {
   typename VecOf<T>::type v;
@@ -216,26 +157,51 @@ WM_ALWAYS_INLINE void level0(const T* __restrict__ a, const T* __restrict__ gt, 
   }
 }
 
-// sum_{k in [kb, ke)} val[k] * prev[idx[k]][0..kB)
-template <typename T>
+// sum_{k in [kb, ke)} val[k] * prev[idx[k]][0..kB), accumulated in native NB-byte registers: GCC
+// lowers arithmetic on vectors wider than the target's registers through the stack (AVX2 ran
+// this loop 3x slower than the baseline path before), so each row of kB values is P parts.
+template <int NB, typename T>
 WM_ALWAYS_INLINE typename VecOf<T>::type sparse_dot(const int32_t* __restrict__ idx, const T* __restrict__ val,
                                                     int64_t kb, int64_t ke, const T* __restrict__ prev) {
-  typename VecOf<T>::type a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  using N = typename vec::Native<T, NB>::V;
+  constexpr int P = static_cast<int>(sizeof(typename VecOf<T>::type) / NB);  // parts per row
+  constexpr int C = P >= 4 ? 2 : 4;  // independent chains: C * P accumulators stay in registers
+  constexpr int L = NB / static_cast<int>(sizeof(T));  // lanes per part
+  N acc[C][P] = {};
   int64_t k = kb;
-  for (; k + 3 < ke; k += 4) {  // four independent chains of FMAs
-    a0 += val[k] * vload(prev + static_cast<int64_t>(idx[k]) * kB);
-    a1 += val[k + 1] * vload(prev + static_cast<int64_t>(idx[k + 1]) * kB);
-    a2 += val[k + 2] * vload(prev + static_cast<int64_t>(idx[k + 2]) * kB);
-    a3 += val[k + 3] * vload(prev + static_cast<int64_t>(idx[k + 3]) * kB);
+  for (; k + C - 1 < ke; k += C) {
+    for (int c = 0; c < C; ++c) {
+      const T v = val[k + c];
+      const T* row = prev + static_cast<int64_t>(idx[k + c]) * kB;
+      for (int q = 0; q < P; ++q) {
+        N x;
+        std::memcpy(&x, row + q * L, NB);
+        acc[c][q] += v * x;
+      }
+    }
   }
-  for (; k < ke; ++k) a0 += val[k] * vload(prev + static_cast<int64_t>(idx[k]) * kB);
-  return (a0 + a1) + (a2 + a3);
+  for (; k < ke; ++k) {
+    const T v = val[k];
+    const T* row = prev + static_cast<int64_t>(idx[k]) * kB;
+    for (int q = 0; q < P; ++q) {
+      N x;
+      std::memcpy(&x, row + q * L, NB);
+      acc[0][q] += v * x;
+    }
+  }
+  typename VecOf<T>::type out;
+  for (int q = 0; q < P; ++q) {
+    N t = acc[0][q];
+    for (int c = 1; c < C; ++c) t += acc[c][q];
+    std::memcpy(reinterpret_cast<char*>(&out) + q * NB, &t, NB);
+  }
+  return out;
 }
 
 // Forward of query i against gallery block b: d[jj] for the kB pairs (padded items compute on
 // zeros and are ignored by the caller). With A, P non-null, A_l and p_l of levels >= 1 are
-// stored at [(off_l - R0) * kB ...] for the backward.
-template <typename T>
+// stored at [(off_l - R0) * kB ...] for the backward. NB: the ISA's vector register in bytes.
+template <int NB, typename T>
 WM_ALWAYS_INLINE void forward_block_impl(const Ctx<T>& cx, Scratch<T>& sc, int64_t i, int64_t b, T* __restrict__ d,
                                          T* __restrict__ A, T* __restrict__ P) {
   using V = typename VecOf<T>::type;
@@ -257,9 +223,11 @@ WM_ALWAYS_INLINE void forward_block_impl(const Ctx<T>& cx, Scratch<T>& sc, int64
     const bool last = l == cx.L - 1;
     const int64_t* cp = cx.col_ptr + o1 + (l - 1);
     for (int64_t c = 0; c < R; ++c) {
-      const V acc = sparse_dot(cx.row_idx, cx.values, cp[c], cp[c + 1], prev);
+      const V acc = sparse_dot<NB>(cx.row_idx, cx.values, cp[c], cp[c + 1], prev);
       const V t = a[o + c] - vload(gt + (o + c) * kB);
-      const V pp = vsigmoid<T>(wq[o1 + c] * vload(rt + (o1 + c) * kB) + cx.bq[o1 + c]);
+      // p = sigmoid(z) = keep(-z), in the block's ISA (common/vec_math.h)
+      const V z = wq[o1 + c] * vload(rt + (o1 + c) * kB) + cx.bq[o1 + c];
+      const V pp = vec::keep<T, NB>(-z);
       const V h = t * t * pp + acc * (T(1) - pp);
       if (last) dsum += h; else vstore(cur + c * kB, h);
       if (A) {
@@ -274,13 +242,13 @@ WM_ALWAYS_INLINE void forward_block_impl(const Ctx<T>& cx, Scratch<T>& sc, int64
 
 // Backward of query i against block b (g: the block's kB upstream gradients, 0 for padding):
 // adds each level's sum over the block to gbias / gcoef (S1, double).
-template <typename T>
+template <int NB, typename T>
 WM_ALWAYS_INLINE void backward_block_impl(const Ctx<T>& cx, Scratch<T>& sc, int64_t i, int64_t b,
                                           const T* __restrict__ g, double* __restrict__ gbias,
                                           double* __restrict__ gcoef) {
   using V = typename VecOf<T>::type;
   T d[kB];
-  forward_block_impl(cx, sc, i, b, d, sc.A.data(), sc.P.data());
+  forward_block_impl<NB>(cx, sc, i, b, d, sc.A.data(), sc.P.data());
   const T* a = cx.qe + i * cx.S;
   const T* rqi = cx.rq + i * cx.S1;
   const T* gt = cx.geT.data() + b * cx.S * kB;
@@ -310,7 +278,7 @@ WM_ALWAYS_INLINE void backward_block_impl(const Ctx<T>& cx, Scratch<T>& sc, int6
     if (l > 1) {  // u_{l-1}[r] = sum_c link_{l-1}[r, c] w[c]  (compressed rows of link_{l-1})
       const int64_t* rp = cx.row_ptr + cx.off[l - 1] + (l - 1);
       for (int64_t r = 0; r < cx.R[l - 1]; ++r)
-        vstore(un + r * kB, sparse_dot(cx.col_idx, cx.row_values, rp[r], rp[r + 1], u));
+        vstore(un + r * kB, sparse_dot<NB>(cx.col_idx, cx.row_values, rp[r], rp[r + 1], u));
       std::swap(u, un);
     }
   }
@@ -318,10 +286,10 @@ WM_ALWAYS_INLINE void backward_block_impl(const Ctx<T>& cx, Scratch<T>& sc, int6
 
 // One entry point per compute type, dispatching to a copy of the block compiled for the CPU's ISA.
 #if WM_AVSL_X86
-#define WM_AVSL_VARIANTS(NAME, IMPL, SIG, ARGS)          \
-  WM_AVSL_AVX512 void NAME##_avx512 SIG { IMPL ARGS; }   \
-  WM_AVSL_AVX2 void NAME##_avx2 SIG { IMPL ARGS; }       \
-  void NAME##_base SIG { IMPL ARGS; }                    \
+#define WM_AVSL_VARIANTS(NAME, IMPL, SIG, ARGS)              \
+  WM_AVSL_AVX512 void NAME##_avx512 SIG { IMPL<64> ARGS; }   \
+  WM_AVSL_AVX2 void NAME##_avx2 SIG { IMPL<32> ARGS; }       \
+  void NAME##_base SIG { IMPL<16> ARGS; }                    \
   void NAME SIG {                                        \
     switch (isa()) {                                     \
       case Isa::kAvx512: NAME##_avx512 ARGS; return;     \
@@ -330,7 +298,7 @@ WM_ALWAYS_INLINE void backward_block_impl(const Ctx<T>& cx, Scratch<T>& sc, int6
     }                                                    \
   }
 #else
-#define WM_AVSL_VARIANTS(NAME, IMPL, SIG, ARGS) void NAME SIG { IMPL ARGS; }
+#define WM_AVSL_VARIANTS(NAME, IMPL, SIG, ARGS) void NAME SIG { IMPL<16> ARGS; }
 #endif
 
 WM_AVSL_VARIANTS(forward_block, forward_block_impl,
