@@ -58,3 +58,12 @@ def test_cmake_cuda_on_without_nvcc_says_how_to_fix(tmp_path):
     assert run.returncode != 0
     text = " ".join((run.stdout + run.stderr).split())
     assert "WHYMATCH_CUDA=ON but no CUDA compiler (nvcc) was found" in text and "WHYMATCH_CUDA=OFF" in text
+
+
+def test_cpu_module_needs_no_libmvec():
+    # the CPU kernels carry their own vector exp (csrc/common/vec_math.h): the module must not
+    # depend on glibc's libmvec (absent before glibc 2.22, as on manylinux2014)
+    path = _ext.cpu_module().__file__
+    with open(path, "rb") as f:
+        data = f.read()
+    assert b"libmvec" not in data

@@ -55,6 +55,12 @@ for low, high in ((9, 4), (14, 7)):
     for published in (False, True):
         torch.testing.assert_close(A.cam_reliability(c1, published=published),
                                    ref.avsl_reliability(c1, published=published), rtol=2e-5, atol=1e-7)
+x = torch.rand(2, 3, 9, 37, generator=g)
+m = torch.rand(2, 3, 5, generator=g)
+for alpha in (10.0, 300.0, -300.0):  # the soft mask's exp is dispatched the same way; 300 reaches its clamp
+    torch.testing.assert_close(ops.soft_mask(x, m, alpha, 0.4), ref.soft_mask(x, m, alpha, 0.4), rtol=1e-5, atol=2e-5)
+torch.testing.assert_close(ops.soft_mask(x.double(), m.double(), 3.0, 0.4),
+                           ref.soft_mask(x.double(), m.double(), 3.0, 0.4), rtol=1e-12, atol=1e-12)
 print("ok")
 """
 

@@ -80,6 +80,21 @@ def test_soft_mask_matches_reference(device, dtype, channels_last, shape, gen):
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("alpha", [300.0, -300.0, 0.0])
+def test_soft_mask_saturated_and_flat_sigmoid(device, alpha, gen):
+    # alpha = +-300 drives the kernels' own exp past its clamp (|alpha (u - beta)| up to 165 > 80) on
+    # both sides, 0 gives keep = 1/2; W = 37 leaves a tail after the 16-lane chunks. The tolerance
+    # allows for alpha times the rounding of the interpolated map u (the kernel and the reference
+    # interpolate in a different order), not for the exp.
+    x, m = _inputs((2, 3, 9, 37), (3, 5), torch.float32, device, gen)
+    got, want = ops.soft_mask(x, m, alpha, 0.45), ref.soft_mask(x, m, alpha, 0.45)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+    x64, m64 = x.double(), m.double()
+    torch.testing.assert_close(ops.soft_mask(x64, m64, 3.0, 0.45), ref.soft_mask(x64, m64, 3.0, 0.45),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", devices())
 def test_soft_mask_large_image_small_map(device, gen):
     # 224 px images and 7 x 7 maps: windows of 64 output rows per attention row.
     x, m = _inputs((3, 3, 224, 224), (7, 7), torch.float32, device, gen)
