@@ -500,3 +500,115 @@ def test_avsl_report_draws_every_level(tmp_path):
     with pytest.raises(KeyError):  # a pair without an explanation leaves nothing behind
         write_avsl_report(tmp_path / "bad", [{"name": "x", "x1": x[0], "x2": x[1]}])
     assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------------ the published training recipe
+def test_published_recipe_values_per_data_set_and_overrides():
+    from whymatch.train import AVSLConfig, published_avsl_recipe
+
+    # zbr17/AVSL examples/samples_avsl.sh: --lr_trunk / --lr_embedder / --lr_collector, --gamma, --step, loss weights;
+    # --warm_up 5 (trunk not stepped, StepLR not stepped), 61 epochs, batch 180, --wd 1e-4
+    want = {"cub": ((1e-5, 5.5e-4, 1.1e-4), 0.5, (15, 25, 35, 45, 55), (0.5, 1.0, 0.5)),
+            "cars196": ((0.00025230934618157737, 0.00016294139202611374, 0.09918213648327627), 0.5,
+                        tuple(range(10, 61, 5)), (1.0, 4.0, 4.0)),
+            "sop": ((6e-4, 6e-4, 0.06), 0.25, (20, 35, 50), (1.0, 4.0, 4.0))}
+    for data, (lrs, decay, milestones, weights) in want.items():
+        cfg = AVSLConfig.from_recipe("published", data=f"{data}:/nowhere")
+        assert cfg.recipe == "published" and cfg.scheduler == "step" and cfg.lr_decay == decay
+        assert cfg.group_lr == {"backbone": lrs[0], "head": lrs[1], "coef_bias": lrs[2], "loss": lrs[2]}
+        assert cfg.milestones == milestones and cfg.level_weights == weights
+        assert (cfg.epochs, cfg.freeze_epochs, cfg.freeze_groups) == (61, 5, ("backbone",))
+        assert (cfg.batch_p * cfg.batch_k, cfg.weight_decay, cfg.embedding_dim, cfg.topk) == (180, 1e-4, 512, 128)
+        assert cfg.backbone == "resnet50" and cfg.warmup_steps == cfg.warmup_epochs == 0 and cfg.use_proxy
+    shapes = published_avsl_recipe("shapesworld")
+    assert shapes["backbone"] == "shapes" and (shapes["batch_p"], shapes["batch_k"]) == (60, 3)
+    assert shapes["group_lr"] == published_avsl_recipe("cub")["group_lr"]
+    # explicit values win; the milestones follow epochs / freeze_epochs; --lr / --loss-lr replace group lrs
+    cfg = AVSLConfig.from_recipe("published", data="cub:/x", epochs=30, freeze_epochs=0, batch_p=45, batch_k=4)
+    assert cfg.milestones == (10, 20) and cfg.epochs == 30 and (cfg.batch_p, cfg.batch_k) == (45, 4)
+    cfg = AVSLConfig.from_recipe("published", data="cub:/x", lr=1e-3, group_lr={"head": 2e-3})
+    assert cfg.group_lr == {"head": 2e-3, "loss": 1.1e-4} and cfg.lr == 1e-3
+    cfg = AVSLConfig.from_recipe("published", data="cub:/x", loss_lr=0.5, scheduler="cosine")
+    assert "loss" not in cfg.group_lr and cfg.milestones == () and cfg.scheduler == "cosine"
+    assert AVSLConfig.from_recipe("published", data="sop:/x", milestones=(3,)).milestones == (3,)
+    with pytest.raises(ValueError, match="recipe must be one of 'published'"):
+        AVSLConfig.from_recipe("paper", data="cub:/x")
+    with pytest.raises(ValueError, match="data must be one of"):
+        AVSLConfig.from_recipe("published", data="imagenet")
+    with pytest.raises(TypeError, match="no field 'lr_trunk'"):
+        AVSLConfig.from_recipe("published", data="cub:/x", lr_trunk=1e-5)
+
+
+def test_cli_train_avsl_published_recipe_config_freeze_and_resume(tmp_path, capsys):
+    import json
+
+    from whymatch import cli
+    from whymatch.train import build_avsl_model
+
+    torch.set_num_threads(1)
+    small = ["--data", "shapesworld", "--image-size", "32", "--n-train", "180", "--n-test", "60", "--batch-p", "3",
+             "--batch-k", "2", "--batches-per-epoch", "2", "--embedding-dim", "8", "--topk", "4", "--quiet",
+             "--recipe", "published", "--freeze-epochs", "1", "--milestones", "1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli.main(["train", "avsl", *small, "--out", str(a), "--epochs", "2"]) == 0
+    assert cli.main(["train", "avsl", *small, "--out", str(b), "--epochs", "1"]) == 0
+    capsys.readouterr()
+    # after the frozen epoch the backbone's parameters are the initialization (batch-norm running
+    # statistics, buffers, do move), the rest has moved
+    torch.manual_seed(0)
+    model0 = build_avsl_model("shapes", 8, topk=4)
+    init = model0.state_dict()
+    after = torch.load(b / "checkpoint.pt", weights_only=False)["model"]
+    backbone = [n for n, _ in model0.named_parameters() if n.startswith("embedder.backbone.")]
+    assert backbone
+    for name in backbone:
+        assert torch.equal(after[name], init[name]), name
+    assert not torch.equal(after["embedder.convs.0.weight"], init["embedder.convs.0.weight"])
+    assert not torch.equal(after["embedder.coef.0"], init["embedder.coef.0"])
+    assert cli.main(["train", "avsl", *small, "--out", str(b), "--epochs", "2", "--resume"]) == 0
+    assert "trained 2 epochs" in capsys.readouterr().out
+    sa, sb = torch.load(a / "model.pt", weights_only=True), torch.load(b / "model.pt", weights_only=True)
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+    cfg = json.loads((a / "config.json").read_text())
+    assert cfg["recipe"] == "published" and "samples_avsl.sh" in cfg["recipe_source"]
+    assert cfg["group_lr"] == {"backbone": 1e-5, "head": 5.5e-4, "coef_bias": 1.1e-4, "loss": 1.1e-4}
+    assert [(g["name"], g["lr"]) for g in cfg["param_groups"]] == [("backbone", 1e-5), ("head", 5.5e-4),
+                                                                    ("coef_bias", 1.1e-4), ("loss", 1.1e-4)]
+    assert (cfg["scheduler"], cfg["milestones"], cfg["lr_decay"], cfg["weight_decay"]) == ("step", [1], 0.5, 1e-4)
+    assert (cfg["freeze_epochs"], cfg["freeze_groups"], cfg["level_weights"]) == (1, ["backbone"], [0.5, 1.0, 0.5])
+    assert (cfg["backbone"], cfg["embedding_dim"], cfg["topk"], cfg["batch_p"], cfg["epochs"]) == ("shapes", 8, 4, 3, 2)
+    rec = json.loads((a / "metrics.jsonl").read_text().splitlines()[0])
+    assert rec["lr_backbone"] == pytest.approx(0.5e-5) and rec["lr_coef_bias"] == pytest.approx(0.55e-4)
+    # option errors name the option and the value
+    for opt, val, msg in [("--recipe", "paper", "invalid choice"), ("--group-lr", "proxies=1", "unknown group"),
+                          ("--freeze-groups", "trunk", "backbone, head, coef_bias, loss")]:
+        with pytest.raises(SystemExit):
+            cli.main(["train", "avsl", *small, "--out", str(tmp_path / "x"), opt, val])
+        err = capsys.readouterr().err
+        assert opt in err and val in err and msg in err, err
+    assert cli.main(["train", "avsl", *small, "--out", str(tmp_path / "x"), "--scheduler", "none"]) == 2
+    assert "--milestones 1 needs --scheduler step, got --scheduler none" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_train_avsl_recipe_with_frozen_backbone_under_torchrun(tmp_path):
+    """DDP with the backbone frozen (its gradients are computed and dropped): no unused-parameter error."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "whymatch.cli", "train", "avsl", "--data", "shapesworld", "--image-size", "32",
+           "--n-train", "180", "--n-test", "120", "--batch-p", "3", "--batch-k", "2", "--batches-per-epoch", "2",
+           "--embedding-dim", "8", "--topk", "4", "--epochs", "2", "--out", str(out), "--quiet", "--device", "cpu",
+           "--recipe", "published", "--freeze-epochs", "1", "--milestones", "1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["world_size"] == 2 and [g["name"] for g in cfg["param_groups"]] == ["backbone", "head", "coef_bias",
+                                                                                    "loss"]
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr_backbone"] for r in recs] == pytest.approx([0.5e-5, 0.5e-5])

@@ -143,7 +143,23 @@ def _train_config(args) -> dict:
                 embedding_dim=args.embedding_dim, image_size=args.image_size, n_train=args.n_train,
                 n_test=args.n_test, seed=args.seed, device=args.device, resume=args.resume, flip=not args.no_flip,
                 batches_per_epoch=args.batches_per_epoch, num_workers=args.num_workers,
-                show_progress=not args.quiet)
+                show_progress=not args.quiet, scheduler=args.scheduler, milestones=args.milestones,
+                lr_decay=args.lr_decay, warmup_steps=args.warmup_steps, warmup_epochs=args.warmup_epochs,
+                group_lr=args.group_lr, freeze_epochs=args.freeze_epochs, freeze_groups=args.freeze_groups)
+
+
+def _check_schedule(cfg) -> None:
+    """Errors of option combinations, named as options (single values are checked while parsing)."""
+    if cfg.milestones and cfg.scheduler != "step":
+        raise ValueError(f"--milestones {','.join(map(str, cfg.milestones))} needs --scheduler step, "
+                         f"got --scheduler {cfg.scheduler}")
+    if cfg.warmup_steps and cfg.warmup_epochs:
+        raise ValueError(f"give --warmup-steps or --warmup-epochs, not both (got --warmup-steps {cfg.warmup_steps} "
+                         f"and --warmup-epochs {cfg.warmup_epochs})")
+
+
+# option dest of a config field where the two differ (the recipe keeps options given on the command line)
+_FIELD_DEST = {"use_proxy": "no_proxy", "flip": "no_flip", "show_progress": "quiet"}
 
 
 def _recall_report(what: str):
@@ -181,6 +197,7 @@ def cmd_train_mining(args) -> int:
         raise ValueError(f"--gamma must be >= 0, got {args.gamma}")
     cfg = MiningConfig(**_train_config(args), loss=args.loss, mode=args.mode, gamma=args.gamma, alpha=args.alpha,
                        beta=args.beta, mining=not args.no_mining)
+    _check_schedule(cfg)
     return _run_training(train_mining, cfg, args, "")
 
 
@@ -194,11 +211,20 @@ def _floats(name: str, text: str | None) -> tuple[float, ...] | None:
 
 
 def cmd_train_avsl(args) -> int:
-    from .train import AVSLConfig, train_avsl
+    from .train import AVSLConfig, published_avsl_recipe, train_avsl
 
-    cfg = AVSLConfig(**_train_config(args), topk=args.topk, momentum=args.momentum, gamma=args.gamma,
-                     reliability=args.reliability, loss=args.loss, use_proxy=not args.no_proxy,
-                     level_weights=_floats("--level-weights", args.level_weights))
+    values = dict(**_train_config(args), topk=args.topk, momentum=args.momentum, gamma=args.gamma,
+                  reliability=args.reliability, loss=args.loss, use_proxy=not args.no_proxy,
+                  level_weights=_floats("--level-weights", args.level_weights))
+    if args.recipe is None:
+        cfg = AVSLConfig(**values)
+    else:
+        # the recipe's values, except for the options given on the command line
+        given = getattr(args, "given_options", set())
+        recipe_fields = set(published_avsl_recipe(args.data))
+        cfg = AVSLConfig.from_recipe(args.recipe, **{k: v for k, v in values.items()
+                                                     if k not in recipe_fields or _FIELD_DEST.get(k, k) in given})
+    _check_schedule(cfg)
     return _run_training(train_avsl, cfg, args, " (AVSL distance)")
 
 
@@ -224,6 +250,109 @@ def cmd_train_sane(args) -> int:
     return _run_training(train_sane, cfg, args, report=_sane_report)
 
 
+def _option_type(option: str, convert):
+    """An argparse type whose errors name the option and the value."""
+    def parse(text: str):
+        try:
+            return convert(text)
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(f"{exc} (got {option} {text!r})") from None
+    parse.__name__ = option
+    return parse
+
+
+def _milestones(text: str) -> tuple[int, ...]:
+    try:
+        ms = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError("must be comma-separated epochs, e.g. 20,40") from None
+    if any(m < 1 for m in ms) or any(b <= a for a, b in zip(ms, ms[1:])):
+        raise ValueError("must be strictly increasing epochs >= 1")
+    return ms
+
+
+def _decay(text: str) -> float:
+    import math
+
+    v = float(text)
+    if not (math.isfinite(v) and 0 < v <= 1):
+        raise ValueError("must be a factor in (0, 1]")
+    return v
+
+
+def _count(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise ValueError("must be an integer >= 0")
+    return v
+
+
+def _group_names(task: str) -> tuple[str, ...]:
+    if task == "avsl":
+        from .train import AVSL_GROUPS
+
+        return tuple(AVSL_GROUPS)
+    from .train import mining_group_layout
+
+    return tuple(mining_group_layout("shapes"))
+
+
+def _group_lr(task: str):
+    def convert(text: str) -> dict[str, float]:
+        import math
+
+        names = _group_names(task)
+        out: dict[str, float] = {}
+        for item in (t.strip() for t in text.split(",") if t.strip()):
+            name, eq, value = item.partition("=")
+            name = name.strip()
+            if not eq:
+                raise ValueError(f"must be NAME=LR pairs separated by commas, e.g. {names[0]}=1e-5")
+            if name not in names:
+                raise ValueError(f"unknown group {name!r}; the groups are {', '.join(names)}")
+            try:
+                lr = float(value)
+            except ValueError:
+                raise ValueError(f"the lr of {name!r} must be a number, got {value!r}") from None
+            if not (math.isfinite(lr) and lr >= 0):
+                raise ValueError(f"the lr of {name!r} must be >= 0, got {value!r}")
+            out[name] = lr
+        return out
+    return convert
+
+
+def _freeze_groups(task: str):
+    def convert(text: str) -> tuple[str, ...]:
+        names = _group_names(task)
+        got = tuple(t.strip() for t in text.split(",") if t.strip())
+        bad = [n for n in got if n not in names]
+        if bad or not got:
+            raise ValueError(f"must be a comma-separated list of {', '.join(names)}")
+        return got
+    return convert
+
+
+def _track_given(parser: argparse.ArgumentParser) -> None:
+    """Record in ``args.given_options`` the dest of every option given on the command line (for the recipe).
+
+    Must run before the parser's arguments are added (argparse picks action classes at add time).
+    """
+    def tracked(base):
+        class Tracked(base):
+            def __call__(self, parser, namespace, values, option_string=None):
+                given = getattr(namespace, "given_options", None)
+                if given is None:
+                    given = set()
+                    setattr(namespace, "given_options", given)
+                given.add(self.dest)
+                super().__call__(parser, namespace, values, option_string)
+        return Tracked
+
+    parser.register("action", None, tracked(argparse._StoreAction))
+    parser.register("action", "store", tracked(argparse._StoreAction))
+    parser.register("action", "store_true", tracked(argparse._StoreTrueAction))
+
+
 def _init_distributed(device: str | None) -> bool:
     """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo otherwise)."""
     import os
@@ -240,6 +369,10 @@ def _init_distributed(device: str | None) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
     return True
+
+
+# parameter groups per `whymatch train` task, for the help (checked against the task's layout when parsing)
+_GROUPS_HELP = {"mining": ("backbone", "head", "loss"), "avsl": ("backbone", "head", "coef_bias", "loss")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a similarity model (run under torchrun for DDP)")
     train_sub = train.add_subparsers(dest="task", required=True)  # mining, avsl, sane
 
-    def trainer_options(sp):
+    def trainer_options(sp, task: str):
         sp.add_argument("--data", required=True,
                         help="shapesworld, or cub:PATH, cars196:PATH, sop:PATH (local copies)")
         sp.add_argument("--backbone", default="shapes", choices=("shapes", "resnet18", "resnet50"),
@@ -331,9 +464,31 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
         sp.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+        groups = ", ".join(_GROUPS_HELP[task])
+        sp.add_argument("--scheduler", default="cosine", choices=("cosine", "step", "none"),
+                        help="per-step learning-rate factor: cosine decay to 0, step (x --lr-decay at each of "
+                             "--milestones) or none (default %(default)s)")
+        sp.add_argument("--milestones", type=_option_type("--milestones", _milestones), default=(),
+                        help="--scheduler step: comma-separated epochs (0-based) at which the lr is multiplied "
+                             "by --lr-decay, e.g. 20,40")
+        sp.add_argument("--lr-decay", type=_option_type("--lr-decay", _decay), default=0.1,
+                        help="--scheduler step: factor per milestone, in (0, 1] (default %(default)s)")
+        sp.add_argument("--warmup-steps", type=_option_type("--warmup-steps", _count), default=0,
+                        help="linear learning-rate warm-up over this many steps (default 0)")
+        sp.add_argument("--warmup-epochs", type=_option_type("--warmup-epochs", _count), default=0,
+                        help="the same warm-up in epochs (not both); the published AVSL code's 'warm up' is "
+                             "--freeze-epochs")
+        sp.add_argument("--group-lr", type=_option_type("--group-lr", _group_lr(task)), default={},
+                        help=f"learning rates of parameter groups, NAME=LR,... with NAME in {groups}; the "
+                             f"others take --lr (--loss-lr for 'loss')")
+        sp.add_argument("--freeze-epochs", type=_option_type("--freeze-epochs", _count), default=0,
+                        help="do not update --freeze-groups during the first this many epochs (default 0)")
+        sp.add_argument("--freeze-groups", type=_option_type("--freeze-groups", _freeze_groups(task)),
+                        default=("backbone",), help=f"comma-separated groups to freeze, of {groups} "
+                                                    f"(default backbone)")
 
     mining = train_sub.add_parser("mining", help="metric loss + similarity mining (Zheng et al.)")
-    trainer_options(mining)
+    trainer_options(mining, "mining")
     mining.add_argument("--loss", default="triplet", choices=("contrastive", "triplet", "margin", "proxyanchor"),
                         help="metric loss L_ml from pytorch-metric-learning (default %(default)s)")
     mining.add_argument("--mode", default="triplet", choices=("siamese", "triplet", "quadruplet"),
@@ -345,7 +500,13 @@ def build_parser() -> argparse.ArgumentParser:
     mining.set_defaults(func=cmd_train_mining)
 
     avsl = train_sub.add_parser("avsl", help="attributable visual similarity learning (Zhang et al. 2022)")
-    trainer_options(avsl)  # --embedding-dim: the nodes per level
+    _track_given(avsl)  # --recipe keeps the options given
+    trainer_options(avsl, "avsl")  # --embedding-dim: the nodes per level
+    avsl.add_argument("--recipe", default=None, choices=("published",),
+                      help="published: the published runs' settings for --data (cub, cars196, sop; shapesworld "
+                           "gets CUB's): per-group lrs, weight decay, 5 epochs with the backbone frozen, step decay, "
+                           "61 epochs, batches of 180 (90 x 2), ResNet-50, 512 nodes, level weights; options given "
+                           "explicitly win")
     avsl.add_argument("--loss", default="proxyanchor", choices=("proxyanchor", "margin"),
                       help="distance-matrix loss per level and on the overall distance (default %(default)s)")
     avsl.add_argument("--no-proxy", action="store_true", help="in-batch anchors instead of one proxy per class")

@@ -3,15 +3,21 @@
 ``whymatch train mining`` trains with the similarity-mining loss (:mod:`whymatch.mining`)
 through :func:`train_mining`; ``whymatch train avsl`` trains AVSL through :func:`train_avsl`
 (:class:`AVSLTrainer`, a :class:`Trainer` evaluating on AVSL's distance); SANE will reuse
-:class:`Trainer` too.
+:class:`Trainer` too. The Trainer's parameter groups (:class:`ParamGroup`), 'cosine' / 'step' /
+'none' schedules, warm-up and group freezing serve every task; ``AVSLConfig.from_recipe('published',
+...)`` sets the published AVSL recipe.
 """
 
 from .sampler import PKSampler
 from .tasks import (BACKBONES, DATASETS, METRIC_LOSSES, MiningConfig, TensorImages, TrainConfig, build_backbone,
-                    build_data, build_metric_loss, train_mining)
-from .trainer import BEST, CHECKPOINT, METRICS_LOG, Trainer, random_flip
-from .avsl_task import AVSLConfig, AVSLTrainer, avsl_recall_at_k, build_avsl_model, train_avsl
+                    build_data, build_metric_loss, mining_group_layout, schedule_kwargs, task_param_groups,
+                    train_mining)
+from .trainer import BEST, CHECKPOINT, METRICS_LOG, SCHEDULERS, ParamGroup, Trainer, assign_param_groups, random_flip
+from .avsl_task import (AVSL_GROUPS, AVSL_RECIPES, AVSLConfig, AVSLTrainer, avsl_recall_at_k, build_avsl_model,
+                        published_avsl_recipe, train_avsl)
 
-__all__ = ["PKSampler", "Trainer", "random_flip", "CHECKPOINT", "BEST", "METRICS_LOG", "BACKBONES", "DATASETS",
-           "METRIC_LOSSES", "TrainConfig", "MiningConfig", "TensorImages", "build_backbone", "build_data", "build_metric_loss",
-           "train_mining", "AVSLConfig", "AVSLTrainer", "avsl_recall_at_k", "build_avsl_model", "train_avsl"]
+__all__ = ["PKSampler", "Trainer", "ParamGroup", "assign_param_groups", "SCHEDULERS", "random_flip", "CHECKPOINT",
+           "BEST", "METRICS_LOG", "BACKBONES", "DATASETS", "METRIC_LOSSES", "TrainConfig", "MiningConfig",
+           "TensorImages", "build_backbone", "build_data", "build_metric_loss", "mining_group_layout",
+           "task_param_groups", "schedule_kwargs", "train_mining", "AVSLConfig", "AVSLTrainer", "AVSL_GROUPS",
+           "AVSL_RECIPES", "published_avsl_recipe", "avsl_recall_at_k", "build_avsl_model", "train_avsl"]

@@ -4,11 +4,19 @@ The model is a :class:`whymatch.SimilarityModel` wrapping :class:`whymatch.avsl.
 :class:`whymatch.avsl.AVSLLoss`; :class:`AVSLTrainer` is the shared :class:`Trainer` (resume,
 DDP, mixed precision, progress, metrics.jsonl) with Recall@K computed on AVSL's own overall
 distance instead of a cosine over one embedding.
+
+Parameter groups (:data:`AVSL_GROUPS`, ``--group-lr NAME=LR``): 'backbone' (the trunk, the
+published 'trunk'), 'head' (the 1x1 embedding convs, the published 'embedder'), 'coef_bias'
+(the reliability parameters of the overall distance) and 'loss' (the proxies, or the margin
+loss's betas); the published code trains coef, bias and the proxies together as its
+'collector' at one learning rate. :meth:`AVSLConfig.from_recipe` ('published',
+``--recipe published``) sets the published runs' optimization recipe, see
+:func:`published_avsl_recipe`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -17,10 +25,101 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..ops import _validate as V
 from ..similarity import SimilarityModel
-from .tasks import BACKBONES, TrainConfig, build_data
+from .tasks import BACKBONES, DATASETS, TrainConfig, build_data, schedule_kwargs
 from .trainer import Trainer
 
-__all__ = ["AVSLConfig", "AVSLTrainer", "build_avsl_model", "train_avsl", "avsl_recall_at_k"]
+__all__ = ["AVSLConfig", "AVSLTrainer", "build_avsl_model", "train_avsl", "avsl_recall_at_k", "AVSL_GROUPS",
+           "AVSL_RECIPES", "published_avsl_recipe"]
+
+#: The parameter groups of ``whymatch train avsl`` by name prefix (see :class:`whymatch.train.ParamGroup`):
+#: the published code's trunk / embedder / collector, with its collector split into coef_bias and loss.
+AVSL_GROUPS = {
+    "backbone": ("model.embedder.backbone",),
+    "head": ("model.embedder.convs",),
+    "coef_bias": ("model.embedder.coef", "model.embedder.bias"),
+    "loss": ("loss",),
+}
+AVSL_RECIPES = ("published",)
+
+# The ProxyAnchor-AVSL ResNet-50 runs of zbr17/AVSL, examples/samples_avsl.sh (one command per data set):
+# --lr_trunk, --lr_embedder, --lr_collector, --gamma (StepLR factor), --step (StepLR step_size, epochs),
+# --loss0_weight/--loss1_weight/--loss2_weight (level losses, low to high).
+_PUBLISHED = {
+    "cub": dict(lr_trunk=1e-5, lr_embedder=5.5e-4, lr_collector=1.1e-4, gamma=0.5, step=10,
+                level_weights=(0.5, 1.0, 0.5)),
+    "cars196": dict(lr_trunk=0.00025230934618157737, lr_embedder=0.00016294139202611374,
+                    lr_collector=0.09918213648327627, gamma=0.5, step=5, level_weights=(1.0, 4.0, 4.0)),
+    "sop": dict(lr_trunk=6e-4, lr_embedder=6e-4, lr_collector=0.06, gamma=0.25, step=15,
+                level_weights=(1.0, 4.0, 4.0)),
+}
+# Shared by the three commands (and gedml 0.2.2's BaseManager.run / BaseTrainer, which run them):
+# --warm_up 5 --warm_up_list embedder collector, 61 epochs (run()'s total_epochs default), --batch_size 180,
+# --wd 0.0001 (AdamW), --embeddings_dim 512, --topk_corr 128, --avsl_m 0.5, --prob_gamma 10.
+_PUBLISHED_FREEZE_EPOCHS = 5
+_PUBLISHED_EPOCHS = 61
+
+
+def published_avsl_recipe(data: str, *, epochs: int | None = None, freeze_epochs: int | None = None,
+                          scheduler: str | None = None) -> dict:
+    """The AVSLConfig fields of the published training recipe for a data set ('cub', 'cars196', 'sop',
+    'shapesworld', or a spec such as 'cub:/data/CUB_200_2011').
+
+    What the published code does (zbr17/AVSL examples/samples_avsl.sh, examples/config/args.csv and
+    links/link_avsl_proxyanchor.yaml, run by gedml 0.2.2's BaseManager.run and BaseTrainer) and how
+    it maps here:
+
+    - three AdamW optimizers, weight decay 1e-4: trunk (ResNet-50) at ``--lr_trunk``, embedder (the
+      1x1 convs) at ``--lr_embedder``, collector (coef, bias and the proxies) at ``--lr_collector``
+      -> group_lr backbone / head / coef_bias and loss (CUB 1e-5 / 5.5e-4 / 1.1e-4; Cars196
+      2.523e-4 / 1.629e-4 / 9.918e-2; SOP 6e-4 / 6e-4 / 6e-2);
+    - warm-up: during the first 5 epochs only the embedder and collector optimizers step (the
+      trunk's gets no step() at all, its gradients are still computed) -> freeze_epochs 5,
+      freeze_groups ('backbone',); there is no linear learning-rate warm-up -> warmup 0;
+    - StepLR per optimizer (factor ``--gamma``, every ``--step`` epochs), stepped at the end of
+      each epoch but not during the warm-up epochs -> scheduler 'step', milestones = 5 + step,
+      5 + 2 step, ... below ``epochs`` (CUB 15, 25, 35, 45, 55; Cars196 10, 15, ..., 60; SOP 20,
+      35, 50), lr_decay = gamma (0.5, 0.5, 0.25);
+    - 61 epochs (0..60), batches of 180, 512 nodes per level, top-k 128, edge momentum 0.5, sigmoid
+      sharpness 10, ProxyAnchor with proxies, level-loss weights 0.5/1/0.5 (CUB), 1/4/4 (Cars196, SOP).
+
+    Deliberate differences: batches are P x K = 90 x 2 (ShapesWorld: 60 x 3) from whymatch's
+    class-balanced sampler, where the published link config leaves the sampler out (uniformly
+    shuffled batches of 180); the backbone is whymatch's randomly initialized ResNet-50 (published:
+    ImageNet weights, batch-norm frozen for CUB and Cars196); no early stopping (published: patience
+    15 evaluations, or stop below 0.6 x the best Recall@1); no gradient clipping (the published
+    per-module clip at norm 10 is built on a ``.parameters()`` generator, which the first call
+    exhausts, so it clips only the first batch); SOP's level losses use a negative margin of 2.4
+    in the published run, whymatch's AVSLLoss one margin (2.2) for all.
+
+    ShapesWorld is not in the published code: it gets CUB's recipe (the published configs' default
+    data set) on the 'shapes' backbone, with 60 x 3 batches (ShapesWorld has 60 training classes).
+
+    Args:
+        data: the data set (name or spec).
+        epochs: the run's epochs when not the published 61 (the milestones stop below it).
+        freeze_epochs: the run's frozen epochs when not the published 5 (the milestones count
+            from its end, as the published StepLR does).
+        scheduler: the run's scheduler when not 'step' (then no milestones).
+    """
+    name = data.partition(":")[0] if isinstance(data, str) else data
+    V.choice("data", name, DATASETS)
+    pub = _PUBLISHED["cub" if name == "shapesworld" else name]
+    epochs = _PUBLISHED_EPOCHS if epochs is None else V.positive_int("epochs", epochs)
+    freeze = _PUBLISHED_FREEZE_EPOCHS if freeze_epochs is None else V.positive_int("freeze_epochs", freeze_epochs,
+                                                                                   minimum=0)
+    step = pub["step"]
+    milestones = tuple(range(freeze + step, epochs, step)) if scheduler in (None, "step") else ()
+    shapes = name == "shapesworld"
+    return dict(
+        backbone="shapes" if shapes else "resnet50", embedding_dim=512, topk=128, momentum=0.5, gamma=10.0,
+        loss="proxyanchor", use_proxy=True, level_weights=pub["level_weights"],
+        epochs=epochs, batch_p=60 if shapes else 90, batch_k=3 if shapes else 2, weight_decay=1e-4,
+        lr=pub["lr_embedder"], loss_lr=pub["lr_collector"],
+        group_lr={"backbone": pub["lr_trunk"], "head": pub["lr_embedder"], "coef_bias": pub["lr_collector"],
+                  "loss": pub["lr_collector"]},
+        scheduler="step" if scheduler is None else scheduler, milestones=milestones, lr_decay=pub["gamma"],
+        warmup_steps=0, warmup_epochs=0, freeze_epochs=freeze, freeze_groups=("backbone",),
+    )
 
 
 class _Normalized(nn.Module):
@@ -131,7 +230,11 @@ class AVSLTrainer(Trainer):
 
 @dataclass
 class AVSLConfig(TrainConfig):
-    """Settings of ``whymatch train avsl``: :class:`~whymatch.train.tasks.TrainConfig` plus AVSL's."""
+    """Settings of ``whymatch train avsl``: :class:`~whymatch.train.tasks.TrainConfig` plus AVSL's.
+
+    ``group_lr`` / ``freeze_groups`` name groups of :data:`AVSL_GROUPS`. ``recipe`` records the
+    recipe a config was built from by :meth:`from_recipe` (train_avsl does not apply it).
+    """
 
     topk: int = 128
     momentum: float = 0.5
@@ -141,19 +244,52 @@ class AVSLConfig(TrainConfig):
     use_proxy: bool = True
     level_weights: tuple[float, ...] | None = None
     stop_after: int | None = None
+    recipe: str | None = None
+
+    @classmethod
+    def from_recipe(cls, recipe: str, **overrides) -> AVSLConfig:
+        """A config with a recipe's values (:func:`published_avsl_recipe` for ``data``) where
+        ``overrides`` gives none.
+
+        ``group_lr`` entries override the recipe's per group. An explicit ``lr`` replaces the
+        recipe's learning rates of the model's groups (backbone, head, coef_bias) not named in
+        ``group_lr``, an explicit ``loss_lr`` that of the 'loss' group. The milestones follow an
+        overridden ``epochs`` / ``freeze_epochs`` (and vanish with another ``scheduler``).
+        """
+        V.choice("recipe", recipe, AVSL_RECIPES)
+        known = {f.name for f in fields(cls)}
+        bad = sorted(k for k in overrides if k not in known)
+        if bad:
+            raise TypeError(f"AVSLConfig has no field {', '.join(map(repr, bad))}")
+        values = published_avsl_recipe(overrides.get("data", cls.data), epochs=overrides.get("epochs"),
+                                       freeze_epochs=overrides.get("freeze_epochs"),
+                                       scheduler=overrides.get("scheduler"))
+        group_lr = dict(values.pop("group_lr"))
+        if "lr" in overrides:
+            for name in ("backbone", "head", "coef_bias"):
+                group_lr.pop(name, None)
+        if "loss_lr" in overrides:
+            group_lr.pop("loss", None)
+        group_lr.update(overrides.pop("group_lr", None) or {})
+        values.update(overrides)
+        values.update(group_lr=group_lr, recipe=recipe)
+        return cls(**values)
 
 
 def train_avsl(cfg: AVSLConfig) -> AVSLTrainer:
     """Train an AVSL model with :class:`whymatch.avsl.AVSLLoss`; returns the trainer.
 
     Writes cfg.out/{checkpoint.pt, best.pt, metrics.jsonl, config.json} and, at the end,
-    model.pt (the AVSL module's state dict, edges included) on rank 0. coef and bias train
-    at ``lr`` with the network, the proxies (and margin betas) at ``loss_lr``.
+    model.pt (the AVSL module's state dict, edges included) on rank 0. Without ``group_lr`` /
+    freezing, coef and bias train at ``lr`` with the network and the proxies (and margin betas)
+    at ``loss_lr``; with them, the groups of :data:`AVSL_GROUPS` each at their own rate.
     """
     from ..avsl import AVSLLoss
     from ..io import atomic_torch_save
     from .trainer import random_flip
 
+    if cfg.recipe is not None:
+        V.choice("recipe", cfg.recipe, AVSL_RECIPES)
     train, test, info = build_data(cfg.data, image_size=cfg.image_size, n_train=cfg.n_train, n_test=cfg.n_test,
                                    seed=cfg.seed, show_progress=cfg.show_progress)
     torch.manual_seed(cfg.seed)  # the initial weights
@@ -166,9 +302,11 @@ def train_avsl(cfg: AVSLConfig) -> AVSLTrainer:
     config.update(info)
     config.update(cfg.extra)
     config["task"] = "avsl"
+    if cfg.recipe == "published":
+        config["recipe_source"] = "zbr17/AVSL examples/samples_avsl.sh (ProxyAnchor-AVSL, ResNet-50)"
     trainer = AVSLTrainer(model, loss, train, out_dir=cfg.out, test_set=test, epochs=cfg.epochs, batch_p=cfg.batch_p,
                           batch_k=cfg.batch_k, lr=cfg.lr, loss_lr=cfg.loss_lr, weight_decay=cfg.weight_decay,
-                          warmup_steps=cfg.warmup_steps, device=cfg.device, seed=cfg.seed,
+                          **schedule_kwargs(cfg, AVSL_GROUPS, model, loss), device=cfg.device, seed=cfg.seed,
                           augment=random_flip if cfg.flip else None, batches_per_epoch=cfg.batches_per_epoch,
                           num_workers=cfg.num_workers, show_progress=cfg.show_progress, config=config)
     trainer.fit(resume=cfg.resume, stop_after=cfg.stop_after)

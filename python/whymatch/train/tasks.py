@@ -5,6 +5,7 @@ Task wiring for similarity mining: :func:`train_mining` (what ``whymatch train m
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from ..ops import _validate as V
 from ..similarity import SimilarityModel
 
 __all__ = ["BACKBONES", "METRIC_LOSSES", "DATASETS", "TensorImages", "build_backbone", "build_data",
-           "build_metric_loss", "TrainConfig", "MiningConfig", "train_mining"]
+           "build_metric_loss", "TrainConfig", "MiningConfig", "train_mining", "mining_group_layout",
+           "task_param_groups", "schedule_kwargs"]
 
 BACKBONES = ("shapes", "resnet18", "resnet50")
 METRIC_LOSSES = ("contrastive", "triplet", "margin", "proxyanchor")
@@ -125,9 +127,79 @@ def build_metric_loss(name: str, n_classes: int, embedding_dim: int) -> nn.Modul
     return losses.ProxyAnchorLoss(num_classes=n_classes, embedding_size=embedding_dim, margin=0.1, alpha=32)
 
 
+def task_param_groups(layout: Mapping[str, Sequence[str]], modules: Mapping[str, nn.Module],
+                      group_lr: Mapping[str, float], *, lr: float, loss_lr: float | None,
+                      freeze_groups: Sequence[str] = ()):
+    """The :class:`~whymatch.train.trainer.ParamGroup` s of a task, for ``Trainer(param_groups=...)``.
+
+    ``layout`` names a task's groups and their parameter-name prefixes (over
+    ``{'model': model, 'loss': loss}``, see ParamGroup), e.g. :data:`whymatch.train.avsl_task.AVSL_GROUPS`.
+    With neither ``group_lr`` nor ``freeze_groups`` this returns no group (the Trainer's two
+    default groups 'model' and 'loss'). Otherwise every group of the layout is split off, at its
+    ``group_lr`` entry or else at ``lr`` (``loss_lr``, default 100 x lr, for a group whose prefixes
+    all lie in the loss); a group that claims no trainable parameter of this model (e.g. 'loss'
+    without proxies) is left out.
+
+    Raises:
+        ValueError: a name in ``group_lr`` or ``freeze_groups`` that the layout does not have, or a
+            bad learning rate (both named).
+    """
+    from .trainer import ParamGroup
+
+    known = ", ".join(layout)
+    for what, names in (("group_lr", list(group_lr)), ("freeze_groups", list(freeze_groups))):
+        bad = [n for n in names if n not in layout]
+        if bad:
+            raise ValueError(f"{what}: unknown parameter group {', '.join(map(repr, bad))} (this task's groups: "
+                             f"{known})")
+    if not group_lr and not freeze_groups:
+        return []
+    loss_default = lr * 100 if loss_lr is None else loss_lr
+    groups = []
+    for name, prefixes in layout.items():
+        in_loss = all(q == "loss" or q.startswith("loss.") for q in prefixes)
+        groups.append(ParamGroup(name, tuple(prefixes), group_lr.get(name, loss_default if in_loss else lr)))
+    claimed = set()
+    for root, module in modules.items():
+        for n, prm in module.named_parameters():
+            if prm.requires_grad:
+                best = max(groups, key=lambda g: g.match(f"{root}.{n}"))
+                if best.match(f"{root}.{n}") >= 0:
+                    claimed.add(best.name)
+    return [g for g in groups if g.name in claimed]
+
+
+def schedule_kwargs(cfg: TrainConfig, layout: Mapping[str, Sequence[str]], model: nn.Module,
+                    loss: nn.Module) -> dict:
+    """The Trainer arguments of a config's parameter groups, schedule, warm-up and freezing."""
+    freeze = tuple(cfg.freeze_groups) if cfg.freeze_epochs else ()
+    groups = task_param_groups(layout, {"model": model, "loss": loss}, dict(cfg.group_lr), lr=cfg.lr,
+                               loss_lr=cfg.loss_lr, freeze_groups=freeze)
+    return dict(param_groups=groups, scheduler=cfg.scheduler, milestones=tuple(cfg.milestones),
+                lr_decay=cfg.lr_decay, warmup_steps=cfg.warmup_steps, warmup_epochs=cfg.warmup_epochs,
+                freeze_epochs=cfg.freeze_epochs, freeze_groups=freeze)
+
+
+def mining_group_layout(backbone: str) -> dict[str, tuple[str, ...]]:
+    """The parameter groups of ``whymatch train mining``: 'backbone' (the trunk), 'head' (the
+    linear embedding) and 'loss' (e.g. ProxyAnchor's proxies), by name prefix."""
+    V.choice("backbone", backbone, BACKBONES)
+    if backbone == "shapes":  # ShapesCNN: everything but its final linear layer is the trunk
+        return {"backbone": ("model.embedder",), "head": ("model.embedder.fc",), "loss": ("loss",)}
+    return {"backbone": ("model.embedder.trunk",), "head": ("model.embedder.embed",), "loss": ("loss",)}
+
+
 @dataclass
 class TrainConfig:
-    """Settings every ``whymatch train ...`` command shares (the CLI's options, same names)."""
+    """Settings every ``whymatch train ...`` command shares (the CLI's options, same names).
+
+    The optimization settings map to :class:`~whymatch.train.Trainer`'s arguments of the same
+    names: ``scheduler`` ('cosine', 'step' or 'none'), ``milestones`` (epochs, 'step' only),
+    ``lr_decay`` (factor per milestone), ``warmup_steps`` / ``warmup_epochs`` (linear warm-up),
+    ``group_lr`` (learning rate per named parameter group of the task, e.g. {'backbone': 1e-5};
+    see :func:`task_param_groups`) and ``freeze_epochs`` / ``freeze_groups`` (groups not updated
+    during the first epochs; ``freeze_groups`` only acts with ``freeze_epochs`` > 0).
+    """
 
     data: str = "shapesworld"
     backbone: str = "shapes"
@@ -150,6 +222,13 @@ class TrainConfig:
     batches_per_epoch: int | None = None
     num_workers: int = 0
     show_progress: bool = True
+    scheduler: str = "cosine"
+    milestones: tuple[int, ...] = ()
+    lr_decay: float = 0.1
+    warmup_epochs: int = 0
+    group_lr: dict = field(default_factory=dict)
+    freeze_epochs: int = 0
+    freeze_groups: tuple[str, ...] = ("backbone",)
     extra: dict = field(default_factory=dict)
 
 
@@ -188,7 +267,8 @@ def train_mining(cfg: MiningConfig):
     config.update(cfg.extra)
     trainer = Trainer(model, loss, train, out_dir=cfg.out, test_set=test, epochs=cfg.epochs, batch_p=cfg.batch_p,
                       batch_k=cfg.batch_k, lr=cfg.lr, loss_lr=cfg.loss_lr, weight_decay=cfg.weight_decay,
-                      warmup_steps=cfg.warmup_steps, device=cfg.device, seed=cfg.seed,
+                      **schedule_kwargs(cfg, mining_group_layout(cfg.backbone), model, loss),
+                      device=cfg.device, seed=cfg.seed,
                       augment=random_flip if cfg.flip else None, batches_per_epoch=cfg.batches_per_epoch,
                       num_workers=cfg.num_workers, show_progress=cfg.show_progress, config=config)
     trainer.fit(resume=cfg.resume)

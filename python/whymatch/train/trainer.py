@@ -12,8 +12,11 @@ The guarantees every whymatch trainer (similarity mining, AVSL, SANE) gets from 
   epoch matters;
 - a tqdm progress bar, and ``metrics.jsonl`` (one JSON object per epoch), rewritten
   atomically from the checkpoint's history so that it never runs ahead of a checkpoint;
-- AdamW; on CUDA only: autocast (bf16 where supported, else fp16 with a GradScaler)
-  and channels_last;
+- AdamW with parameter groups of their own learning rates (:class:`ParamGroup`, by
+  parameter-name prefix; every trainable parameter lands in exactly one group), a per-step
+  schedule ('cosine', 'step' = multi-step decay at epoch milestones, or 'none', each with an
+  optional linear warm-up) and optional freezing of named groups for the first epochs;
+- on CUDA only: autocast (bf16 where supported, else fp16 with a GradScaler) and channels_last;
 - DDP when torch.distributed is initialized (torchrun): each rank trains on its own
   P x K batches, gradients are averaged, rank 0 writes every file;
 - evaluation of Recall@K on held-out classes with :class:`whymatch.evaluation.RetrievalEvaluator`
@@ -23,16 +26,18 @@ The loss is any module called as ``loss(model, images, labels)`` that returns a
 scalar tensor, a mapping with a ``'loss'`` entry, or an object with ``.total``
 (and optionally ``.parts()`` -> dict of numbers to log), such as
 :class:`whymatch.mining.SimilarityMiningLoss`. Its parameters are optimized with
-the learning rate ``loss_lr``.
+the learning rate ``loss_lr`` unless a :class:`ParamGroup` claims them.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,12 +49,111 @@ from ..ops import _validate as V
 from ..similarity import SimilarityModel
 from .sampler import PKSampler
 
-__all__ = ["Trainer", "random_flip", "CHECKPOINT", "BEST", "METRICS_LOG"]
+__all__ = ["Trainer", "ParamGroup", "assign_param_groups", "SCHEDULERS", "random_flip", "CHECKPOINT", "BEST",
+           "METRICS_LOG"]
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 METRICS_LOG = "metrics.jsonl"
 _FORMAT = 1
+#: The learning-rate schedules of :class:`Trainer` (all per optimizer step).
+SCHEDULERS = ("cosine", "step", "none")
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """Parameters chosen by name, trained with their own learning rate (one AdamW parameter group).
+
+    Names are those of ``{'model': model, 'loss': loss}``: ``'model.' + name`` for a parameter of
+    the model (e.g. ``model.embedder.backbone.layer1.0.conv1.weight``) and ``'loss.' + name`` for one
+    of the loss (e.g. ``loss.proxies.0``). A prefix is a module path: it matches the name itself and
+    the names that continue it after a dot ('model.embedder.coef' matches 'model.embedder.coef.0',
+    not 'model.embedder.coefficient'). A parameter belongs to the group of its longest matching
+    prefix, so ``ParamGroup('backbone', ('model.embedder',), ...)`` together with
+    ``ParamGroup('head', ('model.embedder.fc',), ...)`` means "the embedder except its fc layer".
+
+    Attributes:
+        name: the group's name (config.json, the ``lr_<name>`` entries of metrics.jsonl,
+            ``Trainer(freeze_groups=...)``); 'model' and 'loss' name the groups of the
+            parameters no ParamGroup claims.
+        prefixes: one or more prefixes (a single string is accepted).
+        lr: the group's learning rate (>= 0) before the schedule's factor.
+    """
+
+    name: str
+    prefixes: tuple[str, ...]
+    lr: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a ParamGroup's name must be a non-empty string, got {self.name!r}")
+        prefixes = (self.prefixes,) if isinstance(self.prefixes, str) else tuple(self.prefixes)
+        if not prefixes or any(not isinstance(q, str) or not q.strip(".") for q in prefixes):
+            raise ValueError(f"param group {self.name!r}: prefixes must be non-empty strings, got {self.prefixes!r}")
+        object.__setattr__(self, "prefixes", tuple(q.strip(".") for q in prefixes))
+        object.__setattr__(self, "lr", V.real(f"the lr of param group {self.name!r}", self.lr, low=0))
+
+    def match(self, name: str) -> int:
+        """Length of the longest prefix matching ``name``, or -1 when none does."""
+        best = -1
+        for q in self.prefixes:
+            if (name == q or name.startswith(q + ".")) and len(q) > best:
+                best = len(q)
+        return best
+
+
+def assign_param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], groups: Sequence[ParamGroup],
+                        fallback: Callable[[str], tuple[str, float]]) -> list[dict]:
+    """Split parameters into AdamW groups: each to the ParamGroup of its longest matching prefix.
+
+    Args:
+        named_parameters: (name, parameter) pairs; those with ``requires_grad=False`` are left out.
+        groups: the ParamGroups (distinct names, no prefix claimed twice, each must claim a parameter).
+        fallback: ``fallback(name) -> (group name, lr)`` for a parameter no ParamGroup claims.
+    Returns:
+        ``[{'name', 'lr', 'params', 'param_names'}]``: the ParamGroups in their order, then the fallback
+        groups in order of first appearance; no empty group. Every parameter is in exactly one group
+        (a parameter shared under two names counts once, under its first name).
+    """
+    groups = list(groups)
+    seen_names: set[str] = set()
+    owner: dict[str, str] = {}
+    for g in groups:
+        if not isinstance(g, ParamGroup):
+            raise TypeError(f"param_groups must hold ParamGroup objects, got {type(g).__name__}")
+        if g.name in seen_names:
+            raise ValueError(f"param group name {g.name!r} is used twice")
+        seen_names.add(g.name)
+        for q in g.prefixes:
+            if q in owner:
+                raise ValueError(f"prefix {q!r} is claimed by param groups {owner[q]!r} and {g.name!r}")
+            owner[q] = g.name
+    out: dict[str, dict] = {g.name: {"name": g.name, "lr": g.lr, "params": [], "param_names": []} for g in groups}
+    fallback_names: list[str] = []
+    seen: set[int] = set()
+    for name, p in named_parameters:
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        best, where = -1, None
+        for g in groups:
+            m = g.match(name)
+            if m > best:
+                best, where = m, g.name
+        if where is None:
+            where, lr = fallback(name)
+            if where in seen_names:
+                raise ValueError(f"param group name {where!r} is taken by the parameters no ParamGroup claims "
+                                 f"(e.g. {name!r}); give the ParamGroup another name")
+            if where not in out:
+                out[where] = {"name": where, "lr": lr, "params": [], "param_names": []}
+                fallback_names.append(where)
+        out[where]["params"].append(p)
+        out[where]["param_names"].append(name)
+    for g in groups:
+        if not out[g.name]["params"]:
+            raise ValueError(f"param group {g.name!r} (prefixes {list(g.prefixes)}) matches no trainable parameter")
+    return [out[g.name] for g in groups] + [out[n] for n in fallback_names]
 
 
 def random_flip(images: Tensor, generator: torch.Generator) -> Tensor:
@@ -147,10 +251,30 @@ class Trainer(CheckpointedLoop):
         test_set: optional held-out Dataset (same item format, ``.labels``) for Recall@K after each epoch.
         epochs: total epochs (the cosine schedule spans them).
         batch_p, batch_k: classes per batch and images per class (per rank).
-        lr: AdamW learning rate of the model; loss_lr: of the loss's parameters (default 100 x lr,
-            the proxy learning rate of ProxyAnchor, Kim et al. 2020).
-        weight_decay: AdamW weight decay (model and loss).
-        scheduler: 'cosine' (per step, with ``warmup_steps`` linear warm-up) or 'none'.
+        lr: AdamW learning rate of the model's parameters that no ParamGroup claims; loss_lr: of the
+            loss's (default 100 x lr, the proxy learning rate of ProxyAnchor, Kim et al. 2020).
+        weight_decay: AdamW weight decay (every group).
+        param_groups: :class:`ParamGroup` s, each a set of parameters (by name prefix) with its own
+            learning rate; what none claims forms the groups 'model' (at ``lr``) and 'loss' (at
+            ``loss_lr``). Every trainable parameter is in exactly one group. The order and names of
+            the groups must be the same when resuming.
+        scheduler: the factor applied to every group's learning rate at each optimizer step:
+            'cosine' (from 1 to 0 over the steps after the warm-up), 'step' (multiplied by
+            ``lr_decay`` at each epoch of ``milestones``) or 'none' (constant).
+        milestones: 'step' only: strictly increasing epochs (0-based epoch indices, >= 1); from the
+            start of epoch m on, the factor has been multiplied by ``lr_decay`` once per milestone
+            <= m (torch's MultiStepLR stepped once per epoch). Milestones >= ``epochs`` never act.
+        lr_decay: 'step' only: the factor per milestone, in (0, 1].
+        warmup_steps: linear warm-up: the factor of step s < warmup_steps is multiplied ('step') or
+            replaced ('cosine', 'none') by (s + 1) / warmup_steps.
+        warmup_epochs: the same warm-up given in epochs (warmup_epochs x steps per epoch steps);
+            at most one of warmup_steps and warmup_epochs may be > 0.
+        freeze_epochs, freeze_groups: the groups named in ``freeze_groups`` are not updated during
+            the first ``freeze_epochs`` epochs: their factor is 0, and their gradients are dropped
+            (set to None) after the backward, so that AdamW leaves their parameters, moments and
+            step counts untouched (as if their optimizer were not stepped) and gradient clipping
+            ignores them. Their gradients are still computed, so DDP sees every parameter used
+            (no ``find_unused_parameters``); ``requires_grad`` is never toggled.
         device: 'cpu', 'cuda', 'cuda:1', ... (default: cuda:LOCAL_RANK when available, else cpu).
         seed: every random choice derives from it.
         amp: 'auto' (bf16 or fp16 autocast on CUDA, nothing on CPU), 'bf16', 'fp16' or 'none'.
@@ -168,7 +292,10 @@ class Trainer(CheckpointedLoop):
     def __init__(self, model: SimilarityModel, loss: nn.Module, train_set: Dataset, *, out_dir: str | os.PathLike,
                  test_set: Dataset | None = None, epochs: int = 10, batch_p: int = 16, batch_k: int = 4,
                  lr: float = 1e-3, loss_lr: float | None = None, weight_decay: float = 1e-4,
-                 scheduler: str = "cosine", warmup_steps: int = 0, device: str | torch.device | None = None,
+                 param_groups: Sequence[ParamGroup] = (), scheduler: str = "cosine",
+                 milestones: Sequence[int] = (), lr_decay: float = 0.1, warmup_steps: int = 0,
+                 warmup_epochs: int = 0, freeze_epochs: int = 0, freeze_groups: Sequence[str] = (),
+                 device: str | torch.device | None = None,
                  seed: int = 0, amp: str = "auto", channels_last: bool | str = "auto",
                  augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
                  batches_per_epoch: int | None = None, eval_k: Sequence[int] = (1, 2, 4, 8),
@@ -198,8 +325,24 @@ class Trainer(CheckpointedLoop):
         self.lr = V.real("lr", lr, low=0)
         self.loss_lr = self.lr * 100 if loss_lr is None else V.real("loss_lr", loss_lr, low=0)
         self.weight_decay = V.real("weight_decay", weight_decay, low=0)
-        self.scheduler_kind = V.choice("scheduler", scheduler, ("cosine", "none"))
-        self.warmup_steps = V.positive_int("warmup_steps", warmup_steps, minimum=0)
+        self.scheduler_kind = V.choice("scheduler", scheduler, SCHEDULERS)
+        self.milestones = self._check_milestones(milestones)
+        if self.milestones and self.scheduler_kind != "step":
+            raise ValueError(f"milestones {list(self.milestones)} need scheduler='step', got "
+                             f"scheduler={self.scheduler_kind!r}")
+        self.lr_decay = V.real("lr_decay", lr_decay, low=0, high=1, open_low=True)
+        warmup_steps = V.positive_int("warmup_steps", warmup_steps, minimum=0)
+        self.warmup_epochs = V.positive_int("warmup_epochs", warmup_epochs, minimum=0)
+        if warmup_steps and self.warmup_epochs:
+            raise ValueError(f"give warmup_steps or warmup_epochs, not both (got {warmup_steps} and "
+                             f"{self.warmup_epochs})")
+        self.freeze_epochs = V.positive_int("freeze_epochs", freeze_epochs, minimum=0)
+        if isinstance(freeze_groups, str):
+            freeze_groups = (freeze_groups,)
+        self.freeze_groups = tuple(freeze_groups)
+        if self.freeze_epochs and not self.freeze_groups:
+            raise ValueError(f"freeze_epochs={self.freeze_epochs} needs freeze_groups (the names of the groups "
+                             f"to freeze)")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.seed = seed
@@ -220,6 +363,7 @@ class Trainer(CheckpointedLoop):
         self.sampler = PKSampler(train_set.labels, batch_p, batch_k, seed=seed, batches_per_epoch=batches_per_epoch)
         self.steps_per_epoch = len(self.sampler)
         self.total_steps = self.steps_per_epoch * self.epochs
+        self.warmup_steps = warmup_steps or self.warmup_epochs * self.steps_per_epoch
 
         cuda = self.device.type == "cuda"
         self.model = model.to(self.device)
@@ -238,14 +382,25 @@ class Trainer(CheckpointedLoop):
         self.model.autocast = amp_dtype
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
-        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.lr}]
-        loss_params = [p for p in self.loss.parameters() if p.requires_grad]
-        if loss_params:
-            groups.append({"params": loss_params, "lr": self.loss_lr})
-        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-
         self.step_module: nn.Module = _Step(self.model, self.loss)
+        self.param_groups = tuple(param_groups)
+        groups = assign_param_groups(
+            self.step_module.named_parameters(), self.param_groups,
+            lambda name: ("model", self.lr) if name.startswith("model.") else ("loss", self.loss_lr))
+        self.group_names = tuple(g["name"] for g in groups)
+        self.group_summary = [{"name": g["name"], "lr": g["lr"], "tensors": len(g["params"]),
+                               "numel": sum(p.numel() for p in g["params"])} for g in groups]
+        unknown = [n for n in self.freeze_groups if n not in self.group_names]
+        if unknown:
+            raise ValueError(f"freeze_groups: no parameter group named {', '.join(map(repr, unknown))} "
+                             f"(groups: {', '.join(self.group_names)})")
+        self._frozen_params = [p for g in groups if g["name"] in self.freeze_groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": g["params"], "lr": g["lr"], "name": g["name"]} for g in groups], lr=self.lr,
+            weight_decay=self.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, [(lambda step, i=i: self._lr_factor(step, i)) for i in range(len(groups))])
+
         if self.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -257,14 +412,40 @@ class Trainer(CheckpointedLoop):
         self.last_epoch_batches: list[list[int]] = []
 
     # ------------------------------------------------------------ schedule
-    def _lr_factor(self, step: int) -> float:
-        if self.warmup_steps and step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
+    @staticmethod
+    def _check_milestones(milestones: Sequence[int]) -> tuple[int, ...]:
+        if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Iterable):
+            raise TypeError(f"milestones must be a sequence of epochs, got {milestones!r}")
+        ms = tuple(milestones)
+        for m in ms:
+            if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+                raise ValueError(f"milestones must be epochs >= 1, got {list(ms)}")
+        if any(b <= a for a, b in zip(ms, ms[1:])):
+            raise ValueError(f"milestones must be strictly increasing, got {list(ms)}")
+        return ms
+
+    def _lr_factor(self, step: int, group: int = 0) -> float:
+        """The factor of group ``group``'s learning rate at global step ``step`` (0-based)."""
+        epoch = step // self.steps_per_epoch
+        if epoch < self.freeze_epochs and self.group_names[group] in self.freeze_groups:
+            return 0.0
+        warm = (step + 1) / self.warmup_steps if self.warmup_steps and step < self.warmup_steps else None
+        if self.scheduler_kind == "step":
+            decay = self.lr_decay ** bisect.bisect_right(self.milestones, epoch)
+            return decay if warm is None else warm * decay
+        if warm is not None:
+            return warm
         if self.scheduler_kind == "none":
             return 1.0
         span = max(1, self.total_steps - self.warmup_steps)
         t = min(1.0, (step - self.warmup_steps) / span)
         return 0.5 * (1 + math.cos(math.pi * t))
+
+    def lr_at(self, step: int) -> dict[str, float]:
+        """The learning rate of every group (by name) at global step ``step``, as the scheduler sets it."""
+        step = V.positive_int("step", step, minimum=0)
+        return {name: base * self._lr_factor(step, i)
+                for i, (name, base) in enumerate(zip(self.group_names, self.scheduler.base_lrs))}
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -291,6 +472,10 @@ class Trainer(CheckpointedLoop):
             raise ValueError(f"checkpoint format {state.get('format')!r} is not {_FORMAT}")
         if not torch.equal(state["classes"], self.classes):
             raise ValueError("the checkpoint was trained on other classes than this train_set")
+        saved = [g.get("name") for g in state["optimizer"]["param_groups"]]
+        if len(saved) != len(self.group_names) or (all(saved) and tuple(saved) != self.group_names):
+            raise ValueError(f"the checkpoint's parameter groups {saved} are not this run's {list(self.group_names)}: "
+                             f"resume with the same param_groups (and freeze_groups) as the interrupted run")
         self.loss.load_state_dict(state["loss"])
         self.sampler.load_state_dict(state["sampler"])
         self.restore_loop_state(state)
@@ -335,6 +520,9 @@ class Trainer(CheckpointedLoop):
             total, parts = _total_and_parts(out)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()
+            if e < self.freeze_epochs:  # frozen groups: no update, no AdamW state (see freeze_groups)
+                for p in self._frozen_params:
+                    p.grad = None
             if self.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(list(self.model.parameters()) + list(self.loss.parameters()),
@@ -434,6 +622,9 @@ class Trainer(CheckpointedLoop):
             self.out_dir.mkdir(parents=True, exist_ok=True)
             cfg = {"epochs": self.epochs, "batch_p": self.sampler.p, "batch_k": self.sampler.k, "lr": self.lr,
                    "loss_lr": self.loss_lr, "weight_decay": self.weight_decay, "scheduler": self.scheduler_kind,
+                   "milestones": list(self.milestones), "lr_decay": self.lr_decay,
+                   "warmup_total_steps": self.warmup_steps, "freeze_epochs": self.freeze_epochs,
+                   "freeze_groups": list(self.freeze_groups), "param_groups": self.group_summary,
                    "seed": self.seed, "world_size": self.world, "device": str(self.device),
                    "autocast": str(self.model.autocast), "steps_per_epoch": self.steps_per_epoch, **self.config}
             atomic_write_text(self.out_dir / "config.json", json.dumps(cfg, indent=2, default=str) + "\n")
@@ -445,6 +636,7 @@ class Trainer(CheckpointedLoop):
             self.epoch += 1
             done += 1
             rec = {"epoch": self.epoch, "step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],
+                   **{f"lr_{n}": g["lr"] for n, g in zip(self.group_names, self.optimizer.param_groups)},
                    **means, "train_time_s": t_train}
             if self.test_set is not None:
                 t1 = time.perf_counter()
