@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Build whymatch with CUDA kernels, run the CUDA tests and the GPU benchmarks (RISE, saliency
-# table, soft mask, Recall@K, AVSL).
+# table, soft mask, Recall@K, AVSL, AVSL at SOP scale).
 #
 # Unattended, no network, on one GPU (written for an H100 with torch 2.11+cu130,
-# Python 3.12). The step caps add up to about 20 minutes, more than the device tool's
-# 10-minute limit per call: run it in two calls with STEPS (see below).
+# Python 3.12). The step caps add up to about 31 minutes (build 180 + tests 150 + rise 200 +
+# saliency 240 + softmask 150 + recall 150 + avsl 240 + avsl cam 120 + sop 420 = 1850 s), more
+# than the device tool's 10-minute limit per call: run it in four calls with STEPS, each call's
+# caps under 600 s (see STEPS below). Steps usually end well before their caps.
 # Run from anywhere:
 #
 #     bash benchmarks/gpu_suite.sh
 #
-# Everything lands in $OUT (default benchmarks/results/gpu), at most 21 files:
+# Everything lands in $OUT (default benchmarks/results/gpu), at most 24 files:
 #   suite.log        environment, each step's exit status, summary
 #   build.log        pip / CMake / nvcc output
 #   pytest_cuda.log  python -m pytest tests -q -m cuda -x
@@ -20,12 +22,17 @@
 #   recall_cuda.{log,json,md}  Recall@{1,2,4,8} of 60,000 x 512 self-retrieval on the GPU
 #   avsl_cuda.{log,json,md}  AVSL distance + top-k (20,000 x 20,000 by default) vs the sliced baseline
 #   avsl_cam_cuda.{log,json,md}  AVSL CAM correlation + edges + reliabilities, B = 180, R = 512
+#   avsl_sop_cuda.{log,json,md}  AVSL time to Recall@{1,10,100}, 60,502 x 60,502 (SOP-shaped
+#                    synthetic data) vs the sliced baseline (stopped at a time budget, extrapolated)
 #
 # Environment knobs: PYTHON (default python3), WHYMATCH_CUDA_ARCHITECTURES
 # (default 90), BUILD_TIMEOUT / TEST_TIMEOUT / BENCH_TIMEOUT in seconds
 # (default 180 / 150 / 200), SAL_TIMEOUT (240), SAL_ARGS (saliency_table.py arguments), GPU_RISE_ARGS (extra arguments for gpu_rise.py),
 # SM_TIMEOUT / SM_ARGS (soft_mask.py, 150 s), RC_TIMEOUT / RC_ARGS (recall_cpu.py --device cuda, 150 s),
-# AV_TIMEOUT / AV_ARGS (avsl_cpu.py --device cuda, 240 s), STEPS (which steps; see below),
+# AV_TIMEOUT / AV_ARGS (avsl_cpu.py --device cuda, 240 s), SOP_TIMEOUT / SOP_ARGS
+# (avsl_sop.py --device cuda, 420 s; default arguments --time-budget 150 --timeout 190: each
+# variant's process is capped at 190 s and the baseline stops after ~150 s, so 2 x 190 s + the
+# script's own ~15 s stay under 420 s; SOP_ARGS replaces them, keep them in), STEPS (which steps; see below),
 # SKIP_BUILD=1 (use the whymatch already installed), SUITE_DRY_RUN=1 (check this
 # script on a machine without a GPU: no build, no CUDA check, gpu_rise.py --dry-run).
 # Exit status: 0 when the build, the tests and every benchmark check passed.
@@ -108,12 +115,20 @@ if [ $BUILD_RC -ne 0 ] || { [ $KERNELS_RC -ne 0 ] && [ "$DRY" != "1" ]; }; then
   exit 1
 fi
 
-# STEPS: which of tests,rise,saliency,softmask,recall,avsl to run (default: all). With the device
-# tool's 10-minute limit per call, run the suite in two back-to-back calls (the machine stays warm
-# and keeps the build), e.g. STEPS=tests,rise,saliency then SKIP_BUILD=1 STEPS=softmask,recall,avsl.
-STEPS="${STEPS:-tests,rise,saliency,softmask,recall,avsl}"
+# STEPS: which of tests,rise,saliency,softmask,recall,avsl,sop to run (default: all). With the
+# device tool's 10-minute limit per call, run the suite in back-to-back calls (the machine stays
+# warm and keeps the build). By the caps, four calls (each under 600 s, plus a few seconds of
+# this script's checks):
+#   STEPS=tests,rise                          build 180 + tests 150 + rise 200         = 530 s
+#   SKIP_BUILD=1 STEPS=saliency,softmask,recall  240 + 150 + 150                       = 540 s
+#   SKIP_BUILD=1 STEPS=avsl                   avsl 240 + avsl cam 120                  = 360 s
+#   SKIP_BUILD=1 STEPS=sop                    sop 420                                  = 420 s
+# (the earlier two-call split tests,rise,saliency / softmask,recall,avsl was already over 600 s
+# by the caps: 770 s and 660 s; with sop the second would be 1080 s). Three calls fit only when
+# steps end well before their caps, e.g. tests,rise,saliency / softmask,recall,avsl / sop.
+STEPS="${STEPS:-tests,rise,saliency,softmask,recall,avsl,sop}"
 want() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
-TEST_RC=0; BENCH_RC=0; SAL_RC=0; SM_RC=0; RC_RC=0; AV_RC=0
+TEST_RC=0; BENCH_RC=0; SAL_RC=0; SM_RC=0; RC_RC=0; AV_RC=0; SOP_RC=0
 
 # run_step NAME CAP LOGSTEM CMD...: run CMD under a time cap, output to $OUT/LOGSTEM.log; sets STEP_RC
 run_step() {
@@ -195,5 +210,20 @@ if want avsl; then
   [ $STEP_RC -ne 0 ] && AV_RC=$STEP_RC
 fi
 
-log "done in $((SECONDS - START)) s (steps $STEPS): build $BUILD_RC, tests $TEST_RC, rise $BENCH_RC, saliency table $SAL_RC, soft mask $SM_RC, recall $RC_RC, avsl $AV_RC"
-[ $TEST_RC -eq 0 ] && [ $BENCH_RC -eq 0 ] && [ $SAL_RC -eq 0 ] && [ $SM_RC -eq 0 ] && [ $RC_RC -eq 0 ] && [ $AV_RC -eq 0 ]
+# ---------------------------------------------------------------- 8. AVSL at SOP scale (60,502 x 60,502) on the GPU
+if want sop; then
+  SOP_ARGS="${SOP_ARGS:---time-budget 150 --timeout 190}"
+  SOP_DEV=cuda
+  if [ "$DRY" = "1" ]; then
+    SOP_ARGS="--n 2000 --classes 400 --nodes 128 --link-k 32 --baseline-queries 200 --time-budget 20 --timeout 120"
+    SOP_DEV=cpu
+  fi
+  # shellcheck disable=SC2086
+  run_step "avsl sop" "${SOP_TIMEOUT:-420}" avsl_sop_cuda \
+    "$PY" benchmarks/avsl_sop.py --device "$SOP_DEV" --stem "$OUT/avsl_sop_cuda" $SOP_ARGS
+  SOP_RC=$STEP_RC
+  [ -f "$OUT/avsl_sop_cuda.md" ] && cat "$OUT/avsl_sop_cuda.md" >> "$SUITE_LOG"
+fi
+
+log "done in $((SECONDS - START)) s (steps $STEPS): build $BUILD_RC, tests $TEST_RC, rise $BENCH_RC, saliency table $SAL_RC, soft mask $SM_RC, recall $RC_RC, avsl $AV_RC, sop $SOP_RC"
+[ $TEST_RC -eq 0 ] && [ $BENCH_RC -eq 0 ] && [ $SAL_RC -eq 0 ] && [ $SM_RC -eq 0 ] && [ $RC_RC -eq 0 ] && [ $AV_RC -eq 0 ] && [ $SOP_RC -eq 0 ]
