@@ -396,42 +396,46 @@ void topk_impl(const AvslParams& p, int num_threads) {
   if (p.Q == 0) return;
   Ctx<T> cx(p, num_threads);
   const int64_t k = p.k;
-  // Few queries: split each query's gallery into segments so that every thread has work; each
-  // (query, segment) keeps its own bounded heap, merged per query at the end.
+  // Work unit: a chunk of kQChunk queries against a range of gallery blocks, gallery-block-major
+  // (a block's tiles stay in cache while the chunk's queries pass over it, as in the forward).
+  // Few chunks: split the gallery into segments so that every thread has work. Each (query,
+  // segment) keeps a bounded max-heap of its k best in `lists`, merged per query at the end.
+  constexpr int64_t kQChunk = 32;
+  const int64_t nqc = (p.Q + kQChunk - 1) / kQChunk;
   int64_t nseg = 1;
-  if (p.Q < num_threads) nseg = std::min<int64_t>(cx.nb, (num_threads + p.Q - 1) / p.Q);
+  if (nqc < num_threads) nseg = std::min<int64_t>(cx.nb, (num_threads + nqc - 1) / nqc);
   nseg = std::max<int64_t>(1, nseg);
   std::vector<Cand<T>> lists(static_cast<size_t>(p.Q * nseg * k));
   std::vector<int64_t> counts(static_cast<size_t>(p.Q * nseg), 0);
-  parallel_for(p.Q * nseg, num_threads, 1, [&](int64_t t0, int64_t t1) {
+  parallel_for(nqc * nseg, num_threads, 1, [&](int64_t t0, int64_t t1) {
     Scratch<T> sc(cx, false);
-    std::vector<Cand<T>> heap;
-    heap.reserve(static_cast<size_t>(k));
     T d[kB];
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i = t / nseg, seg = t % nseg;
+      const int64_t qc = t / nseg, seg = t % nseg;
+      const int64_t i0 = qc * kQChunk, i1 = std::min<int64_t>(p.Q, i0 + kQChunk);
       const int64_t b0 = cx.nb * seg / nseg, b1 = cx.nb * (seg + 1) / nseg;
-      cx.query_weights(i, sc.wq.data());
-      heap.clear();
       for (int64_t b = b0; b < b1; ++b) {
-        forward_block(cx, sc, i, b, d, nullptr, nullptr);
         const int64_t n = std::min<int64_t>(kB, p.G - b * kB);
-        for (int64_t jj = 0; jj < n; ++jj) {
-          const int64_t j = b * kB + jj;
-          if (p.exclude_self && j == i) continue;
-          const Cand<T> c{d[jj], j};
-          if (static_cast<int64_t>(heap.size()) < k) {
-            heap.push_back(c);
-            std::push_heap(heap.begin(), heap.end(), cand_before<T>);  // max-heap: the worst on top
-          } else if (cand_before(c, heap.front())) {
-            std::pop_heap(heap.begin(), heap.end(), cand_before<T>);
-            heap.back() = c;
-            std::push_heap(heap.begin(), heap.end(), cand_before<T>);
+        for (int64_t i = i0; i < i1; ++i) {
+          cx.query_weights(i, sc.wq.data());
+          forward_block(cx, sc, i, b, d, nullptr, nullptr);
+          Cand<T>* heap = lists.data() + (i * nseg + seg) * k;  // max-heap: the worst on top
+          int64_t& size = counts[i * nseg + seg];
+          for (int64_t jj = 0; jj < n; ++jj) {
+            const int64_t j = b * kB + jj;
+            if (p.exclude_self && j == i) continue;
+            const Cand<T> c{d[jj], j};
+            if (size < k) {
+              heap[size++] = c;
+              std::push_heap(heap, heap + size, cand_before<T>);
+            } else if (cand_before(c, heap[0])) {
+              std::pop_heap(heap, heap + k, cand_before<T>);
+              heap[k - 1] = c;
+              std::push_heap(heap, heap + k, cand_before<T>);
+            }
           }
         }
       }
-      std::copy(heap.begin(), heap.end(), lists.begin() + t * k);
-      counts[t] = static_cast<int64_t>(heap.size());
     }
   });
   T* vals = static_cast<T*>(p.topk_values);
