@@ -16,8 +16,9 @@ Variants, each in a fresh Python subprocess (peak memory of one cannot hide anot
   ``torch.topk`` over it for retrieval (the published code sorts it fully).
 
 Correctness first: the whymatch distances against the baseline's (rtol 1e-4), and the top-k
-indices against a top-k of the baseline's matrix. Times are single runs of the whole task
-(after a small warm-up call); peak memory = peak RSS above the RSS before the call (CPU), or
+indices against a top-k of the baseline's matrix. Times are runs of the whole task (after a
+small warm-up call); with ``--repeats N`` each variant runs N times, the variants alternating, and
+the table shows the median (the JSON keeps every run and the spread); peak memory = peak RSS above the RSS before the call (CPU), or
 torch's peak CUDA allocation above the allocation before it (CUDA).
 """
 
@@ -130,6 +131,18 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(res))
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """One row from repeated runs of a variant: the median of each time, the largest peak memory,
+    every run's times and the spread (max - min) / median of the total."""
+    import statistics
+
+    med = {key: statistics.median(r[key] for r in runs) for key in ("seconds", "topk_seconds", "distance_seconds")}
+    mem = max((r["memory"] for r in runs), key=lambda m: m.get("peak_over_before_bytes") or 0)
+    tot = [r["seconds"] for r in runs]
+    return {**med, "memory": mem, "repeats": len(runs), "spread": (max(tot) - min(tot)) / med["seconds"],
+            "runs": [{k: r[k] for k in ("seconds", "topk_seconds", "distance_seconds")} for r in runs]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -142,10 +155,14 @@ def main(argv=None) -> int:
     ap.add_argument("--slice", type=int, default=20, help="queries per slice of the baseline")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of each variant, alternating; the table shows medians (default %(default)s)")
     ap.add_argument("--stem", default=None, help="default benchmarks/results/avsl_<device type>")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--save", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.child:
         child(args)
         return 0
@@ -157,19 +174,26 @@ def main(argv=None) -> int:
     stem = args.stem or str(C.RESULTS / f"avsl_{dev.type}")
     rows, outs = {}, {}
     tmp = Path(tempfile.mkdtemp(prefix="avsl_bench_"))
-    for v in args.variants.split(","):
-        save = tmp / f"{v}.pt"
-        cmd = [sys.executable, __file__, "--child", v, "--save", str(save)] + [
-            a for kv in (("--device", args.device), ("--n", args.n), ("--levels", args.levels),
-                         ("--nodes", args.nodes), ("--link-k", args.link_k), ("--topk", args.topk),
-                         ("--gamma", args.gamma), ("--slice", args.slice), ("--seed", args.seed)) for a in map(str, kv)]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-        if p.returncode != 0:
-            rows[v] = {"error": (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1][:300]}
-        else:
-            rows[v] = json.loads(p.stdout.strip().splitlines()[-1])
-            outs[v] = torch.load(save)
-        print(v, json.dumps(rows[v])[:300], flush=True)
+    runs: dict[str, list[dict]] = {}
+    for rep in range(args.repeats):  # variants alternate, so a slow phase of the machine hits both
+        for v in args.variants.split(","):
+            if v in runs and runs[v] is None:
+                continue  # failed before: not again
+            save = tmp / f"{v}.pt"
+            cmd = [sys.executable, __file__, "--child", v, "--save", str(save)] + [
+                a for kv in (("--device", args.device), ("--n", args.n), ("--levels", args.levels),
+                             ("--nodes", args.nodes), ("--link-k", args.link_k), ("--topk", args.topk),
+                             ("--gamma", args.gamma), ("--slice", args.slice), ("--seed", args.seed))
+                for a in map(str, kv)]
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+            if p.returncode != 0:
+                rows[v] = {"error": (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1][:300]}
+                runs[v] = None
+            else:
+                runs.setdefault(v, []).append(json.loads(p.stdout.strip().splitlines()[-1]))
+                outs[v] = torch.load(save)
+                rows[v] = _median_run(runs[v])
+            print(v, f"run {rep + 1}/{args.repeats}", json.dumps(rows[v])[:300], flush=True)
 
     check = {}
     if "whymatch" in outs and "sliced_torch" in outs:
@@ -217,8 +241,10 @@ def main(argv=None) -> int:
         f"Self-retrieval: Q = G = {args.n:,}, {args.levels} levels of R = {args.nodes} nodes, link* keeps "
         f"{args.link_k} entries per column, top-{args.topk} neighbours (query excluded). Baseline = the published "
         f"code's slicing ({args.slice} queries per slice, full (slice, G, R) tensors, dense hat @ link*), then "
-        "torch.topk over the (Q, G) matrix. Each variant in a fresh process, one timed run after a small warm-up; "
-        "peak memory above the memory before the call. Ratios: baseline / whymatch, same run.",
+        "torch.topk over the (Q, G) matrix. Each variant in a fresh process, timed after a small warm-up; "
+        f"{'one run' if args.repeats == 1 else f'median of {args.repeats} runs, the variants alternating'}; "
+        "peak memory above the memory before the call (the largest of the runs). Ratios: baseline / whymatch, "
+        "same invocation.",
         "",
         C.md_table(head, body),
         "",
