@@ -14,8 +14,8 @@
 
 #include "avsl/avsl_distance.h"
 #include "common/cpu_isa.h"
-#include "common/vec_math.h"
 #include "common/parallel.h"
+#include "common/vec_math.h"
 
 // The vector helpers below are always inlined into their callers, which share one target: no
 // vector crosses a call boundary, so GCC's ABI note about AVX-512 vector returns does not apply.
