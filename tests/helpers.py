@@ -37,3 +37,16 @@ TOL = {
     torch.float16: dict(rtol=1e-3, atol=1e-3),
     torch.bfloat16: dict(rtol=8e-3, atol=8e-3),
 }
+
+
+def torchrun_cli(*cli_args, timeout: int = 240):
+    """Run ``torchrun --standalone --nproc_per_node 2 -m whymatch.cli ARGS`` (two gloo ranks, one thread
+    each) and return the finished process; fails the test with the ranks' stderr when it does not exit 0."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "whymatch.cli", *map(str, cli_args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -230,12 +227,10 @@ def test_cli_train_sane_errors(tmp_path, capsys):
 @pytest.mark.slow
 def test_cli_train_sane_under_torchrun(tmp_path):
     """`torchrun --nproc_per_node 2 -m whymatch.cli train sane ...`: two gloo ranks, rank 0 writes and reports."""
+    from helpers import torchrun_cli
+
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "whymatch.cli", *_CLI, "--epochs", "1", "--out", str(out), "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = torchrun_cli(*_CLI, "--epochs", "1", "--out", out, "--device", "cpu")
     assert p.stdout.count("trained 1 epochs; attribute mAP") == 1    # only rank 0 reports
     ck = torch.load(out / CHECKPOINT, weights_only=False)
     assert ck["epoch"] == 1 and ck["global_step"] == 2                  # 48 images / 2 ranks / 16

@@ -395,6 +395,12 @@ def test_train_avsl_resume_gives_identical_weights_and_edges(tmp_path):
     assert rec["loss"] == pytest.approx(straight.history[-1]["loss"])
 
 
+# a tiny `whymatch train avsl` run (add --n-test, --epochs, --out)
+_TINY_AVSL = ("train", "avsl", "--data", "shapesworld", "--image-size", "32", "--n-train", "180", "--batch-p", "3",
+              "--batch-k", "2", "--batches-per-epoch", "2", "--embedding-dim", "8", "--topk", "4", "--quiet",
+              "--device", "cpu")
+
+
 def test_cli_train_avsl_and_resume(tmp_path, capsys):
     from whymatch import cli
 
@@ -460,17 +466,11 @@ def test_avsl_recall_at_k_errors():
 def test_cli_train_avsl_under_torchrun(tmp_path):
     """`torchrun --nproc_per_node 2 -m whymatch.cli train avsl ...`: two gloo ranks (DDP sees every parameter used)."""
     import json
-    import os
-    import subprocess
-    import sys
+
+    from helpers import torchrun_cli
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "whymatch.cli", "train", "avsl", "--data", "shapesworld", "--image-size", "32",
-           "--n-train", "180", "--n-test", "120", "--batch-p", "3", "--batch-k", "2", "--batches-per-epoch", "2",
-           "--embedding-dim", "8", "--topk", "4", "--epochs", "1", "--out", str(out), "--quiet", "--device", "cpu"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = torchrun_cli(*_TINY_AVSL, "--n-test", "120", "--epochs", "1", "--out", out)
     assert p.stdout.count("trained 1 epochs") == 1
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 1
@@ -595,18 +595,12 @@ def test_cli_train_avsl_published_recipe_config_freeze_and_resume(tmp_path, caps
 def test_cli_train_avsl_recipe_with_frozen_backbone_under_torchrun(tmp_path):
     """DDP with the backbone frozen (its gradients are computed and dropped): no unused-parameter error."""
     import json
-    import os
-    import subprocess
-    import sys
+
+    from helpers import torchrun_cli
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "whymatch.cli", "train", "avsl", "--data", "shapesworld", "--image-size", "32",
-           "--n-train", "180", "--n-test", "120", "--batch-p", "3", "--batch-k", "2", "--batches-per-epoch", "2",
-           "--embedding-dim", "8", "--topk", "4", "--epochs", "2", "--out", str(out), "--quiet", "--device", "cpu",
-           "--recipe", "published", "--freeze-epochs", "1", "--milestones", "1"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-3000:]
+    torchrun_cli(*_TINY_AVSL, "--n-test", "120", "--epochs", "2", "--out", out, "--recipe", "published",
+                 "--freeze-epochs", "1", "--milestones", "1")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["world_size"] == 2 and [g["name"] for g in cfg["param_groups"]] == ["backbone", "head", "coef_bias",
                                                                                     "loss"]

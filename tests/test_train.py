@@ -183,17 +183,12 @@ def test_cli_train_errors(tmp_path, capsys):
 @pytest.mark.slow
 def test_cli_train_mining_under_torchrun(tmp_path):
     """`torchrun --nproc_per_node 2 -m whymatch.cli train mining ...`: two gloo ranks, rank 0 writes."""
-    import subprocess
-    import sys
+    from helpers import torchrun_cli
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "whymatch.cli", "train", "mining", "--data", "shapesworld", "--image-size", "32",
-           "--n-train", "180", "--n-test", "120", "--batch-p", "3", "--batch-k", "2", "--batches-per-epoch", "2",
-           "--embedding-dim", "8", "--epochs", "1", "--out", str(out), "--quiet", "--device", "cpu"]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = torchrun_cli("train", "mining", "--data", "shapesworld", "--image-size", "32", "--n-train", "180",
+                     "--n-test", "120", "--batch-p", "3", "--batch-k", "2", "--batches-per-epoch", "2",
+                     "--embedding-dim", "8", "--epochs", "1", "--out", out, "--quiet", "--device", "cpu")
     assert p.stdout.count("trained 1 epochs") == 1  # only rank 0 reports
     ck = torch.load(out / CHECKPOINT, weights_only=False)
     assert ck["epoch"] == 1
