@@ -84,3 +84,23 @@ def test_atomic_torch_save_keeps_the_old_file_on_error(tmp_path):
         atomic_torch_save({"a": Unpicklable()}, path)
     assert torch.equal(torch.load(path)["a"], torch.ones(2))  # the previous checkpoint is intact
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary file left
+
+
+def test_atomic_write_gives_the_permissions_of_a_plain_open(tmp_path):
+    import os
+    import stat
+
+    from whymatch.io import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with open(tmp_path / "b.txt", "w") as f:
+            f.write("x")
+        mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+        assert mode(tmp_path / "a.txt") == mode(tmp_path / "b.txt") == 0o640
+        os.chmod(tmp_path / "a.txt", 0o604)  # replacing a file keeps its mode
+        atomic_write_text(tmp_path / "a.txt", "y")
+        assert mode(tmp_path / "a.txt") == 0o604 and (tmp_path / "a.txt").read_text() == "y"
+    finally:
+        os.umask(old)

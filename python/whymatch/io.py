@@ -89,16 +89,34 @@ def atomic_output_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _umask() -> int:
+    """The process's umask (Linux: read, not set; elsewhere set and restored at once)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
     """Write a file through a temporary file in the same folder, fsync and an atomic rename.
 
     ``write(f)`` fills the open binary file; if it raises, nothing is left behind and any
-    previous file at ``path`` stays as it was.
+    previous file at ``path`` stays as it was. The file gets the permissions a plain ``open``
+    would give it (0666 less the umask), or those of the file it replaces; the temporary file's
+    own 0600 never shows.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = p.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
