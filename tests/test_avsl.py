@@ -269,6 +269,17 @@ def test_shapes_and_eval_freezes_edges():
     torch.testing.assert_close(twin.encode(x).embeddings[2], m.eval().encode(x).embeddings[2] + 1.0)
 
 
+def test_level_and_overall_margins_are_separate():
+    loss = AVSLLoss(4, 3, DIM, neg_margin=2.4, overall_neg_margin=2.2, overall_pos_margin=1.7)
+    assert [lv.neg_margin for lv in loss.level_losses] == [2.4, 2.4, 2.4]
+    assert [lv.pos_margin for lv in loss.level_losses] == [1.8, 1.8, 1.8]
+    assert (loss.overall_loss.neg_margin, loss.overall_loss.pos_margin) == (2.2, 1.7)
+    same = AVSLLoss(4, 3, DIM, neg_margin=2.4)
+    assert same.overall_loss.neg_margin == 2.4 and same.overall_loss.alpha == 16.0
+    with pytest.raises(ValueError, match="overall_alpha"):
+        AVSLLoss(4, 3, DIM, overall_alpha=0.0)
+
+
 def test_gradients_level_losses_train_the_network_overall_only_coef_bias():
     m = _model()
     loss = AVSLLoss(3, 3, DIM)
@@ -508,12 +519,14 @@ def test_published_recipe_values_per_data_set_and_overrides():
 
     # zbr17/AVSL examples/samples_avsl.sh: --lr_trunk / --lr_embedder / --lr_collector, --gamma, --step, loss weights;
     # --warm_up 5 (trunk not stepped, StepLR not stepped), 61 epochs, batch 180, --wd 1e-4
-    want = {"cub": ((1e-5, 5.5e-4, 1.1e-4), 0.5, (15, 25, 35, 45, 55), (0.5, 1.0, 0.5)),
+    # --pa_neg_margin (level losses) / --final_pa_neg_margin (overall): 2.2 / 2.2, SOP 2.4 / 2.2
+    want = {"cub": ((1e-5, 5.5e-4, 1.1e-4), 0.5, (15, 25, 35, 45, 55), (0.5, 1.0, 0.5), 2.2),
             "cars196": ((0.00025230934618157737, 0.00016294139202611374, 0.09918213648327627), 0.5,
-                        tuple(range(10, 61, 5)), (1.0, 4.0, 4.0)),
-            "sop": ((6e-4, 6e-4, 0.06), 0.25, (20, 35, 50), (1.0, 4.0, 4.0))}
-    for data, (lrs, decay, milestones, weights) in want.items():
+                        tuple(range(10, 61, 5)), (1.0, 4.0, 4.0), 2.2),
+            "sop": ((6e-4, 6e-4, 0.06), 0.25, (20, 35, 50), (1.0, 4.0, 4.0), 2.4)}
+    for data, (lrs, decay, milestones, weights, neg) in want.items():
         cfg = AVSLConfig.from_recipe("published", data=f"{data}:/nowhere")
+        assert (cfg.neg_margin, cfg.overall_neg_margin) == (neg, 2.2)
         assert cfg.recipe == "published" and cfg.scheduler == "step" and cfg.lr_decay == decay
         assert cfg.group_lr == {"backbone": lrs[0], "head": lrs[1], "coef_bias": lrs[2], "loss": lrs[2]}
         assert cfg.milestones == milestones and cfg.level_weights == weights

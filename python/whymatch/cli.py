@@ -215,7 +215,8 @@ def cmd_train_avsl(args) -> int:
 
     values = dict(**_train_config(args), topk=args.topk, momentum=args.momentum, gamma=args.gamma,
                   reliability=args.reliability, loss=args.loss, use_proxy=not args.no_proxy,
-                  level_weights=_floats("--level-weights", args.level_weights))
+                  level_weights=_floats("--level-weights", args.level_weights), neg_margin=args.neg_margin,
+                  overall_neg_margin=args.overall_neg_margin)
     if args.recipe is None:
         cfg = AVSLConfig(**values)
     else:
@@ -512,6 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     avsl.add_argument("--no-proxy", action="store_true", help="in-batch anchors instead of one proxy per class")
     avsl.add_argument("--level-weights", default=None,
                       help="comma-separated loss weight per level, low to high (default 1,0.2,1)")
+    avsl.add_argument("--neg-margin", type=float, default=2.2,
+                      help="ProxyAnchor negative margin of the level losses (default %(default)s; published SOP: 2.4)")
+    avsl.add_argument("--overall-neg-margin", type=float, default=None,
+                      help="ProxyAnchor negative margin of the overall distance's loss (default: --neg-margin)")
     avsl.add_argument("--topk", type=int, default=128, help="lower-level nodes per upper node (default %(default)s)")
     avsl.add_argument("--momentum", type=float, default=0.5, help="edge momentum (default %(default)s)")
     avsl.add_argument("--gamma", type=float, default=10.0, help="reliability sigmoid sharpness (default %(default)s)")

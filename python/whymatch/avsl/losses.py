@@ -159,6 +159,11 @@ class AVSLLoss(nn.Module):
         loss: 'proxyanchor' (alpha 16, margins 1.8 / 2.2 as published) or 'margin'.
         weights: w_l per level, low to high (default :data:`DEFAULT_WEIGHTS` for 3 levels, else ones).
         use_proxy: proxies as columns (default) or in-batch.
+        alpha, pos_margin, neg_margin: ProxyAnchor's scale and margins of the level losses (the
+            published ``--pa_*``); overall_alpha / overall_pos_margin / overall_neg_margin: of the
+            overall distance's loss (the published ``--final_pa_*``), by default the same. The
+            published SOP run uses neg_margin 2.4 for the levels and 2.2 overall.
+        margin, beta: the margin loss's (loss='margin'), for every loss.
     Call: ``loss(model, images, labels)`` with model an AVSL or a SimilarityModel wrapping one;
         returns :class:`AVSLLossOutput`. In training mode the call updates the model's edges.
     """
@@ -166,7 +171,8 @@ class AVSLLoss(nn.Module):
     def __init__(self, n_classes: int | None = None, levels: int = 3, dim: int = 512, *, loss: str = "proxyanchor",
                  weights: Sequence[float] | None = None, use_proxy: bool = True, alpha: float = 16.0,
                  pos_margin: float = 1.8, neg_margin: float = 2.2, margin: float = 0.2, beta: float = 1.2,
-                 proxy_subset: int = 1000) -> None:
+                 proxy_subset: int = 1000, overall_alpha: float | None = None,
+                 overall_pos_margin: float | None = None, overall_neg_margin: float | None = None) -> None:
         super().__init__()
         self.n_levels = V.positive_int("levels", levels)
         self.dim = V.positive_int("dim", dim)
@@ -179,13 +185,24 @@ class AVSLLoss(nn.Module):
         self.use_proxy = bool(use_proxy)
         self.proxy_subset = V.positive_int("proxy_subset", proxy_subset)
 
-        def make() -> nn.Module:
+        def pick(v, default):
+            return default if v is None else v
+
+        for name, v in (("overall_alpha", overall_alpha), ("overall_pos_margin", overall_pos_margin),
+                        ("overall_neg_margin", overall_neg_margin)):
+            if v is not None:
+                V.real(name, v, low=0 if name == "overall_alpha" else None, open_low=name == "overall_alpha")
+
+        def make(overall: bool) -> nn.Module:
             if self.kind == "proxyanchor":
+                if overall:
+                    return ProxyAnchorDistanceLoss(pick(overall_alpha, alpha), pick(overall_pos_margin, pos_margin),
+                                                   pick(overall_neg_margin, neg_margin))
                 return ProxyAnchorDistanceLoss(alpha, pos_margin, neg_margin)
             return MarginDistanceLoss(margin, beta)
 
-        self.level_losses = nn.ModuleList([make() for _ in range(self.n_levels)])
-        self.overall_loss = make()
+        self.level_losses = nn.ModuleList([make(False) for _ in range(self.n_levels)])
+        self.overall_loss = make(True)
         self.n_classes = None
         if self.use_proxy:
             if n_classes is None:

@@ -50,7 +50,7 @@ _PUBLISHED = {
     "cars196": dict(lr_trunk=0.00025230934618157737, lr_embedder=0.00016294139202611374,
                     lr_collector=0.09918213648327627, gamma=0.5, step=5, level_weights=(1.0, 4.0, 4.0)),
     "sop": dict(lr_trunk=6e-4, lr_embedder=6e-4, lr_collector=0.06, gamma=0.25, step=15,
-                level_weights=(1.0, 4.0, 4.0)),
+                level_weights=(1.0, 4.0, 4.0), neg_margin=2.4),
 }
 # Shared by the three commands (and gedml 0.2.2's BaseManager.run / BaseTrainer, which run them):
 # --warm_up 5 --warm_up_list embedder collector, 61 epochs (run()'s total_epochs default), --batch_size 180,
@@ -88,8 +88,8 @@ def published_avsl_recipe(data: str, *, epochs: int | None = None, freeze_epochs
     ImageNet weights, batch-norm frozen for CUB and Cars196); no early stopping (published: patience
     15 evaluations, or stop below 0.6 x the best Recall@1); no gradient clipping (the published
     per-module clip at norm 10 is built on a ``.parameters()`` generator, which the first call
-    exhausts, so it clips only the first batch); SOP's level losses use a negative margin of 2.4
-    in the published run, whymatch's AVSLLoss one margin (2.2) for all.
+    exhausts, so it clips only the first batch). Reproduced: SOP's level losses use a ProxyAnchor
+    negative margin of 2.4 and the overall distance's loss 2.2 (neg_margin / overall_neg_margin).
 
     ShapesWorld is not in the published code: it gets CUB's recipe (the published configs' default
     data set) on the 'shapes' backbone, with 60 x 3 batches (ShapesWorld has 60 training classes).
@@ -113,6 +113,7 @@ def published_avsl_recipe(data: str, *, epochs: int | None = None, freeze_epochs
     return dict(
         backbone="shapes" if shapes else "resnet50", embedding_dim=512, topk=128, momentum=0.5, gamma=10.0,
         loss="proxyanchor", use_proxy=True, level_weights=pub["level_weights"],
+        neg_margin=pub.get("neg_margin", 2.2), overall_neg_margin=2.2,
         epochs=epochs, batch_p=60 if shapes else 90, batch_k=3 if shapes else 2, weight_decay=1e-4,
         lr=pub["lr_embedder"], loss_lr=pub["lr_collector"],
         group_lr={"backbone": pub["lr_trunk"], "head": pub["lr_embedder"], "coef_bias": pub["lr_collector"],
@@ -243,6 +244,8 @@ class AVSLConfig(TrainConfig):
     loss: str = "proxyanchor"
     use_proxy: bool = True
     level_weights: tuple[float, ...] | None = None
+    neg_margin: float = 2.2
+    overall_neg_margin: float | None = None
     stop_after: int | None = None
     recipe: str | None = None
 
@@ -297,7 +300,8 @@ def train_avsl(cfg: AVSLConfig) -> AVSLTrainer:
                              reliability=cfg.reliability)
     n_classes = int(torch.unique(train.labels).numel())
     loss = AVSLLoss(n_classes, len(model.embedder.levels), cfg.embedding_dim, loss=cfg.loss,
-                    weights=cfg.level_weights, use_proxy=cfg.use_proxy)
+                    weights=cfg.level_weights, use_proxy=cfg.use_proxy, neg_margin=cfg.neg_margin,
+                    overall_neg_margin=cfg.overall_neg_margin)
     config = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "show_progress", "stop_after", "extra")}
     config.update(info)
     config.update(cfg.extra)
