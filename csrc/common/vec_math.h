@@ -5,9 +5,8 @@
 // attributes) inlines these into its own instruction set; baseline x86-64 gets SSE2. The entry
 // point, keep<T, NB>(w), works on vectors w of any width in native-width parts of NB bytes (the
 // caller's register width): GCC turns compares and selects on vectors wider than the target's
-// registers into scalar code, so the parts must be native. This
-// replaces glibc's libmvec (which -ffast-math loops called), so the module needs no libmvec and
-// builds without -ffast-math anywhere.
+// registers into scalar code, so the parts must be native. This replaces glibc's libmvec (which
+// -ffast-math loops called): the module needs no libmvec and nothing is built with -ffast-math.
 //
 // exp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, n rounded to nearest with the
 // 1.5 * 2^mantissa trick (needs strict IEEE addition: never compile this with -ffast-math), the
