@@ -3,15 +3,15 @@
 # table, soft mask, Recall@K, AVSL, AVSL at SOP scale).
 #
 # Unattended, no network, on one GPU (written for an H100 with torch 2.11+cu130,
-# Python 3.12). The step caps add up to about 31 minutes (build 180 + tests 150 + rise 200 +
-# saliency 240 + softmask 150 + recall 150 + avsl 240 + avsl cam 120 + sop 420 = 1850 s), more
+# Python 3.12). The step caps add up to about 33 minutes (build 180 + tests 150 + rise 200 +
+# saliency 240 + softmask 150 + recall 150 + avsl 240 + avsl cam 120 + avsl smem 120 + sop 420 = 1970 s), more
 # than the device tool's 10-minute limit per call: run it in four calls with STEPS, each call's
 # caps under 600 s (see STEPS below). Steps usually end well before their caps.
 # Run from anywhere:
 #
 #     bash benchmarks/gpu_suite.sh
 #
-# Everything lands in $OUT (default benchmarks/results/gpu), at most 24 files:
+# Everything lands in $OUT (default benchmarks/results/gpu), at most 27 files:
 #   suite.log        environment, each step's exit status, summary
 #   build.log        pip / CMake / nvcc output
 #   pytest_cuda.log  python -m pytest tests -q -m cuda -x
@@ -22,6 +22,7 @@
 #   recall_cuda.{log,json,md}  Recall@{1,2,4,8} of 60,000 x 512 self-retrieval on the GPU
 #   avsl_cuda.{log,json,md}  AVSL distance + top-k (20,000 x 20,000 by default) vs the sliced baseline
 #   avsl_cam_cuda.{log,json,md}  AVSL CAM correlation + edges + reliabilities, B = 180, R = 512
+#   avsl_cuda_smem128k.{log,json,md}  the AVSL kernels with WHYMATCH_AVSL_CUDA_SMEM=131072 (whymatch only)
 #   avsl_sop_cuda.{log,json,md}  AVSL time to Recall@{1,10,100}, 60,502 x 60,502 (SOP-shaped
 #                    synthetic data) vs the sliced baseline (stopped at a time budget, extrapolated)
 #
@@ -29,7 +30,7 @@
 # (default 90), BUILD_TIMEOUT / TEST_TIMEOUT / BENCH_TIMEOUT in seconds
 # (default 180 / 150 / 200), SAL_TIMEOUT (240), SAL_ARGS (saliency_table.py arguments), GPU_RISE_ARGS (extra arguments for gpu_rise.py),
 # SM_TIMEOUT / SM_ARGS (soft_mask.py, 150 s), RC_TIMEOUT / RC_ARGS (recall_cpu.py --device cuda, 150 s),
-# AV_TIMEOUT / AV_ARGS (avsl_cpu.py --device cuda, 240 s), SOP_TIMEOUT / SOP_ARGS
+# AV_TIMEOUT / AV_ARGS (avsl_cpu.py --device cuda, 240 s), AVK_TIMEOUT (its 128 KiB run, 120 s), SOP_TIMEOUT / SOP_ARGS
 # (avsl_sop.py --device cuda, 420 s; default arguments --time-budget 150 --timeout 190: each
 # variant's process is capped at 190 s and the baseline stops after ~150 s, so 2 x 190 s + the
 # script's own ~15 s stay under 420 s; SOP_ARGS replaces them, keep them in), STEPS (which steps; see below),
@@ -121,7 +122,7 @@ fi
 # this script's checks):
 #   STEPS=tests,rise                          build 180 + tests 150 + rise 200         = 530 s
 #   SKIP_BUILD=1 STEPS=saliency,softmask,recall  240 + 150 + 150                       = 540 s
-#   SKIP_BUILD=1 STEPS=avsl                   avsl 240 + avsl cam 120                  = 360 s
+#   SKIP_BUILD=1 STEPS=avsl                   avsl 240 + avsl cam 120 + smem 120       = 480 s
 #   SKIP_BUILD=1 STEPS=sop                    sop 420                                  = 420 s
 # (the earlier two-call split tests,rise,saliency / softmask,recall,avsl was already over 600 s
 # by the caps: 770 s and 660 s; with sop the second would be 1080 s). Three calls fit only when
@@ -207,6 +208,13 @@ if want avsl; then
   # shellcheck disable=SC2086
   run_step "avsl cam" "${CAM_TIMEOUT:-120}" avsl_cam_cuda \
     "$PY" benchmarks/avsl_cam.py --device "$AV_DEV" --stem "$OUT/avsl_cam_cuda" $CAM_ARGS
+  [ $STEP_RC -ne 0 ] && AV_RC=$STEP_RC
+  # the AVSL CUDA kernels' shared-memory knob (csrc/avsl/avsl_distance_cuda.cu): 128 KiB of hats per
+  # block (32 pairs per tile, opt-in) against the default 48 KiB (8 pairs at R = 512), whymatch only
+  # shellcheck disable=SC2086
+  run_step "avsl smem 128k" "${AVK_TIMEOUT:-120}" avsl_cuda_smem128k \
+    env WHYMATCH_AVSL_CUDA_SMEM=131072 "$PY" benchmarks/avsl_cpu.py --device "$AV_DEV" \
+    --stem "$OUT/avsl_cuda_smem128k" --variants whymatch $AV_ARGS
   [ $STEP_RC -ne 0 ] && AV_RC=$STEP_RC
 fi
 

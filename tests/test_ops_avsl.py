@@ -303,3 +303,43 @@ def test_kernel_checks_become_value_errors():
         mod.avsl_distance(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, [3], 10.0, 1, 0, 1)
     with pytest.raises(ValueError, match=r"k must be in \[1, 2\], got 3"):
         mod.avsl_topk(1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 2, [3], 10.0, 3, False, 0, 0, 1)
+
+
+_SMEM_SCRIPT = r"""
+import sys
+import torch
+import whymatch.ops as ops
+from whymatch.ops import reference as ref
+g = torch.Generator().manual_seed(0)
+R = [512, 512, 512]  # the published sizes: 48 KiB of hats fits 8 pairs per tile by default
+Q, G = 5, 77
+qs = [torch.randn(Q, r, generator=g).cuda() for r in R]
+gs = [torch.randn(G, r, generator=g).cuda() for r in R]
+rq = [torch.rand(Q, r, generator=g).cuda() for r in R]
+rg = [torch.rand(G, r, generator=g).cuda() for r in R]
+links = [ref.avsl_link_star(torch.randn(512, 512, generator=g), 128).cuda() for _ in range(2)]
+coef = [(1 + 0.1 * torch.randn(r, generator=g)).cuda() for r in R]
+bias = [(0.1 * torch.randn(r, generator=g)).cuda() for r in R]
+args = (qs, gs, rq, rg, links, coef, bias, 10.0)
+torch.testing.assert_close(ops.avsl_distance(*args), ref.avsl_distance(*args), rtol=1e-5, atol=1e-5)
+v, i = ops.avsl_topk(*args, 7)
+rv, ri = ref.avsl_topk(*args, 7)
+torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-5)
+assert torch.equal(i, ri)
+print("ok")
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+@pytest.mark.parametrize("smem", ["", "131072", "1"])
+def test_cuda_shared_memory_limit_knob(smem):
+    # WHYMATCH_AVSL_CUDA_SMEM: default 48 KiB (8 pairs per tile at R = 512), 128 KiB (opt-in, 32 pairs),
+    # 1 byte (hats in global memory); read once per process, so each runs in its own
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WHYMATCH_AVSL_CUDA_SMEM": smem}
+    p = subprocess.run([sys.executable, "-c", _SMEM_SCRIPT], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]

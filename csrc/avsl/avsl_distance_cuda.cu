@@ -18,6 +18,7 @@
 // two R_max x P buffers, and its partial sums of the coef / bias gradients (double), which a last
 // kernel adds up in block order (deterministic, no atomics).
 #include <algorithm>
+#include <cstdlib>
 
 #include "avsl/avsl_distance.h"
 #include "common/cuda_utils.cuh"
@@ -56,16 +57,52 @@ struct FwdConfig {
   int64_t tiles;         // per query: ceil(G / P)
 };
 
+// Shared memory a block may use (the hats plus the top-k tile's distances). Default 48 KiB, which
+// needs no opt-in and leaves room for several blocks per SM. WHYMATCH_AVSL_CUDA_SMEM=BYTES sets
+// another limit: above 48 KiB up to the device's opt-in maximum (more pairs per tile, fewer
+// blocks per SM), below it down to forcing the hats into global memory. An experiment knob
+// until a GPU measurement picks the default; read once per process, so that the workspace size
+// and the launch always agree.
+int64_t smem_limit() {
+  static const int64_t limit = [] {
+    int64_t want = kSmemLimit;
+    if (const char* e = std::getenv("WHYMATCH_AVSL_CUDA_SMEM")) {
+      char* end = nullptr;
+      const long long v = std::strtoll(e, &end, 10);
+      if (end != e && *end == '\0' && v > 0) want = v;
+    }
+    if (want <= kSmemLimit) return want;
+    int dev = 0, optin = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+      cudaGetLastError();  // clear it: fall back to the default
+      return kSmemLimit;
+    }
+    return std::min<int64_t>(want, optin);
+  }();
+  return limit;
+}
+
+constexpr int64_t kTileDistBytes = 32 * 8;  // the top-k kernel's P (<= 32) distances of a tile
+
 FwdConfig forward_config(const AvslParams& p) {
   FwdConfig f;
-  const int64_t es = elem_size(p), rmax = p.Rmax();
+  const int64_t es = elem_size(p), rmax = p.Rmax(), limit = smem_limit() - kTileDistBytes;
+  const auto bytes = [&](int P) { return align256(2 * rmax * P * es); };
   f.P = 32;
-  while (f.P > 1 && 2 * rmax * f.P * es > kSmemLimit) f.P /= 2;
-  f.global = 2 * rmax * f.P * es > kSmemLimit;
+  while (f.P > 1 && bytes(f.P) > limit) f.P /= 2;
+  f.global = bytes(f.P) > limit;
   if (f.global) f.P = 8;
-  f.hat_bytes = align256(2 * rmax * f.P * es);
+  f.hat_bytes = bytes(f.P);
   f.tiles = (p.G + f.P - 1) / f.P;
   return f;
+}
+
+// Dynamic shared memory above 48 KiB must be allowed per kernel (opt-in).
+template <typename Kernel>
+void allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes > static_cast<size_t>(kSmemLimit))
+    WM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
 int64_t forward_blocks(const AvslParams& p, const FwdConfig& f) {
@@ -378,8 +415,13 @@ void avsl_distance_cuda(const AvslParams& p, void* stream) {
   const unsigned int blocks = static_cast<unsigned int>(forward_blocks(p, f));
   const size_t smem = f.global ? 0 : static_cast<size_t>(f.hat_bytes);
   auto st = static_cast<cudaStream_t>(stream);
-  if (p.dtype == DType::F64) avsl_forward_kernel<double><<<blocks, kThreads, smem, st>>>(p, lv, f);
-  else avsl_forward_kernel<float><<<blocks, kThreads, smem, st>>>(p, lv, f);
+  if (p.dtype == DType::F64) {
+    allow_smem(avsl_forward_kernel<double>, smem);
+    avsl_forward_kernel<double><<<blocks, kThreads, smem, st>>>(p, lv, f);
+  } else {
+    allow_smem(avsl_forward_kernel<float>, smem);
+    avsl_forward_kernel<float><<<blocks, kThreads, smem, st>>>(p, lv, f);
+  }
   WM_CUDA_LAUNCH_CHECK();
 }
 
@@ -393,7 +435,7 @@ void avsl_topk_cuda(const AvslParams& p, void* stream) {
   unsigned char* ws = static_cast<unsigned char*>(p.workspace);
   const int64_t lists = p.Q * t.nseg;
   const unsigned int blocks = static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(lists, kMaxForwardBlocks)));
-  const size_t smem = static_cast<size_t>((f.global ? 0 : f.hat_bytes) + 32 * 8);  // + the tile's distances
+  const size_t smem = static_cast<size_t>((f.global ? 0 : f.hat_bytes) + kTileDistBytes);  // + the tile's distances
   auto st = static_cast<cudaStream_t>(stream);
   const unsigned int mblocks = ceil_div(p.Q, 128);
   auto* lj = reinterpret_cast<int64_t*>(ws + t.list_j);
@@ -401,11 +443,13 @@ void avsl_topk_cuda(const AvslParams& p, void* stream) {
   auto* heads = reinterpret_cast<int64_t*>(ws + t.heads);
   if (p.dtype == DType::F64) {
     auto* ld = reinterpret_cast<double*>(ws + t.list_d);
+    allow_smem(avsl_topk_partial_kernel<double>, smem);
     avsl_topk_partial_kernel<double><<<blocks, kThreads, smem, st>>>(p, lv, f, t.nseg, ld, lj, counts, ws + t.hats);
     WM_CUDA_LAUNCH_CHECK();
     avsl_topk_merge_kernel<double><<<mblocks, 128, 0, st>>>(p, t.nseg, ld, lj, counts, heads);
   } else {
     auto* ld = reinterpret_cast<float*>(ws + t.list_d);
+    allow_smem(avsl_topk_partial_kernel<float>, smem);
     avsl_topk_partial_kernel<float><<<blocks, kThreads, smem, st>>>(p, lv, f, t.nseg, ld, lj, counts, ws + t.hats);
     WM_CUDA_LAUNCH_CHECK();
     avsl_topk_merge_kernel<float><<<mblocks, 128, 0, st>>>(p, t.nseg, ld, lj, counts, heads);
