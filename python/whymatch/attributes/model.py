@@ -13,7 +13,6 @@ are written by ``scripts/train_shapesworld_attributes.py``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
 
@@ -258,12 +257,9 @@ def load_attribute_model(path: str | Path, device: str | torch.device = "cpu") -
 
 def default_attribute_weights_path() -> Path:
     """Filesystem path of the shipped ShapesWorld attribute weights (where they belong when missing)."""
-    package, name = WEIGHTS_RESOURCE
-    res = resources.files(package).joinpath(*name.split("/"))
-    if res.is_file():
-        return Path(str(res))
-    return Path(__file__).resolve().parents[1].joinpath("models", *name.split("/"))
+    from ..models._shipped import shipped_path
 
+    return shipped_path(WEIGHTS_RESOURCE)
 
 def load_default_attribute_model(device: str | torch.device = "cpu") -> AttributeModel:
     """The shipped ShapesWorld attribute model (ShapesCNN trunk, 18 attributes), nothing downloaded.
@@ -280,11 +276,7 @@ def load_default_attribute_model(device: str | torch.device = "cpu") -> Attribut
         FileNotFoundError: the weights file is missing (it is written by
             ``python scripts/train_shapesworld_attributes.py``).
     """
-    package, name = WEIGHTS_RESOURCE
-    res = resources.files(package).joinpath(*name.split("/"))
-    if not res.is_file():
-        raise FileNotFoundError(
-            f"ShapesWorld attribute model weights not found at {default_attribute_weights_path()}; "
-            f"create them with `python {TRAIN_SCRIPT}` from the repository root")
-    with resources.as_file(res) as path:
+    from ..models._shipped import open_shipped
+
+    with open_shipped(WEIGHTS_RESOURCE, "ShapesWorld attribute model weights", TRAIN_SCRIPT) as path:
         return load_attribute_model(path, device)

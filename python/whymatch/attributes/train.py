@@ -284,22 +284,13 @@ class AttributeTrainer(CheckpointedLoop):
             raise ValueError(f"train_set ({len(train_set)} items) must have at least one item per rank ({self.world})")
         self.steps_per_epoch = math.ceil(per_rank / self.batch_size)
 
-        cuda = self.device.type == "cuda"
         self.model = model.to(self.device)
         self.loss = loss.to(self.device)
-        self.amp_dtype = None
-        if cuda and self.amp != "none":
-            bf16 = self.amp == "bf16" or (self.amp == "auto" and torch.cuda.is_bf16_supported())
-            self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.amp_dtype = self.setup_precision(self.amp)
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=self.lr)
         decay = self.lr_decay
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: decay ** e)
-        self.net: nn.Module = self.model
-        if self.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.net = DDP(self.model, device_ids=[self.device.index] if cuda else None)
+        self.net: nn.Module = self.wrap_distributed(self.model)
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict] = []

@@ -8,13 +8,13 @@ the held-out ShapesWorld classes is recorded in
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from ..similarity import SimilarityModel
+from ._shipped import open_shipped, shipped_path
 
 __all__ = ["ShapesCNN", "load_default_model", "default_weights_path", "WEIGHTS_RESOURCE", "TRAIN_SCRIPT"]
 
@@ -101,12 +101,7 @@ class ShapesCNN(nn.Module):
 
 def default_weights_path() -> Path:
     """Filesystem path of the shipped ShapesWorld weights (where they belong when the file is missing)."""
-    package, name = WEIGHTS_RESOURCE
-    res = resources.files(package).joinpath(*name.split("/"))
-    if res.is_file():
-        return Path(str(res))
-    return Path(__file__).resolve().parent.joinpath(*name.split("/"))
-
+    return shipped_path(WEIGHTS_RESOURCE)
 
 def load_default_model(device: str | torch.device = "cpu") -> SimilarityModel:
     """The shipped ShapesWorld CNN as a cosine-similarity :class:`whymatch.SimilarityModel`.
@@ -126,13 +121,7 @@ def load_default_model(device: str | torch.device = "cpu") -> SimilarityModel:
         FileNotFoundError: the weights file is missing (it is written by
             ``python scripts/train_shapesworld.py``).
     """
-    package, name = WEIGHTS_RESOURCE
-    res = resources.files(package).joinpath(*name.split("/"))
-    if not res.is_file():
-        raise FileNotFoundError(
-            f"ShapesWorld model weights not found at {default_weights_path()}; "
-            f"create them with `python {TRAIN_SCRIPT}` from the repository root")
-    with resources.as_file(res) as path:
+    with open_shipped(WEIGHTS_RESOURCE, "ShapesWorld model weights", TRAIN_SCRIPT) as path:
         state = torch.load(path, map_location="cpu", weights_only=True)
     embedder = ShapesCNN()
     embedder.load_state_dict(state)

@@ -206,10 +206,29 @@ def _total_and_parts(out: object) -> tuple[Tensor, dict[str, float]]:
 class CheckpointedLoop:
     """Checkpoint files of a training loop: the part the metric-learning and attribute trainers share.
 
-    A subclass has ``out_dir``, ``rank``, ``device``, ``history``, ``model``, ``optimizer``,
-    ``scheduler``, ``scaler``, ``epoch``, ``global_step`` and its own ``state_dict`` /
-    ``load_state_dict``; the latter calls :meth:`restore_loop_state` for the shared entries.
+    A subclass has ``out_dir``, ``rank``, ``distributed``, ``device``, ``history``, ``model``,
+    ``optimizer``, ``scheduler``, ``scaler`` (:meth:`setup_precision`), ``epoch``, ``global_step``
+    and its own ``state_dict`` / ``load_state_dict``; the latter calls :meth:`restore_loop_state`
+    for the shared entries.
     """
+
+    def setup_precision(self, amp: str) -> torch.dtype | None:
+        """The autocast dtype for ``amp`` ('auto': bf16 on CUDA where supported, else fp16; 'bf16',
+        'fp16'; 'none', and always on the CPU: None), and ``self.scaler`` (a GradScaler, enabled for fp16)."""
+        dtype = None
+        if self.device.type == "cuda" and amp != "none":
+            bf16 = amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported())
+            dtype = torch.bfloat16 if bf16 else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+        return dtype
+
+    def wrap_distributed(self, module: nn.Module) -> nn.Module:
+        """``module`` under DistributedDataParallel when torch.distributed is initialized (``self.distributed``)."""
+        if not self.distributed:
+            return module
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def restore_loop_state(self, state: dict) -> None:
         """Load the model, optimizer, scheduler, grad scaler, counters, history and torch RNG of a checkpoint."""
@@ -373,14 +392,7 @@ class Trainer(CheckpointedLoop):
             self.model.to(memory_format=torch.channels_last)
         elif channels_last is True:
             self.model.channels_last = True
-        amp_dtype = None
-        if cuda and self.amp != "none":
-            if self.amp == "bf16" or (self.amp == "auto" and torch.cuda.is_bf16_supported()):
-                amp_dtype = torch.bfloat16
-            else:
-                amp_dtype = torch.float16
-        self.model.autocast = amp_dtype
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        self.model.autocast = self.setup_precision(self.amp)
 
         self.step_module: nn.Module = _Step(self.model, self.loss)
         self.param_groups = tuple(param_groups)
@@ -401,10 +413,7 @@ class Trainer(CheckpointedLoop):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, [(lambda step, i=i: self._lr_factor(step, i)) for i in range(len(groups))])
 
-        if self.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.step_module = DDP(self.step_module, device_ids=[self.device.index] if cuda else None)
+        self.step_module = self.wrap_distributed(self.step_module)
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict] = []
