@@ -25,11 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from ..ops import _validate as V
-from ._local import check_index, check_root, find_base, open_rgb, parse_int, read_lines
-from .transforms import eval_transform, pil_to_tensor, train_transform
+from ._local import LocalImageDataset, check_root, find_base, parse_int, read_lines
+from .transforms import eval_transform, train_transform
 
 __all__ = ["RetrievalDataset", "CUB200", "Cars196", "StanfordOnlineProducts", "SOP", "retrieval_dataset",
            "RETRIEVAL_DATASETS"]
@@ -37,7 +36,7 @@ __all__ = ["RetrievalDataset", "CUB200", "Cars196", "StanfordOnlineProducts", "S
 _SPLITS = ("train", "test")
 
 
-class RetrievalDataset(Dataset):
+class RetrievalDataset(LocalImageDataset):
     """Base class: a list of image paths with integer class labels, loaded lazily.
 
     ``ds[i]`` returns ``(image, label)``: image is ``transform(PIL RGB image)`` or, with
@@ -55,18 +54,11 @@ class RetrievalDataset(Dataset):
 
     def __init__(self, root: Path, split: str, paths: Sequence[Path], labels: Sequence[int], index_file: Path,
                  transform: Callable[[Image.Image], Any] | None, check_files: bool) -> None:
-        super().__init__()
-        if transform is not None and not callable(transform):
-            raise TypeError(f"transform must be callable or None, got {type(transform).__name__}")
-        self.root = root
-        self.split = split
-        self.transform = transform
-        self.paths: list[Path] = list(paths)
-        self._labels = torch.tensor(list(labels), dtype=torch.int64)
+        super().__init__(root, split, paths, list(labels), transform, None)
         self._index_file = index_file
         if not self.paths:
             raise ValueError(f"{self.name}: {index_file} lists no images of the {split!r} split")
-        self.classes: tuple[int, ...] = tuple(sorted(set(int(c) for c in labels)))
+        self.classes: tuple[int, ...] = tuple(sorted(set(int(c) for c in self._labels.tolist())))
         for folder in sorted(set(p.parent for p in self.paths)):
             if not folder.is_dir():
                 raise FileNotFoundError(f"{self.name}: image folder {folder} not found (listed in {index_file}); "
@@ -82,15 +74,10 @@ class RetrievalDataset(Dataset):
     def _layout(self) -> str:
         return "the standard layout"
 
+    def _context(self, i: int) -> str:
+        return f"item {i}, listed in {self._index_file}"
+
     # ---------------------------------------------------------------- basics
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    @property
-    def labels(self) -> Tensor:
-        """(N,) int64 original class ids of all images (known without opening any image)."""
-        return self._labels.clone()
-
     @property
     def n_classes(self) -> int:
         return len(self.classes)
@@ -99,24 +86,6 @@ class RetrievalDataset(Dataset):
         t = "" if self.transform is None else f", transform={self.transform!r}"
         return (f"{self.name}(split={self.split!r}, n_images={len(self)}, n_classes={self.n_classes}, "
                 f"root='{self.root}'{t})")
-
-    def _check_index(self, index: object) -> int:
-        return check_index(index, len(self))
-
-    def load_image(self, index: int) -> Image.Image:
-        """The image of item ``index`` as a PIL RGB image (no transform).
-
-        Raises FileNotFoundError naming the path when the listed file is absent.
-        """
-        i = self._check_index(index)
-        return open_rgb(self.name, self.paths[i], f"item {i}, listed in {self._index_file}")
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        """(image, label) of item ``index``; see the class docstring."""
-        i = self._check_index(index)
-        image = self.load_image(i)
-        out = pil_to_tensor(image) if self.transform is None else self.transform(image)
-        return out, int(self._labels[i])
 
 
 # -------------------------------------------------------------------- CUB-200-2011
