@@ -441,6 +441,15 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a similarity model (run under torchrun for DDP)")
     train_sub = train.add_subparsers(dest="task", required=True)  # mining, avsl, sane
 
+    def run_options(sp):
+        """What every `whymatch train` command takes about running: flips, workers, resume, seed, device, quiet."""
+        sp.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+        sp.add_argument("--num-workers", type=int, default=0)
+        sp.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
+        sp.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+
     def trainer_options(sp, task: str):
         sp.add_argument("--data", required=True,
                         help="shapesworld, or cub:PATH, cars196:PATH, sop:PATH (local copies)")
@@ -459,12 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--n-train", type=int, default=9000, help="shapesworld: training images")
         sp.add_argument("--n-test", type=int, default=3000, help="shapesworld: test images (held-out classes)")
         sp.add_argument("--batches-per-epoch", type=int, default=None, help="default: train size / (P K)")
-        sp.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
-        sp.add_argument("--num-workers", type=int, default=0)
-        sp.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-        sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
-        sp.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+        run_options(sp)
         groups = ", ".join(_GROUPS_HELP[task])
         sp.add_argument("--scheduler", default="cosine", choices=("cosine", "step", "none"),
                         help="per-step learning-rate factor: cosine decay to 0, step (x --lr-decay at each of "
@@ -550,12 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     sane.add_argument("--image-size", type=int, default=None, help="shapesworld image side (default 96)")
     sane.add_argument("--n-train", type=int, default=3000, help="shapesworld: training images")
     sane.add_argument("--n-val", type=int, default=1000, help="shapesworld: validation images (held-out classes)")
-    sane.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
-    sane.add_argument("--num-workers", type=int, default=0)
-    sane.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    sane.add_argument("--seed", type=int, default=0)
-    sane.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
-    sane.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    run_options(sane)
     sane.set_defaults(func=cmd_train_sane)
     return p
 
