@@ -6,3 +6,13 @@ import torch
 def gen():
     """A fresh seeded CPU generator per test."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("single_thread")``): tiny
+    convolutions run far faster on one thread than on two contended ones. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

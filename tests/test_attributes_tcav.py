@@ -21,13 +21,7 @@ KINDS = ("dot", "cosine", "neg_l2")
 JIT_DEPRECATION = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The problems are tiny; on a shared 2-core machine OpenMP spinning makes them 10-50x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_data(n=400, d=16, a=4, noise=0.5, seed=0, dtype=torch.float32):
