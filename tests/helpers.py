@@ -50,3 +50,28 @@ def torchrun_cli(*cli_args, timeout: int = 240):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     return p
+
+
+def _gloo_rank(rank, world, port, body, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.save(body(rank, out), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_two_gloo_ranks(body, out) -> list:
+    """Run ``body(rank, out) -> dict`` in two spawned processes joined in a gloo group (one torch thread
+    each); ``body`` must be a module-level function. Returns the two ranks' dicts, rank 0 first."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gloo_rank, args=(2, port, body, str(out)), nprocs=2, join=True)
+    return [torch.load(os.path.join(str(out), f"rank{r}.pt"), weights_only=False) for r in range(2)]

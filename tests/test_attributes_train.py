@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from whymatch import SimilarityModel, cli
@@ -130,30 +128,20 @@ def test_trainer_bad_arguments(tmp_path, data):
 
 
 # ------------------------------------------------------------------ DDP, gloo, 2 CPU processes
-def _ddp_worker(rank, world, port, out):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        train, val = _data()
-        cache = _cache(train, f"{out}/saliency")        # rows split across the ranks
-        tr = _trainer(f"{out}/run", train, val, cache, epochs=1)
-        tr.fit()
-        torch.save({"indices": tr.last_epoch_indices, "model": tr.model.state_dict(), "map": tr.history[-1]["map"],
-                    "steps": tr.global_step}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _ddp_body(rank, out):
+    train, val = _data()
+    cache = _cache(train, f"{out}/saliency")        # rows split across the ranks
+    tr = _trainer(f"{out}/run", train, val, cache, epochs=1)
+    tr.fit()
+    return {"indices": tr.last_epoch_indices, "model": tr.model.state_dict(), "map": tr.history[-1]["map"],
+            "steps": tr.global_step}
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_gloo(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    from helpers import run_two_gloo_ranks
+
+    r0, r1 = run_two_gloo_ranks(_ddp_body, tmp_path)
     assert r0["steps"] == r1["steps"] == 2                                    # 64 / 2 ranks / 16
     assert not set(r0["indices"].tolist()) & set(r1["indices"].tolist())    # disjoint shards
     assert len(set(r0["indices"].tolist()) | set(r1["indices"].tolist())) == 64

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from whymatch import SimilarityModel, cli
 from whymatch.data import TEST_CLASSES, TRAIN_CLASSES, ShapesWorld
@@ -118,29 +116,18 @@ def test_trainer_bad_arguments(tmp_path):
 
 
 # ------------------------------------------------------------------ DDP, gloo, 2 CPU processes
-def _ddp_worker(rank, world, port, out):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        train, test = _data()
-        tr = _trainer(f"{out}/run", train, test, epochs=1, loss="triplet", batches_per_epoch=4)
-        tr.fit()
-        torch.save({"batches": tr.last_epoch_batches, "model": tr.model.state_dict(),
-                    "recall": tr.history[-1]["recall@1"]}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _ddp_body(rank, out):
+    train, test = _data()
+    tr = _trainer(f"{out}/run", train, test, epochs=1, loss="triplet", batches_per_epoch=4)
+    tr.fit()
+    return {"batches": tr.last_epoch_batches, "model": tr.model.state_dict(), "recall": tr.history[-1]["recall@1"]}
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_gloo(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    from helpers import run_two_gloo_ranks
+
+    r0, r1 = run_two_gloo_ranks(_ddp_body, tmp_path)
     assert len(r0["batches"]) == len(r1["batches"]) == 2
     assert not set(map(tuple, r0["batches"])) & set(map(tuple, r1["batches"]))  # different shards
     for (name, a), (_, b) in zip(r0["model"].items(), r1["model"].items()):
