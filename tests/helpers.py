@@ -75,3 +75,12 @@ def run_two_gloo_ranks(body, out) -> list:
         port = s.getsockname()[1]
     mp.spawn(_gloo_rank, args=(2, port, body, str(out)), nprocs=2, join=True)
     return [torch.load(os.path.join(str(out), f"rank{r}.pt"), weights_only=False) for r in range(2)]
+
+
+def replace_line(path, line: int, text: str) -> None:
+    """Replace line ``line`` (1-based) of a text file with ``text`` (for malformed-file tests)."""
+    from pathlib import Path
+
+    lines = Path(path).read_text().splitlines()
+    lines[line - 1] = text
+    Path(path).write_text("\n".join(lines) + "\n")

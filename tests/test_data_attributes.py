@@ -12,6 +12,8 @@ from PIL import Image
 
 from whymatch.data import DEFAULT_ATTRIBUTES_FILE, AwA2, PolyvoreOutfits, eval_transform
 
+from helpers import replace_line
+
 
 def _write_image(path: Path, seed: int, mode: str = "RGB", size: tuple[int, int] = (18, 12)) -> None:
     """A small random image (w, h) = size in the given PIL mode, format from the suffix."""
@@ -212,9 +214,7 @@ def test_awa2_missing_image_folders_are_named(awa):
 ])
 def test_awa2_malformed_lines_name_file_and_line(awa, fname, line, text, match):
     path = awa / "Animals_with_Attributes2" / fname
-    lines = path.read_text().splitlines()
-    lines[line - 1] = text
-    path.write_text("\n".join(lines) + "\n")
+    replace_line(path, line, text)
     with pytest.raises(ValueError, match=match) as e:
         AwA2(awa, "train")
     assert str(path) in str(e.value)

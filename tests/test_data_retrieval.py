@@ -20,6 +20,8 @@ from whymatch.data import (
     train_transform,
 )
 
+from helpers import replace_line
+
 CUB_CLASSES = (1, 2, 100, 101, 150, 200)
 CARS_CLASSES = (1, 98, 99, 196)
 
@@ -187,9 +189,7 @@ def test_cub_missing_image_folder_is_named(cub):
 ])
 def test_cub_malformed_lines_name_file_and_line(cub, fname, line, text, match):
     path = cub / "CUB_200_2011" / fname
-    lines = path.read_text().splitlines()
-    lines[line - 1] = text
-    path.write_text("\n".join(lines) + "\n")
+    replace_line(path, line, text)
     with pytest.raises(ValueError, match=match) as e:
         CUB200(cub, "train")
     assert str(path) in str(e.value)
