@@ -343,3 +343,16 @@ def test_cuda_shared_memory_limit_knob(smem):
     env = {**os.environ, "WHYMATCH_AVSL_CUDA_SMEM": smem}
     p = subprocess.run([sys.executable, "-c", _SMEM_SCRIPT], capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+def test_cuda_shared_memory_limit_knob_rejects_a_bad_value():
+    import os
+    import subprocess
+    import sys
+
+    script = _SMEM_SCRIPT.replace('print("ok")', "")
+    env = {**os.environ, "WHYMATCH_AVSL_CUDA_SMEM": "48k"}
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode != 0 and "WHYMATCH_AVSL_CUDA_SMEM must be a positive number of bytes, got '48k'" in p.stderr

@@ -66,10 +66,13 @@ struct FwdConfig {
 int64_t smem_limit() {
   static const int64_t limit = [] {
     int64_t want = kSmemLimit;
-    if (const char* e = std::getenv("WHYMATCH_AVSL_CUDA_SMEM")) {
+    const char* e = std::getenv("WHYMATCH_AVSL_CUDA_SMEM");
+    if (e && *e) {
       char* end = nullptr;
       const long long v = std::strtoll(e, &end, 10);
-      if (end != e && *end == '\0' && v > 0) want = v;
+      WM_CHECK(*end == '\0' && v > 0,
+               "WHYMATCH_AVSL_CUDA_SMEM must be a positive number of bytes, got '" << e << "'");
+      want = v;
     }
     if (want <= kSmemLimit) return want;
     int dev = 0, optin = 0;
