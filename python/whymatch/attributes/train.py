@@ -301,15 +301,7 @@ class AttributeTrainer(CheckpointedLoop):
     def state_dict(self) -> dict:
         return {
             "format": _FORMAT,
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "history": self.history,
+            **self.loop_state(),
             "best_map": self.best_map,
             "n_train": len(self.train_set),
             "seed": self.seed,

@@ -230,6 +230,20 @@ class CheckpointedLoop:
 
         return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
+    def loop_state(self) -> dict:
+        """The checkpoint entries every loop has (what :meth:`restore_loop_state` loads)."""
+        return {
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "history": self.history,
+        }
+
     def restore_loop_state(self, state: dict) -> None:
         """Load the model, optimizer, scheduler, grad scaler, counters, history and torch RNG of a checkpoint."""
         self.model.load_state_dict(state["model"])
@@ -460,17 +474,9 @@ class Trainer(CheckpointedLoop):
     def state_dict(self) -> dict:
         return {
             "format": _FORMAT,
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "model": self.model.state_dict(),
+            **self.loop_state(),
             "loss": self.loss.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
             "sampler": self.sampler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "history": self.history,
             "best_recall_at_1": self.best_recall_at_1,
             "classes": self.classes,
             "config": self.config,
