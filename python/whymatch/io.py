@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 __all__ = ["load_image", "pil_to_tensor", "atomic_output_dir", "atomic_write", "atomic_write_bytes", "atomic_write_text",
-           "atomic_torch_save"]
+           "atomic_torch_save", "load_torch_file", "read_json_file", "FileFormatError"]
 
 
 def pil_to_tensor(image: Image.Image) -> Tensor:
@@ -141,3 +142,103 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
     """``torch.save`` atomically (see :func:`atomic_write`): a checkpoint is never half-written."""
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+# ------------------------------------------------------------------ reading files a user may have received
+class FileFormatError(ValueError):
+    """A file that exists but cannot be used: refused (it would run code), truncated, or of the wrong layout.
+
+    The message is one line that names the path and the reason.
+    """
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first sentence of an exception's message (torch's run to a paragraph)."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0]
+    return line.split(". ")[0].rstrip(".")
+
+
+def _refusal_reason(exc: BaseException) -> str:
+    """One line from torch's weights_only refusal: the global it would have imported, when it names one."""
+    text = str(exc)
+    for line in text.splitlines():
+        if "GLOBAL" in line or "Unsupported operand" in line or "Unsupported class" in line:
+            return line.strip().rstrip(".")
+    return _first_line(exc)
+
+
+def load_torch_file(path: str | os.PathLike, what: str = "checkpoint", *, map_location: object = "cpu",
+                    required_keys: tuple[str, ...] | None = None) -> object:
+    """``torch.load`` a file that may come from anyone: tensors and plain containers only, never code.
+
+    The file is read with ``weights_only=True`` (no object is unpickled beyond tensors, numbers,
+    strings and plain containers), so a crafted pickle cannot run code. Every failure is one line
+    naming the path.
+
+    Args:
+        path: the file.
+        what: what the file is, for messages ('checkpoint', 'AVSL weights', ...).
+        map_location: as for ``torch.load``.
+        required_keys: when given, the file must hold a dict with these keys.
+
+    Raises:
+        FileNotFoundError: the file does not exist (or is not a file).
+        FileFormatError: refused (it holds other objects: a crafted or foreign file), truncated,
+            empty, not a torch file, or without the required keys.
+    """
+    import pickle
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {p}" + (" (a directory)" if p.is_dir() else ""))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the weights_only unpickler's pickle-protocol notice
+            obj = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" in str(exc):
+            raise FileFormatError(f"refused to load {what} {p}: it holds objects other than tensors and plain "
+                                  f"containers, which could run code ({_refusal_reason(exc)})") from None
+        raise FileFormatError(f"cannot load {what} {p}: corrupted or not a torch file "
+                              f"({_refusal_reason(exc)})") from None
+    except EOFError:
+        raise FileFormatError(f"cannot load {what} {p}: the file is empty or truncated") from None
+    except (RuntimeError, ValueError, OSError, AttributeError, ImportError, IndexError, KeyError,
+            TypeError, UnicodeDecodeError, MemoryError) as exc:
+        raise FileFormatError(f"cannot load {what} {p}: corrupted or not a torch file ({_first_line(exc)})") from None
+    if required_keys is not None:
+        if not isinstance(obj, dict):
+            raise FileFormatError(f"{what} {p} must hold a dict, got {type(obj).__name__}")
+        missing = [k for k in required_keys if k not in obj]
+        if missing:
+            raise FileFormatError(f"{what} {p} lacks the entries {', '.join(map(repr, missing))}")
+    return obj
+
+
+def read_json_file(path: str | os.PathLike, what: str = "file", *,
+                   required_keys: tuple[str, ...] | None = None) -> object:
+    """Read a JSON file; with ``required_keys``, it must be an object holding those keys.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        FileFormatError: not UTF-8, not JSON, not an object, or without a required key (one line, naming the path).
+    """
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {p}" + (" (a directory)" if p.is_dir() else ""))
+    try:
+        obj = json.loads(p.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise FileFormatError(f"cannot read {what} {p}: not valid JSON ({_first_line(exc)})") from None
+    if required_keys is not None:
+        if not isinstance(obj, dict):
+            raise FileFormatError(f"{what} {p} must hold a JSON object, got {type(obj).__name__}")
+        missing = [k for k in required_keys if k not in obj]
+        if missing:
+            raise FileFormatError(f"{what} {p} lacks the keys {', '.join(map(repr, missing))}")
+    return obj
