@@ -127,7 +127,11 @@ class SimilarityModel(nn.Module):
         ch = images.shape[1 if batch else 0]
         if self.in_channels is not None and ch != self.in_channels:
             raise ValueError(f"{name} must have {self.in_channels} channels, got {ch} (shape {tuple(images.shape)})")
-        V.finite(name, images)
+        # scanned here, once per call, whatever the ops' own checks do
+        if not bool(torch.isfinite(images).all()):
+            bad = int((~torch.isfinite(images)).sum())
+            raise ValueError(f"{name} must be finite, got {bad} NaN or infinite value(s) in shape "
+                             f"{tuple(images.shape)}")
         return images
 
     @torch.no_grad()

@@ -6,6 +6,7 @@ context manager), so an explainer never leaves hooks on a user's model.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -15,39 +16,100 @@ from torch import Tensor, nn
 
 from ..similarity import SimilarityModel
 
-__all__ = ["resolve_target_layers", "auto_layer", "ActivationCapture", "check_differentiable", "warn_if_training",
-           "grad_cam", "combine_layers"]
+__all__ = ["resolve_target_layers", "auto_layer", "validate_layers", "ActivationCapture", "check_differentiable",
+           "warn_if_training", "grad_cam", "combine_layers", "warn_if_constant"]
 
 
 def _names(root: nn.Module) -> dict[int, str]:
     return {id(m): n for n, m in root.named_modules()}
 
 
-def auto_layer(sim: SimilarityModel, images: Tensor) -> list[tuple[str, nn.Module]]:
-    """The last module (in execution order) whose output is a feature map (B, C, h, w) with h * w > 1.
+def _shape(out: object) -> str:
+    return str(tuple(out.shape)) if isinstance(out, Tensor) else type(out).__name__
 
-    Found with one forward pass of a zero image shaped like ``images`` (B, C, H, W).
+
+class _Probe:
+    """One forward (and backward) pass of a constant image through the embedder, seen by hooks that record
+    only the current thread's forward: how often each module ran, its first output, and whether the
+    gradient of the embedding reaches that output."""
+
+    def __init__(self, sim: SimilarityModel, images: Tensor, modules: Sequence[nn.Module]) -> None:
+        in_channels, size = images.shape[1], tuple(images.shape[2:])
+        me = threading.get_ident()
+        self.calls: dict[int, int] = {}
+        self.outputs: dict[int, object] = {}
+        self.order: list[nn.Module] = []
+
+        def hook(module: nn.Module, _inp, out) -> None:
+            if threading.get_ident() != me:
+                return
+            n = self.calls.get(id(module), 0) + 1
+            self.calls[id(module)] = n
+            if n == 1:
+                self.order.append(module)
+                self.outputs[id(module)] = out
+
+        handles = [m.register_forward_hook(hook) for m in modules]
+        try:
+            with torch.enable_grad():
+                x = torch.zeros(1, in_channels, *size, device=sim.device, requires_grad=True)
+                emb = sim(x)
+        finally:
+            for h in handles:
+                h.remove()
+        # which recorded outputs the embedding's gradient reaches (None: not on the graph)
+        self.reached: set[int] = set()
+        keys = [k for k, o in self.outputs.items() if isinstance(o, Tensor) and o.requires_grad]
+        if keys and emb.requires_grad:
+            grads = torch.autograd.grad(emb.float().sum(), [self.outputs[k] for k in keys], allow_unused=True)
+            self.reached = {k for k, g in zip(keys, grads) if g is not None}
+
+    def problem(self, module: nn.Module) -> str | None:
+        """Why ``module`` cannot be a Grad-CAM target layer, or None when it can."""
+        n = self.calls.get(id(module), 0)
+        if n == 0:
+            return "did not run in the embedder's forward pass"
+        if n > 1:
+            return (f"ran {n} times in one forward pass (a module reused, e.g. one activation shared by several "
+                    "blocks); Grad-CAM needs a layer that runs exactly once")
+        out = self.outputs[id(module)]
+        if not isinstance(out, Tensor) or out.dim() != 4:
+            return f"must output a feature map (B, C, h, w), got {_shape(out)}"
+        if out.shape[2] * out.shape[3] <= 1:
+            return (f"outputs a {out.shape[2]}x{out.shape[3]} map, one position: its Grad-CAM map would be "
+                    "constant (pick a layer with h * w > 1)")
+        if id(module) not in self.reached:
+            return ("is not reached by the gradient of the embedding (its output is detached, unused, or "
+                    "computed under torch.no_grad())")
+        return None
+
+
+def auto_layer(sim: SimilarityModel, images: Tensor) -> list[tuple[str, nn.Module]]:
+    """The last module (in execution order) that runs exactly once per forward pass and outputs a feature
+    map (B, C, h, w) with h * w > 1 that the gradient of the embedding reaches.
+
+    Found with one forward and backward pass of a zero image shaped like ``images`` (B, C, H, W); safe to
+    call from several threads (each call sees only its own forward pass).
     """
-    in_channels, size = images.shape[1], tuple(images.shape[2:])
     root = sim.embedder
     names = _names(root)
-    order: list[nn.Module] = []
+    probe = _Probe(sim, images, [m for m in root.modules() if m is not root])
+    good = [m for m in probe.order if probe.problem(m) is None]
+    if not good:
+        raise ValueError("target_layers=None: found no module of the embedder that runs once per forward pass "
+                         "and outputs a feature map (B, C, h, w) with h * w > 1 reached by the gradient; name "
+                         "the layer explicitly, e.g. target_layers='layer4'")
+    return [(names[id(good[-1])], good[-1])]
 
-    def hook(module: nn.Module, _inp, out) -> None:
-        if isinstance(out, Tensor) and out.dim() == 4 and out.shape[2] * out.shape[3] > 1 and module is not root:
-            order.append(module)
 
-    handles = [m.register_forward_hook(hook) for m in root.modules()]
-    try:
-        with torch.no_grad():
-            sim(torch.zeros(1, in_channels, *size, device=sim.device))
-    finally:
-        for h in handles:
-            h.remove()
-    if not order:
-        raise ValueError("target_layers=None: found no module of the embedder whose output is a feature map "
-                         "(B, C, h, w) with h * w > 1; name the layer explicitly, e.g. target_layers='layer4'")
-    return [(names[id(order[-1])], order[-1])]
+def validate_layers(sim: SimilarityModel, layers: list[tuple[str, nn.Module]], images: Tensor) -> None:
+    """Raise a ValueError naming the first layer of ``layers`` that cannot be a Grad-CAM target for
+    images shaped like ``images`` (B, C, H, W), and why; one forward and backward pass of one image."""
+    probe = _Probe(sim, images, [m for _, m in layers])
+    for name, module in layers:
+        why = probe.problem(module)
+        if why is not None:
+            raise ValueError(f"target layer {name!r} {why}")
 
 
 def resolve_target_layers(sim: SimilarityModel, target_layers: object) -> list[tuple[str, nn.Module]] | None:
@@ -84,7 +146,12 @@ def resolve_target_layers(sim: SimilarityModel, target_layers: object) -> list[t
 
 
 class ActivationCapture:
-    """Records the outputs of ``layers`` during forward passes inside the ``with`` block."""
+    """Records the outputs of ``layers`` during the forward passes that the entering thread runs inside the
+    ``with`` block.
+
+    The hooks ignore forward passes of other threads, so several threads may explain with one shared
+    model at once: each capture sees only its own thread's activations.
+    """
 
     def __init__(self, layers: list[tuple[str, nn.Module]]) -> None:
         self.layers = layers
@@ -92,13 +159,20 @@ class ActivationCapture:
         self._handles: list = []
 
     def __enter__(self) -> ActivationCapture:
+        owner = threading.get_ident()
         for i, (name, module) in enumerate(self.layers):
             def hook(_m, _inp, out, i=i, name=name):
+                if threading.get_ident() != owner:
+                    return  # another thread's forward pass through the shared model
                 if not isinstance(out, Tensor) or out.dim() != 4:
-                    got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                    raise ValueError(f"target layer {name!r} must output a feature map (B, C, h, w), got {got}")
+                    raise ValueError(f"target layer {name!r} must output a feature map (B, C, h, w), "
+                                     f"got {_shape(out)}")
                 self.outputs[i].append(out)
-            self._handles.append(module.register_forward_hook(hook))
+            try:
+                self._handles.append(module.register_forward_hook(hook))
+            except BaseException:
+                self.__exit__()
+                raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -110,10 +184,23 @@ class ActivationCapture:
         """The one activation per layer recorded by one forward pass."""
         acts = []
         for (name, _), outs in zip(self.layers, self.outputs):
+            if len(outs) == 0:
+                raise ValueError(f"target layer {name!r} did not run in the embedder's forward pass; "
+                                 "pick a layer that does")
             if len(outs) != 1:
-                raise ValueError(f"target layer {name!r} ran {len(outs)} times in one forward pass; "
-                                 "grad-CAM needs a layer that runs exactly once (pick another layer)")
+                raise ValueError(f"target layer {name!r} ran {len(outs)} times in one forward pass (a module "
+                                 "reused, e.g. one activation shared by several blocks); grad-CAM needs a layer "
+                                 "that runs exactly once (pick another layer)")
             acts.append(outs[0])
+        return acts
+
+    def single_maps(self) -> list[Tensor]:
+        """:meth:`single`, and every activation a map with more than one position (h * w > 1)."""
+        acts = self.single()
+        for (name, _), a in zip(self.layers, acts):
+            if a.shape[2] * a.shape[3] <= 1:
+                raise ValueError(f"target layer {name!r} outputs a {a.shape[2]}x{a.shape[3]} map, one position: "
+                                 "its grad-CAM map would be constant (pick a layer with h * w > 1)")
         return acts
 
 
@@ -151,3 +238,19 @@ def combine_layers(maps: list[Tensor]) -> Tensor:
         return maps[0]
     scaled = [m / m.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None] for m in maps]
     return torch.stack(scaled).mean(dim=0)
+
+
+def warn_if_constant(maps: Tensor, method: str, layers: list[tuple[str, nn.Module]]) -> None:
+    """Warn (naming the method and the layer) when some of the maps (B, H, W) are constant, e.g. all zero."""
+    if maps.numel() == 0:
+        return
+    flat = maps.detach().flatten(1)
+    const = flat.amax(dim=1) == flat.amin(dim=1)
+    n = int(const.sum())
+    if n:
+        value = float(flat[const.nonzero()[0, 0], 0])
+        names = ", ".join(repr(name) for name, _ in layers)
+        warnings.warn(f"{method}: {n} of {maps.shape[0]} maps are constant ({value:g} everywhere) at target "
+                      f"layer {names}: the gradient there does not single out any position (ReLU of a negative "
+                      "weighted sum, or a saturated activation); another target_layers may explain more",
+                      RuntimeWarning, stacklevel=3)

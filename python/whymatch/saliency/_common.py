@@ -20,6 +20,60 @@ class PairInputs:
     ref_embeddings: Tensor    # (K, D) float32 embeddings of the unperturbed references
 
 
+class NonFiniteOutputError(ValueError):
+    """The similarity model (or its similarity function) produced NaN or Inf during an explanation."""
+
+
+def check_output(t: Tensor, what: str, kind: str = "embeddings") -> Tensor:
+    """Raise :class:`NonFiniteOutputError` when the model's output ``t`` for ``what`` holds NaN or Inf.
+
+    One reduction over ``t`` (called once per kind of output per call: embeddings of the query, the
+    references, a perturbed batch; similarity scores; maps).
+    """
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        bad = ~torch.isfinite(t)
+        rows = int(bad.reshape(t.shape[0], -1).any(dim=1).sum()) if t.dim() else 1
+        nan = bool(torch.isnan(t).any())
+        raise NonFiniteOutputError(
+            f"the similarity model produced non-finite {kind} ({'NaN' if nan else 'Inf'}) for {what}: "
+            f"{rows} of {t.shape[0] if t.dim() else 1} rows; check the model's weights and its forward "
+            "(for example a division by zero or an overflow)")
+    return t
+
+
+def check_maps(maps: Tensor, method: str) -> Tensor:
+    """Raise a ValueError naming ``method`` when its maps (K, H, W) hold NaN or Inf (an overflow inside it)."""
+    if maps.numel() and not bool(torch.isfinite(maps).all()):
+        raise NonFiniteOutputError(f"{method} produced non-finite maps (NaN or Inf) from finite similarity "
+                                   "scores: the scores or their gradients overflow; rescale the similarity")
+    return maps
+
+
+class Explainer:
+    """What every explainer shares: ``sim``, the cheap :meth:`check` and the entry ``attribute``."""
+
+    sim: SimilarityModel
+    batch_size: int
+
+    def check(self, query: Tensor, references: Tensor | None = None, *, reference_embeddings: Tensor | None = None,
+              condition: object = None) -> None:
+        """Validate a call cheaply before the expensive work: the inputs as ``attribute`` would, one forward pass
+        of the query and the references (finite embeddings and scores) and the method's own settings against
+        the query's size. Raises ValueError / TypeError naming what is wrong; returns None.
+        """
+        sim = self.sim
+        inp = prepare(sim, query, references, reference_embeddings=reference_embeddings,
+                      batch_size=self.batch_size, need_images=not getattr(self, "fixed_reference", True))
+        with torch.no_grad():
+            fq = check_output(sim(inp.query[None].to(sim.input_dtype(inp.query.device))), "the query")
+            check_output(sim.pairwise(fq, inp.ref_embeddings, condition), "the query against the references",
+                         "similarity scores")
+        self._check_settings(inp)
+
+    def _check_settings(self, inp: PairInputs) -> None:
+        """Method-specific checks of the settings against the prepared inputs (none by default)."""
+
+
 def check_model(sim: object) -> SimilarityModel:
     if not isinstance(sim, SimilarityModel):
         raise TypeError(f"sim must be a whymatch.SimilarityModel, got {type(sim).__name__}")
@@ -45,7 +99,7 @@ def prepare(sim: SimilarityModel, query: object, references: object, *, referenc
         if isinstance(references, Tensor) and references.dim() == 3:
             references = references[None]
         refs = sim.check_images("references", references, device=device)
-        emb = sim.embed(refs, batch_size)
+        emb = check_output(sim.embed(refs, batch_size), "the references")
     else:
         if need_images:
             raise ValueError("this mode perturbs the references, so references must be images, "

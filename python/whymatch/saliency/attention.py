@@ -61,7 +61,7 @@ def similarity_weights(mode: str, embeddings: list[Tensor] | tuple[Tensor, ...],
     return (1 - (fa - fp).abs()) * (fa - fn1).abs() * (fn1 - fn2).abs()
 
 
-class SimilarityAttention:
+class SimilarityAttention(_common.Explainer):
     """Gradient attention maps of every image of a Siamese pair, triplet or quadruplet.
 
     For a tuple with unit-normalized embeddings f_1..f_T (T = 2, 3, 4), the weight
@@ -127,9 +127,11 @@ class SimilarityAttention:
         return None if self._layers is None else [m for _, m in self._layers]
 
     def _layers_for(self, images: Tensor) -> list[tuple[str, nn.Module]]:
-        if self._layers is None:
-            self._layers = _cam.auto_layer(self.sim, images)
-        return self._layers
+        layers = self._layers
+        if layers is None:  # concurrent first calls find the same layer; the last assignment wins
+            layers = _cam.auto_layer(self.sim, images)
+            self._layers = layers
+        return layers
 
     # ------------------------------------------------------------ core
     def _forward(self, x: Tensor, layers) -> tuple[Tensor, list[Tensor]]:
@@ -137,8 +139,9 @@ class SimilarityAttention:
         with _cam.ActivationCapture(layers) as cap, torch.enable_grad():
             if not x.requires_grad:
                 x = x.detach().requires_grad_(True)  # a gradient path even when the weights are frozen
-            f = F.normalize(self.sim(x), dim=1)
-        return f, cap.single()
+            e = self.sim(x)
+        _common.check_output(e.detach(), "the tuple images")
+        return F.normalize(e, dim=1), cap.single_maps()
 
     def _tuple_batch(self, images: list[Tensor], positive: bool | Tensor, create_graph: bool) -> list[Tensor]:
         layers = self._layers_for(images[0])
@@ -165,6 +168,8 @@ class SimilarityAttention:
         for m, x in enumerate(images):
             per_layer = [_cam.grad_cam(acts[li][m], grads[li][m], tuple(x.shape[2:])) for li in range(len(layers))]
             out = _cam.combine_layers(per_layer)
+            _common.check_maps(out.detach(), "SimilarityAttention")
+            _cam.warn_if_constant(out, "SimilarityAttention", layers)
             maps.append(out if create_graph else out.detach())
         return maps
 
@@ -183,6 +188,19 @@ class SimilarityAttention:
         Returns:
             T tensors (B, H_t, W_t) float32, non-negative, unnormalized, on the model's device.
         """
+        imgs, positive = self._check_tuples(images, positive)
+        b = imgs[0].shape[0]
+        _cam.warn_if_training(self.sim, "SimilarityAttention")
+        out: list[list[Tensor]] = [[] for _ in imgs]
+        for i in range(0, b, self.batch_size):
+            j = min(b, i + self.batch_size)
+            pos = positive[i:j] if isinstance(positive, Tensor) else positive
+            for m, mp in enumerate(self._tuple_batch([x[i:j].float() for x in imgs], pos, create_graph)):
+                out[m].append(mp)
+        return tuple(torch.cat(o) for o in out)
+
+    def _check_tuples(self, images: tuple[Tensor, ...], positive: bool | Tensor) -> tuple[list[Tensor], bool | Tensor]:
+        """Validated tuple members (each (B, C, H_t, W_t) on the model's device) and ``positive``."""
         n = TUPLE_SIZES[self.mode]
         if len(images) != n:
             raise ValueError(f"mode {self.mode!r} takes {n} image batches (one per tuple member), got {len(images)}")
@@ -195,29 +213,31 @@ class SimilarityAttention:
                 raise ValueError(f"every tuple member must hold the same number of images: got {b} and "
                                  f"{x.shape[0]} (member {i})")
         if isinstance(positive, Tensor):
+            if positive.dtype not in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+                raise ValueError(f"positive must be a bool tensor, got dtype {str(positive.dtype).replace('torch.', '')}")
             positive = V.shape("positive", positive.to(dev), (b,)).to(torch.bool)
         elif not isinstance(positive, bool):
             raise TypeError(f"positive must be a bool or a (B,) bool tensor, got {type(positive).__name__}")
-        _cam.warn_if_training(self.sim, "SimilarityAttention")
-        out: list[list[Tensor]] = [[] for _ in imgs]
-        for i in range(0, b, self.batch_size):
-            j = min(b, i + self.batch_size)
-            pos = positive[i:j] if isinstance(positive, Tensor) else positive
-            for m, mp in enumerate(self._tuple_batch([x[i:j].float() for x in imgs], pos, create_graph)):
-                out[m].append(mp)
-        return tuple(torch.cat(o) for o in out)
+        return imgs, positive
 
-    def attribute(self, query: Tensor, references: Tensor, *, negatives: Tensor | None = None,
-                  negatives2: Tensor | None = None, positive: bool | Tensor = True,
-                  return_all: bool = False) -> Tensor | tuple[Tensor, ...]:
-        """Attention of the query in each of K tuples (query, reference k[, negative k[, negative2 k]]).
+    def check(self, query: Tensor, references: Tensor, *, negatives: Tensor | None = None,
+              negatives2: Tensor | None = None, positive: bool | Tensor = True) -> None:
+        """Validate an :meth:`attribute` call cheaply: the inputs, the target layers (one forward and backward
+        pass of one image: each layer must run once and output a feature map with h * w > 1 that the gradient
+        reaches; picks the layer when ``target_layers=None``) and finite embeddings of every tuple member."""
+        members = self._members(query, references, negatives, negatives2)
+        imgs, _ = self._check_tuples(tuple(members), positive)
+        if self._layers is None:
+            self._layers_for(imgs[0][:1])
+        else:
+            _cam.validate_layers(self.sim, self._layers, imgs[0][:1])
+        names = _MEMBER_NAMES[self.mode]
+        with torch.no_grad():
+            for name, x in zip(names, imgs):
+                _common.check_output(self.sim(x[:1].float()), f"the {name}")
 
-        The explainer contract's call: ``attribute(query, references)`` returns (K, H, W)
-        maps of the query. In 'triplet' mode the query is the anchor, each reference a
-        positive and ``negatives`` (K, C, H, W) or one (C, H, W) image the negatives;
-        'quadruplet' also takes ``negatives2``. ``return_all=True`` returns the maps of
-        every tuple member (query maps first).
-        """
+    def _members(self, query: Tensor, references: Tensor, negatives: Tensor | None,
+                 negatives2: Tensor | None) -> list[Tensor]:
         if isinstance(query, Tensor) and query.dim() == 4 and query.shape[0] == 1:
             query = query[0]
         q = self.sim.check_images("query", query, batch=False)
@@ -239,5 +259,19 @@ class SimilarityAttention:
             if t.shape[0] != k:
                 raise ValueError(f"{name} must hold one image or K={k} images, got {t.shape[0]}")
             members.append(t)
+        return members
+
+    def attribute(self, query: Tensor, references: Tensor, *, negatives: Tensor | None = None,
+                  negatives2: Tensor | None = None, positive: bool | Tensor = True,
+                  return_all: bool = False) -> Tensor | tuple[Tensor, ...]:
+        """Attention of the query in each of K tuples (query, reference k[, negative k[, negative2 k]]).
+
+        The explainer contract's call: ``attribute(query, references)`` returns (K, H, W)
+        maps of the query. In 'triplet' mode the query is the anchor, each reference a
+        positive and ``negatives`` (K, C, H, W) or one (C, H, W) image the negatives;
+        'quadruplet' also takes ``negatives2``. ``return_all=True`` returns the maps of
+        every tuple member (query maps first).
+        """
+        members = self._members(query, references, negatives, negatives2)
         maps = self.attribute_tuples(*members, positive=positive)
         return maps if return_all else maps[0]

@@ -12,7 +12,7 @@ from . import _cam, _common
 __all__ = ["EmbeddingGradCAM"]
 
 
-class EmbeddingGradCAM:
+class EmbeddingGradCAM(_common.Explainer):
     """Grad-CAM with the pair's similarity as the target.
 
     For a query q and a reference r, with A the query's activations at the target
@@ -58,6 +58,26 @@ class EmbeddingGradCAM:
     def target_layer_names(self) -> list[str] | None:
         return None if self._layers is None else [n for n, _ in self._layers]
 
+    def _layers_for(self, images: Tensor) -> list[tuple[str, nn.Module]]:
+        layers = self._layers
+        if layers is None:  # concurrent first calls find the same layer; the last assignment wins
+            layers = _cam.auto_layer(self.sim, images)
+            self._layers = layers
+        return layers
+
+    def check(self, query: Tensor, references: Tensor | None = None, *, reference_embeddings: Tensor | None = None,
+              condition: object = None) -> None:
+        """Validate an :meth:`attribute` call cheaply: the inputs, finite embeddings and scores, and the target
+        layers (one forward and backward pass of one image: each layer must run once and output a feature map
+        with h * w > 1 that the gradient reaches; picks the layer when ``target_layers=None``)."""
+        super().check(query, references, reference_embeddings=reference_embeddings, condition=condition)
+        q = self.sim.check_images("query", query[0] if isinstance(query, Tensor) and query.dim() == 4 else query,
+                                  batch=False)[None]
+        if self._layers is None:
+            self._layers_for(q)
+        else:
+            _cam.validate_layers(self.sim, self._layers, q)
+
     def _maps(self, x: Tensor, acts: list[Tensor], grads: tuple[Tensor, ...]) -> Tensor:
         size = tuple(x.shape[2:])
         return _cam.combine_layers([_cam.grad_cam(a, g, size) for a, g in zip(acts, grads)]).detach()
@@ -80,37 +100,45 @@ class EmbeddingGradCAM:
         if return_reference_maps and references is None:
             raise ValueError("return_reference_maps needs reference images, not reference_embeddings")
         q, r = _common.check_pairs(sim, queries, references, reference_embeddings, need_images=False)
-        if self._layers is None:
-            self._layers = _cam.auto_layer(sim, q)
+        layers = self._layers_for(q)
         _cam.warn_if_training(sim, "EmbeddingGradCAM")
         q_maps, r_maps = [], []
         for i in range(0, q.shape[0], self.batch_size):
             j = min(q.shape[0], i + self.batch_size)
             qx = q[i:j].float().detach().requires_grad_(True)
             with torch.enable_grad():
-                with _cam.ActivationCapture(self._layers) as cap_q:
+                with _cam.ActivationCapture(layers) as cap_q:
                     fq = sim(qx)
-                acts_q = cap_q.single()
+                acts_q = cap_q.single_maps()
+                _common.check_output(fq.detach(), "the queries")
                 acts_r: list[Tensor] = []
                 if references is None:
                     fr = r[i:j].float()
                 elif return_reference_maps:
                     rx = r[i:j].float().detach().requires_grad_(True)
-                    with _cam.ActivationCapture(self._layers) as cap_r:
+                    with _cam.ActivationCapture(layers) as cap_r:
                         fr = sim(rx)
-                    acts_r = cap_r.single()
+                    acts_r = cap_r.single_maps()
                 else:
                     with torch.no_grad():
                         fr = sim(r[i:j].float())
-                score = sim.pairwise(fq, fr, condition).diagonal().sum()
+                if references is not None:
+                    _common.check_output(fr.detach(), "the references")
+                pair = sim.pairwise(fq, fr, condition).diagonal()
+                _common.check_output(pair.detach(), "the queries against the references", "similarity scores")
+                score = pair.sum()
             _cam.check_differentiable(score, acts_q + acts_r, "EmbeddingGradCAM")
             grads = torch.autograd.grad(score, acts_q + acts_r)
             q_maps.append(self._maps(qx, acts_q, grads[:len(acts_q)]))
             if acts_r:
                 r_maps.append(self._maps(rx, acts_r, grads[len(acts_q):]))
+        q_out = _common.check_maps(torch.cat(q_maps), "EmbeddingGradCAM")
+        _cam.warn_if_constant(q_out, "EmbeddingGradCAM", layers)
         if return_reference_maps:
-            return torch.cat(q_maps), torch.cat(r_maps)
-        return torch.cat(q_maps)
+            r_out = _common.check_maps(torch.cat(r_maps), "EmbeddingGradCAM")
+            _cam.warn_if_constant(r_out, "EmbeddingGradCAM (reference maps)", layers)
+            return q_out, r_out
+        return q_out
 
     def attribute(self, query: Tensor, references: Tensor | None = None, *,
                   reference_embeddings: Tensor | None = None, condition: object = None,

@@ -294,7 +294,7 @@ def _weighted_r2(x: Tensor, y: Tensor, w: Tensor, coef: Tensor, intercepts: Tens
 
 
 # ---------------------------------------------------------------- explainer
-class LIME:
+class LIME(_common.Explainer):
     """Black-box saliency for a pair from a local linear model over superpixels.
 
     The query is cut into S superpixels once (whatever the number of
@@ -445,7 +445,9 @@ class LIME:
             keep = samples[i:j][:, seg]                        # (b, H, W) bool
             batch = torch.where(keep[:, None], img, base).contiguous(memory_format=fmt)
             chunks.append(sim(batch))
-        return sim.pairwise(torch.cat(chunks), ref_emb, condition)  # (n, K)
+        emb = _common.check_output(torch.cat(chunks), "the perturbed queries (LIME samples)")
+        return _common.check_output(sim.pairwise(emb, ref_emb, condition), "the perturbed queries against the "
+                                    "references", "similarity scores")  # (n, K)
 
     # ------------------------------------------------------------ attribute
     @torch.no_grad()
@@ -491,7 +493,7 @@ class LIME:
             coef, intercepts = weighted_ridge(z, y, pi, alpha)
             alphas = torch.full((y.shape[1],), alpha, dtype=torch.float64)
         coefficients = coef.float().to(device)
-        maps = coefficients[:, seg]                             # (K, H, W)
+        maps = _common.check_maps(coefficients[:, seg], "LIME")  # (K, H, W)
         if not return_details:
             return maps
         return LimeResult(maps=maps, coefficients=coefficients, intercepts=intercepts.float().to(device),

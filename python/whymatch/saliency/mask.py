@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,7 @@ def _tv(m: Tensor, beta: float) -> Tensor:
     return dy + dx
 
 
-class Mask:
+class Mask(_common.Explainer):
     """The smallest, smoothest deletion that destroys the match, learned by gradient descent.
 
     For each pair (query q, reference r) a low-resolution mask m in [0, 1]
@@ -207,13 +208,13 @@ class Mask:
             mr = torch.ones(b, 1, s, s, device=dev, requires_grad=True)
             params.append(mr)
         opt = torch.optim.Adam(params, lr=self.lr)
-        self.last_history = []
+        history: list[float] = []  # this call's own list: a concurrent call never appends to it
         steps = range(self.n_iter)
         if self.show_progress:
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc="Mask", unit="step")
-        for _ in steps:
+        for step in steps:
             with torch.enable_grad():
                 up = F.interpolate(mq, size=size_q, mode="bilinear", align_corners=False)
                 xq = up * q + (1 - up) * pq
@@ -248,7 +249,14 @@ class Mask:
             with torch.no_grad():
                 for p in params:
                     p.clamp_(0.0, 1.0)
-            self.last_history.append(float(score.detach().mean()))
+            history.append(float(score.detach().mean()))  # one synchronization per step, as before
+            if not math.isfinite(history[-1]):
+                what = f"the masked {'pairs' if both else 'queries'} at step {step}"
+                _common.check_output(eq.detach(), what)
+                if both:
+                    _common.check_output(er.detach(), f"the masked references at step {step}")
+                _common.check_output(score.detach(), what, "similarity scores")
+        self.last_history = history
         return mq.detach(), (mr.detach() if both else None)
 
     # ------------------------------------------------------------ API
@@ -286,7 +294,7 @@ class Mask:
             else:
                 if references is not None:
                     with torch.no_grad():
-                        r_emb = sim(r[i:j])
+                        r_emb = _common.check_output(sim(r[i:j]), "the references")
                 else:
                     r_emb = r[i:j].float()
                 mq, mr = self._optimize(q[i:j], None, r_emb, condition, gens[i:j])
@@ -294,9 +302,10 @@ class Mask:
             if mr is not None:
                 r_maps.append(1 - F.interpolate(mr, size=tuple(r.shape[2:]), mode="bilinear",
                                                 align_corners=False)[:, 0])
+        q_out = _common.check_maps(torch.cat(q_maps), "Mask")
         if return_reference_maps:
-            return torch.cat(q_maps), torch.cat(r_maps)
-        return torch.cat(q_maps)
+            return q_out, _common.check_maps(torch.cat(r_maps), "Mask")
+        return q_out
 
     def attribute(self, query: Tensor, references: Tensor | None = None, *,
                   reference_embeddings: Tensor | None = None, condition: object = None,

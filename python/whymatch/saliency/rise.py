@@ -14,7 +14,7 @@ from . import _common
 __all__ = ["RISE"]
 
 
-class RISE:
+class RISE(_common.Explainer):
     """Black-box saliency for a pair: which query pixels make it similar to each reference.
 
     N random low-resolution binary grids (s x s, each cell on with probability p)
@@ -126,10 +126,12 @@ class RISE:
                               batch_size=self.batch_size, need_images=not self.fixed_reference)
         q = inp.query
         c, h, w = q.shape
+        self._check_settings(inp)
         gen = _common.generator(self.seed if seed is None else seed)
         grids, shifts = self.generate_masks((h, w), self.n_masks, gen, q.device)
         base = _common.baseline_image(self.baseline, q)
-        emb = self._perturbed_embeddings(q, grids, shifts, base, "RISE query masks")
+        emb = _common.check_output(self._perturbed_embeddings(q, grids, shifts, base, "RISE query masks"),
+                                   "the perturbed queries (RISE masks)")
 
         if self.fixed_reference:
             scores = sim.pairwise(emb, inp.ref_embeddings, condition)  # (N, K)
@@ -142,15 +144,26 @@ class RISE:
                 rg, rs = self.generate_masks(tuple(r.shape[1:]), m, gen, q.device)
                 r_emb = self._perturbed_embeddings(r, rg, rs, _common.baseline_image(self.baseline, r),
                                                    f"RISE reference {k} masks")
+                _common.check_output(r_emb, f"the perturbed reference {k} (RISE masks)")
                 scores[:, k] = sim.pairwise(emb, r_emb, condition).mean(dim=1)
 
+        _common.check_output(scores, "the perturbed queries against the references", "similarity scores")
         k = scores.shape[1]
         if self.normalize == "rise":
             sal = ops.rise_saliency(grids, shifts, scores, (h, w))
-            return sal / (self.n_masks * self.p)
+            return _common.check_maps(sal / (self.n_masks * self.p), "RISE")
         ones = torch.ones(self.n_masks, 1, device=q.device)
         both = ops.rise_saliency(grids, shifts, torch.cat([scores, ones], dim=1), (h, w))
         mask_sum = both[k:]  # (1, H, W): sum_n m_n
         # sum_n s_n m_n / mean_n(m_n); a pixel no mask ever kept gets 0, not NaN.
-        return torch.where(mask_sum > 0, both[:k] * self.n_masks / mask_sum.clamp_min(1e-12),
-                           torch.zeros_like(both[:k]))
+        return _common.check_maps(torch.where(mask_sum > 0, both[:k] * self.n_masks / mask_sum.clamp_min(1e-12),
+                                              torch.zeros_like(both[:k])), "RISE")
+
+    def _check_settings(self, inp: _common.PairInputs) -> None:
+        sizes = [tuple(inp.query.shape[1:])]
+        if not self.fixed_reference and inp.references is not None:
+            sizes.append(tuple(inp.references.shape[2:]))
+        for name, (h, w) in zip(("query", "references"), sizes):
+            if self.grid > max(h, w):
+                raise ValueError(f"grid must be at most the larger side of the {name} ({max(h, w)}; a grid finer "
+                                 f"than the pixels is meaningless), got grid={self.grid} for {h}x{w} {name}")

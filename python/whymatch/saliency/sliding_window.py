@@ -68,7 +68,7 @@ def _coverage(boxes: Tensor, size: tuple[int, int], values: Tensor) -> tuple[Ten
     return acc, cnt
 
 
-class SlidingWindow:
+class SlidingWindow(_common.Explainer):
     """Occlusion saliency for a pair: how much the similarity drops when a window of the query is hidden.
 
     For each window position the window is replaced by the baseline; the
@@ -168,18 +168,28 @@ class SlidingWindow:
         q = inp.query
         h, w = q.shape[1:]
         boxes = self.boxes((h, w))
-        q_emb = sim(q[None].to(sim.input_dtype(q.device)))
-        occ_emb = self._occluded_embeddings(q, boxes, "occluding the query")
+        q_emb = _common.check_output(sim(q[None].to(sim.input_dtype(q.device))), "the query")
+        occ_emb = _common.check_output(self._occluded_embeddings(q, boxes, "occluding the query"),
+                                       "the occluded queries")
         if self.fixed_reference:
             ref_sets = [inp.ref_embeddings[k:k + 1] for k in range(inp.ref_embeddings.shape[0])]
         else:
             ref_sets = []
             for k in range(inp.references.shape[0]):
                 r = inp.references[k].float()
-                ref_sets.append(self._occluded_embeddings(r, self.boxes(tuple(r.shape[1:]), reference=True),
-                                                          f"occluding reference {k}"))
+                ref_sets.append(_common.check_output(
+                    self._occluded_embeddings(r, self.boxes(tuple(r.shape[1:]), reference=True),
+                                              f"occluding reference {k}"), f"the occluded reference {k}"))
         full = torch.stack([sim.pairwise(q_emb, r, condition).mean(dim=1)[0] for r in ref_sets])  # (K,)
         occ = torch.stack([sim.pairwise(occ_emb, r, condition).mean(dim=1) for r in ref_sets], dim=1)  # (n, K)
+        _common.check_output(full, "the query against the references", "similarity scores")
+        _common.check_output(occ, "the occluded queries against the references", "similarity scores")
         drops = full[None] - occ
         total, count = _coverage(boxes, (h, w), drops)
-        return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+        return _common.check_maps(torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total)),
+                                  "SlidingWindow")
+
+    def _check_settings(self, inp: _common.PairInputs) -> None:
+        self.boxes(tuple(inp.query.shape[1:]))
+        if not self.fixed_reference and inp.references is not None:
+            self.boxes(tuple(inp.references.shape[2:]), reference=True)
