@@ -84,6 +84,14 @@ def explain_sets(sim: SimilarityModel, sets: Sequence[tuple[str, Tensor, Tensor,
                  log: Callable[[str], None] = lambda _m: None) -> list[ExplainedSet]:
     """Explain each (name, query, references, key_mask) with every method, then score every map."""
     explainers = {m: make_explainer(m, sim, settings) for m in methods}
+    # cheap checks of every (set, method) first, so that a bad input, target layer or model fails in
+    # seconds, not after minutes of the other methods' work
+    for name, query, refs, _ in sets:
+        for m, ex in explainers.items():
+            try:
+                ex.check(query, refs)
+            except ValueError as e:
+                raise ValueError(f"{m} on {name}: {e}") from e
     out = []
     for name, query, refs, key_mask in sets:
         maps, secs = {}, {}
