@@ -70,7 +70,7 @@ def test_explain_method_list_and_bad_method(tmp_path, capsys):
     assert (out / "p0_ref0_gradcam.png").is_file() and not (out / "p0_ref0_rise.png").exists()
     assert cli.main(["explain", q, r, "--out", str(tmp_path / "o2"), "--model", "toy_models:tiny_cnn",
                      "--method", "rise,grad"]) == 2
-    assert "--method must be 'all' or a comma-separated list" in capsys.readouterr().err
+    assert "argument --method: must be 'all' or a comma-separated list" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
 
 

