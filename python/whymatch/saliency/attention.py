@@ -19,6 +19,7 @@ __all__ = ["SimilarityAttention", "similarity_weights", "TUPLE_SIZES"]
 
 #: Images per tuple for each mode.
 TUPLE_SIZES = {"siamese": 2, "triplet": 3, "quadruplet": 4}
+_QUERY_NAMES = ("query", "references", "negatives", "negatives2")  # the members in attribute()'s words
 _MEMBER_NAMES = {"siamese": ("x1", "x2"), "triplet": ("anchor", "positive", "negative"),
                  "quadruplet": ("anchor", "positive", "negative1", "negative2")}
 
@@ -188,7 +189,11 @@ class SimilarityAttention(_common.Explainer):
         Returns:
             T tensors (B, H_t, W_t) float32, non-negative, unnormalized, on the model's device.
         """
-        imgs, positive = self._check_tuples(images, positive)
+        return self._attribute_tuples(images, positive, create_graph, None)
+
+    def _attribute_tuples(self, images: tuple[Tensor, ...], positive: bool | Tensor, create_graph: bool,
+                          names: tuple[str, ...] | None) -> tuple[Tensor, ...]:
+        imgs, positive = self._check_tuples(images, positive, names)
         b = imgs[0].shape[0]
         _cam.warn_if_training(self.sim, "SimilarityAttention")
         out: list[list[Tensor]] = [[] for _ in imgs]
@@ -199,13 +204,14 @@ class SimilarityAttention(_common.Explainer):
                 out[m].append(mp)
         return tuple(torch.cat(o) for o in out)
 
-    def _check_tuples(self, images: tuple[Tensor, ...], positive: bool | Tensor) -> tuple[list[Tensor], bool | Tensor]:
+    def _check_tuples(self, images: tuple[Tensor, ...], positive: bool | Tensor,
+                      names: tuple[str, ...] | None = None) -> tuple[list[Tensor], bool | Tensor]:
         """Validated tuple members (each (B, C, H_t, W_t) on the model's device) and ``positive``."""
         n = TUPLE_SIZES[self.mode]
         if len(images) != n:
             raise ValueError(f"mode {self.mode!r} takes {n} image batches (one per tuple member), got {len(images)}")
         dev = self.sim.device
-        names = _MEMBER_NAMES[self.mode]
+        names = names or _MEMBER_NAMES[self.mode]
         imgs = [self.sim.check_images(names[i], x, device=dev) for i, x in enumerate(images)]
         b = imgs[0].shape[0]
         for i, x in enumerate(imgs):
@@ -226,14 +232,13 @@ class SimilarityAttention(_common.Explainer):
         pass of one image: each layer must run once and output a feature map with h * w > 1 that the gradient
         reaches; picks the layer when ``target_layers=None``) and finite embeddings of every tuple member."""
         members = self._members(query, references, negatives, negatives2)
-        imgs, _ = self._check_tuples(tuple(members), positive)
+        imgs, _ = self._check_tuples(tuple(members), positive, _QUERY_NAMES)
         if self._layers is None:
             self._layers_for(imgs[0][:1])
         else:
             _cam.validate_layers(self.sim, self._layers, imgs[0][:1])
-        names = _MEMBER_NAMES[self.mode]
         with torch.no_grad():
-            for name, x in zip(names, imgs):
+            for name, x in zip(_QUERY_NAMES, imgs):
                 _common.check_output(self.sim(x[:1].float()), f"the {name}")
 
     def _members(self, query: Tensor, references: Tensor, negatives: Tensor | None,
@@ -273,5 +278,5 @@ class SimilarityAttention(_common.Explainer):
         every tuple member (query maps first).
         """
         members = self._members(query, references, negatives, negatives2)
-        maps = self.attribute_tuples(*members, positive=positive)
+        maps = self._attribute_tuples(tuple(members), positive, False, _QUERY_NAMES)
         return maps if return_all else maps[0]
