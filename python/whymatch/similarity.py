@@ -155,6 +155,9 @@ class SimilarityModel(nn.Module):
         elif callable(self.similarity_fn):
             out = self.similarity_fn(a, b)
         else:
+            if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+                raise ValueError(f"embeddings must be (N, D) batches of one dimension D to compare, got shapes "
+                                 f"{tuple(a.shape)} and {tuple(b.shape)} (are reference_embeddings from this model?)")
             out = pairwise_similarity(a, b, self.similarity_fn)
         if not isinstance(out, Tensor) or out.shape != (a.shape[0], b.shape[0]):
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__

@@ -74,6 +74,17 @@ class Explainer:
         """Method-specific checks of the settings against the prepared inputs (none by default)."""
 
 
+#: The most elements an explainer allocates for its random draws (RISE grids, LIME samples): 8 GiB of float32.
+MAX_DRAWN = 2**31
+
+
+def check_drawn(n: int, per: int, what: str, names: str) -> None:
+    """Refuse, naming the settings, a request for more than MAX_DRAWN random values (n draws of ``per``)."""
+    if n * per > MAX_DRAWN:
+        raise ValueError(f"{names} ask for {n} x {per} = {n * per} random values for the {what}, more than "
+                         f"{MAX_DRAWN} (lower {names.split(' and ')[0]})")
+
+
 def check_model(sim: object) -> SimilarityModel:
     if not isinstance(sim, SimilarityModel):
         raise TypeError(f"sim must be a whymatch.SimilarityModel, got {type(sim).__name__}")
@@ -99,7 +110,7 @@ def prepare(sim: SimilarityModel, query: object, references: object, *, referenc
         if isinstance(references, Tensor) and references.dim() == 3:
             references = references[None]
         refs = sim.check_images("references", references, device=device)
-        emb = check_output(sim.embed(refs, batch_size), "the references")
+        emb = check_output(sim.embed(refs.to(sim.input_dtype(device)), batch_size), "the references")
     else:
         if need_images:
             raise ValueError("this mode perturbs the references, so references must be images, "
@@ -108,7 +119,7 @@ def prepare(sim: SimilarityModel, query: object, references: object, *, referenc
                        device=device, nonempty=True)
         V.finite("reference_embeddings", emb)
         emb = emb.float()
-    return PairInputs(query=query.float(), references=refs, ref_embeddings=emb)
+    return PairInputs(query=query.float().contiguous(), references=refs, ref_embeddings=emb)
 
 
 def generator(seed: int | None) -> torch.Generator:
@@ -119,6 +130,8 @@ def generator(seed: int | None) -> torch.Generator:
     else:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        if not -(2**63) <= seed < 2**64:
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
         g.manual_seed(seed)
     return g
 
@@ -159,7 +172,7 @@ def query_as_pairs(sim: SimilarityModel, query: object, references: object,
     """
     if isinstance(query, Tensor) and query.dim() == 4 and query.shape[0] == 1:
         query = query[0]
-    q = sim.check_images("query", query, batch=False)
+    q = sim.check_images("query", query, batch=False, device=sim.device)
     if references is not None:
         references = V.tensor("references", references, ndim=(3, 4))
         references = references[None] if references.dim() == 3 else references

@@ -245,7 +245,7 @@ class SimilarityAttention(_common.Explainer):
                  negatives2: Tensor | None) -> list[Tensor]:
         if isinstance(query, Tensor) and query.dim() == 4 and query.shape[0] == 1:
             query = query[0]
-        q = self.sim.check_images("query", query, batch=False)
+        q = self.sim.check_images("query", query, batch=False, device=self.sim.device)
         refs = V.tensor("references", references, ndim=(3, 4))
         refs = refs[None] if refs.dim() == 3 else refs
         k = refs.shape[0]

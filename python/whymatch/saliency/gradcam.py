@@ -72,7 +72,7 @@ class EmbeddingGradCAM(_common.Explainer):
         with h * w > 1 that the gradient reaches; picks the layer when ``target_layers=None``)."""
         super().check(query, references, reference_embeddings=reference_embeddings, condition=condition)
         q = self.sim.check_images("query", query[0] if isinstance(query, Tensor) and query.dim() == 4 else query,
-                                  batch=False)[None]
+                                  batch=False, device=self.sim.device)[None]
         if self._layers is None:
             self._layers_for(q)
         else:

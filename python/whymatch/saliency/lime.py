@@ -477,6 +477,7 @@ class LIME(_common.Explainer):
         gen = _common.generator(self.seed if seed is None else seed)
         seg = self.segment(q, segments)                         # (H, W) int64 on device
         n_seg = int(seg.max()) + 1
+        _common.check_drawn(self.n_samples, n_seg, "samples", "n_samples and the superpixel count")
         base = self._baseline(q)
 
         samples = torch.rand(self.n_samples, n_seg, generator=gen) < 0.5

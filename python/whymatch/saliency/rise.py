@@ -160,6 +160,10 @@ class RISE(_common.Explainer):
                                               torch.zeros_like(both[:k])), "RISE")
 
     def _check_settings(self, inp: _common.PairInputs) -> None:
+        _common.check_drawn(self.n_masks, self.grid * self.grid, "masks", "n_masks and grid")
+        if not self.fixed_reference:
+            _common.check_drawn(self.n_reference_masks, self.grid * self.grid, "reference masks",
+                                "n_reference_masks and grid")
         sizes = [tuple(inp.query.shape[1:])]
         if not self.fixed_reference and inp.references is not None:
             sizes.append(tuple(inp.references.shape[2:]))
