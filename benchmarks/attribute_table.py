@@ -73,7 +73,7 @@ def train_attribute_model(args, lam: float, out: Path):
 
     cfg = SANEConfig(data="shapesworld", backbone="shapes", out=str(out), epochs=args.epochs, batch_size=32,
                      lam=lam, temperature=0.05, n_train=args.n_train, n_val=args.n_val, n_masks=args.train_masks,
-                     seed=args.seed, device="cpu", show_progress=args.progress)
+                     seed=args.seed, device="cpu", show_progress=args.progress, overwrite=True)
     t0 = time.perf_counter()
     trainer = train_sane(cfg)
     return load_attribute_model(out / "best.pt"), time.perf_counter() - t0, trainer.best_map

@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = SANEConfig(data="shapesworld", backbone="shapes", out=str(args.out), epochs=args.epochs,
                      batch_size=args.batch_size, lam=args.lam, temperature=args.temperature,
                      normalize=args.normalize, k_maps=args.k_maps, n_masks=args.n_masks, n_train=args.n_train,
-                     n_val=args.n_val, image_size=96, seed=args.seed, device="cpu", show_progress=not args.quiet)
+                     n_val=args.n_val, image_size=96, seed=args.seed, device="cpu", show_progress=not args.quiet,
+                     overwrite=True)  # a rerun replaces the run and reuses its saliency cache
     trainer = train_sane(cfg)
     t_train = time.perf_counter() - t_start
     model = trainer.model.eval()

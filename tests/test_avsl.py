@@ -432,8 +432,9 @@ def test_cli_train_avsl_and_resume(tmp_path, capsys):
     assert cfg["task"] == "avsl" and cfg["reliability"] == "published" and cfg["level_weights"] == [0.5, 1.0, 0.5]
     assert cli.main(base[:-2] + ["--level-weights", "1,x", "--epochs", "1"]) == 2
     assert "--level-weights" in capsys.readouterr().err
-    assert cli.main(base[:-2] + ["--level-weights", "1,1", "--epochs", "1"]) == 2
+    assert cli.main(base[:-2] + ["--level-weights", "1,1", "--epochs", "1", "--overwrite"]) == 2
     assert "weights must give one weight per level" in capsys.readouterr().err
+    assert (out / "model.pt").is_file()  # a failed --overwrite run removes nothing
 
 
 @pytest.mark.parametrize("chunk", [None, 4, 1])

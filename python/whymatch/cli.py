@@ -158,7 +158,8 @@ def _train_config(args) -> dict:
     return dict(data=args.data, backbone=args.backbone, out=args.out, epochs=args.epochs, batch_p=args.batch_p,
                 batch_k=args.batch_k, lr=args.lr, loss_lr=args.loss_lr, weight_decay=args.weight_decay,
                 embedding_dim=args.embedding_dim, image_size=args.image_size, n_train=args.n_train,
-                n_test=args.n_test, seed=args.seed, device=args.device, resume=args.resume, flip=not args.no_flip,
+                n_test=args.n_test, seed=args.seed, device=args.device, resume=args.resume,
+                overwrite=args.overwrite, flip=not args.no_flip,
                 batches_per_epoch=args.batches_per_epoch, num_workers=args.num_workers,
                 show_progress=not args.quiet, scheduler=args.scheduler, milestones=args.milestones,
                 lr_decay=args.lr_decay, warmup_steps=args.warmup_steps, warmup_epochs=args.warmup_epochs,
@@ -264,7 +265,8 @@ def cmd_train_sane(args) -> int:
                      normalize=args.normalize, temperature=args.temperature, k_maps=args.k_maps,
                      n_masks=args.n_masks, saliency_size=args.saliency_size, similarity=args.similarity,
                      image_size=args.image_size, n_train=args.n_train, n_val=args.n_val, flip=not args.no_flip,
-                     seed=args.seed, device=args.device, resume=args.resume, show_progress=not args.quiet,
+                     seed=args.seed, device=args.device, resume=args.resume, overwrite=args.overwrite,
+                     show_progress=not args.quiet,
                      num_workers=args.num_workers)
     return _run_training(train_sane, cfg, args, report=_sane_report)
 
@@ -817,6 +819,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
         sp.add_argument("--num-workers", type=_int_in(0, 256), default=0)
         sp.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+        sp.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in OUT (refused without it; not with --resume)")
         sp.add_argument("--seed", type=_seed, default=0)
         sp.add_argument("--device", default=None, type=_device, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
         sp.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")

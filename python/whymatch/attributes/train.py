@@ -33,9 +33,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..io import atomic_torch_save, atomic_write_text
+from ..io import FileFormatError, atomic_torch_save
 from ..ops import _validate as V
-from ..train.trainer import BEST, CheckpointedLoop, _seed_of
+from ..train import checkpoint as C
+from ..train.trainer import BEST, CheckpointedLoop, _describe_module, _model_settings, _seed_of
 from .cache import SaliencyCache
 from .losses import AttributeLoss
 from .model import ATTRIBUTE_BACKBONES, AttributeModel, attribute_model_state, build_attribute_model
@@ -46,7 +47,7 @@ __all__ = ["SANEConfig", "AttributeImages", "AttributeTrainer", "build_sane_data
 SANE_DATASETS = ("shapesworld", "awa2", "polyvore")
 MODEL_FILE = "model.pt"
 SALIENCY_DIR = "saliency"
-_FORMAT = 1
+_FORMAT = 2  # 2: the trainer's own settings are stored beside the task config
 
 
 @dataclass
@@ -72,7 +73,9 @@ class SANEConfig:
         n_train, n_val: ShapesWorld images (train split classes for training; the disjoint
             test split classes for validation: new combinations of seen attribute values).
         flip: random horizontal flips of image and saliency maps together.
-        seed, device, resume, show_progress, num_workers, eval_batch_size: as for the other trainers.
+        seed, device, resume, overwrite, show_progress, num_workers, eval_batch_size: as for the other
+            trainers (a new run refuses an ``out`` holding another unless ``overwrite``; a resumed run
+            refuses any other setting than those of :data:`whymatch.train.checkpoint.RESUMABLE`).
     """
 
     data: str = "shapesworld"
@@ -100,6 +103,7 @@ class SANEConfig:
     seed: int = 0
     device: str | None = None
     resume: bool = False
+    overwrite: bool = False
     show_progress: bool = True
     num_workers: int = 0
     eval_batch_size: int = 256
@@ -155,10 +159,8 @@ def build_sane_data(cfg: SANEConfig) -> tuple[AttributeImages, AttributeImages, 
     the (disjoint) test-split classes. AwA2 / Polyvore Outfits: the 'train' and 'test' splits
     of the loaders in ``whymatch.data.awa2`` / ``whymatch.data.polyvore``.
     """
-    if not isinstance(cfg.data, str):
-        raise TypeError(f"data must be a string, got {type(cfg.data).__name__}")
+    info = sane_data_info(cfg)
     name, _, root = cfg.data.partition(":")
-    V.choice("data", name, SANE_DATASETS)
     if name == "shapesworld":
         from ..data import ShapesWorld
         from ..data.shapesworld import ATTRIBUTE_NAMES
@@ -170,11 +172,7 @@ def build_sane_data(cfg: SANEConfig) -> tuple[AttributeImages, AttributeImages, 
             attrs = torch.stack([ds.attributes(i, which="all") for i in range(len(ds))])
             imgs = ds.images(dtype=torch.uint8, show_progress=cfg.show_progress)
             out.append(AttributeImages(imgs, attrs, ATTRIBUTE_NAMES, ds.labels))
-        info = {"data": "shapesworld", "image_size": size, "n_train": cfg.n_train, "n_val": cfg.n_val,
-                "attributes": "all objects"}
         return out[0], out[1], info
-    if not root:
-        raise ValueError(f"data {name!r} needs a path: --data {name}:/path/to/{name}")
     if not Path(root).exists():
         raise FileNotFoundError(f"data root not found: {root}")
     module, cls_name = ("awa2", "AwA2") if name == "awa2" else ("polyvore", "PolyvoreOutfits")
@@ -190,7 +188,21 @@ def build_sane_data(cfg: SANEConfig) -> tuple[AttributeImages, AttributeImages, 
         ds = cls(root, split)
         out.append(AttributeImages(ds, torch.as_tensor(ds.attributes), list(ds.attribute_names),
                                    getattr(ds, "labels", None)))
-    return out[0], out[1], {"data": name, "root": str(root)}
+    return out[0], out[1], info
+
+
+def sane_data_info(cfg: SANEConfig) -> dict:
+    """What :func:`build_sane_data` records about ``cfg.data`` (config.json), without reading any data."""
+    if not isinstance(cfg.data, str):
+        raise TypeError(f"data must be a string, got {type(cfg.data).__name__}")
+    name, _, root = cfg.data.partition(":")
+    V.choice("data", name, SANE_DATASETS)
+    if name == "shapesworld":
+        return {"data": "shapesworld", "image_size": cfg.image_size or 96, "n_train": cfg.n_train,
+                "n_val": cfg.n_val, "attributes": "all objects"}
+    if not root:
+        raise ValueError(f"data {name!r} needs a path: --data {name}:/path/to/{name}")
+    return {"data": name, "root": str(root)}
 
 
 def _load_similarity(cfg: SANEConfig, device: torch.device):
@@ -298,6 +310,18 @@ class AttributeTrainer(CheckpointedLoop):
         self.last_epoch_indices: Tensor = torch.empty(0, dtype=torch.long)
 
     # ------------------------------------------------------------ state
+    def run_settings(self) -> dict:
+        """This trainer's settings (config.json, and the checkpoint's 'settings', compared on resume: only
+        those of :data:`whymatch.train.checkpoint.RESUMABLE` may change)."""
+        return {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "lr_decay": self.lr_decay,
+                "loss": repr(self.loss), "seed": self.seed, "world_size": self.world, "device": str(self.device),
+                "autocast": str(self.amp_dtype), "steps_per_epoch": self.steps_per_epoch,
+                "n_train": len(self.train_set), "saliency_cache": str(self.cache.path) if self.cache else None,
+                "saliency_fingerprint": self.cache.fingerprint if self.cache else None, "amp": self.amp,
+                "flip": self.flip, "num_workers": self.num_workers, "eval_batch_size": self.eval_batch_size,
+                "attribute_names": list(self.model.attribute_names), **_model_settings(self.model),
+                "loss_module": _describe_module(self.loss)}
+
     def state_dict(self) -> dict:
         return {
             "format": _FORMAT,
@@ -308,18 +332,25 @@ class AttributeTrainer(CheckpointedLoop):
             "batch_size": self.batch_size,
             "attribute_names": list(self.model.attribute_names),
             "config": self.config,
+            "settings": self.run_settings(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("format") != _FORMAT:
-            raise ValueError(f"checkpoint format {state.get('format')!r} is not {_FORMAT}")
+        """Restore a :meth:`state_dict` after checking every entry: a checkpoint of another run (settings,
+        attributes, model) or a malformed one is refused, by name, before anything loads."""
+        self.check_loop_state(state, _FORMAT)
         for key, mine in (("n_train", len(self.train_set)), ("seed", self.seed), ("batch_size", self.batch_size),
                           ("attribute_names", list(self.model.attribute_names))):
-            if state[key] != mine:
+            if key not in state:
+                raise FileFormatError(f"lacks the entry {key!r}")
+            if C._plain(state[key]) != mine:
                 raise ValueError(f"the checkpoint has {key}={state[key]!r}, this run {mine!r}; "
                                  "resume with the same settings")
+        if "best_map" not in state:
+            raise FileFormatError("lacks the entry 'best_map'")
+        best = C.check_number("entry 'best_map'", state["best_map"], allow_inf=True)
         self.restore_loop_state(state)
-        self.best_map = float(state["best_map"])
+        self.best_map = best
 
     def model_state(self, **extra: object) -> dict:
         """The model as a loadable file's content (:func:`attribute_model_state` when it can be rebuilt)."""
@@ -449,23 +480,17 @@ class AttributeTrainer(CheckpointedLoop):
                 "ap": {n: (None if math.isnan(v) else v) for n, v in zip(names, ap.tolist())}}
 
     # ------------------------------------------------------------ the loop
-    def fit(self, resume: bool = False, *, stop_after: int | None = None) -> list[dict]:
+    def fit(self, resume: bool = False, *, overwrite: bool = False, stop_after: int | None = None) -> list[dict]:
         """Train until ``epochs`` (or ``stop_after`` more epochs in this call); returns the history.
 
         Args:
-            resume: continue from out_dir/checkpoint.pt (an error when there is none).
+            resume: continue from out_dir/checkpoint.pt (an error when there is none, when it is not a
+                whymatch checkpoint, or when the settings differ from the stored ones outside
+                :data:`whymatch.train.checkpoint.RESUMABLE`, each named).
+            overwrite: replace the run already in out_dir; without it such a directory is refused.
             stop_after: return after this many epochs (the next ``fit(resume=True)`` continues).
         """
-        if resume:
-            self.load_checkpoint()
-        if self.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            cfg = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "lr_decay": self.lr_decay,
-                   "loss": repr(self.loss), "seed": self.seed, "world_size": self.world, "device": str(self.device),
-                   "autocast": str(self.amp_dtype), "steps_per_epoch": self.steps_per_epoch,
-                   "n_train": len(self.train_set), "saliency_cache": str(self.cache.path) if self.cache else None,
-                   **self.config}
-            atomic_write_text(self.out_dir / "config.json", json.dumps(cfg, indent=2, default=str) + "\n")
+        self.start_run(resume, overwrite)
         done = 0
         while self.epoch < self.epochs and (stop_after is None or done < stop_after):
             lr = self.optimizer.param_groups[0]["lr"]
@@ -511,6 +536,13 @@ def train_sane(cfg: SANEConfig) -> AttributeTrainer:
     V.choice("backbone", cfg.backbone, ATTRIBUTE_BACKBONES)
     V.real("lam", cfg.lam, low=0.0)
     loss = AttributeLoss(cfg.lam, cfg.normalize, distance=cfg.distance, temperature=cfg.temperature)
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite", "show_progress")}
+    config.update(sane_data_info(cfg))
+    if not isinstance(cfg.resume, bool) or not isinstance(cfg.overwrite, bool):
+        raise TypeError(f"resume and overwrite must be bools, got {cfg.resume!r} and {cfg.overwrite!r}")
+    out = C.check_run_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)  # before any data or RISE work
+    if cfg.resume:
+        C.check_resume_config(out / "checkpoint.pt", config)
     train, val, info = build_sane_data(cfg)
     _, rank, _ = _dist_info()
     if cfg.device is None:
@@ -527,13 +559,11 @@ def train_sane(cfg: SANEConfig) -> AttributeTrainer:
         del sim
     torch.manual_seed(cfg.seed)  # the initial weights
     model = build_attribute_model(cfg.backbone, len(train.attribute_names), attribute_names=train.attribute_names)
-    config = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "show_progress")}
-    config.update(info)
     trainer = AttributeTrainer(model, loss, train, out_dir=cfg.out, val_set=val, cache=cache, epochs=cfg.epochs,
                                batch_size=cfg.batch_size, lr=cfg.lr, lr_decay=cfg.lr_decay, device=device,
                                seed=cfg.seed, flip=cfg.flip, num_workers=cfg.num_workers,
                                eval_batch_size=cfg.eval_batch_size, show_progress=cfg.show_progress, config=config)
-    trainer.fit(resume=cfg.resume)
+    trainer.fit(resume=cfg.resume, overwrite=cfg.overwrite)
     if trainer.rank == 0:
         last = trainer.history[-1] if trainer.history else {}
         atomic_torch_save(trainer.model_state(epoch=trainer.epoch, map=last.get("map"), train=config),

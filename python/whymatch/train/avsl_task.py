@@ -16,7 +16,7 @@ loss's betas); the published code trains coef, bias and the proxies together as 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..ops import _validate as V
 from ..similarity import SimilarityModel
-from .tasks import BACKBONES, DATASETS, TrainConfig, build_data, schedule_kwargs
+from .tasks import BACKBONES, DATASETS, TrainConfig, build_data, prepare_run, schedule_kwargs, task_config
 from .trainer import Trainer
 
 __all__ = ["AVSLConfig", "AVSLTrainer", "build_avsl_model", "train_avsl", "avsl_recall_at_k", "AVSL_GROUPS",
@@ -293,6 +293,11 @@ def train_avsl(cfg: AVSLConfig) -> AVSLTrainer:
 
     if cfg.recipe is not None:
         V.choice("recipe", cfg.recipe, AVSL_RECIPES)
+    config = task_config(cfg, exclude=("stop_after",))
+    config["task"] = "avsl"
+    if cfg.recipe == "published":
+        config["recipe_source"] = "zbr17/AVSL examples/samples_avsl.sh (ProxyAnchor-AVSL, ResNet-50)"
+    prepare_run(cfg, config)
     train, test, info = build_data(cfg.data, image_size=cfg.image_size, n_train=cfg.n_train, n_test=cfg.n_test,
                                    seed=cfg.seed, show_progress=cfg.show_progress)
     torch.manual_seed(cfg.seed)  # the initial weights
@@ -302,18 +307,12 @@ def train_avsl(cfg: AVSLConfig) -> AVSLTrainer:
     loss = AVSLLoss(n_classes, len(model.embedder.levels), cfg.embedding_dim, loss=cfg.loss,
                     weights=cfg.level_weights, use_proxy=cfg.use_proxy, neg_margin=cfg.neg_margin,
                     overall_neg_margin=cfg.overall_neg_margin)
-    config = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "show_progress", "stop_after", "extra")}
-    config.update(info)
-    config.update(cfg.extra)
-    config["task"] = "avsl"
-    if cfg.recipe == "published":
-        config["recipe_source"] = "zbr17/AVSL examples/samples_avsl.sh (ProxyAnchor-AVSL, ResNet-50)"
     trainer = AVSLTrainer(model, loss, train, out_dir=cfg.out, test_set=test, epochs=cfg.epochs, batch_p=cfg.batch_p,
                           batch_k=cfg.batch_k, lr=cfg.lr, loss_lr=cfg.loss_lr, weight_decay=cfg.weight_decay,
                           **schedule_kwargs(cfg, AVSL_GROUPS, model, loss), device=cfg.device, seed=cfg.seed,
                           augment=random_flip if cfg.flip else None, batches_per_epoch=cfg.batches_per_epoch,
                           num_workers=cfg.num_workers, show_progress=cfg.show_progress, config=config)
-    trainer.fit(resume=cfg.resume, stop_after=cfg.stop_after)
+    trainer.fit(resume=cfg.resume, overwrite=cfg.overwrite, stop_after=cfg.stop_after)
     if trainer.rank == 0:
         atomic_torch_save(model.embedder.state_dict(), Path(cfg.out) / "model.pt")
     return trainer

@@ -17,7 +17,7 @@ from ..ops import _validate as V
 from ..similarity import SimilarityModel
 
 __all__ = ["BACKBONES", "METRIC_LOSSES", "DATASETS", "TensorImages", "build_backbone", "build_data",
-           "build_metric_loss", "TrainConfig", "MiningConfig", "train_mining", "mining_group_layout",
+           "data_info", "task_config", "prepare_run", "build_metric_loss", "TrainConfig", "MiningConfig", "train_mining", "mining_group_layout",
            "task_param_groups", "schedule_kwargs"]
 
 BACKBONES = ("shapes", "resnet18", "resnet50")
@@ -82,35 +82,73 @@ def build_data(spec: str, *, image_size: int | None = None, n_train: int = 9000,
     rendered once into uint8 tensors. The others: ``whymatch.data.retrieval_dataset``
     (train split with augmentation, test split without).
     """
-    if not isinstance(spec, str):
-        raise TypeError(f"data must be a string, got {type(spec).__name__}")
+    info = data_info(spec, image_size=image_size, n_train=n_train, n_test=n_test, seed=seed)
     name, _, root = spec.partition(":")
-    V.choice("data", name, DATASETS)
     if name == "shapesworld":
         from ..data import ShapesWorld
 
-        size = image_size or 96
+        size = info["image_size"]
         tr = ShapesWorld("train", n_train, size, seed=seed)
         te = ShapesWorld("test", n_test, size, seed=seed)
         train = TensorImages(tr.images(dtype=torch.uint8, show_progress=show_progress), tr.labels)
         test = TensorImages(te.images(dtype=torch.uint8, show_progress=show_progress), te.labels)
-        info = {"data": "shapesworld", "image_size": size, "n_train": n_train, "n_test": n_test, "seed": seed}
         return train, test, info
-    if not root:
-        raise ValueError(f"data {name!r} needs a path: --data {name}:/path/to/{name}")
     if not Path(root).exists():
         raise FileNotFoundError(f"data root not found: {root}")
     try:
         from ..data import retrieval_dataset
     except ImportError as exc:
         raise ImportError(f"data {name!r} needs whymatch.data.retrieval_dataset, which this install lacks") from exc
-    size = image_size or 224
+    size = info["image_size"]
     resize = max(size, round(size * 256 / 224))
     # crops and flips draw from the global RNG, which the Trainer re-seeds from (seed, epoch, rank) at
     # every epoch (and DataLoader workers derive their seeds from it): an interrupted run resumes exactly
     train = retrieval_dataset(name, root, "train", train=True, size=size, resize=resize)
     test = retrieval_dataset(name, root, "test", train=False, size=size, resize=resize)
-    return train, test, {"data": name, "root": str(root), "image_size": size}
+    return train, test, info
+
+
+def data_info(spec: str, *, image_size: int | None = None, n_train: int = 9000, n_test: int = 3000,
+              seed: int = 0) -> dict:
+    """What :func:`build_data` records about its data (config.json), without reading or rendering any:
+    'shapesworld' {data, image_size (default 96), n_train, n_test, seed}; the others {data, root,
+    image_size (default 224)}."""
+    if not isinstance(spec, str):
+        raise TypeError(f"data must be a string, got {type(spec).__name__}")
+    name, _, root = spec.partition(":")
+    V.choice("data", name, DATASETS)
+    if name == "shapesworld":
+        return {"data": "shapesworld", "image_size": image_size or 96, "n_train": n_train, "n_test": n_test,
+                "seed": seed}
+    if not root:
+        raise ValueError(f"data {name!r} needs a path: --data {name}:/path/to/{name}")
+    return {"data": name, "root": str(root), "image_size": image_size or 224}
+
+
+def task_config(cfg: TrainConfig, exclude: Sequence[str] = ()) -> dict:
+    """The configuration a ``train_*`` function records (config.json, the checkpoint's 'config'): the
+    config's fields less how it runs (resume, overwrite, show_progress, extra, ``exclude``), then what
+    :func:`data_info` says of its data, then ``cfg.extra``. Known before any data is read, so that
+    ``--resume`` with other settings is refused at once."""
+    drop = {"resume", "overwrite", "show_progress", "extra", *exclude}
+    config = {k: v for k, v in asdict(cfg).items() if k not in drop}
+    config.update(data_info(cfg.data, image_size=cfg.image_size, n_train=cfg.n_train, n_test=cfg.n_test,
+                            seed=cfg.seed))
+    config.update(cfg.extra)
+    return config
+
+
+def prepare_run(cfg: TrainConfig, config: Mapping) -> None:
+    """Before any data is read: refuse an out directory holding another run (unless ``cfg.overwrite``),
+    ``resume`` with ``overwrite``, and a resume whose configuration differs from the stored one."""
+    from .checkpoint import check_resume_config, check_run_dir
+    from .trainer import CHECKPOINT
+
+    if not isinstance(cfg.resume, bool) or not isinstance(cfg.overwrite, bool):
+        raise TypeError(f"resume and overwrite must be bools, got {cfg.resume!r} and {cfg.overwrite!r}")
+    out = check_run_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+    if cfg.resume:
+        check_resume_config(out / CHECKPOINT, config)
 
 
 def build_metric_loss(name: str, n_classes: int, embedding_dim: int) -> nn.Module:
@@ -199,6 +237,9 @@ class TrainConfig:
     ``group_lr`` (learning rate per named parameter group of the task, e.g. {'backbone': 1e-5};
     see :func:`task_param_groups`) and ``freeze_epochs`` / ``freeze_groups`` (groups not updated
     during the first epochs; ``freeze_groups`` only acts with ``freeze_epochs`` > 0).
+
+    ``overwrite`` replaces a run already in ``out`` (refused otherwise); ``resume`` continues it with
+    the stored settings (only those of :data:`whymatch.train.checkpoint.RESUMABLE` may change).
     """
 
     data: str = "shapesworld"
@@ -217,6 +258,7 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None
     resume: bool = False
+    overwrite: bool = False
     flip: bool = True
     warmup_steps: int = 0
     batches_per_epoch: int | None = None
@@ -254,6 +296,8 @@ def train_mining(cfg: MiningConfig):
     from ..io import atomic_torch_save
     from .trainer import Trainer, random_flip
 
+    config = task_config(cfg)
+    prepare_run(cfg, config)
     train, test, info = build_data(cfg.data, image_size=cfg.image_size, n_train=cfg.n_train, n_test=cfg.n_test,
                                    seed=cfg.seed, show_progress=cfg.show_progress)
     torch.manual_seed(cfg.seed)  # the initial weights
@@ -262,16 +306,13 @@ def train_mining(cfg: MiningConfig):
     metric = build_metric_loss(cfg.loss, n_classes, cfg.embedding_dim)
     loss = SimilarityMiningLoss(cfg.mode, cfg.alpha, cfg.beta, metric, cfg.gamma if cfg.mining else 0.0,
                                 target_layers=layer)
-    config = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "show_progress", "extra")}
-    config.update(info)
-    config.update(cfg.extra)
     trainer = Trainer(model, loss, train, out_dir=cfg.out, test_set=test, epochs=cfg.epochs, batch_p=cfg.batch_p,
                       batch_k=cfg.batch_k, lr=cfg.lr, loss_lr=cfg.loss_lr, weight_decay=cfg.weight_decay,
                       **schedule_kwargs(cfg, mining_group_layout(cfg.backbone), model, loss),
                       device=cfg.device, seed=cfg.seed,
                       augment=random_flip if cfg.flip else None, batches_per_epoch=cfg.batches_per_epoch,
                       num_workers=cfg.num_workers, show_progress=cfg.show_progress, config=config)
-    trainer.fit(resume=cfg.resume)
+    trainer.fit(resume=cfg.resume, overwrite=cfg.overwrite)
     if trainer.rank == 0:
         atomic_torch_save(model.embedder.state_dict(), Path(cfg.out) / "model.pt")
     return trainer

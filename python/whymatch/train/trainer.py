@@ -5,6 +5,9 @@ The guarantees every whymatch trainer (similarity mining, AVSL, SANE) gets from 
 - a checkpoint after every epoch, written atomically (temporary file + os.replace):
   model, loss (ProxyAnchor proxies and any other loss state), optimizer, scheduler,
   GradScaler, sampler state, epoch, global step, metrics history and the best Recall@1;
+- a new run never overwrites a finished one (``fit(overwrite=True)`` replaces it on purpose), and
+  ``fit(resume=True)`` refuses a checkpoint of other settings (see :class:`Trainer`); checkpoints
+  are read with ``weights_only=True``, never running code from a file;
 - ``fit(resume=True)`` continues exactly where the last checkpoint stopped: on the CPU
   with a fixed seed, 2 epochs straight and 1 epoch + resume + 1 epoch give identical
   weights (tests/test_train.py). Randomness is re-seeded at the start of every epoch
@@ -44,9 +47,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..io import atomic_torch_save, atomic_write_text
+from ..io import FileFormatError, atomic_torch_save, atomic_write_text, load_torch_file
 from ..ops import _validate as V
 from ..similarity import SimilarityModel
+from . import checkpoint as C
 from .sampler import PKSampler
 
 __all__ = ["Trainer", "ParamGroup", "assign_param_groups", "SCHEDULERS", "random_flip", "CHECKPOINT", "BEST",
@@ -55,7 +59,7 @@ __all__ = ["Trainer", "ParamGroup", "assign_param_groups", "SCHEDULERS", "random
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 METRICS_LOG = "metrics.jsonl"
-_FORMAT = 1
+_FORMAT = 2  # 2: the trainer's own settings are stored beside the task config
 #: The learning-rate schedules of :class:`Trainer` (all per optimizer step).
 SCHEDULERS = ("cosine", "step", "none")
 
@@ -203,6 +207,25 @@ def _total_and_parts(out: object) -> tuple[Tensor, dict[str, float]]:
     return total, parts
 
 
+def _describe_module(module: nn.Module) -> list[str]:
+    """Each submodule's class and settings ('name: Class(extra_repr)'), independent of the device: what
+    makes two modules of the same state dict layout behave differently (a loss's margins, a mode)."""
+    out = []
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.ParameterList, nn.ParameterDict)):
+            continue
+        out.append(f"{name or '.'}: {type(m).__module__}.{type(m).__qualname__}({m.extra_repr()})")
+    return out
+
+
+def _model_settings(model: nn.Module) -> dict:
+    """The model's class and a digest of its architecture (every submodule's class and settings)."""
+    import hashlib
+
+    digest = hashlib.sha256("\n".join(_describe_module(model)).encode()).hexdigest()[:16]
+    return {"model_class": f"{type(model).__module__}.{type(model).__qualname__}", "model_architecture": digest}
+
+
 class CheckpointedLoop:
     """Checkpoint files of a training loop: the part the metric-learning and attribute trainers share.
 
@@ -244,6 +267,45 @@ class CheckpointedLoop:
             "history": self.history,
         }
 
+    def run_settings(self) -> dict:
+        """The loop's own settings (JSON-able): written to config.json and stored in the checkpoint as
+        'settings', compared on resume (see :data:`whymatch.train.checkpoint.RESUMABLE`)."""
+        raise NotImplementedError
+
+    def check_loop_state(self, state: dict, checkpoint_format: int) -> None:
+        """Check every entry of a checkpoint before anything is loaded (see :mod:`whymatch.train.checkpoint`).
+
+        Raises:
+            FileFormatError: an entry is missing or of the wrong type / layout / value.
+            ValueError: the stored settings or model differ from this run's (each difference named).
+        """
+        if not isinstance(state, dict):
+            raise FileFormatError(f"must hold a dict, got {type(state).__name__}")
+        if state.get("format") != checkpoint_format:
+            raise FileFormatError(f"checkpoint format {state.get('format')!r} is not {checkpoint_format} (written by "
+                                  f"another whymatch version, or not a whymatch checkpoint)")
+        required = ("epoch", "global_step", "model", "optimizer", "scheduler", "scaler", "rng", "history", "config",
+                    "settings")
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise FileFormatError(f"lacks the entries {', '.join(map(repr, missing))}")
+        for key in ("config", "settings"):
+            if not isinstance(state[key], dict):
+                raise FileFormatError(f"entry {key!r} must be a dict, got {type(state[key]).__name__}")
+        diffs = C.setting_differences(state["settings"], self.run_settings()) + \
+            C.setting_differences(state["config"], self.config)
+        if diffs:
+            raise C.resume_mismatch("the checkpoint", diffs)
+        epoch = C.check_int("entry 'epoch'", state["epoch"])
+        C.check_int("entry 'global_step'", state["global_step"])
+        C.check_tensors_match("the checkpoint's model", C.check_tensor_dict("entry 'model'", state["model"]),
+                              self.model.state_dict(), "a changed backbone, embedding dim or architecture")
+        C.check_optimizer_state("entry 'optimizer'", state["optimizer"], self.optimizer)
+        C.check_same_structure("entry 'scheduler'", state["scheduler"], self.scheduler.state_dict())
+        C.check_same_structure("entry 'scaler'", state["scaler"], self.scaler.state_dict())
+        C.check_rng_state("entry 'rng'", state["rng"])
+        C.check_history("entry 'history'", state["history"], epoch)
+
     def restore_loop_state(self, state: dict) -> None:
         """Load the model, optimizer, scheduler, grad scaler, counters, history and torch RNG of a checkpoint."""
         self.model.load_state_dict(state["model"])
@@ -264,11 +326,56 @@ class CheckpointedLoop:
         return path
 
     def load_checkpoint(self, path: str | os.PathLike | None = None) -> None:
-        """Resume from ``path`` (default out_dir/checkpoint.pt); FileNotFoundError names the path."""
+        """Resume from ``path`` (default out_dir/checkpoint.pt).
+
+        The file is read with ``weights_only=True`` (tensors and plain containers, never code) and
+        checked entry by entry before anything is loaded (:meth:`check_loop_state`).
+
+        Raises:
+            FileNotFoundError: no file at the path.
+            FileFormatError: refused, truncated, empty, not a checkpoint, or an entry of the wrong type or layout.
+            ValueError: the run's settings or model differ from the checkpoint's (named).
+            Every message is one line naming the path.
+        """
         p = Path(path) if path is not None else self.out_dir / CHECKPOINT
         if not p.is_file():
-            raise FileNotFoundError(f"no checkpoint to resume from at {p}")
-        self.load_state_dict(torch.load(p, map_location=self.device, weights_only=False))
+            raise FileNotFoundError(f"no checkpoint to resume from at {p}" + (" (a directory)" if p.is_dir() else ""))
+        state = load_torch_file(p, "checkpoint", map_location="cpu")
+        try:
+            self.load_state_dict(state)
+        except FileFormatError as exc:
+            raise FileFormatError(f"checkpoint {p}: {exc}") from None
+        except ValueError as exc:
+            msg = str(exc).replace("cannot resume from the checkpoint", f"cannot resume from {p}")
+            raise ValueError(msg if str(p) in msg else f"checkpoint {p}: {msg}") from None
+        except (RuntimeError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            from ..io import _first_line
+
+            raise FileFormatError(f"cannot resume from checkpoint {p}: {_first_line(exc)}") from None
+
+    def start_run(self, resume: bool, overwrite: bool) -> None:
+        """The start of ``fit``: refuse to overwrite another run, load the checkpoint when resuming, and
+        (rank 0) write config.json and, after a resume, metrics.jsonl from the checkpoint's history."""
+        if not isinstance(resume, bool) or not isinstance(overwrite, bool):
+            raise TypeError(f"resume and overwrite must be bools, got {resume!r} and {overwrite!r}")
+        own = getattr(self, "_own_run", False)  # this object wrote the files: fit() again continues it
+        if resume or not own:
+            C.check_run_dir(self.out_dir, resume=resume, overwrite=overwrite)
+        if resume:
+            self.load_checkpoint()
+        if self.distributed:  # every rank has looked at out_dir before rank 0 writes to it
+            import torch.distributed as dist
+
+            dist.barrier()
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if overwrite and not own:
+                C.clear_run_files(self.out_dir)
+            if resume:
+                atomic_write_text(self.out_dir / METRICS_LOG, "".join(json.dumps(h) + "\n" for h in self.history))
+            cfg = {**self.run_settings(), **self.config}
+            atomic_write_text(self.out_dir / "config.json", json.dumps(cfg, indent=2, default=str) + "\n")
+        self._own_run = True
 
 
 class Trainer(CheckpointedLoop):
@@ -320,6 +427,24 @@ class Trainer(CheckpointedLoop):
         grad_clip: optional max gradient norm.
         show_progress: tqdm bar on rank 0.
         config: extra JSON-able settings recorded in config.json and the checkpoint.
+
+    Run directories and resuming (:mod:`whymatch.train.checkpoint`):
+
+    - ``fit()`` refuses an ``out_dir`` that already holds a run (checkpoint.pt, best.pt, model.pt,
+      metrics.jsonl or config.json) unless ``fit(overwrite=True)`` (which removes those files first),
+      and an ``out_dir`` that is a file; an empty or unrelated directory is fine.
+    - ``fit(resume=True)`` reads out_dir/checkpoint.pt with ``weights_only=True`` (never code) and
+      checks every entry before loading anything. The checkpoint stores this trainer's settings
+      (:meth:`run_settings`: batch P x K, learning rates and parameter groups, schedule, warm-up,
+      freezing, seed, world size, steps per epoch, amp, grad_clip, augmentation, the model's class
+      and architecture, the similarity, the loss's modules and settings) and ``config``; every
+      difference from this trainer's is refused, naming the setting with the stored and the
+      requested value, except for the settings meant to change on resume
+      (:data:`~whymatch.train.checkpoint.RESUMABLE`): ``epochs``, ``device`` (and the autocast dtype
+      that follows), ``channels_last``, ``num_workers``, ``show_progress``, ``eval_batch_size``,
+      ``eval_k``, and the config entries ``out`` and ``root`` (a moved run directory or data set).
+      A model or loss whose parameters differ in names or shapes (another backbone, embedding
+      dimension or number of classes) is refused by name too, as are other training classes.
     """
 
     def __init__(self, model: SimilarityModel, loss: nn.Module, train_set: Dataset, *, out_dir: str | os.PathLike,
@@ -471,6 +596,24 @@ class Trainer(CheckpointedLoop):
                 for i, (name, base) in enumerate(zip(self.group_names, self.scheduler.base_lrs))}
 
     # ------------------------------------------------------------ state
+    def run_settings(self) -> dict:
+        """This trainer's settings (config.json, and the checkpoint's 'settings', compared on resume)."""
+        aug = self.augment
+        sim = self.model.similarity_fn
+        return {"epochs": self.epochs, "batch_p": self.sampler.p, "batch_k": self.sampler.k, "lr": self.lr,
+                "loss_lr": self.loss_lr, "weight_decay": self.weight_decay, "scheduler": self.scheduler_kind,
+                "milestones": list(self.milestones), "lr_decay": self.lr_decay,
+                "warmup_total_steps": self.warmup_steps, "freeze_epochs": self.freeze_epochs,
+                "freeze_groups": list(self.freeze_groups), "param_groups": self.group_summary,
+                "seed": self.seed, "world_size": self.world, "device": str(self.device),
+                "autocast": str(self.model.autocast), "steps_per_epoch": self.steps_per_epoch,
+                "amp": self.amp, "grad_clip": self.grad_clip, "eval_k": list(self.eval_k),
+                "eval_batch_size": self.eval_batch_size, "num_workers": self.num_workers,
+                "augment": None if aug is None else f"{getattr(aug, '__module__', '')}.{getattr(aug, '__qualname__', type(aug).__qualname__)}",
+                **_model_settings(self.model.embedder),
+                "similarity": sim if isinstance(sim, str) else getattr(sim, "__qualname__", type(sim).__qualname__),
+                "loss_module": _describe_module(self.loss)}
+
     def state_dict(self) -> dict:
         return {
             "format": _FORMAT,
@@ -480,13 +623,27 @@ class Trainer(CheckpointedLoop):
             "best_recall_at_1": self.best_recall_at_1,
             "classes": self.classes,
             "config": self.config,
+            "settings": self.run_settings(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("format") != _FORMAT:
-            raise ValueError(f"checkpoint format {state.get('format')!r} is not {_FORMAT}")
-        if not torch.equal(state["classes"], self.classes):
-            raise ValueError("the checkpoint was trained on other classes than this train_set")
+        """Restore a :meth:`state_dict` after checking every entry (:meth:`check_loop_state`): a checkpoint of
+        another run (settings, classes, model) or a malformed one is refused, by name, before anything loads."""
+        self.check_loop_state(state, _FORMAT)
+        for key in ("loss", "sampler", "best_recall_at_1", "classes"):
+            if key not in state:
+                raise FileFormatError(f"lacks the entry {key!r}")
+        classes = state["classes"]
+        if not isinstance(classes, Tensor) or classes.dtype != self.classes.dtype or classes.dim() != 1:
+            raise FileFormatError("entry 'classes' must be a 1-D int64 tensor")
+        if not torch.equal(classes, self.classes):
+            raise ValueError(f"the checkpoint was trained on other classes ({classes.numel()}) than this train_set "
+                             f"({self.classes.numel()})")
+        C.check_tensors_match("the checkpoint's loss state", C.check_tensor_dict("entry 'loss'", state["loss"]),
+                              self.loss.state_dict(), "another loss or number of classes")
+        C.check_same_structure("entry 'sampler'", state["sampler"], self.sampler.state_dict())
+        C.check_int("entry 'sampler' epoch", state["sampler"]["epoch"])
+        C.check_number("entry 'best_recall_at_1'", state["best_recall_at_1"], allow_inf=True)
         saved = [g.get("name") for g in state["optimizer"]["param_groups"]]
         if len(saved) != len(self.group_names) or (all(saved) and tuple(saved) != self.group_names):
             raise ValueError(f"the checkpoint's parameter groups {saved} are not this run's {list(self.group_names)}: "
@@ -623,26 +780,19 @@ class Trainer(CheckpointedLoop):
         return {k: v for k, v in res.items() if k.startswith("recall@")}
 
     # ------------------------------------------------------------ the loop
-    def fit(self, resume: bool = False, *, stop_after: int | None = None) -> list[dict]:
+    def fit(self, resume: bool = False, *, overwrite: bool = False, stop_after: int | None = None) -> list[dict]:
         """Train until ``epochs`` (or ``stop_after`` more epochs in this call); returns the history.
 
         Args:
-            resume: continue from out_dir/checkpoint.pt (an error when there is none).
+            resume: continue from out_dir/checkpoint.pt (an error when there is none, when it is not a
+                whymatch checkpoint, or when this trainer's settings differ from the stored ones outside
+                :data:`~whymatch.train.checkpoint.RESUMABLE`: see the class docstring).
+            overwrite: replace the run already in out_dir (its checkpoint.pt, best.pt, model.pt,
+                metrics.jsonl and config.json); without it such a directory is refused. Not with ``resume``.
             stop_after: return after this many epochs even if ``epochs`` is not reached
                 (the next ``fit(resume=True)`` continues; used to test resuming).
         """
-        if resume:
-            self.load_checkpoint()
-        if self.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            cfg = {"epochs": self.epochs, "batch_p": self.sampler.p, "batch_k": self.sampler.k, "lr": self.lr,
-                   "loss_lr": self.loss_lr, "weight_decay": self.weight_decay, "scheduler": self.scheduler_kind,
-                   "milestones": list(self.milestones), "lr_decay": self.lr_decay,
-                   "warmup_total_steps": self.warmup_steps, "freeze_epochs": self.freeze_epochs,
-                   "freeze_groups": list(self.freeze_groups), "param_groups": self.group_summary,
-                   "seed": self.seed, "world_size": self.world, "device": str(self.device),
-                   "autocast": str(self.model.autocast), "steps_per_epoch": self.steps_per_epoch, **self.config}
-            atomic_write_text(self.out_dir / "config.json", json.dumps(cfg, indent=2, default=str) + "\n")
+        self.start_run(resume, overwrite)
         done = 0
         while self.epoch < self.epochs and (stop_after is None or done < stop_after):
             t0 = time.perf_counter()
