@@ -191,7 +191,7 @@ def main(argv=None) -> int:
                 runs[v] = None
             else:
                 runs.setdefault(v, []).append(json.loads(p.stdout.strip().splitlines()[-1]))
-                outs[v] = torch.load(save)
+                outs[v] = torch.load(save, weights_only=True)
                 rows[v] = _median_run(runs[v])
             print(v, f"run {rep + 1}/{args.repeats}", json.dumps(rows[v])[:300], flush=True)
 

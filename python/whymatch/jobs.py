@@ -278,33 +278,73 @@ def load_avsl_run(run_dir: str | Path, weights: str = "model", device: str | tor
     gamma, reliability, image size); the weights from RUN_DIR/model.pt (``weights='model'``, written
     when training ends), best.pt (the epoch with the best Recall@1) or checkpoint.pt (the last
     epoch). Edges are part of the weights. Returns (whymatch.avsl.AVSL, image size).
-    """
-    import json
 
+    Every file is read as data (JSON, and ``torch.load(weights_only=True)``: never code) and checked
+    before use: a config that is not a JSON object, lacks a key or holds a value of the wrong type,
+    and weights that are refused, truncated, not a state dict, non-finite or of another architecture
+    give one line naming the file and the key.
+
+    Raises:
+        FileNotFoundError: RUN_DIR/config.json or the weights file is missing.
+        FileFormatError (a ValueError): a malformed file, named.
+        ValueError: the run is not an AVSL run.
+    """
+    from .io import FileFormatError, load_torch_file, read_json_file
     from .ops import _validate as V
     from .train.avsl_task import build_avsl_model
+    from .train.checkpoint import check_tensor_dict, check_tensors_match
+    from .train.tasks import BACKBONES
 
     V.choice("weights", weights, tuple(_AVSL_WEIGHTS))
     run = Path(run_dir)
+    if run.exists() and not run.is_dir():
+        raise ValueError(f"--run {run} is a file, not a training run directory")
     cfg_path, w_path = run / "config.json", run / _AVSL_WEIGHTS[weights]
     for p in (cfg_path, w_path):
         if not p.is_file():
             hint = " (written when training ends; --weights best or checkpoint use the files saved each epoch)" \
                 if weights == "model" and p == w_path else ""
-            raise FileNotFoundError(f"not an AVSL training run: {p} is missing{hint}")
-    cfg = json.loads(cfg_path.read_text())
+            what = "a directory, not a file" if p.is_dir() else "missing"
+            raise FileNotFoundError(f"not an AVSL training run: {p} is {what}{hint}")
+    cfg = read_json_file(cfg_path, "AVSL run config", required_keys=("task",))
     if cfg.get("task") != "avsl":
         raise ValueError(f"{cfg_path} is a {cfg.get('task')!r} run, not 'avsl'")
-    sim = build_avsl_model(cfg["backbone"], int(cfg["embedding_dim"]), topk=int(cfg["topk"]),
-                           momentum=float(cfg["momentum"]), gamma=float(cfg["gamma"]),
-                           reliability=cfg["reliability"])
-    state = torch.load(w_path, map_location="cpu", weights_only=weights == "model")
-    if weights == "model":
-        sim.embedder.load_state_dict(state)
-    else:
-        sim.load_state_dict(state["model"])
+    kinds = {"a string": (str,), "an int": (int,), "a number": (int, float)}
+    keys = {"backbone": "a string", "embedding_dim": "an int", "topk": "an int", "momentum": "a number",
+            "gamma": "a number", "reliability": "a string", "image_size": "an int"}
+    missing = [k for k in keys if k not in cfg]
+    if missing:
+        raise FileFormatError(f"AVSL run config {cfg_path} lacks the keys {', '.join(map(repr, missing))}")
+    for k, kind in keys.items():
+        v = cfg[k]
+        if isinstance(v, bool) or not isinstance(v, kinds[kind]):
+            raise FileFormatError(f"AVSL run config {cfg_path}: {k!r} must be {kind}, got {v!r}")
+    if cfg["backbone"] not in BACKBONES:
+        raise FileFormatError(f"AVSL run config {cfg_path}: 'backbone' must be one of {', '.join(BACKBONES)}, "
+                              f"got {cfg['backbone']!r}")
+    if not 8 <= cfg["image_size"] <= 4096:
+        raise FileFormatError(f"AVSL run config {cfg_path}: 'image_size' must be in [8, 4096], got {cfg['image_size']}")
+    if not 1 <= cfg["embedding_dim"] <= 65536:
+        raise FileFormatError(f"AVSL run config {cfg_path}: 'embedding_dim' must be in [1, 65536], "
+                              f"got {cfg['embedding_dim']}")
+    try:
+        sim = build_avsl_model(cfg["backbone"], cfg["embedding_dim"], topk=cfg["topk"],
+                               momentum=float(cfg["momentum"]), gamma=float(cfg["gamma"]),
+                               reliability=cfg["reliability"])
+    except (ValueError, TypeError) as exc:
+        raise FileFormatError(f"AVSL run config {cfg_path}: {exc}") from None
+    what = {"model": "AVSL weights", "best": "AVSL best checkpoint", "checkpoint": "AVSL checkpoint"}[weights]
+    state = load_torch_file(w_path, what, required_keys=None if weights == "model" else ("model",))
+    target = sim.embedder if weights == "model" else sim
+    try:
+        state = check_tensor_dict("the weights", state if weights == "model" else state["model"])
+        check_tensors_match("the weights", state, target.state_dict(), f"another architecture than {cfg_path} says")
+        target.load_state_dict(state)
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise FileFormatError(f"{what} {w_path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
+            from None
     avsl = sim.embedder.to(device or "cpu").eval()
-    return avsl, int(cfg["image_size"])
+    return avsl, cfg["image_size"]
 
 
 def run_avsl_explain(run_dir: str | Path, query: str | Path, references: Sequence[str | Path], out_dir: str | Path,

@@ -241,17 +241,46 @@ def load_attribute_model(path: str | Path, device: str | torch.device = "cpu") -
     Returns:
         The model in eval mode.
     """
+    from ..io import FileFormatError, load_torch_file
+    from ..train.checkpoint import check_tensor_dict, check_tensors_match
+
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"attribute model file not found: {p}")
-    blob = torch.load(p, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"attribute model file not found: {p}" + (" (a directory)" if p.is_dir() else ""))
+    blob = load_torch_file(p, "attribute model file")
     if not isinstance(blob, dict) or blob.get("format") != _FORMAT or "state_dict" not in blob:
-        raise ValueError(f"{p} is not an attribute model file (format {_FORMAT} with a state_dict, "
-                         "as written by whymatch.attributes.model.attribute_model_state)")
-    cfg = blob["config"]
-    model = build_attribute_model(cfg["backbone"], int(cfg["n_attributes"]), attribute_names=blob["attribute_names"],
-                                  kernel_size=int(cfg.get("kernel_size", 3)))
-    model.load_state_dict(blob["state_dict"])
+        raise FileFormatError(f"{p} is not an attribute model file (format {_FORMAT} with a state_dict, "
+                              "as written by whymatch.attributes.model.attribute_model_state)")
+    for key, kind in (("config", dict), ("attribute_names", list)):
+        if not isinstance(blob.get(key), kind):
+            raise FileFormatError(f"attribute model file {p}: entry {key!r} must be a {kind.__name__}, "
+                                  f"got {type(blob.get(key)).__name__}")
+    cfg, names = blob["config"], blob["attribute_names"]
+    if any(not isinstance(n, str) for n in names):
+        raise FileFormatError(f"attribute model file {p}: 'attribute_names' must be strings")
+    for key, required in (("backbone", True), ("n_attributes", True), ("kernel_size", False)):
+        v = cfg.get(key)
+        if v is None and not required:
+            continue
+        ok = isinstance(v, str) if key == "backbone" else (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+        if not ok:
+            raise FileFormatError(f"attribute model file {p}: config[{key!r}] must be "
+                                  f"{'a backbone name' if key == 'backbone' else 'a positive int'}, got {v!r}")
+    if cfg["backbone"] not in ATTRIBUTE_BACKBONES:
+        raise FileFormatError(f"attribute model file {p}: config['backbone'] must be one of "
+                              f"{', '.join(ATTRIBUTE_BACKBONES)}, got {cfg['backbone']!r}")
+    if len(names) != cfg["n_attributes"]:
+        raise FileFormatError(f"attribute model file {p}: {len(names)} attribute names for "
+                              f"config['n_attributes'] = {cfg['n_attributes']}")
+    try:
+        model = build_attribute_model(cfg["backbone"], cfg["n_attributes"], attribute_names=names,
+                                      kernel_size=cfg.get("kernel_size", 3))
+        state = check_tensor_dict("its state_dict", blob["state_dict"])
+        check_tensors_match("its state_dict", state, model.state_dict(), "another backbone or attribute count")
+        model.load_state_dict(state)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise FileFormatError(f"attribute model file {p}: {str(exc).splitlines()[0] if str(exc) else exc!r}") \
+            from None
     return model.to(device).eval()
 
 

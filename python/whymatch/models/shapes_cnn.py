@@ -121,10 +121,18 @@ def load_default_model(device: str | torch.device = "cpu") -> SimilarityModel:
         FileNotFoundError: the weights file is missing (it is written by
             ``python scripts/train_shapesworld.py``).
     """
-    with open_shipped(WEIGHTS_RESOURCE, "ShapesWorld model weights", TRAIN_SCRIPT) as path:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    from ..io import FileFormatError, load_torch_file
+    from ..train.checkpoint import check_tensor_dict, check_tensors_match
+
     embedder = ShapesCNN()
-    embedder.load_state_dict(state)
+    with open_shipped(WEIGHTS_RESOURCE, "ShapesWorld model weights", TRAIN_SCRIPT) as path:
+        state = load_torch_file(path, "ShapesWorld model weights")
+        try:
+            check_tensors_match("the weights", check_tensor_dict("the weights", state), embedder.state_dict(),
+                                "not a ShapesCNN()")
+            embedder.load_state_dict(state)
+        except (ValueError, RuntimeError) as exc:
+            raise FileFormatError(f"ShapesWorld model weights {path}: {exc}") from None
     embedder.eval()
     model = SimilarityModel(embedder, "cosine", in_channels=3)
     return model.to(device).eval()
