@@ -5,6 +5,8 @@
 #include "bindings_mining.h"
 #include "common/cpu_isa.h"
 
+#include <cstring>
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "whymatch CPU kernels (torch-agnostic: raw pointers, sizes, a thread count)";
   whymatch::bind_ops<int>(
@@ -18,7 +20,10 @@ PYBIND11_MODULE(_C, m) {
       m, [](const whymatch::AvslParams& p, int t) { whymatch::avsl_distance_cpu(p, t); },
       [](const whymatch::AvslParams& p, int t) { whymatch::avsl_distance_backward_cpu(p, t); },
       [](const whymatch::AvslParams& p, int t) { whymatch::avsl_topk_cpu(p, t); },
-      [](const whymatch::AvslParams&, int) -> int64_t { return 0; });
+      [](const whymatch::AvslParams&, int) -> int64_t { return 0; },
+      [](void* dst, uintptr_t src, int64_t bytes, int) {
+        std::memcpy(dst, reinterpret_cast<const void*>(src), static_cast<size_t>(bytes));
+      });
   whymatch::bind_avsl_cam_ops<int>(
       m, [](const whymatch::CamCorrParams& p, int t) { whymatch::avsl_cam_correlation_cpu(p, t); },
       [](const whymatch::CamRelParams& p, int t) { whymatch::avsl_cam_reliability_cpu(p, t); },

@@ -51,7 +51,17 @@ PYBIND11_MODULE(_C_cuda, m) {
         whymatch::avsl_distance_backward_cuda(p, as_stream(s));
       },
       [as_stream](const whymatch::AvslParams& p, uintptr_t s) { whymatch::avsl_topk_cuda(p, as_stream(s)); },
-      [](const whymatch::AvslParams& p, int op) { return whymatch::avsl_workspace_bytes_cuda(p, op); });
+      [](const whymatch::AvslParams& p, int op) { return whymatch::avsl_workspace_bytes_cuda(p, op); },
+      [as_stream](void* dst, uintptr_t src, int64_t bytes, uintptr_t s) {
+        // the compressed links' positions and indices, read on the host before the launch (their
+        // values become addresses in the kernels); ordered after the work that wrote them
+        auto st = static_cast<cudaStream_t>(as_stream(s));
+        WM_CHECK(cudaMemcpyAsync(dst, reinterpret_cast<const void*>(src), static_cast<size_t>(bytes),
+                                 cudaMemcpyDeviceToHost, st) == cudaSuccess &&
+                     cudaStreamSynchronize(st) == cudaSuccess,
+                 "avsl: could not read the compressed links from the device: "
+                     << cudaGetErrorString(cudaGetLastError()));
+      });
   whymatch::bind_avsl_cam_ops<uintptr_t>(
       m,
       [as_stream](const whymatch::CamCorrParams& p, uintptr_t s) {

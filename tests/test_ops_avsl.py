@@ -297,12 +297,15 @@ def test_topk_errors_name_the_argument(gen):
 
 def test_kernel_checks_become_value_errors():
     mod = _ext.cpu_module()
+    z = (0, 0)
     with pytest.raises(ValueError, match=r"sizes must list 1 to 8 levels"):
-        mod.avsl_distance(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, [], 10.0, 0, 0, 1)
-    with pytest.raises(ValueError, match=r"compute dtype must be float32 or float64"):
-        mod.avsl_distance(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, [3], 10.0, 1, 0, 1)
-    with pytest.raises(ValueError, match=r"k must be in \[1, 2\], got 3"):
-        mod.avsl_topk(1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 2, [3], 10.0, 3, False, 0, 0, 1)
+        mod.avsl_distance(z, z, z, z, z, z, z, z, z, z, 1, 1, [], 10.0, 0, z, 1)
+    with pytest.raises(ValueError, match=r"dtype must be float32 or float64"):
+        mod.avsl_distance(z, z, z, z, z, z, z, z, z, z, 1, 1, [3], 10.0, 1, z, 1)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 2\] \(the gallery candidates\), got 3"):
+        mod.avsl_topk(z, z, z, z, z, z, z, z, z, z, z, 1, 2, [3], 10.0, 3, False, 0, z, 1)
+    with pytest.raises(ValueError, match=r"qe must not be null"):  # a buffer the sizes say is there
+        mod.avsl_distance(z, z, z, z, z, z, z, z, z, z, 1, 1, [3], 10.0, 0, z, 1)
 
 
 _SMEM_SCRIPT = r"""

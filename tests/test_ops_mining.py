@@ -214,11 +214,22 @@ def test_soft_mask_fallback_to_reference(monkeypatch, gen):
     (lambda: (torch.rand(2, 3, 8, 8), torch.rand(2, 4, 4), float("nan"), 0.5), r"alpha must be finite"),
     (lambda: (torch.rand(2, 3, 8, 8), torch.rand(2, 4, 4), torch.ones(2), 0.5), r"alpha must be a number or a one"),
     (lambda: (torch.rand(2, 3, 8, 8), torch.rand(2, 4, 4), 1.0, "x"), r"beta must be a number, got str"),
-    (lambda: (torch.rand(2, 3, 8, 8), torch.full((2, 4, 4), float("inf")), 1.0, 0.5), r"attention must be finite"),
 ])
 def test_soft_mask_errors_name_the_argument(args, match):
     with pytest.raises((ValueError, TypeError), match=match):
         ops.soft_mask(*args())
+
+
+def test_nonfinite_attention_propagates_unless_check_finite():
+    x, att = torch.rand(2, 3, 8, 8), torch.full((2, 4, 4), float("inf"))
+    # no scan by default: inf propagates through the arithmetic exactly as in the reference
+    torch.testing.assert_close(ops.soft_mask(x, att, 1.0, 0.5), ref.soft_mask(x, att, 1.0, 0.5), equal_nan=True)
+    ops.set_check_finite(True)
+    try:
+        with pytest.raises(ValueError, match=r"attention must be finite"):
+            ops.soft_mask(x, att, 1.0, 0.5)
+    finally:
+        ops.set_check_finite(None)
 
 
 def test_module_without_the_op_falls_back(monkeypatch, gen):

@@ -211,20 +211,44 @@ def _ok_args(gen):
 @pytest.mark.parametrize("mutate, exc, match", [
     (lambda g, s, i: (g[0], s, i), ValueError, "grids must be a 3-D tensor, got 2-D"),
     (lambda g, s, i: (g[:, :, :3], s, i), ValueError, r"grids must have shape \(N, s, s\)"),
-    (lambda g, s, i: (g.masked_fill(g >= 0, float("nan")), s, i), ValueError, "grids must be finite"),
     (lambda g, s, i: (g.double(), s, i), ValueError, "grids must have dtype"),
     (lambda g, s, i: (g, s[:2], i), ValueError, r"shifts must have shape \(3, 2\), got \(2, 2\)"),
     (lambda g, s, i: (g, s.float(), i), ValueError, "shifts must have dtype int64, int32"),
     (lambda g, s, i: (g, s + 3, i), ValueError, r"shifts\[\d\] must lie in \[0, 3\) x \[0, 3\)"),
     (lambda g, s, i: (g, -s - 1, i), ValueError, r"shifts\[0\] must lie in"),
     (lambda g, s, i: (g, s, i[0]), ValueError, "image must be a 3-D tensor"),
-    (lambda g, s, i: (g, s, i.masked_fill(i > 0.5, float("inf"))), ValueError, "image must be finite"),
     (lambda g, s, i: ("grids", s, i), TypeError, "grids must be a torch.Tensor, got str"),
 ])
 def test_rise_apply_bad_input_names_the_argument(mutate, exc, match, gen):
     args = mutate(*_ok_args(gen))
     with pytest.raises(exc, match=match):
         ops.rise_apply(*args)
+
+
+@pytest.mark.parametrize("via_env", [False, True])
+def test_nan_data_propagates_unless_check_finite(via_env, gen, monkeypatch):
+    """The ops' NaN rule: float data is not scanned by default (NaN propagates as in any torch op);
+    set_check_finite(True) or WHYMATCH_CHECK_FINITE=1 turns on the named scans."""
+    g, s, i = _ok_args(gen)
+    nan_grids, inf_image = g.masked_fill(g >= 0, float("nan")), i.masked_fill(i > 0.5, float("inf"))
+    assert ops.rise_apply(nan_grids, s, i).isnan().all()
+    assert ops.rise_saliency(g, s, torch.full((3, 1), float("nan")), (10, 10)).isnan().all()
+    if via_env:
+        monkeypatch.setenv("WHYMATCH_CHECK_FINITE", "1")
+    else:
+        ops.set_check_finite(True)
+    try:
+        with pytest.raises(ValueError, match="grids must be finite"):
+            ops.rise_apply(nan_grids, s, i)
+        with pytest.raises(ValueError, match="image must be finite"):
+            ops.rise_apply(g, s, inf_image)
+        with pytest.raises(ValueError, match="scores must be finite"):
+            ops.rise_saliency(g, s, torch.full((3, 1), float("nan")), (10, 10))
+        with pytest.raises(ValueError, match="ranked_blend: first must be finite"):
+            torch.ops.whymatch.ranked_blend(torch.full((1, 1, 2, 2), float("nan")), torch.zeros(1, 1, 2, 2),
+                                            torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+    finally:
+        ops.set_check_finite(None)
 
 
 def test_rise_apply_bad_baseline_and_dtype(gen):
@@ -245,8 +269,6 @@ def test_rise_saliency_bad_input(gen):
         ops.rise_saliency(g, s, torch.randn(4, 2), (10, 10))
     with pytest.raises(ValueError, match="scores must be a 2-D tensor"):
         ops.rise_saliency(g, s, torch.randn(3), (10, 10))
-    with pytest.raises(ValueError, match="scores must be finite"):
-        ops.rise_saliency(g, s, torch.full((3, 1), float("nan")), (10, 10))
     with pytest.raises(ValueError, match="size must be a pair of non-negative ints"):
         ops.rise_saliency(g, s, torch.randn(3, 1), (10, -1))
     with pytest.raises(ValueError, match="size must be a pair"):

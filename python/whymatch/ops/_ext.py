@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import warnings
 from types import ModuleType
 
@@ -93,6 +94,88 @@ def extra_arg(t: torch.Tensor) -> int:
 
 def ptr(t: torch.Tensor) -> int:
     return t.data_ptr() if t.numel() > 0 else 0
+
+
+def buf(t: torch.Tensor) -> tuple[int, int]:
+    """A tensor as the compiled entries take a buffer: (address, bytes). The entries check the
+    bytes against what the kernel will touch; t must be dense (contiguous or channels_last)."""
+    if t.numel() == 0:
+        return (0, 0)
+    dense = t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+    if not dense:
+        raise ValueError(f"a buffer handed to the kernels must be dense, got shape {tuple(t.shape)} strides "
+                         f"{t.stride()}")
+    return (t.data_ptr(), t.numel() * t.element_size())
+
+
+def no_buf() -> tuple[int, int]:
+    """An absent optional buffer."""
+    return (0, 0)
+
+
+class OutputTooLargeError(ValueError):
+    """An op's output (or workspace) would not fit: its size overflows int64 or exceeds the device memory."""
+
+
+_phys_bytes: int | None = None
+
+
+def _memory_limit(device: torch.device) -> int:
+    """The most bytes one output may take on device: WHYMATCH_MAX_OUTPUT_BYTES, else the device's memory."""
+    global _phys_bytes
+    env = os.environ.get("WHYMATCH_MAX_OUTPUT_BYTES", "").strip()
+    if env:
+        try:
+            v = int(env)
+        except ValueError:
+            raise ValueError(f"WHYMATCH_MAX_OUTPUT_BYTES must be an integer number of bytes, got {env!r}") from None
+        if v <= 0:
+            raise ValueError(f"WHYMATCH_MAX_OUTPUT_BYTES must be > 0, got {v}")
+        return v
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    if device.type == "cpu":
+        if _phys_bytes is None:
+            try:
+                _phys_bytes = int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+            except (ValueError, OSError, AttributeError):
+                _phys_bytes = 1 << 40
+        return _phys_bytes
+    return 1 << 62  # meta and others: no memory is taken; only the int64 bound applies
+
+
+def check_size(op: str, name: str, shape, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse an output/workspace of `shape` and `dtype` on `device` that overflows int64 or exceeds the
+    memory limit, with an error naming op and name (before the allocator is asked)."""
+    numel = 1
+    for d in shape:
+        d = int(d)
+        if d < 0:
+            raise ValueError(f"{op}: {name} would have a negative size in shape {tuple(int(v) for v in shape)}")
+        numel *= d
+    shown = tuple(int(v) for v in shape)
+    if numel > 2 ** 63 - 1:
+        raise OutputTooLargeError(f"{op}: {name} of shape {shown} would hold {numel} elements, more than int64 "
+                                  "can count")
+    itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
+    nbytes = numel * itemsize
+    limit = _memory_limit(torch.device(device))
+    if nbytes > limit:
+        raise OutputTooLargeError(f"{op}: {name} of shape {shown} ({str(dtype).replace('torch.', '')}) would take "
+                                  f"{nbytes} bytes, more than the {limit} bytes available on {device} "
+                                  "(WHYMATCH_MAX_OUTPUT_BYTES overrides)")
+
+
+def empty(op: str, name: str, shape, *, dtype: torch.dtype, device: torch.device,
+          memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """torch.empty after check_size; an allocator failure becomes a RuntimeError naming op and name."""
+    check_size(op, name, shape, dtype, device)
+    try:
+        return torch.empty(tuple(int(v) for v in shape), dtype=dtype, device=device, memory_format=memory_format)
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RuntimeError(f"{op}: could not allocate {name} of shape {tuple(int(v) for v in shape)} on {device}: "
+                           f"{first}") from None
 
 
 def dtype_code(t: torch.Tensor) -> int:

@@ -145,39 +145,52 @@ def _cam_launch(cam_low, cam_high, edges, momentum, first, reliability, publishe
     b, r1, h1, w1 = cam_low.shape
     _, r2, h2, w2 = cam_high.shape
     code = _ext.dtype_code(cam_low)
-    corr = cam_low.new_empty(r1, r2)
-    rel_low = cam_low.new_empty(b, r1) if reliability else cam_low.new_empty(0)
-    rel_high = cam_low.new_empty(b, r2) if reliability else cam_low.new_empty(0)
-    ws = torch.empty(int(mod.avsl_cam_workspace_bytes(b, r1, r2, h2, w2, code)), dtype=torch.uint8,
-                     device=cam_low.device)
+    op, dt, dev = "avsl_cam_correlation", cam_low.dtype, cam_low.device
+    corr = _ext.empty(op, "corr", (r1, r2), dtype=dt, device=dev)
+    rel_low = _ext.empty(op, "rel_low", (b, r1) if reliability else (0,), dtype=dt, device=dev)
+    rel_high = _ext.empty(op, "rel_high", (b, r2) if reliability else (0,), dtype=dt, device=dev)
+    ws = _ext.empty(op, "the workspace", (int(mod.avsl_cam_workspace_bytes(b, r1, r2, h2, w2, code)),),
+                    dtype=torch.uint8, device=dev)
+    opt = (lambda t: _ext.buf(t) if t.numel() else _ext.no_buf())
     with _ext.device_guard(cam_low):
-        mod.avsl_cam_correlation(_ext.ptr(cam_low), _ext.ptr(cam_high), _ext.ptr(corr),
-                                 _ext.ptr(edges) if edges is not None else 0, _ext.ptr(rel_low), _ext.ptr(rel_high),
-                                 _ext.ptr(ws), b, r1, h1, w1, r2, h2, w2, float(momentum), bool(first),
+        mod.avsl_cam_correlation(_ext.buf(cam_low), _ext.buf(cam_high), _ext.buf(corr),
+                                 _ext.buf(edges) if edges is not None else _ext.no_buf(), opt(rel_low), opt(rel_high),
+                                 _ext.buf(ws), b, r1, h1, w1, r2, h2, w2, float(momentum), bool(first),
                                  bool(published), code, _ext.extra_arg(cam_low))
     return corr, rel_low, rel_high
 
 
-def _check_cam_op(cam_low: Tensor, cam_high: Tensor, edges: Tensor | None = None) -> None:
-    """The ops' own contract (the public functions validate more and name the argument first)."""
+def _check_cam_op(op: str, cam_low: Tensor, cam_high: Tensor, reliability: bool, edges: Tensor | None = None,
+                  momentum: float | None = None) -> None:
+    """The ops' own contract, metadata only (the public functions validate more and name the argument first)."""
+    cam_low = V.op_tensor(op, "cam_low", cam_low, ndim=4, dtypes=_FLOATS)
+    b = cam_low.shape[0]
+    if b == 0:
+        raise ValueError(f"{op}: cam_low must have a non-empty batch (a batch mean of nothing), got "
+                         f"{tuple(cam_low.shape)}")
+    cam_high = V.op_tensor(op, "cam_high", cam_high, ndim=4, dtypes=(cam_low.dtype,), device=cam_low.device,
+                           shape=(b, None, None, None))
     for name, t in (("cam_low", cam_low), ("cam_high", cam_high)):
-        if t.dim() != 4 or t.dtype not in _FLOATS or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous 4-D float32 or float64 tensor, got {t.dim()}-D "
-                             f"{t.dtype} (contiguous={t.is_contiguous()})")
-    if cam_high.dtype != cam_low.dtype or cam_high.shape[0] != cam_low.shape[0] or cam_low.shape[0] == 0:
-        raise ValueError("cam_high must have cam_low's dtype and (non-zero) batch size, got "
-                         f"{tuple(cam_low.shape)} {cam_low.dtype} and {tuple(cam_high.shape)} {cam_high.dtype}")
-    if edges is not None and (edges.dtype != cam_low.dtype or tuple(edges.shape) != (cam_low.shape[1],
-                                                                                   cam_high.shape[1])):
-        raise ValueError(f"edges must be ({cam_low.shape[1]}, {cam_high.shape[1]}) {cam_low.dtype}, got "
-                         f"{tuple(edges.shape)} {edges.dtype}")
+        if t.shape[2] < 1 or t.shape[3] < 1:
+            raise ValueError(f"{op}: {name} maps must be at least 1 x 1, got {tuple(t.shape[2:])}")
+        if reliability and t.shape[2] * t.shape[3] < 2:
+            raise ValueError(f"{op}: {name} needs at least 2 positions per map for the reliability, got "
+                             f"{tuple(t.shape[2:])}")
+    if edges is not None:
+        V.op_tensor(op, "edges", edges, ndim=2, dtypes=(cam_low.dtype,), device=cam_low.device,
+                    shape=(cam_low.shape[1], cam_high.shape[1]))
+        V.maybe_finite(f"{op}: edges", edges)
+    if momentum is not None:
+        V.real(f"{op}: momentum", momentum, low=0.0, high=1.0)
+    V.maybe_finite(f"{op}: cam_low", cam_low)
+    V.maybe_finite(f"{op}: cam_high", cam_high)
 
 
 @torch.library.custom_op("whymatch::avsl_cam_correlation", mutates_args=())
 def _avsl_cam_correlation(cam_low: Tensor, cam_high: Tensor, reliability: bool,
                           published: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(corr (R1, R2), rel_low (B, R1), rel_high (B, R2)); the rel are (0,) when not reliability."""
-    _check_cam_op(cam_low, cam_high)
+    _check_cam_op("avsl_cam_correlation", cam_low, cam_high, reliability)
     return _cam_launch(cam_low, cam_high, None, 0.5, False, reliability, published)
 
 
@@ -189,6 +202,7 @@ def _cam_fake(cam_low, cam_high, reliability):
 
 @_avsl_cam_correlation.register_fake
 def _(cam_low, cam_high, reliability, published):
+    _check_cam_op("avsl_cam_correlation", cam_low, cam_high, reliability)
     return _cam_fake(cam_low, cam_high, reliability)
 
 
@@ -196,34 +210,43 @@ def _(cam_low, cam_high, reliability, published):
 def _avsl_edge_update(edges: Tensor, cam_low: Tensor, cam_high: Tensor, momentum: float, first: bool,
                       reliability: bool, published: bool) -> tuple[Tensor, Tensor, Tensor]:
     """As avsl_cam_correlation, and edges (R1, R2) = corr (first) or momentum * edges + (1 - momentum) * corr."""
-    _check_cam_op(cam_low, cam_high, edges)
+    _check_cam_op("avsl_edge_update_", cam_low, cam_high, reliability, edges, momentum)
     return _cam_launch(cam_low, cam_high, edges, momentum, first, reliability, published)
 
 
 @_avsl_edge_update.register_fake
 def _(edges, cam_low, cam_high, momentum, first, reliability, published):
+    _check_cam_op("avsl_edge_update_", cam_low, cam_high, reliability, edges, momentum)
     return _cam_fake(cam_low, cam_high, reliability)
+
+
+def _check_cam_rel_op(cam: Tensor) -> None:
+    op = "avsl_cam_reliability"
+    cam = V.op_tensor(op, "cam", cam, ndim=4, dtypes=_FLOATS)
+    if cam.shape[2] < 1 or cam.shape[3] < 1 or cam.shape[2] * cam.shape[3] < 2:
+        raise ValueError(f"{op}: cam must have at least 2 positions per map for a standard deviation, got "
+                         f"{tuple(cam.shape[2:])}")
+    V.maybe_finite(f"{op}: cam", cam)
 
 
 @torch.library.custom_op("whymatch::avsl_cam_reliability", mutates_args=())
 def _avsl_cam_reliability(cam: Tensor, published: bool) -> Tensor:
     """(B, R) reliability statistic of contiguous float32/float64 CAMs (B, R, H, W), H * W >= 2."""
-    if cam.dim() != 4 or cam.dtype not in _FLOATS or not cam.is_contiguous():
-        raise ValueError(f"cam must be a contiguous 4-D float32 or float64 tensor, got {cam.dim()}-D {cam.dtype} "
-                         f"(contiguous={cam.is_contiguous()})")
+    _check_cam_rel_op(cam)
     b, r, h, w = cam.shape
     mod = _ext.module_for(cam.device, "avsl_cam_reliability")
     if mod is None:
         return ref.avsl_reliability(cam, published).to(cam.dtype)
-    rel = cam.new_empty(b, r)
+    rel = _ext.empty("avsl_cam_reliability", "rel", (b, r), dtype=cam.dtype, device=cam.device)
     with _ext.device_guard(cam):
-        mod.avsl_cam_reliability(_ext.ptr(cam), _ext.ptr(rel), b, r, h, w, bool(published), _ext.dtype_code(cam),
+        mod.avsl_cam_reliability(_ext.buf(cam), _ext.buf(rel), b, r, h, w, bool(published), _ext.dtype_code(cam),
                                  _ext.extra_arg(cam))
     return rel
 
 
 @_avsl_cam_reliability.register_fake
 def _(cam, published):
+    _check_cam_rel_op(cam)
     return cam.new_empty(cam.shape[0], cam.shape[1])
 
 
@@ -334,32 +357,62 @@ def _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes):
     if qe.device.type == "cuda":  # the CUDA kernels read the gallery transposed (coalesced)
         ge, rg = ge.t().contiguous(), rg.t().contiguous()
     keep = [qe, ge, rq, rg, coef, bias, col_ptr, row_idx, values]
-    return keep, [_ext.ptr(t) for t in keep]
+    return keep, [_ext.buf(t) for t in keep]
+
+
+def _check_packed(op: str, qe, ge, rq, rg, links, coef, bias, sizes, gamma) -> tuple[int, int]:
+    """The packed ops' own checks (metadata only): sizes 1 to 8 levels of >= 1 nodes, every tensor of
+    the packed layout (module docstring) with its shape, one float32/float64 dtype, one device,
+    contiguous; gamma finite. Returns (Q, G)."""
+    if not isinstance(sizes, (list, tuple)) or not 1 <= len(sizes) <= _MAX_LEVELS or not all(
+            isinstance(r, int) and not isinstance(r, bool) and 1 <= r < 2 ** 31 for r in sizes):
+        raise ValueError(f"{op}: sizes must list 1 to {_MAX_LEVELS} levels of 1 to 2^31 - 1 nodes each, got {sizes!r}")
+    V.real(f"{op}: gamma", gamma)
+    s = sum(sizes)
+    s1 = s - sizes[0]
+    nl = sum(sizes[i - 1] * sizes[i] for i in range(1, len(sizes)))
+    qe = V.op_tensor(op, "qe", qe, ndim=2, dtypes=_FLOATS, shape=(None, s))
+    dt, dev = qe.dtype, qe.device
+    ge = V.op_tensor(op, "ge", ge, ndim=2, dtypes=(dt,), device=dev, shape=(None, s))
+    q, g = qe.shape[0], ge.shape[0]
+    V.op_tensor(op, "rq", rq, ndim=2, dtypes=(dt,), device=dev, shape=(q, s1))
+    V.op_tensor(op, "rg", rg, ndim=2, dtypes=(dt,), device=dev, shape=(g, s1))
+    V.op_tensor(op, "links", links, ndim=1, dtypes=(dt,), device=dev, shape=(nl,))
+    V.op_tensor(op, "coef", coef, ndim=1, dtypes=(dt,), device=dev, shape=(s1,))
+    V.op_tensor(op, "bias", bias, ndim=1, dtypes=(dt,), device=dev, shape=(s1,))
+    for name, t in (("qe", qe), ("ge", ge), ("rq", rq), ("rg", rg), ("links", links), ("coef", coef),
+                    ("bias", bias)):
+        V.maybe_finite(f"{op}: {name}", t)
+    return q, g
 
 
 def _workspace(mod, op: int, q: int, g: int, sizes: list[int], k: int, like: Tensor) -> Tensor:
     n = int(mod.avsl_workspace_bytes(op, q, g, list(sizes), k, _ext.dtype_code(like)))
-    return torch.empty(n, dtype=torch.uint8, device=like.device)
+    return _ext.empty(("avsl_distance", "avsl_distance_backward", "avsl_topk")[op], "the workspace", (n,),
+                      dtype=torch.uint8, device=like.device)
 
 
 @torch.library.custom_op("whymatch::avsl_distance", mutates_args=())
 def _avsl_distance(qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor, coef: Tensor, bias: Tensor,
                    sizes: list[int], gamma: float) -> Tensor:
-    q, g = qe.shape[0], ge.shape[0]
+    q, g = _check_packed("avsl_distance", qe, ge, rq, rg, links, coef, bias, sizes, gamma)
+    _ext.check_size("avsl_distance", "the output", (q, g), qe.dtype, qe.device)
     mod = _ext.module_for(qe.device, "avsl_distance")
     if mod is None:
         return _packed_reference(qe, ge, rq, rg, links, coef, bias, sizes, gamma).contiguous()
-    out = qe.new_empty(q, g)
+    out = _ext.empty("avsl_distance", "the output", (q, g), dtype=qe.dtype, device=qe.device)
     keep, ptrs = _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes)
     ws = _workspace(mod, 0, q, g, sizes, 0, qe)
     with _ext.device_guard(qe):
-        mod.avsl_distance(*ptrs, _ext.ptr(out), q, g, list(sizes), float(gamma), _ext.dtype_code(qe), _ext.ptr(ws),
+        mod.avsl_distance(*ptrs, _ext.buf(out), q, g, list(sizes), float(gamma), _ext.dtype_code(qe), _ext.buf(ws),
                           _ext.extra_arg(qe))
     return out
 
 
 @_avsl_distance.register_fake
 def _(qe, ge, rq, rg, links, coef, bias, sizes, gamma):
+    q, g = _check_packed("avsl_distance", qe, ge, rq, rg, links, coef, bias, sizes, gamma)
+    _ext.check_size("avsl_distance", "the output", (q, g), qe.dtype, qe.device)
     return qe.new_empty(qe.shape[0], ge.shape[0])
 
 
@@ -367,7 +420,11 @@ def _(qe, ge, rq, rg, links, coef, bias, sizes, gamma):
 def _avsl_distance_backward(grad: Tensor, qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor,
                             coef: Tensor, bias: Tensor, sizes: list[int], gamma: float) -> tuple[Tensor, Tensor]:
     """(dL/dcoef, dL/dbias), (S1,) each, of L = sum(grad * d); nodes, reliabilities and links are constants."""
-    q, g = qe.shape[0], ge.shape[0]
+    op = "avsl_distance_backward"
+    q, g = _check_packed(op, qe, ge, rq, rg, links, coef, bias, sizes, gamma)
+    V.op_tensor(op, "grad", grad, ndim=2, dtypes=V.FLOAT_DTYPES + (torch.float64,), device=qe.device, shape=(q, g),
+                contiguous=False)
+    V.maybe_finite(f"{op}: grad", grad)
     mod = _ext.module_for(qe.device, "avsl_distance_backward")
     if mod is None:
         return _packed_reference_backward(grad, qe, ge, rq, rg, links, coef, bias, sizes, gamma)
@@ -377,21 +434,35 @@ def _avsl_distance_backward(grad: Tensor, qe: Tensor, ge: Tensor, rq: Tensor, rg
     row_ptr, col_idx, row_values = _compressed(links, sizes, rows=True)
     ws = _workspace(mod, 1, q, g, sizes, 0, qe)
     with _ext.device_guard(qe):
-        mod.avsl_distance_backward(_ext.ptr(grad), *ptrs, _ext.ptr(row_ptr), _ext.ptr(col_idx), _ext.ptr(row_values),
-                                   _ext.ptr(grad_coef), _ext.ptr(grad_bias), q, g, list(sizes), float(gamma),
-                                   _ext.dtype_code(qe), _ext.ptr(ws), _ext.extra_arg(qe))
+        mod.avsl_distance_backward(_ext.buf(grad), *ptrs, _ext.buf(row_ptr), _ext.buf(col_idx), _ext.buf(row_values),
+                                   _ext.buf(grad_coef), _ext.buf(grad_bias), q, g, list(sizes), float(gamma),
+                                   _ext.dtype_code(qe), _ext.buf(ws), _ext.extra_arg(qe))
     return grad_coef, grad_bias
 
 
 @_avsl_distance_backward.register_fake
 def _(grad, qe, ge, rq, rg, links, coef, bias, sizes, gamma):
+    q, g = _check_packed("avsl_distance_backward", qe, ge, rq, rg, links, coef, bias, sizes, gamma)
+    V.op_tensor("avsl_distance_backward", "grad", grad, ndim=2, dtypes=V.FLOAT_DTYPES + (torch.float64,),
+                device=qe.device, shape=(q, g), contiguous=False)
     return torch.empty_like(coef), torch.empty_like(bias)
+
+
+def _check_topk(qe, ge, rq, rg, links, coef, bias, sizes, gamma, k, exclude_self) -> tuple[int, int]:
+    op = "avsl_topk"
+    q, g = _check_packed(op, qe, ge, rq, rg, links, coef, bias, sizes, gamma)
+    cand = g - (1 if exclude_self else 0)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= cand:
+        raise ValueError(f"{op}: k must be an int in [1, {cand}] (the gallery candidates per query), got {k!r}")
+    if exclude_self and q != g:
+        raise ValueError(f"{op}: exclude_self needs the gallery to be the query set (Q == G), got Q={q}, G={g}")
+    return q, g
 
 
 @torch.library.custom_op("whymatch::avsl_topk", mutates_args=())
 def _avsl_topk(qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor, coef: Tensor, bias: Tensor,
                sizes: list[int], gamma: float, k: int, exclude_self: bool) -> tuple[Tensor, Tensor]:
-    q, g = qe.shape[0], ge.shape[0]
+    q, g = _check_topk(qe, ge, rq, rg, links, coef, bias, sizes, gamma, k, exclude_self)
     mod = _ext.module_for(qe.device, "avsl_topk")
     if mod is None:
         d = _packed_reference(qe, ge, rq, rg, links, coef, bias, sizes, gamma)
@@ -399,18 +470,19 @@ def _avsl_topk(qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor, co
             d.fill_diagonal_(float("inf"))
         order = torch.sort(d, dim=1, stable=True).indices[:, :k]
         return d.gather(1, order).contiguous(), order.contiguous()
-    values = qe.new_empty(q, k)
-    indices = torch.empty(q, k, dtype=torch.int64, device=qe.device)
+    values = _ext.empty("avsl_topk", "values", (q, k), dtype=qe.dtype, device=qe.device)
+    indices = _ext.empty("avsl_topk", "indices", (q, k), dtype=torch.int64, device=qe.device)
     keep, ptrs = _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes)
     ws = _workspace(mod, 2, q, g, sizes, k, qe)
     with _ext.device_guard(qe):
-        mod.avsl_topk(*ptrs, _ext.ptr(values), _ext.ptr(indices), q, g, list(sizes), float(gamma), int(k),
-                      bool(exclude_self), _ext.dtype_code(qe), _ext.ptr(ws), _ext.extra_arg(qe))
+        mod.avsl_topk(*ptrs, _ext.buf(values), _ext.buf(indices), q, g, list(sizes), float(gamma), int(k),
+                      bool(exclude_self), _ext.dtype_code(qe), _ext.buf(ws), _ext.extra_arg(qe))
     return values, indices
 
 
 @_avsl_topk.register_fake
 def _(qe, ge, rq, rg, links, coef, bias, sizes, gamma, k, exclude_self):
+    _check_topk(qe, ge, rq, rg, links, coef, bias, sizes, gamma, k, exclude_self)
     return qe.new_empty(qe.shape[0], k), qe.new_empty(qe.shape[0], k, dtype=torch.int64)
 
 

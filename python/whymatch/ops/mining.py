@@ -33,8 +33,32 @@ def _like(x: Tensor) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
 
 
+def _check_op(op: str, x, attention, alpha, beta, grad=None) -> None:
+    """The registered ops' own checks (metadata only): x (B, C, H, W) of MASK_DTYPES, contiguous or
+    channels_last; attention (B, h, w) contiguous in the compute dtype (float64 for float64 x, else
+    float32), h, w >= 1; alpha, beta one-element compute-dtype tensors; grad like x; one device."""
+    x = V.op_tensor(op, "x", x, ndim=4, dtypes=MASK_DTYPES, channels_last_ok=True)
+    acc = (torch.float64,) if x.dtype == torch.float64 else (torch.float32,)
+    b, _, hh, ww = x.shape
+    attention = V.op_tensor(op, "attention", attention, ndim=3, dtypes=acc, device=x.device, shape=(b, None, None))
+    if b * hh * ww > 0 and (attention.shape[1] < 1 or attention.shape[2] < 1):
+        raise ValueError(f"{op}: attention maps must be at least 1 x 1, got {tuple(attention.shape[1:])}")
+    for name, v in (("alpha", alpha), ("beta", beta)):
+        v = V.op_tensor(op, name, v, dtypes=acc, device=x.device)
+        if v.numel() != 1:
+            raise ValueError(f"{op}: {name} must be a one-element tensor, got shape {tuple(v.shape)}")
+    if grad is not None:
+        V.op_tensor(op, "grad", grad, ndim=4, dtypes=(x.dtype,), device=x.device, shape=x.shape, contiguous=False)
+        V.maybe_finite(f"{op}: grad", grad)
+    V.maybe_finite(f"{op}: x", x)
+    V.maybe_finite(f"{op}: attention", attention)
+    V.maybe_finite(f"{op}: alpha", alpha)
+    V.maybe_finite(f"{op}: beta", beta)
+
+
 @torch.library.custom_op("whymatch::soft_mask", mutates_args=())
 def _soft_mask(x: Tensor, attention: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
+    _check_op("soft_mask", x, attention, alpha, beta)
     mod = _ext.module_for(x.device, "soft_mask")
     if mod is None:
         return ref.soft_mask(x, attention, alpha, beta).contiguous(
@@ -42,13 +66,14 @@ def _soft_mask(x: Tensor, attention: Tensor, alpha: Tensor, beta: Tensor) -> Ten
     out = _like(x)
     b, c, hh, ww = x.shape
     with _ext.device_guard(x):
-        mod.soft_mask(_ext.ptr(x), _ext.ptr(attention), _ext.ptr(alpha), _ext.ptr(beta), _ext.ptr(out), b, c, hh, ww,
+        mod.soft_mask(_ext.buf(x), _ext.buf(attention), _ext.buf(alpha), _ext.buf(beta), _ext.buf(out), b, c, hh, ww,
                       attention.shape[1], attention.shape[2], _ext.dtype_code(x), _channels_last(x), _ext.extra_arg(x))
     return out
 
 
 @_soft_mask.register_fake
 def _(x, attention, alpha, beta):
+    _check_op("soft_mask", x, attention, alpha, beta)
     return _like(x)
 
 
@@ -56,6 +81,7 @@ def _(x, attention, alpha, beta):
 def _soft_mask_backward(grad: Tensor, x: Tensor, attention: Tensor, alpha: Tensor, beta: Tensor,
                         need_x: bool, need_attention: bool) -> tuple[Tensor, Tensor]:
     """(grad_x like x, G (B, h, w) compute dtype): G is the upsampling adjoint of dL/dz."""
+    _check_op("soft_mask_backward", x, attention, alpha, beta, grad)
     b, c, hh, ww = x.shape
     _, h, w = attention.shape
     mod = _ext.module_for(x.device, "soft_mask")
@@ -65,17 +91,20 @@ def _soft_mask_backward(grad: Tensor, x: Tensor, attention: Tensor, alpha: Tenso
     grad_x = _like(x) if need_x else x.new_empty(0)
     g_att = torch.empty_like(attention) if need_attention else attention.new_empty(0)
     ws_size = b * hh * (ww if x.device.type == "cuda" else w)
-    ws = attention.new_empty(ws_size if need_attention else 0)
+    ws = _ext.empty("soft_mask_backward", "the workspace", (ws_size if need_attention else 0,),
+                    dtype=attention.dtype, device=x.device)
     with _ext.device_guard(x):
-        mod.soft_mask_backward(_ext.ptr(grad), _ext.ptr(x), _ext.ptr(attention), _ext.ptr(alpha), _ext.ptr(beta),
-                               _ext.ptr(grad_x) if need_x else 0, _ext.ptr(g_att) if need_attention else 0,
-                               _ext.ptr(ws), b, c, hh, ww, h, w, _ext.dtype_code(x), _channels_last(x),
+        mod.soft_mask_backward(_ext.buf(grad), _ext.buf(x), _ext.buf(attention), _ext.buf(alpha), _ext.buf(beta),
+                               _ext.buf(grad_x) if need_x else _ext.no_buf(),
+                               _ext.buf(g_att) if need_attention else _ext.no_buf(),
+                               _ext.buf(ws), b, c, hh, ww, h, w, _ext.dtype_code(x), _channels_last(x),
                                _ext.extra_arg(x))
     return grad_x, g_att
 
 
 @_soft_mask_backward.register_fake
 def _(grad, x, attention, alpha, beta, need_x, need_attention):
+    _check_op("soft_mask_backward", x, attention, alpha, beta, grad)
     return (_like(x) if need_x else x.new_empty(0)), (torch.empty_like(attention) if need_attention
                                                       else attention.new_empty(0))
 
@@ -161,7 +190,8 @@ def soft_mask(x: Tensor, attention: Tensor, alpha: Tensor | float, beta: Tensor 
         if attention.shape[1] != 1:
             raise ValueError(f"attention must have shape (B, h, w) or (B, 1, h, w), got {tuple(attention.shape)}")
         attention = attention[:, 0]
-    V.finite("attention", attention)  # small; x is not scanned (NaN in x propagates, as in any torch op)
+    V.maybe_finite("attention", attention)  # data scans are opt-in (whymatch.ops docstring: NaN rule)
+    V.maybe_finite("x", x)
     b = x.shape[0]
     if attention.shape[0] != b:
         raise ValueError(f"attention must hold one map per image: expected batch {b}, got {attention.shape[0]}")

@@ -20,37 +20,81 @@ __all__ = ["rise_apply", "rise_saliency", "ranked_blend"]
 # registered ops (arguments already validated)
 # ---------------------------------------------------------------------------
 
+_F32 = (torch.float32,)
+_I64 = (torch.int64,)
+_OUT_DTYPES = tuple(_ext.DTYPE_CODES)
+
+
+def _check_grids_shifts_op(op: str, grids: Tensor, shifts: Tensor, device: torch.device) -> tuple[int, int]:
+    """The registered ops' checks of grids (N, s, s) float32 and shifts (N, 2) int64 (metadata only;
+    the shift values are range-checked by the CPU kernel, and clamped to the canvas on CUDA)."""
+    grids = V.op_tensor(op, "grids", grids, ndim=3, dtypes=_F32, device=device)
+    n, s, s2 = grids.shape
+    if s != s2 or s < 1:
+        raise ValueError(f"{op}: grids must have shape (N, s, s) with s >= 1, got {tuple(grids.shape)}")
+    V.op_tensor(op, "shifts", shifts, ndim=2, dtypes=_I64, device=device, shape=(n, 2))
+    return n, s
+
+
+def _check_rise_apply_op(op: str, grids, shifts, image, baseline) -> tuple[int, int, int, int]:
+    image = V.op_tensor(op, "image", image, ndim=3, dtypes=_F32)
+    n, _ = _check_grids_shifts_op(op, grids, shifts, image.device)
+    V.op_tensor(op, "baseline", baseline, ndim=3, dtypes=_F32, device=image.device, shape=image.shape)
+    V.maybe_finite(f"{op}: grids", grids)
+    V.maybe_finite(f"{op}: image", image)
+    V.maybe_finite(f"{op}: baseline", baseline)
+    return (n, *image.shape)
+
+
 def _launch_rise_apply(mod, grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor, out: Tensor) -> None:
     n, s, _ = grids.shape
     c, h, w = image.shape
     channels_last = out.dim() == 4 and out.numel() > 0 and not out.is_contiguous()
     with _ext.device_guard(image):
-        mod.rise_apply(_ext.ptr(grids), _ext.ptr(shifts), _ext.ptr(image), _ext.ptr(baseline), _ext.ptr(out),
+        mod.rise_apply(_ext.buf(grids), _ext.buf(shifts), _ext.buf(image), _ext.buf(baseline), _ext.buf(out),
                        n, c, h, w, s, _ext.DTYPE_CODES[out.dtype], channels_last, _ext.extra_arg(image))
+
+
+def _rise_apply_dtype(op: str, dtype: object) -> torch.dtype:
+    if dtype not in _OUT_DTYPES:
+        raise ValueError(f"{op}: dtype must be float32, float16 or bfloat16, got {dtype}")
+    return dtype  # type: ignore[return-value]
 
 
 @torch.library.custom_op("whymatch::rise_apply", mutates_args=())
 def _rise_apply(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor, dtype: torch.dtype,
                 channels_last: bool) -> Tensor:
-    n = grids.shape[0]
-    c, h, w = image.shape
+    n, c, h, w = _check_rise_apply_op("rise_apply", grids, shifts, image, baseline)
+    _rise_apply_dtype("rise_apply", dtype)
     mod = _ext.module_for(image.device, "rise_apply")
     if mod is None:
+        _ext.check_size("rise_apply", "the output", (n, c, h, w), dtype, image.device)
         return ref.rise_apply(grids, shifts, image, baseline, dtype, channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty((n, c, h, w), dtype=dtype, device=image.device, memory_format=fmt)
+    out = _ext.empty("rise_apply", "the output", (n, c, h, w), dtype=dtype, device=image.device, memory_format=fmt)
     _launch_rise_apply(mod, grids, shifts, image, baseline, out)
     return out
 
 
 @_rise_apply.register_fake
 def _(grids, shifts, image, baseline, dtype, channels_last):
+    n, c, h, w = _check_rise_apply_op("rise_apply", grids, shifts, image, baseline)
+    _rise_apply_dtype("rise_apply", dtype)
+    _ext.check_size("rise_apply", "the output", (n, c, h, w), dtype, image.device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty((grids.shape[0], *image.shape), dtype=dtype, device=image.device, memory_format=fmt)
 
 
+def _check_rise_apply_out(grids, shifts, image, baseline, out) -> None:
+    op = "rise_apply_out"
+    n, c, h, w = _check_rise_apply_op(op, grids, shifts, image, baseline)
+    V.op_tensor(op, "out", out, ndim=4, dtypes=_OUT_DTYPES, device=image.device, shape=(n, c, h, w),
+                channels_last_ok=True)
+
+
 @torch.library.custom_op("whymatch::rise_apply_out", mutates_args=("out",))
 def _rise_apply_out(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor, out: Tensor) -> None:
+    _check_rise_apply_out(grids, shifts, image, baseline, out)
     mod = _ext.module_for(image.device, "rise_apply")
     if mod is None:
         channels_last = out.numel() > 0 and not out.is_contiguous()
@@ -61,46 +105,75 @@ def _rise_apply_out(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tens
 
 @_rise_apply_out.register_fake
 def _(grids, shifts, image, baseline, out):
+    _check_rise_apply_out(grids, shifts, image, baseline, out)
     return None
+
+
+def _check_rise_saliency_op(grids, shifts, scores, height, width) -> int:
+    op = "rise_saliency"
+    scores = V.op_tensor(op, "scores", scores, ndim=2, dtypes=_F32)
+    n, _ = _check_grids_shifts_op(op, grids, shifts, scores.device)
+    V.op_tensor(op, "scores", scores, shape=(n, None))
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{op}: {name} must be an int >= 0, got {v!r}")
+    _ext.check_size(op, "the output", (scores.shape[1], height, width), torch.float32, scores.device)
+    V.maybe_finite(f"{op}: grids", grids)
+    V.maybe_finite(f"{op}: scores", scores)
+    return scores.shape[1]
 
 
 @torch.library.custom_op("whymatch::rise_saliency", mutates_args=())
 def _rise_saliency(grids: Tensor, shifts: Tensor, scores: Tensor, height: int, width: int) -> Tensor:
+    k = _check_rise_saliency_op(grids, shifts, scores, height, width)
     n, s, _ = grids.shape
-    k = scores.shape[1]
     mod = _ext.module_for(scores.device, "rise_saliency")
     if mod is None:
         return ref.rise_saliency(grids, shifts, scores, (height, width))
-    out = torch.empty((k, height, width), dtype=torch.float32, device=scores.device)
+    out = _ext.empty("rise_saliency", "the output", (k, height, width), dtype=torch.float32, device=scores.device)
     with _ext.device_guard(scores):
-        mod.rise_saliency(_ext.ptr(grids), _ext.ptr(shifts), _ext.ptr(scores), _ext.ptr(out), n, k, height, width,
+        mod.rise_saliency(_ext.buf(grids), _ext.buf(shifts), _ext.buf(scores), _ext.buf(out), n, k, height, width,
                           s, _ext.extra_arg(scores))
     return out
 
 
 @_rise_saliency.register_fake
 def _(grids, shifts, scores, height, width):
+    _check_rise_saliency_op(grids, shifts, scores, height, width)
     return scores.new_empty((scores.shape[1], height, width), dtype=torch.float32)
+
+
+def _check_ranked_blend_op(first, second, rank, counts) -> tuple[int, int, int, int, int]:
+    op = "ranked_blend"
+    first = V.op_tensor(op, "first", first, ndim=4, dtypes=V.FLOAT_DTYPES)
+    b, c, h, w = first.shape
+    V.op_tensor(op, "second", second, ndim=4, dtypes=(first.dtype,), device=first.device, shape=first.shape)
+    V.op_tensor(op, "rank", rank, ndim=2, dtypes=_I64, device=first.device, shape=(b, h * w))
+    counts = V.op_tensor(op, "counts", counts, ndim=1, dtypes=_I64, device=first.device)
+    t = counts.shape[0]
+    _ext.check_size(op, "the output", (b, t, c, h, w), first.dtype, first.device)
+    V.maybe_finite(f"{op}: first", first)
+    V.maybe_finite(f"{op}: second", second)
+    return b, t, c, h, w
 
 
 @torch.library.custom_op("whymatch::ranked_blend", mutates_args=())
 def _ranked_blend(first: Tensor, second: Tensor, rank: Tensor, counts: Tensor) -> Tensor:
-    b, c, h, w = first.shape
-    t = counts.shape[0]
+    b, t, c, h, w = _check_ranked_blend_op(first, second, rank, counts)
     mod = _ext.module_for(first.device, "ranked_blend")
     if mod is None:
         return ref.ranked_blend(first, second, rank, counts)
-    out = torch.empty((b, t, c, h, w), dtype=first.dtype, device=first.device)
+    out = _ext.empty("ranked_blend", "the output", (b, t, c, h, w), dtype=first.dtype, device=first.device)
     with _ext.device_guard(first):
-        mod.ranked_blend(_ext.ptr(first), _ext.ptr(second), _ext.ptr(rank), _ext.ptr(counts), _ext.ptr(out),
+        mod.ranked_blend(_ext.buf(first), _ext.buf(second), _ext.buf(rank), _ext.buf(counts), _ext.buf(out),
                          b, t, c, h * w, _ext.DTYPE_CODES[first.dtype], _ext.extra_arg(first))
     return out
 
 
 @_ranked_blend.register_fake
 def _(first, second, rank, counts):
-    b, c, h, w = first.shape
-    return first.new_empty((b, counts.shape[0], c, h, w))
+    b, t, c, h, w = _check_ranked_blend_op(first, second, rank, counts)
+    return first.new_empty((b, t, c, h, w))
 
 
 # ---------------------------------------------------------------------------
@@ -112,7 +185,7 @@ def _check_grids_shifts(grids: object, shifts: object, size: tuple[int, int],
     grids = V.tensor("grids", grids, ndim=3, dtypes=V.FLOAT_DTYPES, device=device)
     if grids.shape[1] != grids.shape[2] or grids.shape[1] < 1:
         raise ValueError(f"grids must have shape (N, s, s) with s >= 1, got {tuple(grids.shape)}")
-    V.finite("grids", grids)
+    V.maybe_finite("grids", grids)
     n, s, _ = grids.shape
     shifts = V.tensor("shifts", shifts, ndim=2, dtypes=(torch.int64, torch.int32), device=grids.device)
     V.shape("shifts", shifts, (n, 2))
@@ -153,7 +226,7 @@ def rise_apply(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor | 
         (N, C, H, W) tensor of ``dtype`` on the image's device (``out`` when given).
     """
     image = V.tensor("image", image, ndim=3, dtypes=V.FLOAT_DTYPES)
-    V.finite("image", image)
+    V.maybe_finite("image", image)
     c, h, w = image.shape
     grids, shifts = _check_grids_shifts(grids, shifts, (h, w), image.device)
     if isinstance(baseline, torch.Tensor):
@@ -162,7 +235,7 @@ def rise_apply(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor | 
             baseline = baseline.expand(c, h, w)
         except RuntimeError:
             raise ValueError(f"baseline must broadcast to the image shape {(c, h, w)}, got {tuple(baseline.shape)}") from None
-        V.finite("baseline", baseline)
+        V.maybe_finite("baseline", baseline)
     else:
         V.real("baseline", baseline)
         baseline = torch.full((c, h, w), float(baseline), device=image.device)
@@ -205,7 +278,7 @@ def rise_saliency(grids: Tensor, shifts: Tensor, scores: Tensor, size: tuple[int
     grids, shifts = _check_grids_shifts(grids, shifts, tuple(size))
     scores = V.tensor("scores", scores, ndim=2, dtypes=V.FLOAT_DTYPES, device=grids.device)
     V.shape("scores", scores, (grids.shape[0], None))
-    V.finite("scores", scores)
+    V.maybe_finite("scores", scores)
     return torch.ops.whymatch.rise_saliency(grids, shifts, scores.float().contiguous(), int(size[0]), int(size[1]))
 
 
