@@ -637,8 +637,10 @@ class Trainer(CheckpointedLoop):
         if not isinstance(classes, Tensor) or classes.dtype != self.classes.dtype or classes.dim() != 1:
             raise FileFormatError("entry 'classes' must be a 1-D int64 tensor")
         if not torch.equal(classes, self.classes):
-            raise ValueError(f"the checkpoint was trained on other classes ({classes.numel()}) than this train_set "
-                             f"({self.classes.numel()})")
+            diff = [(a, b) for a, b in zip(classes.tolist(), self.classes.tolist()) if a != b][:1]
+            where = f"class {diff[0][0]} in the checkpoint, {diff[0][1]} here" if diff else "another count"
+            raise ValueError(f"the checkpoint was trained on other classes than this train_set ({classes.numel()} vs "
+                             f"{self.classes.numel()} classes; {where})")
         C.check_tensors_match("the checkpoint's loss state", C.check_tensor_dict("entry 'loss'", state["loss"]),
                               self.loss.state_dict(), "another loss or number of classes")
         C.check_same_structure("entry 'sampler'", state["sampler"], self.sampler.state_dict())
