@@ -330,11 +330,12 @@ def test_cache_is_reused_and_rebuilt_when_the_fingerprint_changes(tmp_path, monk
     assert len(calls) == 6                                # labels changed
 
 
-def test_interrupted_build_leaves_no_manifest_and_is_rebuilt(tmp_path, monkeypatch):
+def test_interrupted_build_keeps_the_previous_cache_and_is_rebuilt(tmp_path, monkeypatch):
     sim = _sim()
     items, _, labels = _images()
     kw = dict(k=2, labels=labels, size=8, n_masks=10, batch_size=10)
-    SaliencyCache.build(sim, items, tmp_path / "c", **kw)
+    before = SaliencyCache.build(sim, items, tmp_path / "c", **kw)
+    old_maps = np.array(before.maps)
     orig = RISE.attribute
     calls = []
 
@@ -347,14 +348,17 @@ def test_interrupted_build_leaves_no_manifest_and_is_rebuilt(tmp_path, monkeypat
     monkeypatch.setattr(RISE, "attribute", failing)
     with pytest.raises(KeyboardInterrupt):
         SaliencyCache.build(sim, items, tmp_path / "c", **{**kw, "n_masks": 11})
-    assert not (tmp_path / "c" / MANIFEST).exists()       # the old cache is invalidated, the new one unfinished
-    with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
-        SaliencyCache.open(tmp_path / "c")
+    # the previous cache is intact (the unfinished one is not published) and still reused as it is
+    kept = SaliencyCache.open(tmp_path / "c")
+    assert kept.fingerprint["rise"]["n_masks"] == 10 and np.array_equal(np.asarray(kept.maps), old_maps)
     monkeypatch.setattr(RISE, "attribute", orig)
     counted = _count_rise(monkeypatch)
     c = SaliencyCache.build(sim, items, tmp_path / "c", **{**kw, "n_masks": 11})
     assert len(counted) == 5 and (tmp_path / "c" / MANIFEST).is_file() and len(c) == 6
-    assert not list((tmp_path / "c").glob("*.partial"))
+    assert c.fingerprint["rise"]["n_masks"] == 11
+    # only the files of the published cache remain
+    assert sorted(p.name for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")) == sorted(
+        [MANIFEST, *c.manifest["files"].values()])
 
 
 def test_cache_pickles_by_path(tmp_path):

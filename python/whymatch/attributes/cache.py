@@ -5,11 +5,20 @@ saliency maps of each training image's matches with its most similar images (Eq.
 Those maps cost N forward passes each, so they are computed once, stored as a float16
 array on disk and reused across epochs and runs:
 
-    path/manifest.json     fingerprint + shapes; written last (its presence = a finished build)
-    path/maps.npy          (N, K, s, s) float16, RISE maps of image i against its K references
-    path/references.npy    (N, K) int64 reference indices, -1 where fewer than K exist
+    path/manifest.json          fingerprint, shapes, the data files' names and sha256; replaced
+                                atomically and last: it alone says which files make the cache
+    path/maps-<id>.npy          (N, K, s, s) float16, RISE maps of image i against its K references
+    path/references-<id>.npy    (N, K) int64 reference indices, -1 where fewer than K exist
+    path/.build.lock            held (fcntl.flock) by the process that builds or checks the cache
 
 One RISE pass per image explains it against all of its K references at once.
+
+Safety: builds of one cache are serialized by the lock (a second process waits, then reuses
+the finished cache); every build writes files of new names and publishes them by replacing
+the manifest, so at every instant the directory holds the previous complete cache or the new
+one, whatever fails or is killed; files no manifest names are removed by the next build.
+:meth:`SaliencyCache.open` checks the manifest's keys and types, the files' shapes, dtypes and
+sha256, and says in one line which path is wrong; a builder rebuilds such a cache.
 """
 
 from __future__ import annotations
@@ -18,7 +27,10 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,16 +39,22 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..io import atomic_write, atomic_write_text
+from ..io import FileFormatError, atomic_write, atomic_write_text, read_json_file
 from ..ops import _validate as V
 from ..similarity import SimilarityModel
 
-__all__ = ["SaliencyCache", "MANIFEST"]
+__all__ = ["SaliencyCache", "SaliencyCacheError", "MANIFEST"]
 
 MANIFEST = "manifest.json"
-_MAPS = "maps.npy"
-_REFS = "references.npy"
-_FORMAT = 1
+LOCK = ".build.lock"
+_FORMAT = 2
+# data files a build writes (the next build removes those no manifest names); without an id: format 1's names
+_DATA_FILE = re.compile(r"^(?P<kind>maps|references)(?:-(?P<id>[0-9a-f]{8,64}))?\.npy(?P<partial>\.partial)?$")
+_KEYS = ("format", "fingerprint", "n", "k", "size", "files", "sha256")
+
+
+class SaliencyCacheError(FileFormatError):
+    """A saliency cache directory that cannot be used as it is (one line naming the path and what is wrong)."""
 
 
 def _image(item: object, name: str = "images") -> Tensor:
@@ -106,24 +124,44 @@ class SaliencyCache:
     A cache pickles by path (DataLoader workers reopen the memory map).
     """
 
-    def __init__(self, path: str | os.PathLike, manifest: dict) -> None:
+    def __init__(self, path: str | os.PathLike, manifest: dict, *, verify: bool = True) -> None:
         self.path = Path(path)
-        self.manifest = manifest
+        self.manifest = _check_manifest(self.path / MANIFEST, manifest)
         self._maps: np.memmap | None = None
-        self.references = torch.from_numpy(np.load(self.path / _REFS)).long()
         n, k, s = manifest["n"], manifest["k"], manifest["size"]
-        if tuple(self.references.shape) != (n, k):
-            raise ValueError(f"{self.path / _REFS} has shape {tuple(self.references.shape)}, the manifest ({n}, {k})")
-        if tuple(self.maps.shape) != (n, k, s, s):
-            raise ValueError(f"{self.path / _MAPS} has shape {tuple(self.maps.shape)}, "
-                             f"the manifest ({n}, {k}, {s}, {s})")
+        maps_file, refs_file = self._file("maps"), self._file("references")
+        for f in (maps_file, refs_file):
+            if not f.is_file():
+                raise FileNotFoundError(f"saliency cache at {self.path} is incomplete: {f} is missing")
+        if verify:
+            for kind, f in (("maps", maps_file), ("references", refs_file)):
+                got = _file_sha256(f)
+                if got != manifest["sha256"][kind]:
+                    raise SaliencyCacheError(f"saliency cache file {f} does not match its manifest (sha256 "
+                                             f"{got[:12]}..., manifest {manifest['sha256'][kind][:12]}...): "
+                                             "changed or corrupted")
+        refs = _load_npy(refs_file, "references")
+        if refs.dtype != np.int64 or refs.shape != (n, k):
+            raise SaliencyCacheError(f"saliency cache file {refs_file} holds {refs.dtype} {refs.shape}, "
+                                     f"the manifest says int64 ({n}, {k})")
+        if refs.size and (int(refs.min()) < -1 or int(refs.max()) >= n):
+            raise SaliencyCacheError(f"saliency cache file {refs_file} holds reference indices in "
+                                     f"[{int(refs.min())}, {int(refs.max())}], expected -1 or [0, {n})")
+        self.references = torch.from_numpy(np.array(refs))
+        maps = self.maps
+        if maps.dtype != np.float16 or tuple(maps.shape) != (n, k, s, s):
+            raise SaliencyCacheError(f"saliency cache file {maps_file} holds {maps.dtype} {tuple(maps.shape)}, "
+                                     f"the manifest says float16 ({n}, {k}, {s}, {s})")
+
+    def _file(self, kind: str) -> Path:
+        return self.path / self.manifest["files"][kind]
 
     # ---------------------------------------------------------------- access
     @property
     def maps(self) -> np.memmap:
         """(N, K, s, s) float16 read-only memory map."""
         if self._maps is None:
-            self._maps = np.load(self.path / _MAPS, mmap_mode="r")
+            self._maps = _load_npy(self._file("maps"), "maps", mmap=True)
         return self._maps
 
     @property
@@ -174,20 +212,32 @@ class SaliencyCache:
 
     # ---------------------------------------------------------------- open / build
     @classmethod
-    def open(cls, path: str | os.PathLike) -> SaliencyCache:
-        """Open a finished cache (its manifest exists); FileNotFoundError names what is missing."""
+    def open(cls, path: str | os.PathLike, *, verify: bool = True) -> SaliencyCache:
+        """Open a finished cache.
+
+        Args:
+            path: the cache directory.
+            verify: check the data files' sha256 against the manifest (reads them once).
+
+        Raises:
+            FileNotFoundError: no manifest (never built, or its first build is unfinished), or a
+                data file it names is missing; names the path.
+            SaliencyCacheError (a ValueError): a manifest that is not JSON, not an object, lacks
+                keys or has values of the wrong type; data files that are not .npy arrays, whose
+                dtype or shape disagree with the manifest, or whose sha256 differs (one line, naming the path).
+        """
         p = Path(path)
         man = p / MANIFEST
         if not man.is_file():
             raise FileNotFoundError(f"no finished saliency cache at {p}: {man} is missing "
                                     "(build one with SaliencyCache.build)")
-        manifest = json.loads(man.read_text())
-        if manifest.get("format") != _FORMAT:
-            raise ValueError(f"{man} has format {manifest.get('format')!r}, expected {_FORMAT}")
-        for f in (_MAPS, _REFS):
-            if not (p / f).is_file():
-                raise FileNotFoundError(f"saliency cache at {p} is incomplete: {p / f} is missing")
-        return cls(p, manifest)
+        try:
+            manifest = read_json_file(man, "saliency cache manifest", required_keys=_KEYS)
+        except SaliencyCacheError:
+            raise
+        except FileFormatError as exc:
+            raise SaliencyCacheError(str(exc)) from None
+        return cls(p, manifest, verify=verify)
 
     @staticmethod
     def fingerprint_of(sim: SimilarityModel, images: Dataset, *, k: int, labels: Tensor | None, size: int,
@@ -222,15 +272,19 @@ class SaliencyCache:
         normalize 'rise' (similarity units), baseline 0, masks seeded from (seed, i), resized
         to ``size`` with adaptive average pooling (bilinear when enlarging).
 
-        Reuse and crash safety: when path/manifest.json exists and its fingerprint
-        (:meth:`fingerprint_of`) equals this call's, the cache is opened as it is (no RISE call).
-        Otherwise the manifest is removed first, maps are written into a temporary file,
-        renamed into place when complete, and the manifest is written last (atomically), so an
-        interrupted build leaves no manifest and the next call rebuilds.
+        Reuse, concurrency and crash safety: the build holds ``path/.build.lock`` (``fcntl.flock``;
+        a second process building the same cache waits for it). When the finished cache at
+        ``path`` passes :meth:`open`'s checks (sha256 included) and its fingerprint
+        (:meth:`fingerprint_of`) equals this call's, it is reused (no RISE call). Otherwise the
+        maps and references are written into files of new names and published by replacing the
+        manifest (atomically, last); the previous cache stays complete and usable until then. A
+        build that was interrupted leaves files no manifest names: the next build removes them
+        and starts over (there is no resume of a partial build). A manifest or data file that is
+        corrupt, of the wrong shape or type, or changed since it was written is rebuilt.
 
-        Under torch.distributed every rank must call this with the same arguments: rank r
-        computes rows r, r + world, ... into the shared file (the path must be on a file
-        system all ranks see), then rank 0 finishes it after a barrier.
+        Under torch.distributed every rank must call this with the same arguments: rank 0 takes
+        the lock, rank r computes rows r, r + world, ... into the shared file (the path must be
+        on a file system all ranks see), then rank 0 publishes it after a barrier.
 
         Args:
             sim: the similarity model explained (on its device; images are moved there).
@@ -253,6 +307,8 @@ class SaliencyCache:
             raise TypeError(f"sim must be a whymatch.SimilarityModel, got {type(sim).__name__}")
         if not isinstance(images, Dataset) and not hasattr(images, "__getitem__"):
             raise TypeError(f"images must be a Dataset of images or (image, label) items, got {type(images).__name__}")
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         n = len(images)
         if n == 0:
             raise ValueError("images must not be empty")
@@ -273,95 +329,128 @@ class SaliencyCache:
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         rise = RISE(sim, n_masks=n_masks, grid=grid, p=p, batch_size=batch_size, seed=seed)  # validates
         out = Path(path)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"path {out} is an existing file, not a directory")
         fp = cls.fingerprint_of(sim, images, k=k, labels=labels, size=size, n_masks=n_masks, grid=grid,
                                 p=float(p), seed=seed)
         distributed, rank, world = _dist()
 
-        existing = cls._matching(out, fp)
-        reuse = existing is not None
-        if distributed:  # every rank must take the same branch
-            import torch.distributed as dist
+        with _build_lock(out) if rank == 0 else contextlib.nullcontext():
+            _barrier()  # the other ranks look at the directory only once rank 0 holds the lock
+            existing = cls._matching(out, fp)
+            reuse = existing is not None
+            if distributed:  # every rank must take the same branch
+                import torch.distributed as dist
 
-            flag = torch.tensor([1 if reuse else 0])
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            reuse = bool(flag.item())
-        if reuse:
-            _barrier()
-            return existing if existing is not None else cls.open(out)
-
-        _barrier()  # nobody still reads the old manifest
-        dev = sim.device
-        was_training = sim.training
-        sim.eval()
-        try:
-            cls._compute(sim, rise, images, out, fp, k=k, labels=labels, size=size, batch_size=batch_size,
-                         seed=seed, show_progress=show_progress, dev=dev)
-        finally:
-            sim.train(was_training)
-        return cls.open(out)
+                flag = torch.tensor([1 if reuse else 0])
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                reuse = bool(flag.item())
+            if reuse:
+                if rank == 0:
+                    _remove_unnamed(out, existing.manifest)
+                _barrier()
+                return existing
+            dev = sim.device
+            was_training = sim.training
+            sim.eval()
+            try:
+                manifest = cls._compute(sim, rise, images, out, fp, k=k, labels=labels, size=size,
+                                        batch_size=batch_size, seed=seed, show_progress=show_progress, dev=dev)
+            finally:
+                sim.train(was_training)
+            return cls(out, manifest, verify=False)  # the files were just hashed
 
     @classmethod
     def _compute(cls, sim, rise, images, out: Path, fp: dict, *, k: int, labels: Tensor | None, size: int,
-                 batch_size: int, seed: int, show_progress: bool, dev: torch.device) -> None:
+                 batch_size: int, seed: int, show_progress: bool, dev: torch.device) -> dict:
+        """Write the maps and references into files of new names, then publish them with the manifest
+        (rank 0; the lock is held). Returns the manifest."""
         distributed, rank, world = _dist()
         t0 = time.perf_counter()
         n = len(images)
         emb = _embed_all(sim, images, batch_size, dev)
         refs = cls._references(sim, emb, k, labels)
-        tmp_maps = out / (_MAPS + ".partial")
+        names = [None, None]
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                (out / MANIFEST).unlink()
-            arr = np.lib.format.open_memmap(tmp_maps, mode="w+", dtype=np.float16, shape=(n, k, size, size))
-            del arr
+            _remove_unnamed(out, _manifest_or_none(out))  # what interrupted builds left
+            ident = f"{time.time_ns():x}{secrets.token_hex(4)}"
+            names = [f"maps-{ident}.npy", f"references-{ident}.npy"]
         if distributed:
             import torch.distributed as dist
 
             dist.broadcast(refs, 0)  # one set of references, whatever the ranks' numerics
-        _barrier()
-        arr = np.lib.format.open_memmap(tmp_maps, mode="r+")
-        rows = range(rank, n, world)
-        it = rows
-        if show_progress and rank == 0:
-            from tqdm.auto import tqdm
+            dist.broadcast_object_list(names, 0)
+        maps_name, refs_name = names
+        maps_path = out / maps_name
+        try:
+            if rank == 0:
+                arr = np.lib.format.open_memmap(maps_path, mode="w+", dtype=np.float16, shape=(n, k, size, size))
+                del arr
+            _barrier()
+            arr = np.lib.format.open_memmap(maps_path, mode="r+")
+            rows = range(rank, n, world)
+            it = rows
+            if show_progress and rank == 0:
+                from tqdm.auto import tqdm
 
-            it = tqdm(rows, desc="saliency cache (RISE)", unit="img")
-        for i in it:
-            r = refs[i]
-            ok = r >= 0
-            if not bool(ok.any()):
-                arr[i] = 0
-                continue
-            q = _image(images[i]).to(dev)
-            # (k', H, W): one pass over the query's masks for all of its references
-            sal = rise.attribute(q, reference_embeddings=emb[r[ok].to(emb.device)], seed=_seed_for(seed, i))
-            if sal.shape[-1] != size:
-                sal = (F.adaptive_avg_pool2d(sal[None], size) if sal.shape[-1] > size
-                       else F.interpolate(sal[None], size=(size, size), mode="bilinear", align_corners=False))[0]
-            row = np.zeros((k, size, size), dtype=np.float16)
-            row[ok.numpy()] = sal.float().cpu().numpy().astype(np.float16)
-            arr[i] = row
-        arr.flush()
-        del arr
+                it = tqdm(rows, desc="saliency cache (RISE)", unit="img")
+            for i in it:
+                r = refs[i]
+                ok = r >= 0
+                if not bool(ok.any()):
+                    arr[i] = 0
+                    continue
+                q = _image(images[i]).to(dev)
+                # (k', H, W): one pass over the query's masks for all of its references
+                sal = rise.attribute(q, reference_embeddings=emb[r[ok].to(emb.device)], seed=_seed_for(seed, i))
+                if sal.shape[-1] != size:
+                    sal = (F.adaptive_avg_pool2d(sal[None], size) if sal.shape[-1] > size
+                           else F.interpolate(sal[None], size=(size, size), mode="bilinear", align_corners=False))[0]
+                row = np.zeros((k, size, size), dtype=np.float16)
+                row[ok.numpy()] = sal.float().cpu().numpy().astype(np.float16)
+                arr[i] = row
+            arr.flush()
+            del arr
+            _barrier()
+            manifest = None
+            if rank == 0:
+                with open(maps_path, "rb+") as f:
+                    os.fsync(f.fileno())
+                atomic_write(out / refs_name, lambda f: np.save(f, refs.numpy()))
+                manifest = {"format": _FORMAT, "fingerprint": fp, "n": n, "k": k, "size": size, "dtype": "float16",
+                            "files": {"maps": maps_name, "references": refs_name},
+                            "sha256": {"maps": _file_sha256(maps_path), "references": _file_sha256(out / refs_name)},
+                            "n_valid": int((refs >= 0).sum()), "world_size": world,
+                            "build_time_s": round(time.perf_counter() - t0, 3)}
+                atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")  # the publication
+                _remove_unnamed(out, manifest)  # the previous cache's files
+        except BaseException:
+            if rank == 0 and not distributed:  # under DDP the next build cleans up
+                for f in (maps_path, out / refs_name):
+                    if f.name not in (_manifest_or_none(out) or {}).get("files", {}).values():
+                        with contextlib.suppress(OSError):
+                            f.unlink()
+            raise
+        if distributed:
+            import torch.distributed as dist
+
+            box = [manifest]
+            dist.broadcast_object_list(box, 0)
+            manifest = box[0]
         _barrier()
-        if rank == 0:
-            os.replace(tmp_maps, out / _MAPS)
-            atomic_write(out / _REFS, lambda f: np.save(f, refs.numpy()))
-            manifest = {"format": _FORMAT, "fingerprint": fp, "n": n, "k": k, "size": size, "dtype": "float16",
-                        "files": {"maps": _MAPS, "references": _REFS}, "n_valid": int((refs >= 0).sum()),
-                        "world_size": world, "build_time_s": round(time.perf_counter() - t0, 3)}
-            atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        _barrier()
+        return manifest
 
     @classmethod
     def _matching(cls, path: Path, fp: dict) -> SaliencyCache | None:
-        """The finished cache at path if its fingerprint is ``fp``, else None."""
+        """The finished cache at path if it passes every check and its fingerprint is ``fp``, else None."""
         try:
-            cache = cls.open(path)
-        except (FileNotFoundError, ValueError, json.JSONDecodeError, OSError):
+            cache = cls.open(path, verify=False)
+            if cache.fingerprint != json.loads(json.dumps(fp)):
+                return None
+            return cls.open(path, verify=True)
+        except (FileNotFoundError, ValueError, OSError):
             return None
-        return cache if cache.fingerprint == json.loads(json.dumps(fp)) else None
 
     @staticmethod
     @torch.no_grad()
@@ -392,3 +481,102 @@ def _embed_all(sim: SimilarityModel, images: Dataset, batch_size: int, dev: torc
         x = torch.stack([_image(images[i]) for i in range(s, min(n, s + batch_size))]).to(dev)
         out.append(sim(x))
     return torch.cat(out)
+
+
+# ------------------------------------------------------------------ files
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _check_manifest(path: Path, m: object) -> dict:
+    """The manifest's keys and value types, or SaliencyCacheError naming ``path`` and the first problem."""
+    def bad(what: str) -> SaliencyCacheError:
+        return SaliencyCacheError(f"saliency cache manifest {path} {what}")
+
+    if not isinstance(m, dict):
+        raise bad(f"must hold a JSON object, got {type(m).__name__}")
+    missing = [key for key in _KEYS if key not in m]
+    if missing:
+        raise bad(f"lacks the keys {', '.join(map(repr, missing))}")
+    if m["format"] != _FORMAT or isinstance(m["format"], bool):
+        raise bad(f"has format {m['format']!r}, expected {_FORMAT} (written by another whymatch version)")
+    for key in ("n", "k", "size"):
+        if not _is_count(m[key]):
+            raise bad(f"has {key} {m[key]!r}, expected an int >= 1")
+    if not isinstance(m["fingerprint"], dict):
+        raise bad(f"has fingerprint of type {type(m['fingerprint']).__name__}, expected an object")
+    for key in ("files", "sha256"):
+        if not isinstance(m[key], dict) or set(m[key]) != {"maps", "references"}:
+            raise bad(f"has {key} {m[key]!r}, expected an object with the keys 'maps' and 'references'")
+    for kind, name in m["files"].items():
+        g = _DATA_FILE.match(name) if isinstance(name, str) else None
+        if g is None or g.group("kind") != kind or g.group("partial"):
+            raise bad(f"names the {kind} file {name!r}, expected '{kind}-<hex id>.npy' in the cache directory")
+    for kind, digest in m["sha256"].items():
+        if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            raise bad(f"has sha256 of {kind} {digest!r}, expected 64 hex digits")
+    return m
+
+
+def _manifest_or_none(out: Path) -> dict | None:
+    """The manifest at ``out`` if it is valid, else None."""
+    try:
+        return _check_manifest(out / MANIFEST, read_json_file(out / MANIFEST, "saliency cache manifest"))
+    except (OSError, ValueError):
+        return None
+
+
+def _remove_unnamed(out: Path, manifest: dict | None) -> None:
+    """Remove the data files (and partial files) of ``out`` that ``manifest`` does not name (the lock is held)."""
+    keep = set(manifest["files"].values()) if manifest else set()
+    with contextlib.suppress(OSError):
+        for e in os.scandir(out):
+            if _DATA_FILE.match(e.name) and e.name not in keep and e.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(e.path)
+        for e in os.scandir(out):  # temporary files of atomic_write left by a killed build
+            if (e.name.startswith(".references-") or e.name.startswith(f".{MANIFEST}.")) and e.name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(e.path)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_npy(path: Path, what: str, mmap: bool = False) -> np.ndarray:
+    """np.load without pickles; a file that is not a .npy array -> SaliencyCacheError naming it."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"saliency cache file {path} ({what}) is missing") from None
+    except (ValueError, OSError, EOFError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SaliencyCacheError(f"saliency cache file {path} ({what}) is not a readable .npy array: {text}") from None
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.build.lock`` exclusively (fcntl.flock; waits for another builder). Where fcntl is
+    missing (Windows) builds are not serialized."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"path {out} is an existing file, not a directory") from None
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (not POSIX)
+        yield
+        return
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
