@@ -8,6 +8,7 @@ through :func:`train_mining`; ``whymatch train avsl`` trains AVSL through :func:
 ...)`` sets the published AVSL recipe.
 """
 
+from .checkpoint import RESUMABLE, RUN_FILES
 from .sampler import PKSampler
 from .tasks import (BACKBONES, DATASETS, METRIC_LOSSES, MiningConfig, TensorImages, TrainConfig, build_backbone,
                     build_data, build_metric_loss, mining_group_layout, schedule_kwargs, task_param_groups,
@@ -16,7 +17,7 @@ from .trainer import BEST, CHECKPOINT, METRICS_LOG, SCHEDULERS, ParamGroup, Trai
 from .avsl_task import (AVSL_GROUPS, AVSL_RECIPES, AVSLConfig, AVSLTrainer, avsl_recall_at_k, build_avsl_model,
                         published_avsl_recipe, train_avsl)
 
-__all__ = ["PKSampler", "Trainer", "ParamGroup", "assign_param_groups", "SCHEDULERS", "random_flip", "CHECKPOINT",
+__all__ = ["RESUMABLE", "RUN_FILES", "PKSampler", "Trainer", "ParamGroup", "assign_param_groups", "SCHEDULERS", "random_flip", "CHECKPOINT",
            "BEST", "METRICS_LOG", "BACKBONES", "DATASETS", "METRIC_LOSSES", "TrainConfig", "MiningConfig",
            "TensorImages", "build_backbone", "build_data", "build_metric_loss", "mining_group_layout",
            "task_param_groups", "schedule_kwargs", "train_mining", "AVSLConfig", "AVSLTrainer", "AVSL_GROUPS",
