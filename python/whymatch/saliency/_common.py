@@ -174,11 +174,11 @@ def query_as_pairs(sim: SimilarityModel, query: object, references: object,
         query = query[0]
     q = sim.check_images("query", query, batch=False, device=sim.device)
     if references is not None:
-        references = V.tensor("references", references, ndim=(3, 4))
+        references = V.tensor("references", references, ndim=(3, 4), nonempty=True)
         references = references[None] if references.dim() == 3 else references
         k = references.shape[0]
     elif reference_embeddings is not None:
-        k = V.tensor("reference_embeddings", reference_embeddings, ndim=2).shape[0]
+        k = V.tensor("reference_embeddings", reference_embeddings, ndim=2, nonempty=True).shape[0]
     else:
         raise ValueError("references must be given (K, C, H, W) images, or reference_embeddings (K, D)")
     return q[None].expand(k, -1, -1, -1), references, reference_embeddings

@@ -220,7 +220,8 @@ class SimilarityAttention(_common.Explainer):
                                  f"{x.shape[0]} (member {i})")
         if isinstance(positive, Tensor):
             if positive.dtype not in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
-                raise ValueError(f"positive must be a bool tensor, got dtype {str(positive.dtype).replace('torch.', '')}")
+                got = str(positive.dtype).replace("torch.", "")
+                raise ValueError(f"positive must be a bool tensor, got dtype {got}")
             positive = V.shape("positive", positive.to(dev), (b,)).to(torch.bool)
         elif not isinstance(positive, bool):
             raise TypeError(f"positive must be a bool or a (B,) bool tensor, got {type(positive).__name__}")
@@ -246,7 +247,7 @@ class SimilarityAttention(_common.Explainer):
         if isinstance(query, Tensor) and query.dim() == 4 and query.shape[0] == 1:
             query = query[0]
         q = self.sim.check_images("query", query, batch=False, device=self.sim.device)
-        refs = V.tensor("references", references, ndim=(3, 4))
+        refs = V.tensor("references", references, ndim=(3, 4), nonempty=True)
         refs = refs[None] if refs.dim() == 3 else refs
         k = refs.shape[0]
         members = [q[None].expand(k, -1, -1, -1), refs]
