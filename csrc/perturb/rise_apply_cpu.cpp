@@ -12,6 +12,8 @@ namespace {
 template <typename T>
 void rise_apply_impl(const RiseApplyParams& p, int num_threads) {
   const RiseCanvas cv(p.h, p.w, p.s);
+  // every shift before any write: its values index the canvas tables
+  for (int64_t n = 0; n < p.n; ++n) cv.check_shift(n, p.shifts[2 * n], p.shifts[2 * n + 1], "rise_apply");
   T* out = static_cast<T*>(p.out);
   const int64_t hw = p.h * p.w;
 
@@ -19,7 +21,6 @@ void rise_apply_impl(const RiseApplyParams& p, int num_threads) {
     std::vector<float> hrows(p.s * cv.up_w), mrow(p.w);
     for (int64_t n = begin; n < end; ++n) {
       const int64_t dy = p.shifts[2 * n], dx = p.shifts[2 * n + 1];
-      cv.check_shift(n, dy, dx, "rise_apply");
       cv.horizontal_rows(p.grids + n * p.s * p.s, hrows.data());
       for (int64_t y = 0; y < p.h; ++y) {
         cv.mask_row(hrows.data(), y + dy, dx, p.w, mrow.data());

@@ -21,8 +21,8 @@ struct RiseCanvas {
 
   void check_shift(int64_t n, int64_t dy, int64_t dx, const char* op) const {
     WM_CHECK(dy >= 0 && dy < cell_h && dx >= 0 && dx < cell_w,
-             op << ": shifts[" << n << "] = (" << dy << ", " << dx << ") outside [0, " << cell_h << ") x [0, "
-                << cell_w << ")");
+             op << ": shifts[" << n << "] must lie in [0, " << cell_h << ") x [0, " << cell_w << ") (cell = ceil(size / s)"
+                << " for s=" << s << "), got (" << dy << ", " << dx << ")");
   }
 
   // hrows[i * up_w + X] = grid row i interpolated horizontally at canvas column X,

@@ -267,20 +267,25 @@ def _check_levels(queries, galleries, rel_q, rel_g, links, coef, bias):
                              f"{len(seq) if isinstance(seq, (list, tuple)) else type(seq).__name__}")
     if n < 1:
         raise ValueError("queries must hold at least one level, got an empty list")
-    dev = queries[0].device
-    q0, g0 = queries[0].shape[0], galleries[0].shape[0]
+    fl = V.FLOAT_DTYPES + (torch.float64,)
+    dev = V.tensor("queries[0]", queries[0], ndim=2, dtypes=fl).device
+    q0 = queries[0].shape[0]
+    g0 = V.tensor("galleries[0]", galleries[0], ndim=2, dtypes=fl, device=dev).shape[0]
     for lv in range(n):
-        q = V.tensor(f"queries[{lv}]", queries[lv], ndim=2, device=dev)
+        q = V.tensor(f"queries[{lv}]", queries[lv], ndim=2, dtypes=fl, device=dev)
         r = q.shape[1]
-        V.shape(f"queries[{lv}]", q, (q0, r))
-        V.shape(f"galleries[{lv}]", V.tensor(f"galleries[{lv}]", galleries[lv], ndim=2, device=dev), (g0, r))
-        V.shape(f"rel_q[{lv}]", V.tensor(f"rel_q[{lv}]", rel_q[lv], ndim=2, device=dev), (q0, r))
-        V.shape(f"rel_g[{lv}]", V.tensor(f"rel_g[{lv}]", rel_g[lv], ndim=2, device=dev), (g0, r))
-        V.shape(f"coef[{lv}]", V.tensor(f"coef[{lv}]", coef[lv], ndim=1, device=dev), (r,))
-        V.shape(f"bias[{lv}]", V.tensor(f"bias[{lv}]", bias[lv], ndim=1, device=dev), (r,))
+        if r < 1:
+            raise ValueError(f"queries[{lv}] must have at least one node (column), got shape {tuple(q.shape)}")
+        checked = [(f"queries[{lv}]", q, (q0, r)),
+                   (f"galleries[{lv}]", galleries[lv], (g0, r)), (f"rel_q[{lv}]", rel_q[lv], (q0, r)),
+                   (f"rel_g[{lv}]", rel_g[lv], (g0, r)), (f"coef[{lv}]", coef[lv], (r,)),
+                   (f"bias[{lv}]", bias[lv], (r,))]
         if lv:
-            rp = queries[lv - 1].shape[1]
-            V.shape(f"links[{lv - 1}]", V.tensor(f"links[{lv - 1}]", links[lv - 1], ndim=2, device=dev), (rp, r))
+            checked.append((f"links[{lv - 1}]", links[lv - 1], (queries[lv - 1].shape[1], r)))
+        for name, t, want in checked:
+            t = V.tensor(name, t, ndim=len(want), dtypes=fl, device=dev)
+            V.shape(name, t, want)
+            V.maybe_finite(name, t)
 
 
 # ---------------------------------------------------------------------------

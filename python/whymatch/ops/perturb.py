@@ -36,6 +36,23 @@ def _check_grids_shifts_op(op: str, grids: Tensor, shifts: Tensor, device: torch
     return n, s
 
 
+def _check_shift_values(label: str, shifts: Tensor, size: tuple[int, int], s: int) -> None:
+    """Range check of the shift values (they index the upsampled canvas): reads the data, so the
+    registered ops call it only where no compiled kernel checks them (CUDA, the reference fallback)."""
+    if torch.compiler.is_compiling() or shifts.device.type == "meta" or shifts.numel() == 0:
+        return
+    cell_h, cell_w, _, _ = ref.rise_grid_geometry(size, s)
+    if size[0] and size[1]:
+        dy, dx = shifts[:, 0], shifts[:, 1]
+        bad = (dy < 0) | (dy >= cell_h) | (dx < 0) | (dx >= cell_w)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"{label}[{i}] must lie in [0, {cell_h}) x [0, {cell_w}) (cell = ceil(size / s) for s={s}, "
+                f"size={tuple(size)}), got {tuple(int(v) for v in shifts[i])}"
+            )
+
+
 def _check_rise_apply_op(op: str, grids, shifts, image, baseline) -> tuple[int, int, int, int]:
     image = V.op_tensor(op, "image", image, ndim=3, dtypes=_F32)
     n, _ = _check_grids_shifts_op(op, grids, shifts, image.device)
@@ -67,6 +84,8 @@ def _rise_apply(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor, 
     n, c, h, w = _check_rise_apply_op("rise_apply", grids, shifts, image, baseline)
     _rise_apply_dtype("rise_apply", dtype)
     mod = _ext.module_for(image.device, "rise_apply")
+    if mod is None or image.device.type != "cpu":
+        _check_shift_values("rise_apply: shifts", shifts, (h, w), grids.shape[1])
     if mod is None:
         _ext.check_size("rise_apply", "the output", (n, c, h, w), dtype, image.device)
         return ref.rise_apply(grids, shifts, image, baseline, dtype, channels_last)
@@ -96,6 +115,8 @@ def _check_rise_apply_out(grids, shifts, image, baseline, out) -> None:
 def _rise_apply_out(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor, out: Tensor) -> None:
     _check_rise_apply_out(grids, shifts, image, baseline, out)
     mod = _ext.module_for(image.device, "rise_apply")
+    if mod is None or image.device.type != "cpu":
+        _check_shift_values("rise_apply_out: shifts", shifts, tuple(image.shape[1:]), grids.shape[1])
     if mod is None:
         channels_last = out.numel() > 0 and not out.is_contiguous()
         out.copy_(ref.rise_apply(grids, shifts, image, baseline, out.dtype, channels_last))
@@ -128,6 +149,8 @@ def _rise_saliency(grids: Tensor, shifts: Tensor, scores: Tensor, height: int, w
     k = _check_rise_saliency_op(grids, shifts, scores, height, width)
     n, s, _ = grids.shape
     mod = _ext.module_for(scores.device, "rise_saliency")
+    if mod is None or scores.device.type != "cpu":
+        _check_shift_values("rise_saliency: shifts", shifts, (height, width), s)
     if mod is None:
         return ref.rise_saliency(grids, shifts, scores, (height, width))
     out = _ext.empty("rise_saliency", "the output", (k, height, width), dtype=torch.float32, device=scores.device)
@@ -189,16 +212,8 @@ def _check_grids_shifts(grids: object, shifts: object, size: tuple[int, int],
     n, s, _ = grids.shape
     shifts = V.tensor("shifts", shifts, ndim=2, dtypes=(torch.int64, torch.int32), device=grids.device)
     V.shape("shifts", shifts, (n, 2))
-    cell_h, cell_w, _, _ = ref.rise_grid_geometry(size, s)
-    if n and size[0] and size[1]:
-        dy, dx = shifts[:, 0], shifts[:, 1]
-        bad = (dy < 0) | (dy >= cell_h) | (dx < 0) | (dx >= cell_w)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"shifts[{i}] must lie in [0, {cell_h}) x [0, {cell_w}) (cell = ceil(size / s) for s={s}, "
-                f"size={tuple(size)}), got {tuple(int(v) for v in shifts[i])}"
-            )
+    if grids.device.type == "cpu":  # no sync on the CPU; on other devices the registered op checks them once
+        _check_shift_values("shifts", shifts, tuple(size), s)
     return grids.float().contiguous(), shifts.long().contiguous()
 
 
