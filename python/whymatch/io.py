@@ -156,15 +156,15 @@ def pil_to_rgb(image: Image.Image) -> Image.Image:
     """A PIL image of any supported mode as an 8-bit RGB PIL image, by the rules of :func:`pil_to_tensor`.
 
     For code that needs a PIL RGB image (transforms): use this instead of ``image.convert("RGB")``,
-    which clips 16-bit images to white.
+    which clips 16-bit images to white. Always a new image (an RGB one is copied).
     """
     from PIL import Image  # noqa: F811
 
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
     if image.mode == "RGB":
-        return image
-    arr, eight_bit = _as_float_channels(image)
+        return image.copy()  # a new image, like convert(): the caller may close the source
+    arr, _ = _as_float_channels(image)
     if arr.shape[-1] == 1:
         arr = np.repeat(arr, 3, axis=-1)
     return Image.fromarray(np.ascontiguousarray((arr * 255.0 + 0.5).astype(np.uint8)), "RGB")

@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..io import pil_to_rgb
 from .transforms import pil_to_tensor
 
 __all__ = ["LocalImageDataset", "check_root", "find_base", "read_lines", "parse_int", "read_json", "check_index",
@@ -96,10 +97,10 @@ def open_rgb(name: str, path: Path, context: str) -> Image.Image:
     """
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return pil_to_rgb(im)  # 16-bit / float modes by their range, not clipped to white
     except FileNotFoundError:
         raise FileNotFoundError(f"{name}: image {path} ({context}) not found") from None
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise OSError(f"{name}: cannot read image {path} ({context}): {e}") from e
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from ..io import pil_to_tensor  # re-exported: whymatch.data.pil_to_tensor
+from ..io import pil_to_rgb, pil_to_tensor  # pil_to_tensor re-exported: whymatch.data.pil_to_tensor
 from ..ops import _validate as V
 
 __all__ = ["ResizeCrop", "train_transform", "eval_transform", "pil_to_tensor"]
@@ -74,7 +74,7 @@ class ResizeCrop:
     def __call__(self, image: Image.Image | Tensor) -> Tensor:
         if isinstance(image, Image.Image):
             if image.mode != "RGB":
-                image = image.convert("RGB")
+                image = pil_to_rgb(image)  # 16-bit / float modes by their range, not clipped
             w, h = image.size
             nh, nw = _shorter_side_size(h, w, self.resize)
             x = pil_to_tensor(image.resize((nw, nh), Image.BILINEAR))
