@@ -625,7 +625,7 @@ class TCAV:
         missing = [k for k in ("cavs", "accuracy", "valid", "attribute_names") if k not in state]
         if missing:
             raise ValueError(f"state must hold cavs, accuracy, valid and attribute_names, missing {missing}")
-        cavs = V.tensor("state['cavs']", state["cavs"], ndim=2, dtypes=_FLOATS)
+        cavs = V.finite("state['cavs']", V.tensor("state['cavs']", state["cavs"], ndim=2, dtypes=_FLOATS))
         na = cavs.shape[0]
         acc = V.tensor("state['accuracy']", state["accuracy"], ndim=1, dtypes=_FLOATS)
         valid = V.tensor("state['valid']", state["valid"], ndim=1, dtypes=(torch.bool,))
