@@ -509,7 +509,7 @@ def test_avsl_report_draws_every_level(tmp_path):
             assert f"<td>{int(le.nodes[j])}</td>" in page
     pngs = list((tmp_path / "rep").glob("*.png"))
     assert len(pngs) == 3 * (3 * 2 + 2)
-    with pytest.raises(KeyError):  # a pair without an explanation leaves nothing behind
+    with pytest.raises(ValueError, match=r"pairs\[0\] lacks the keys 'explanation'"):  # leaves nothing behind
         write_avsl_report(tmp_path / "bad", [{"name": "x", "x1": x[0], "x2": x[1]}])
     assert not (tmp_path / "bad").exists()
 

@@ -219,9 +219,21 @@ def test_a_failing_report_body_leaves_the_old_report(tmp_path):
     out = tmp_path / "rep"
     _write(out, "v1")
     bad = _pairs("v2")
-    bad[0]["maps"]["lime"] = torch.rand(1, 8, 8)              # fewer maps than references: fails mid-way
-    with pytest.raises(IndexError):
+    bad[0]["maps"]["lime"] = torch.rand(1, 8, 8)              # fewer maps than references: refused first
+    with pytest.raises(ValueError, match=r"pairs\[0\]\['maps'\]\['lime'\] must be \(2, H, W\), one map per reference"):
         write_report(out, bad, [], title="report v2")
+    nan = _pairs("v2")
+    nan[0]["maps"]["lime"][1, 3, 3] = float("nan")              # found while drawing, after some PNGs are written
+    with pytest.raises(ValueError, match="saliency must be finite, got 1 NaN"):
+        write_report(out, nan, [], title="report v2")
+    for pairs, error, pattern in (("x", TypeError, "pairs must be a sequence"), ([3], TypeError, r"pairs\[0\] must be a dict"),
+                                  ([{"name": "a"}], ValueError, "lacks the keys 'query', 'references', 'maps'"),
+                                  ([{**_pairs("v2")[0], "query": torch.rand(8, 8)}], ValueError,
+                                   r"\['query'\] must be a \(3, H, W\) image tensor, got \(8, 8\)")):
+        with pytest.raises(error, match=pattern):
+            write_report(out, pairs, [], title="report v2")
+    with pytest.raises(ValueError, match="has no maps of method 'mask'"):
+        write_report(out, _pairs("v2"), [], title="report v2", methods=["rise", "mask"])
     assert _report_state(out) == "v1" and _sides(tmp_path) == []
 
 

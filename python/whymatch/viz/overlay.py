@@ -39,6 +39,11 @@ def colorize(saliency: Tensor, cmap: str = "jet", signed: bool = False) -> np.nd
     white when signed), never as NaN.
     """
     s = saliency.detach().float().cpu().numpy()
+    if s.ndim != 2 or s.size == 0:
+        raise ValueError(f"saliency must be a non-empty (H, W) map, got shape {tuple(s.shape)}")
+    if not np.isfinite(s).all():
+        raise ValueError(f"saliency must be finite, got {int((~np.isfinite(s)).sum())} NaN or infinite values "
+                         "(the explainer or the model produced them)")
     if signed:
         m = float(np.abs(s).max())
         x = 0.5 + 0.5 * s / m if m > 0 else np.full_like(s, 0.5)

@@ -58,12 +58,62 @@ def _png(img, path: Path) -> None:
     path.write_bytes(buf.getvalue())
 
 
+def _image_arg(where: str, x: object) -> tuple[int, int]:
+    """(H, W) of a (3, H, W) image tensor, or a named error."""
+    import torch
+
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] != 3 or x.shape[1] == 0 or x.shape[2] == 0:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{where} must be a (3, H, W) image tensor, got {got}")
+    return int(x.shape[1]), int(x.shape[2])
+
+
+def _check_pairs(pairs: Sequence[dict], methods: Sequence[str] | None) -> None:
+    """Every pair of :func:`write_report` well formed, before anything is drawn (named errors, not a traceback
+    from the middle of the drawing)."""
+    import torch
+
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+        raise TypeError(f"pairs must be a sequence of dicts, got {type(pairs).__name__}")
+    for pi, pair in enumerate(pairs):
+        if not isinstance(pair, dict):
+            raise TypeError(f"pairs[{pi}] must be a dict, got {type(pair).__name__}")
+        missing = [k for k in ("name", "query", "references", "maps") if k not in pair]
+        if missing:
+            raise ValueError(f"pairs[{pi}] lacks the keys {', '.join(map(repr, missing))}")
+        _image_arg(f"pairs[{pi}]['query']", pair["query"])
+        refs = pair["references"]
+        for k, r in enumerate(refs):
+            _image_arg(f"pairs[{pi}]['references'][{k}]", r)
+        maps = pair["maps"]
+        if not isinstance(maps, dict):
+            raise TypeError(f"pairs[{pi}]['maps'] must be a dict of method -> (K, H, W) maps, got {type(maps).__name__}")
+        for m in (methods or maps.keys()):
+            if m not in maps:
+                raise ValueError(f"pairs[{pi}]['maps'] has no maps of method {m!r} (it has {', '.join(maps) or 'none'})")
+            t = maps[m]
+            if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[0] != len(refs) or 0 in t.shape[1:]:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"pairs[{pi}]['maps'][{m!r}] must be ({len(refs)}, H, W), one map per reference, "
+                                 f"got {got}")
+            met = (pair.get("metrics") or {}).get(m)
+            if met and len(met) != len(refs):
+                raise ValueError(f"pairs[{pi}]['metrics'][{m!r}] must have one entry per reference ({len(refs)}), "
+                                 f"got {len(met)}")
+
+
 def write_report(out_dir: str | Path, pairs: Sequence[dict], summary: Sequence[dict], *,
                  title: str = "whymatch report", methods: Sequence[str] | None = None) -> Path:
     """Write ``out_dir/index.html`` and its PNGs; nothing is left half-written on error.
 
+    The report is built beside ``out_dir`` and swapped in whole (:func:`whymatch.io.atomic_output_dir`):
+    at every instant ``out_dir`` is the complete old report or the complete new one. Malformed
+    ``pairs`` and unusable ``out_dir`` (:func:`whymatch.io.check_output_dir`) are refused before
+    anything is drawn.
+
     Args:
-        out_dir: output directory (created; files of the same names are replaced).
+        out_dir: output directory (created; an existing report there is replaced whole; a
+            non-empty directory that is not a whymatch report is refused).
         pairs: one dict per query: 'name' (str), 'query' (3, H, W), 'references'
             (list of (3, H, W)), 'maps' ({method: (K, H, W)}), optional 'metrics'
             ({method: [dict per reference]}) and 'key_mask' ((H, W) bool).
@@ -78,6 +128,7 @@ def write_report(out_dir: str | Path, pairs: Sequence[dict], summary: Sequence[d
              "<h2>Summary</h2>", html_table(summary),
              "<p>Saliency overlays: red = pixels that support the similarity most (each map min-max scaled); "
              "the cross marks the peak; a white outline marks the ground-truth key object when known.</p>"]
+    _check_pairs(pairs, methods)
     with atomic_output_dir(out_dir) as tmp:
         for pi, pair in enumerate(pairs):
             ms = list(methods or pair["maps"].keys())
@@ -132,7 +183,8 @@ def write_avsl_report(out_dir: str | Path, pairs: Sequence[dict], *, title: str 
     Nothing is left half-written on error.
 
     Args:
-        out_dir: output directory (created; files of the same names are replaced).
+        out_dir: output directory (created; an existing report there is replaced whole, as for
+            :func:`write_report`).
         pairs: one dict per pair: 'name' (str), 'x1', 'x2' ((3, H, W) images in [0, 1]),
             'explanation' (what :meth:`whymatch.avsl.AVSL.explain` returns), optional
             'key_mask1' / 'key_mask2' ((H, W) bool ground truth, outlined in white).
@@ -146,6 +198,14 @@ def write_avsl_report(out_dir: str | Path, pairs: Sequence[dict], *, title: str 
              "most important first: lambda = the distance's sensitivity to the node (Eq. 11 of AVSL), "
              "contribution = lambda x node value (the contributions of all nodes add up to the distance). "
              "Red = where the node's CAM is high, each map min-max scaled.</p>"]
+    for pi, pair in enumerate(pairs):
+        if not isinstance(pair, dict):
+            raise TypeError(f"pairs[{pi}] must be a dict, got {type(pair).__name__}")
+        missing = [k for k in ("name", "x1", "x2", "explanation") if k not in pair]
+        if missing:
+            raise ValueError(f"pairs[{pi}] lacks the keys {', '.join(map(repr, missing))}")
+        _image_arg(f"pairs[{pi}]['x1']", pair["x1"])
+        _image_arg(f"pairs[{pi}]['x2']", pair["x2"])
     with atomic_output_dir(out_dir) as tmp:
         for pi, pair in enumerate(pairs):
             ex = pair["explanation"]
