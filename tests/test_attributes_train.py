@@ -201,7 +201,7 @@ def test_cli_train_sane_errors(tmp_path, capsys):
     assert cli.main(["train", "sane", "--data", f"polyvore:{tmp_path}/missing", "--out", o]) == 2
     assert "missing" in capsys.readouterr().err
     assert cli.main(["train", "sane", "--data", "shapesworld", "--out", o, "--lam", "-1"]) == 2
-    assert "argument --lam: must be a finite number >= 0, got '-1'" in capsys.readouterr().err
+    assert "argument --lam: must be a finite number >= 0" in capsys.readouterr().err
     assert cli.main(["train", "sane", "--data", "shapesworld", "--out", o, "--backbone", "vgg"]) == 2
 
 

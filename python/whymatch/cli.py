@@ -335,8 +335,8 @@ def _group_lr(task: str):
                 lr = float(value)
             except ValueError:
                 raise ValueError(f"the lr of {name!r} must be a number, got {value!r}") from None
-            if not (math.isfinite(lr) and lr >= 0):
-                raise ValueError(f"the lr of {name!r} must be >= 0, got {value!r}")
+            if not (math.isfinite(lr) and 0 <= lr <= 1e4):
+                raise ValueError(f"the lr of {name!r} must be in [0, 1e4], got {value!r}")
             out[name] = lr
         return out
     return convert
@@ -379,6 +379,7 @@ def _track_given(parser: argparse.ArgumentParser) -> None:
 MAX_IMAGE_SIDE = 4096
 MIN_IMAGE_SIDE = 8
 _MAX_COUNT = 10_000_000
+_MAX_FACTOR = 1e6  # weights, margins, sharpness: beyond it float32 arithmetic overflows long before it means anything
 
 
 def _int_in(lo: int, hi: int | None = None):
@@ -400,11 +401,14 @@ def _float_in(lo: float | None = None, hi: float | None = None, *, lo_open: bool
     """An argparse type: a finite number in the given (half-)open or closed range."""
     import math
 
+    def num(v: float) -> str:
+        return str(int(v)) if v == int(v) and abs(v) < 1e16 else f"{v:g}"
+
     parts = []
     if lo is not None:
-        parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+        parts.append(f"{'>' if lo_open else '>='} {num(lo)}")
     if hi is not None:
-        parts.append(f"{'<' if hi_open else '<='} {hi:g}")
+        parts.append(f"{'<' if hi_open else '<='} {num(hi)}")
     want = "a finite number" + (" " + " and ".join(parts) if parts else "")
 
     def convert(text: str) -> float:
@@ -518,8 +522,8 @@ def _level_weights(text: str) -> str:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be comma-separated numbers, got {text!r}") from None
-    if not all(math.isfinite(v) and v >= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"must be finite numbers >= 0, got {text!r}")
+    if not all(math.isfinite(v) and 0 <= v <= _MAX_FACTOR for v in values):
+        raise argparse.ArgumentTypeError(f"must be numbers in [0, {_MAX_FACTOR:g}], got {text!r}")
     return text
 
 
@@ -855,11 +859,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="classes per batch (default %(default)s)")
         sp.add_argument("--batch-k", type=_int_in(2, 10_000), default=4,
                         help="images per class per batch (default %(default)s)")
-        sp.add_argument("--lr", type=_float_in(0, lo_open=True), default=1e-3,
+        sp.add_argument("--lr", type=_float_in(0, 100, lo_open=True), default=1e-3,
                         help="AdamW learning rate (default %(default)s)")
-        sp.add_argument("--loss-lr", type=_float_in(0, lo_open=True), default=None,
+        sp.add_argument("--loss-lr", type=_float_in(0, 1e4, lo_open=True), default=None,
                         help="learning rate of the loss's parameters, e.g. proxies (default 100 x --lr)")
-        sp.add_argument("--weight-decay", type=_float_in(0), default=1e-4)
+        sp.add_argument("--weight-decay", type=_float_in(0, 100), default=1e-4)
         sp.add_argument("--embedding-dim", type=_int_in(1, 16384), default=64)
         sp.add_argument("--image-size", type=_image_side, default=None, help="default 96 (shapesworld) or 224")
         sp.add_argument("--n-train", type=_positive, default=9000, help="shapesworld: training images")
@@ -895,10 +899,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="metric loss L_ml from pytorch-metric-learning (default %(default)s)")
     mining.add_argument("--mode", default="triplet", choices=("siamese", "triplet", "quadruplet"),
                         help="tuple form of the attention and of L_sm (default %(default)s)")
-    mining.add_argument("--gamma", type=_float_in(0), default=1.0, help="weight of L_sm (default %(default)s)")
-    mining.add_argument("--alpha", type=_float_in(0, lo_open=True), default=10.0,
+    mining.add_argument("--gamma", type=_float_in(0, _MAX_FACTOR), default=1.0,
+                        help="weight of L_sm (default %(default)s)")
+    mining.add_argument("--alpha", type=_float_in(0, _MAX_FACTOR, lo_open=True), default=10.0,
                         help="soft-mask sharpness (default %(default)s)")
-    mining.add_argument("--beta", type=_float_in(), default=0.5, help="soft-mask threshold (default %(default)s)")
+    mining.add_argument("--beta", type=_float_in(-_MAX_FACTOR, _MAX_FACTOR), default=0.5,
+                        help="soft-mask threshold (default %(default)s)")
     mining.add_argument("--no-mining", action="store_true", help="train with L_ml alone (the baseline)")
     mining.set_defaults(_parser=mining, func=cmd_train_mining)
 
@@ -915,14 +921,14 @@ def build_parser() -> argparse.ArgumentParser:
     avsl.add_argument("--no-proxy", action="store_true", help="in-batch anchors instead of one proxy per class")
     avsl.add_argument("--level-weights", default=None, type=_level_weights,
                       help="comma-separated loss weight per level, low to high (default 1,0.2,1)")
-    avsl.add_argument("--neg-margin", type=_float_in(), default=2.2,
+    avsl.add_argument("--neg-margin", type=_float_in(-_MAX_FACTOR, _MAX_FACTOR), default=2.2,
                       help="ProxyAnchor negative margin of the level losses (default %(default)s; published SOP: 2.4)")
-    avsl.add_argument("--overall-neg-margin", type=_float_in(), default=None,
+    avsl.add_argument("--overall-neg-margin", type=_float_in(-_MAX_FACTOR, _MAX_FACTOR), default=None,
                       help="ProxyAnchor negative margin of the overall distance's loss (default: --neg-margin)")
     avsl.add_argument("--topk", type=_int_in(1, 16384), default=128,
                       help="lower-level nodes per upper node (default %(default)s)")
     avsl.add_argument("--momentum", type=_float_in(0, 1), default=0.5, help="edge momentum (default %(default)s)")
-    avsl.add_argument("--gamma", type=_float_in(0, lo_open=True), default=10.0,
+    avsl.add_argument("--gamma", type=_float_in(0, _MAX_FACTOR, lo_open=True), default=10.0,
                       help="reliability sigmoid sharpness (default %(default)s)")
     avsl.add_argument("--reliability", default="map", choices=("map", "published"),
                       help="CAM minimum over the whole map, or over the last axis as published (default %(default)s)")
@@ -938,15 +944,15 @@ def build_parser() -> argparse.ArgumentParser:
     sane.add_argument("--epochs", type=_int_in(1, 100_000), default=20)
     sane.add_argument("--batch-size", type=_int_in(1, 65536), default=64,
                       help="images per batch per rank (default %(default)s)")
-    sane.add_argument("--lr", type=_float_in(0, lo_open=True), default=5e-4,
+    sane.add_argument("--lr", type=_float_in(0, 100, lo_open=True), default=5e-4,
                       help="Adam learning rate (default %(default)s)")
     sane.add_argument("--lr-decay", type=_float_in(0, 1, lo_open=True), default=0.985,
                       help="per-epoch lr factor (default %(default)s)")
-    sane.add_argument("--lam", type=_float_in(0), default=5e-3,
+    sane.add_argument("--lam", type=_float_in(0, _MAX_FACTOR), default=5e-3,
                       help="weight of the saliency matching term; 0: no saliency maps (default %(default)s)")
     sane.add_argument("--normalize", default="softmax", choices=("softmax", "l1"),
                       help="spatial normalization of the maps in the matching term (default %(default)s)")
-    sane.add_argument("--temperature", type=_float_in(0, lo_open=True), default=0.05,
+    sane.add_argument("--temperature", type=_float_in(0, _MAX_FACTOR, lo_open=True), default=0.05,
                       help="softmax temperature of the saliency maps (default %(default)s)")
     sane.add_argument("--k-maps", type=_int_in(1, 1000), default=5,
                       help="saliency maps per training image (default %(default)s)")
