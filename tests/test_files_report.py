@@ -275,3 +275,19 @@ def test_atomic_write_failing_in_turn_keeps_the_previous_file(tmp_path, monkeypa
             write(1)
             assert sorted(os.listdir(tmp_path)) == ["f"], (name, n)  # no temporary file left
     assert tried >= 5
+
+
+def test_a_folder_that_only_looks_like_a_report_and_the_current_directory_are_refused(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<html>my web site</html>")
+    (site / "logo.png").write_bytes(b"png")                  # not a name whymatch gives its PNGs
+    with pytest.raises(ValueError, match="not a whymatch report"):
+        _write(site, "v1")
+    assert (site / "logo.png").read_bytes() == b"png"
+    _write(tmp_path / "rep", "v1")
+    monkeypatch.chdir(tmp_path / "rep")
+    for target in (".", str(tmp_path / "rep"), str(tmp_path)):
+        with pytest.raises(ValueError, match="is or holds the current directory"):
+            check_output_dir(target)
+    assert _report_state(tmp_path / "rep") == "v1"

@@ -188,7 +188,8 @@ def open_image(path: str | os.PathLike, what: str = "image") -> Image.Image:
         raise TypeError(f"{what} path must be a str or os.PathLike, got {type(path).__name__}")
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{what} file not found: {p}" + (" (a directory)" if p.is_dir() else ""))
+        why = " (a directory)" if p.is_dir() else " (not a regular file)" if p.exists() else ""
+        raise FileNotFoundError(f"{what} file not found: {p}{why}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -264,7 +265,7 @@ def load_image(path: str | os.PathLike, size: int | tuple[int, int] | None = Non
 REPORT_MARKER = ".whymatch-report"
 """File written last into every report directory: marks a directory that a later report may replace."""
 
-_REPORT_SUFFIXES = frozenset({".html", ".png", ".json", ".jsonl", ".md", ".txt", ".csv", ".css", ".svg"})
+_LEGACY_REPORT_FILE = re.compile(r"^(index\.html|p\d+_[A-Za-z0-9_.-]+\.png)$")  # what older reports held
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 _SIDE = re.compile(r"^\.(?P<name>.+)\.whymatch-(?P<kind>tmp|old)-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<t>\d+)$")
 _ACTIVE: set[str] = set()          # side directories this process is using now
@@ -278,7 +279,7 @@ def _side_name(out: Path, kind: str) -> Path:
 
 def _is_report_dir(path: Path) -> bool:
     """A directory a new report may replace: empty, marked by :data:`REPORT_MARKER`, or a report of an
-    older whymatch (index.html and only plain report files, no folders)."""
+    older whymatch (index.html and only PNGs named as whymatch names them, p<i>_..., no folders)."""
     try:
         entries = list(os.scandir(path))
     except OSError:
@@ -288,7 +289,7 @@ def _is_report_dir(path: Path) -> bool:
         return True
     if "index.html" not in names:
         return False
-    return all(e.is_file(follow_symlinks=False) and Path(e.name).suffix.lower() in _REPORT_SUFFIXES for e in entries)
+    return all(e.is_file(follow_symlinks=False) and _LEGACY_REPORT_FILE.match(e.name) for e in entries)
 
 
 def check_output_dir(path: str | os.PathLike, what: str = "out_dir") -> Path:
@@ -296,7 +297,8 @@ def check_output_dir(path: str | os.PathLike, what: str = "out_dir") -> Path:
 
     Nothing is created. A report replaces the directory as a whole, so an existing directory must
     be empty or a report (it holds :data:`REPORT_MARKER`, or is an older whymatch report: index.html
-    and only .html/.png/.json/... files). A symlink is followed to the directory it names.
+    and only PNGs named p<i>_...png), and must not hold the current directory. A symlink is followed
+    to the directory it names.
 
     Returns:
         The absolute path the report will be written to (symlinks resolved).
@@ -322,6 +324,11 @@ def check_output_dir(path: str | os.PathLike, what: str = "out_dir") -> Path:
         out = Path(os.path.abspath(given))
     if out.parent == out:
         raise ValueError(f"{what} {given} is the root of the file system")
+    with contextlib.suppress(OSError):
+        cwd = Path(os.getcwd()).resolve()
+        if cwd == out.resolve() or out.resolve() in cwd.parents:
+            raise ValueError(f"{what} {given} is or holds the current directory {cwd}; a report replaces its "
+                             "directory whole: choose another one")
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise ValueError(f"{what} {given} is an existing file, not a directory")

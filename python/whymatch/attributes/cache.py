@@ -564,17 +564,24 @@ def _load_npy(path: Path, what: str, mmap: bool = False) -> np.ndarray:
 @contextlib.contextmanager
 def _build_lock(out: Path) -> Iterator[None]:
     """Hold ``out/.build.lock`` exclusively (fcntl.flock; waits for another builder). Where fcntl is
-    missing (Windows) builds are not serialized."""
+    missing (Windows) builds are not serialized; where the directory is read-only no lock is taken
+    (a finished cache is still reused; a build would fail on its first write, naming the file)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"path {out} is an existing file, not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ValueError(f"path {out} is an existing file, not a directory") from None
+    except OSError as exc:
+        raise ValueError(f"cannot create the saliency cache directory {out}: {exc.strerror or exc}") from None
     try:
         import fcntl
     except ImportError:  # pragma: no cover (not POSIX)
         yield
         return
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # a read-only cache (shared, prebuilt)
+        yield
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
