@@ -6,6 +6,8 @@ context manager), so an explainer never leaves hooks on a user's model.
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import warnings
 from collections.abc import Sequence
@@ -253,4 +255,13 @@ def warn_if_constant(maps: Tensor, method: str, layers: list[tuple[str, nn.Modul
         warnings.warn(f"{method}: {n} of {maps.shape[0]} maps are constant ({value:g} everywhere) at target "
                       f"layer {names}: the gradient there does not single out any position (ReLU of a negative "
                       "weighted sum, or a saturated activation); another target_layers may explain more",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` (for a warnings.warn in the caller) of the first frame outside whymatch.saliency."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
