@@ -391,3 +391,24 @@ def test_interrupt_in_a_real_process(files):
     res = _run_cli([], files, code)
     assert res.returncode == 130
     _check_one_line(res.stderr, "info", "interrupted")
+
+
+def test_warnings_are_one_line_and_a_failure_shows_only_its_error(monkeypatch, capsys):
+    import warnings
+
+    def warn_then(result):
+        def cmd(args):
+            warnings.warn("the maps are constant\n  at layer 'x'", RuntimeWarning, stacklevel=1)
+            if isinstance(result, BaseException):
+                raise result
+            return result
+        return cmd
+
+    monkeypatch.delenv("WHYMATCH_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "cmd_info", warn_then(0))
+    assert cli.main(["info"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "whymatch info: warning: RuntimeWarning: the maps are constant   at layer 'x'"]
+    monkeypatch.setattr(cli, "cmd_info", warn_then(ValueError("--thing must be 3, got 4")))
+    assert cli.main(["info"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["whymatch info: error: --thing must be 3, got 4"]

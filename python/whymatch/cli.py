@@ -1011,19 +1011,39 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``whymatch`` command; returns the exit status.
 
     Every failure is one line ``whymatch <command>: error: ...`` on stderr and status 2 (Ctrl-C: 130), also for
-    argparse's usage errors; no traceback unless the environment sets WHYMATCH_DEBUG=1.
+    argparse's usage errors; no traceback unless the environment sets WHYMATCH_DEBUG=1. Warnings are one line
+    each (``whymatch <command>: warning: ...``): live during training, after the result otherwise, and not at
+    all when the command fails, whose stderr is then its error line alone.
     """
-    parser = build_parser()
-    try:
-        args, extra = parser.parse_known_args(argv)
-        if extra:
-            getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
-    except SystemExit as exc:  # usage errors (2), --help and --version (0)
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    prog = getattr(args, "_parser", parser).prog
+    import warnings
+
     debug = os.environ.get("WHYMATCH_DEBUG", "").strip() not in ("", "0")
+    parser = build_parser()
+    prog, held = parser.prog, []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = f"{prog}: warning: {category.__name__}: {_first_line(Warning(str(message)))}"
+        if live:
+            print(text, file=sys.stderr)
+        else:
+            held.append(text)
+
+    live = True
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            try:
+                args, extra = parser.parse_known_args(argv)
+                if extra:
+                    getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+            except SystemExit as exc:  # usage errors (2), --help and --version (0)
+                return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+            prog = getattr(args, "_parser", parser).prog
+            live = debug or args.command == "train"  # hours of training: say it when it happens
+            status = args.func(args)
+        for text in held:
+            print(text, file=sys.stderr)
+        return status
     except KeyboardInterrupt:
         if debug:
             raise
