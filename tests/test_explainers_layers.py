@@ -172,8 +172,8 @@ def test_pretrained_efficientnet_gradient_methods_with_default_settings():
     for method in ("attention", "gradcam"):
         ex = jobs.make_explainer(method, sim, jobs.JobSettings())
         ex.check(q, refs)
-        assert "_swish" not in ex.target_layer_names[0]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            maps = ex.attribute(q, refs)
+        assert ex.target_layer_names == ["features"]  # the trunk's output, not the shared activation
+        maps = ex.attribute(q, refs)
         assert maps.shape == (2, 224, 224) and torch.isfinite(maps).all()
+    with pytest.raises(ValueError, match="target layer 'net._swish' ran 2 times in one forward pass"):
+        jobs.make_explainer("gradcam", sim, jobs.JobSettings(target_layer="net._swish")).check(q, refs)

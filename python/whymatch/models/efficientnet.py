@@ -27,7 +27,11 @@ class _Normalize(nn.Module):
 
 
 class EfficientNetLite0Embedder(nn.Module):
-    """ImageNet-pretrained EfficientNet-lite0 trunk + global average pooling: (B, 1280) embeddings."""
+    """ImageNet-pretrained EfficientNet-lite0 trunk + global average pooling: (B, 1280) embeddings.
+
+    ``features`` (an identity on the trunk's last feature map, 7 x 7 at 224 px) is the layer the gradient
+    explainers pick by default (``target_layers='features'``).
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -48,9 +52,13 @@ class EfficientNetLite0Embedder(nn.Module):
             self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
         self.net.eval()
         self.normalize = _Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        # The trunk's final feature map (B, 1280, h, w), after the head's activation, as a module of its own:
+        # the net's activation module is shared by the stem and the head (it runs twice per forward pass),
+        # so it cannot be a Grad-CAM target; this identity runs once and is the gradient methods' default.
+        self.features = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net.extract_features(self.normalize(x)).mean(dim=(2, 3))
+        return self.features(self.net.extract_features(self.normalize(x))).mean(dim=(2, 3))
 
 
 def efficientnet_lite0_similarity(device: str | torch.device = "cpu") -> SimilarityModel:
