@@ -81,15 +81,21 @@ class SimilarityAttention(_common.Explainer):
     scaled maps are averaged (:func:`whymatch.saliency._cam.combine_layers`).
 
     Hooks are registered only for the duration of each call, so none is left on
-    the model; the object is also a context manager (``with SimilarityAttention(...)
-    as sa:``) for symmetry with pytorch-grad-cam. The model should be in eval mode:
-    in training mode BatchNorm mixes the images of a batch.
+    the model, and they record only the calling thread's forward passes, so one
+    explainer and one model may serve several threads at once. The object is also a
+    context manager (``with SimilarityAttention(...) as sa:``) for symmetry with
+    pytorch-grad-cam. The model should be in eval mode: in training mode BatchNorm
+    mixes the images of a batch. :meth:`check` validates a call (inputs, target
+    layers, finite embeddings) with one small forward and backward pass; a map that
+    comes out constant (e.g. all zero) gives a RuntimeWarning naming the layer.
 
     Args:
         model: the SimilarityModel (or a bare embedding nn.Module, wrapped with cosine similarity).
         target_layers: a name relative to the embedder (e.g. 'layer4'), a module, or a list of
-            them; None picks the last module whose output is a feature map with more than one
-            position (``.target_layer_names`` tells which, after the first call).
+            them; None picks the last module that runs once per forward pass and outputs a feature
+            map with more than one position that the gradient reaches (``.target_layer_names``
+            tells which, after the first call or :meth:`check`). Every target layer must run
+            exactly once per forward pass (not a module shared by several blocks).
         mode: 'siamese', 'triplet' or 'quadruplet'.
         batch_size: tuples per forward/backward pass.
 

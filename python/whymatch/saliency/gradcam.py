@@ -31,12 +31,15 @@ class EmbeddingGradCAM(_common.Explainer):
     reference's activations too (both images of the pair explained by one backward).
 
     Cost: K forward passes of the query (one per reference, batched) and one backward.
-    Hooks are registered only during a call. The model should be in eval mode.
+    Hooks are registered only during a call and record only the calling thread's
+    forward passes (safe from several threads on one model). The model should be in
+    eval mode. :meth:`check` validates a call cheaply; constant maps warn.
 
     Args:
         sim: the SimilarityModel (or a bare embedding nn.Module, wrapped with cosine similarity).
         target_layers: a name relative to the embedder (e.g. 'layer4'), a module, or a list of them;
-            None picks the last module whose output is a feature map with more than one position.
+            None picks the last module that runs once per forward pass and outputs a feature map
+            with more than one position that the gradient reaches.
         batch_size: pairs per forward/backward pass.
     """
 
