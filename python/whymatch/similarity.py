@@ -109,10 +109,17 @@ class SimilarityModel(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast_ctx(x.device):
             e = self.embedder(x)
+        if not isinstance(e, Tensor):
+            raise TypeError(f"embedder must return a (B, D) tensor of embeddings, got {type(e).__name__}")
         if e.dim() == 4 and e.shape[2:] == (1, 1):
             e = e.flatten(1)
         if e.dim() != 2:
             raise ValueError(f"embedder must return (B, D) embeddings, got shape {tuple(e.shape)}")
+        if isinstance(x, Tensor) and x.dim() >= 1 and e.shape[0] != x.shape[0]:
+            raise ValueError(f"embedder must return one embedding per image: {x.shape[0]} images gave "
+                             f"{e.shape[0]} embeddings (shape {tuple(e.shape)})")
+        if not (e.is_floating_point() or e.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+            raise ValueError(f"embedder must return real-valued embeddings, got dtype {e.dtype}")
         return e.float()
 
     def check_images(self, name: str, images: object, *, batch: bool = True,

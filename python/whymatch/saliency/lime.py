@@ -403,6 +403,11 @@ class LIME(_common.Explainer):
         self.seed = seed
         self.show_progress = bool(show_progress)
 
+    def _check_settings(self, inp: _common.PairInputs) -> None:
+        h, w = inp.query.shape[1:]
+        if isinstance(self.segments, Tensor) and tuple(self.segments.shape) != (h, w):
+            raise ValueError(f"segments must have the query's shape ({h}, {w}), got {tuple(self.segments.shape)}")
+
     # -------------------------------------------------------------- helpers
     def _normalization(self, image: Tensor) -> tuple[Tensor, Tensor] | None:
         """(mean, std) as (C, 1, 1) float32 on the image's device, or None for natural images."""
