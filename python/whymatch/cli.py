@@ -184,9 +184,11 @@ def _recall_report(what: str):
     """The final line of a metric-learning run: Recall@1 of the last epoch and the best."""
     def report(trainer, args) -> str:
         last = trainer.history[-1] if trainer.history else {}
-        r1 = last.get("recall@1")
-        return (f"trained {trainer.epoch} epochs; Recall@1{what} {r1 if r1 is None else round(r1, 4)} "
-                f"(best {trainer.best_recall_at_1:.4f}); wrote {args.out}/checkpoint.pt, model.pt, metrics.jsonl")
+        r1, best = last.get("recall@1"), trainer.best_recall_at_1
+        r1 = "not evaluated" if r1 is None else round(r1, 4)
+        best = "none" if best == float("-inf") else f"{best:.4f}"
+        return (f"trained {trainer.epoch} epochs; Recall@1{what} {r1} (best {best}); "
+                f"wrote {args.out}/checkpoint.pt, model.pt, metrics.jsonl")
     return report
 
 
@@ -336,7 +338,7 @@ def _group_lr(task: str):
             except ValueError:
                 raise ValueError(f"the lr of {name!r} must be a number, got {value!r}") from None
             if not (math.isfinite(lr) and 0 <= lr <= 1e4):
-                raise ValueError(f"the lr of {name!r} must be in [0, 1e4], got {value!r}")
+                raise ValueError(f"the lr of {name!r} must be >= 0 and <= 10000, got {value!r}")
             out[name] = lr
         return out
     return convert
