@@ -89,3 +89,31 @@ def test_bad_arguments_are_named():
         sim.embed(torch.rand(2, 3, 8, 8), batch_size=0)
     with pytest.raises(ValueError, match="embedder must return"):
         whymatch.SimilarityModel(nn.Conv2d(3, 2, 1)).embed(torch.rand(1, 3, 4, 4))
+
+
+class _Returns(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return self.fn(x * self.w)
+
+
+def test_bad_embedder_outputs_are_named():
+    x = torch.rand(3, 3, 4, 4)
+    with pytest.raises(TypeError, match="embedder must return a \\(B, D\\) tensor of embeddings, got tuple"):
+        whymatch.SimilarityModel(_Returns(lambda x: (x.mean((2, 3)),))).embed(x)
+    with pytest.raises(ValueError, match="one embedding per image: 3 images gave 1 embeddings"):
+        whymatch.SimilarityModel(_Returns(lambda x: x.mean((0, 2, 3))[None])).embed(x)
+    with pytest.raises(ValueError, match="real-valued embeddings, got dtype torch.complex64"):
+        whymatch.SimilarityModel(_Returns(lambda x: x.mean((2, 3)).to(torch.complex64))).embed(x)
+    sim = whymatch.SimilarityModel(_Returns(lambda x: x.mean((2, 3))))
+    with pytest.raises(ValueError, match=r"one dimension D to compare, got shapes \(3, 3\) and \(2, 5\)"):
+        sim.pairwise(sim.embed(x), torch.rand(2, 5))
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[1, 2, 3, 0] = bad
+        with pytest.raises(ValueError, match=r"images must be finite, got 1 NaN or infinite value\(s\)"):
+            sim.embed(y)
