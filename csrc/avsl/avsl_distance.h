@@ -91,12 +91,13 @@ inline void check_avsl(const AvslParams& p, const char* what, bool backward, boo
   WM_CHECK(std::isfinite(p.gamma), what << ": gamma must be finite");
   if (p.Q * p.G == 0) return;
   WM_CHECK(p.qe && p.ge, what << ": null embedding pointer");
-  if (p.L > 1) WM_CHECK(p.rq && p.rg && p.coef && p.bias && p.col_ptr && p.values,
+  // values/row_idx may be null when every link is zero (no stored entries; the bindings check their sizes)
+  if (p.L > 1) WM_CHECK(p.rq && p.rg && p.coef && p.bias && p.col_ptr,
                         what << ": null reliability/coef/bias/link pointer");
   if (backward) {
     WM_CHECK(p.grad_out, what << ": null grad_out pointer");
     if (p.L > 1) WM_CHECK(p.grad_coef && p.grad_bias, what << ": null gradient pointer");
-    if (p.L > 2) WM_CHECK(p.row_ptr && p.row_values, what << ": null compressed-row link pointer");
+    if (p.L > 2) WM_CHECK(p.row_ptr, what << ": null compressed-row link pointer");
   } else if (topk) {
     WM_CHECK(p.k >= 1 && p.k <= p.G - (p.exclude_self ? 1 : 0),
              what << ": k must be in [1, " << p.G - (p.exclude_self ? 1 : 0) << "], got " << p.k);
