@@ -42,6 +42,10 @@ def returns_int():
 
 
 not_callable = 3
+
+
+def exits():
+    raise SystemExit(4)
 '''
 
 
@@ -87,6 +91,7 @@ def files(tmp_path_factory):
     (d / "models" / "cli_err_models.py").write_text(_USER_MODELS)
     (d / "models" / "cli_err_broken.py").write_text("raise RuntimeError('module exploded at import')\n")
     (d / "models" / "cli_err_syntax.py").write_text("def f(:\n")
+    (d / "models" / "cli_err_exit.py").write_text("import sys\nsys.exit(3)\n")
     runs = d / "runs"
     runs.mkdir()
     _avsl_run(runs, "ok")
@@ -141,6 +146,9 @@ CASES = [
     ("image-big", E, EX[:2] + ["{d}/big.png"] + EX[3:], "big.png: Image size (100000000 pixels) exceeds"),
     ("image-unicode-missing", E, EX[:2] + ["{d}/ünïcödé 图像 ✓.png"] + EX[3:], "ünïcödé 图像 ✓.png"),
     ("image-devnull", E, EX[:2] + ["/dev/null"] + EX[3:], "/dev/null is not a regular file"),
+    ("image-control-characters", E, EX[:2] + ["{d}/r\x1b[31m\n.png"] + EX[3:], "r\\x1b[31m .png"),
+    ("image-nul", E, EX[:2] + ["{d}/r\x00.png"] + EX[3:], "r\\x00.png"),
+    ("image-name-too-long", E, EX[:2] + ["{d}/" + "i" * 300 + ".png"] + EX[3:], "File name too long"),
     ("avsl-image-bomb", X, ["explain-avsl", "{d}/bomb.png", "{d}/r.png", "--out", "{out}", "--run", "{d}/runs/ok"],
      "bomb.png"),
     # --out: a file, inside a file, unwritable, empty, not a report
@@ -148,6 +156,8 @@ CASES = [
     ("out-inside-file", E, EX[:4] + ["{d}/notes.txt/report"], "notes.txt is not a directory"),
     ("out-unwritable-proc", E, EX[:4] + ["/proc/whymatch-cli-test/report"], "cannot be written"),
     ("out-empty", E, EX[:4] + [""], "argument --out: must be a directory path"),
+    ("out-name-too-long", E, EX[:4] + ["{d}/" + "o" * 300 + "/report"], "File name too long"),
+    ("train-out-name-too-long", "train avsl", TA[:5] + ["{d}/" + "o" * 300], "File name too long"),
     ("out-broken-symlink", E, EX[:4] + ["{d}/dangling"], "which does not exist"),
     ("train-out-broken-symlink", "train mining", TM[:5] + ["{d}/dangling"], "broken symbolic link"),
     ("demo-refs-over-class", "demo", ["demo", "--out", "{out}", "--refs", "50"], "k_refs must be <= 9"),
@@ -244,6 +254,8 @@ CASES = [
     ("model-no-attribute", E, EX + ["--model", "cli_err_models:nope"], "has no callable 'nope'"),
     ("model-not-callable", E, EX + ["--model", "cli_err_models:not_callable"], "has no callable 'not_callable'"),
     ("model-factory-raises", E, EX + ["--model", "cli_err_models:raises"], "RuntimeError: factory exploded"),
+    ("model-module-exits", E, EX + ["--model", "cli_err_exit:f"], "SystemExit: 3"),
+    ("model-factory-exits", E, EX + ["--model", "cli_err_models:exits"], "raised SystemExit: 4"),
     ("model-returns-int", E, EX + ["--model", "cli_err_models:returns_int"], "got int"),
     ("sane-similarity-spec", "train sane", TS + ["--similarity", "nocolon"], "argument --similarity"),
     # --run: missing, a file, garbage configs and weights

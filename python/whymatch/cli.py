@@ -24,7 +24,7 @@ def _load_user_model(spec: str):
     mod_name, fn_name = spec.split(":", 1)
     try:
         mod = importlib.import_module(mod_name)
-    except Exception as exc:  # noqa: BLE001 (ImportError, or whatever the module raises while it is imported)
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 (ImportError, or whatever the module does on import)
         raise ValueError(f"--model: cannot import module {mod_name!r}: {type(exc).__name__}: "
                          f"{_first_line(exc)}") from None
     factory = getattr(mod, fn_name, None)
@@ -32,7 +32,7 @@ def _load_user_model(spec: str):
         raise ValueError(f"--model: module {mod_name!r} has no callable {fn_name!r}")
     try:
         model = factory()
-    except Exception as exc:  # noqa: BLE001 (the user's factory: any failure is theirs, named as such)
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 (the user's factory: any failure is theirs, named)
         raise ValueError(f"--model: {spec}() raised {type(exc).__name__}: {_first_line(exc)}") from None
     if isinstance(model, SimilarityModel):
         return model
@@ -587,14 +587,15 @@ def _check_images(paths) -> None:
     for path in paths:
         p = Path(path)
         try:
-            if not p.exists():
-                raise FileNotFoundError(f"image file not found: {p}")
-            if p.is_dir():
-                raise ValueError(f"image {p} is a directory, not a file")
-            if not p.is_file():
-                raise ValueError(f"image {p} is not a regular file")
-        except OSError as exc:
-            raise ValueError(f"cannot read image {p}: {exc.strerror or exc}") from None
+            exists, is_dir, is_file = p.exists(), p.is_dir(), p.is_file()
+        except (OSError, ValueError) as exc:  # a name too long, a NUL character, ...
+            raise ValueError(f"cannot read image {p}: {getattr(exc, 'strerror', None) or exc}") from None
+        if not exists:
+            raise FileNotFoundError(f"image file not found: {p}")
+        if is_dir:
+            raise ValueError(f"image {p} is a directory, not a file")
+        if not is_file:  # a FIFO would block, a device never ends
+            raise ValueError(f"image {p} is not a regular file")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -726,9 +727,14 @@ def _first_line(exc: BaseException) -> str:
         text = f"missing key {exc.args[0]!r}"
     if not text:
         return type(exc).__name__
-    text = text.split("\n\n", 1)[0].strip()
-    text = text.replace("\r", "\\r").replace("\n", " ")
+    text = _printable(text.split("\n\n", 1)[0].strip().replace("\n", " "))
     return text if len(text) <= 500 else text[:497] + "..."
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped (\\r, \\x1b...): a file name cannot split the line or drive the
+    terminal."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 def _check_explain_settings(args, size: int, methods: tuple[str, ...]) -> None:
@@ -977,8 +983,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse with its usage errors on one line: ``whymatch <command>: error: ...`` (exit code 2)."""
 
     def error(self, message: str):
-        msg = message.replace("\r", "\\r").replace("\n", " ")
-        self.exit(2, f"{self.prog}: error: {msg} (see {self.prog} --help)\n")
+        msg = _printable(message.replace("\n", " "))
+        self.exit(2, f"{self.prog}: error: {msg} (see {_printable(self.prog)} --help)\n")
 
 
 _DEBUG_HINT = "(set WHYMATCH_DEBUG=1 for the traceback)"
@@ -1058,7 +1064,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 (the last resort: one line, never a traceback)
         if debug:
             raise
-        print(f"{prog}: error: {_error_message(exc)}", file=sys.stderr)
+        print(f"{prog}: error: {_printable(_error_message(exc).replace(chr(10), ' '))}", file=sys.stderr)
         return 2
 
 
