@@ -26,7 +26,7 @@ class Yield(nn.Module):
 
 
 def shared_model() -> whymatch.SimilarityModel:
-    torch.manual_seed(0)
+    torch.manual_seed(9)  # weights whose gradient maps are not constant for these inputs (checked below)
     net = nn.Sequential()
     net.add_module("c1", nn.Conv2d(3, 6, 3, padding=1))
     net.add_module("r1", nn.ReLU())
@@ -86,6 +86,8 @@ def test_threads_give_the_serial_result(method):
     fresh, same = run_threaded(make, sim, n_calls)
     for i in range(n_calls):
         assert torch.isfinite(serial[i]).all()
+        flat = serial[i].flatten(1)
+        assert (flat.amax(1) > flat.amin(1)).any()  # informative maps, so equal results mean something
         torch.testing.assert_close(fresh[i], serial[i], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(same[i], serial[i], rtol=1e-5, atol=1e-6)
     assert torch.equal(torch.random.get_rng_state(), rng)  # no call touches the global generator
