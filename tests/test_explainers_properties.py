@@ -10,12 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-import whymatch  # noqa: E402
-from whymatch.saliency import LIME, RISE, EmbeddingGradCAM, Mask, SimilarityAttention, SlidingWindow  # noqa: E402
+import whymatch
+from whymatch.saliency import LIME, RISE, EmbeddingGradCAM, Mask, SimilarityAttention, SlidingWindow
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
