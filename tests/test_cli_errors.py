@@ -62,6 +62,16 @@ _AVSL_CONFIG = {"task": "avsl", "backbone": "shapes", "embedding_dim": 8, "topk"
                 "reliability": "map", "image_size": 32}
 
 
+class _RunsCode:
+    """Pickles to a call of os.system: a crafted checkpoint (loading it must not run the command)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
 def _avsl_run(root: Path, name: str, config=None, weights: bytes | None = None, weights_file: str = "model.pt"):
     run = root / name
     run.mkdir()
@@ -108,6 +118,9 @@ def files(tmp_path_factory):
     _avsl_run(runs, "bad_backbone", config={**_AVSL_CONFIG, "backbone": "vgg"})
     _avsl_run(runs, "wrong_weights")  # a valid torch file without the model's entries
     (runs / "a_file").write_text("x")
+    evil = {"model": _RunsCode(f"touch {d}/PWNED")}
+    _avsl_run(runs, "crafted_checkpoint", weights_file="checkpoint.pt")
+    torch.save(evil, runs / "crafted_checkpoint" / "checkpoint.pt")
     train_runs = d / "train"
     train_runs.mkdir()
     (train_runs / "no_ckpt").mkdir()
@@ -115,6 +128,8 @@ def files(tmp_path_factory):
     (train_runs / "bad_ckpt" / "checkpoint.pt").write_bytes(b"PK\x03\x04 not really a zip")
     (train_runs / "empty_ckpt").mkdir()
     (train_runs / "empty_ckpt" / "checkpoint.pt").write_bytes(b"")
+    (train_runs / "crafted_ckpt").mkdir()
+    torch.save(evil, train_runs / "crafted_ckpt" / "checkpoint.pt")
     return d
 
 
@@ -271,12 +286,15 @@ CASES = [
     ("run-weights-empty", X, AV + ["{d}/runs/empty_weights"], "model.pt: the file is empty"),
     ("run-weights-truncated", X, AV + ["{d}/runs/truncated_weights"], "model.pt: truncated or not a torch file"),
     ("run-weights-garbage", X, AV + ["{d}/runs/garbage_weights"], "model.pt: truncated or not a torch file"),
+    ("run-crafted-checkpoint", X, AV + ["{d}/runs/crafted_checkpoint", "--weights", "checkpoint"],
+     "could run code"),
     ("run-weights-best-missing", X, AV + ["{d}/runs/ok", "--weights", "best"], "best.pt is missing"),
     ("run-weights-wrong-keys", X, AV + ["{d}/runs/wrong_weights"], "wrong_weights/model.pt"),
     # --resume
     ("resume-no-checkpoint", "train mining", TM[:5] + ["{d}/train/no_ckpt", "--resume"], "checkpoint.pt is missing"),
     ("resume-garbage-checkpoint", "train avsl", TA[:5] + ["{d}/train/bad_ckpt", "--resume"],
      "checkpoint.pt: truncated or not a torch file"),
+    ("resume-crafted-checkpoint", "train mining", TM[:5] + ["{d}/train/crafted_ckpt", "--resume"], "could run code"),
     ("resume-empty-checkpoint", "train sane", TS[:5] + ["{d}/train/empty_ckpt", "--resume"],
      "checkpoint.pt: the file is empty"),
 ]
@@ -310,7 +328,7 @@ def test_bad_command_line_is_one_line_and_writes_nothing(case, files, tmp_path, 
     assert rc == 2, err
     _check_one_line(err, command, expected)
     assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing written, no side directory left
-    assert _snapshot(files) == before
+    assert _snapshot(files) == before  # also: no file appeared (a crafted checkpoint's command would make PWNED)
     assert seconds < 20, f"took {seconds:.1f}s: the error must come before any expensive work"
 
 
