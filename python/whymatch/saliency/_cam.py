@@ -6,6 +6,7 @@ context manager), so an explainer never leaves hooks on a user's model.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -53,7 +54,10 @@ class _Probe:
 
         handles = [m.register_forward_hook(hook) for m in modules]
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), contextlib.ExitStack() as stack:
+                for m in sim.modules():  # a DDP module inside: this pass must not arm its gradient reducer
+                    if isinstance(m, nn.parallel.DistributedDataParallel):
+                        stack.enter_context(m.no_sync())
                 x = torch.zeros(1, in_channels, *size, device=sim.device, requires_grad=True)
                 emb = sim(x)
         finally:
