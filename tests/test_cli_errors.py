@@ -273,6 +273,10 @@ CASES = [
     ("model-factory-exits", E, EX + ["--model", "cli_err_models:exits"], "raised SystemExit: 4"),
     ("model-returns-int", E, EX + ["--model", "cli_err_models:returns_int"], "got int"),
     ("sane-similarity-spec", "train sane", TS + ["--similarity", "nocolon"], "argument --similarity"),
+    ("sane-similarity-module-missing", "train sane", TS + ["--similarity", "no_such_module_xyz:f"],
+     "--similarity: cannot import module 'no_such_module_xyz'"),
+    ("sane-similarity-no-attribute", "train sane", TS + ["--similarity", "cli_err_models:nope"],
+     "--similarity: module 'cli_err_models' has no callable 'nope'"),
     # --run: missing, a file, garbage configs and weights
     ("run-missing", X, AV + ["{d}/runs/nope"], "config.json is missing"),
     ("run-is-file", X, AV + ["{d}/runs/a_file"], "is a file"),

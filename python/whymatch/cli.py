@@ -13,32 +13,39 @@ from pathlib import Path
 from ._version import __version__
 
 
-def _load_user_model(spec: str):
-    """'package.module:factory' -> SimilarityModel (a plain nn.Module is wrapped with cosine similarity)."""
-    import torch
-
-    from .similarity import SimilarityModel
-
+def _factory(spec: str, option: str = "--model"):
+    """The callable that 'package.module:factory' names (the module is imported; the factory is not called)."""
     if ":" not in spec:
-        raise ValueError(f"--model must look like 'package.module:factory', got {spec!r}")
+        raise ValueError(f"{option} must look like 'package.module:factory', got {spec!r}")
     mod_name, fn_name = spec.split(":", 1)
     try:
         mod = importlib.import_module(mod_name)
     except (Exception, SystemExit) as exc:  # noqa: BLE001 (ImportError, or whatever the module does on import)
-        raise ValueError(f"--model: cannot import module {mod_name!r}: {type(exc).__name__}: "
+        raise ValueError(f"{option}: cannot import module {mod_name!r}: {type(exc).__name__}: "
                          f"{_first_line(exc)}") from None
     factory = getattr(mod, fn_name, None)
     if not callable(factory):
-        raise ValueError(f"--model: module {mod_name!r} has no callable {fn_name!r}")
+        raise ValueError(f"{option}: module {mod_name!r} has no callable {fn_name!r}")
+    return factory
+
+
+def _load_user_model(spec: str, option: str = "--model"):
+    """'package.module:factory' -> SimilarityModel (a plain nn.Module is wrapped with cosine similarity); errors
+    name ``option``."""
+    import torch
+
+    from .similarity import SimilarityModel
+
+    factory = _factory(spec, option)
     try:
         model = factory()
     except (Exception, SystemExit) as exc:  # noqa: BLE001 (the user's factory: any failure is theirs, named)
-        raise ValueError(f"--model: {spec}() raised {type(exc).__name__}: {_first_line(exc)}") from None
+        raise ValueError(f"{option}: {spec}() raised {type(exc).__name__}: {_first_line(exc)}") from None
     if isinstance(model, SimilarityModel):
         return model
     if isinstance(model, torch.nn.Module):
         return SimilarityModel(model.eval())
-    raise ValueError(f"--model: {spec} must return a whymatch.SimilarityModel or a torch.nn.Module, "
+    raise ValueError(f"{option}: {spec} must return a whymatch.SimilarityModel or a torch.nn.Module, "
                      f"got {type(model).__name__}")
 
 
@@ -270,6 +277,8 @@ def cmd_train_sane(args) -> int:
                      seed=args.seed, device=args.device, resume=args.resume, overwrite=args.overwrite,
                      show_progress=not args.quiet,
                      num_workers=args.num_workers)
+    if cfg.similarity is not None and cfg.lam > 0:
+        _factory(cfg.similarity, "--similarity")  # importable, before any data is rendered (called later)
     return _run_training(train_sane, cfg, args, report=_sane_report)
 
 
