@@ -205,6 +205,8 @@ CASES = [
     ("train-epochs-zero", "train mining", TM + ["--epochs", "0"], "argument --epochs"),
     ("train-batch-p-one", "train mining", TM + ["--batch-p", "1"], "argument --batch-p"),
     ("train-batch-k-zero", "train avsl", TA + ["--batch-k", "0"], "argument --batch-k"),
+    ("train-batch-over-data", "train mining", TM + ["--n-train", "100", "--batch-p", "20", "--batch-k", "10"],
+     "200 images per batch, more than the 100 training images"),
     ("train-workers-negative", "train mining", TM + ["--num-workers", "-1"], "argument --num-workers"),
     ("train-image-size-huge", "train avsl", TA + ["--image-size", "100000"], "argument --image-size"),
     ("train-embedding-dim-huge", "train avsl", TA + ["--embedding-dim", "1000000000"], "argument --embedding-dim"),

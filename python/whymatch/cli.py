@@ -726,6 +726,10 @@ def _check_train_run(cfg) -> None:
     if str(cfg.data).partition(":")[0] == "shapesworld":
         side = cfg.image_size or 96
         n = cfg.n_train + getattr(cfg, "n_test", getattr(cfg, "n_val", 0))
+        per_batch = getattr(cfg, "batch_p", 1) * getattr(cfg, "batch_k", 1)
+        if per_batch > cfg.n_train:
+            raise ValueError(f"--batch-p x --batch-k = {cfg.batch_p} x {cfg.batch_k} = {per_batch} images per batch, "
+                             f"more than the {cfg.n_train} training images (--n-train)")
         _check_memory(n * 3 * side * side, f"ShapesWorld with {n} images of {side} x {side}",
                       "lower --n-train / --n-test or --image-size")
 
@@ -752,6 +756,9 @@ def _check_explain_settings(args, size: int, methods: tuple[str, ...]) -> None:
         for opt, v in (("--window", args.window), ("--stride", args.stride)):
             if v is not None and v > size:
                 raise ValueError(f"{opt} must be <= the image side {size} (--size), got {v}")
+    n_images = len(args.references) + 1
+    _check_memory(n_images * 3 * size * size * 4, f"{n_images} images of {size} x {size} (--size)",
+                  "explain fewer references at once or lower --size")
     per_batch = min(args.batch_size, max(args.n_masks, args.lime_samples))
     _check_memory(per_batch * 3 * size * size * 4, f"a batch of {per_batch} images of {size} x {size} "
                   f"(--batch-size, --size)", "lower --batch-size or --size")
