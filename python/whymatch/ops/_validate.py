@@ -118,9 +118,15 @@ def check_finite_enabled() -> bool:
 
 def maybe_finite(name: str, t: torch.Tensor) -> torch.Tensor:
     """finite(name, t) when the opt-in scans are on (check_finite_enabled()), else nothing (no data read)."""
-    if t.device.type != "meta" and check_finite_enabled():
+    if t.device.type != "meta" and check_finite_enabled() and not _is_fake(t):
         finite(name, t)
     return t
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    """A FakeTensor (torch.compile / opcheck tracing): it has metadata but no data to scan."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    return isinstance(t, FakeTensor)
 
 
 def op_tensor(op: str, name: str, t: object, *, ndim: int | Sequence[int] | None = None,

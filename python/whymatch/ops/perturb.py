@@ -254,6 +254,7 @@ def rise_apply(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor | 
     else:
         V.real("baseline", baseline)
         baseline = torch.full((c, h, w), float(baseline), device=image.device)
+    image_dtype = image.dtype  # the default output dtype (before the float32 copy the kernels read)
     image, baseline = image.float().contiguous(), baseline.float().contiguous()
     if out is not None:
         V.tensor("out", out, ndim=4, dtypes=tuple(_ext.DTYPE_CODES), device=image.device)
@@ -266,7 +267,7 @@ def rise_apply(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor | 
             raise ValueError(f"out must be {want} (channels_last={bool(channels_last)}), got strides {out.stride()}")
         torch.ops.whymatch.rise_apply_out(grids, shifts, image, baseline, out)
         return out
-    dtype = image.dtype if dtype is None else dtype
+    dtype = image_dtype if dtype is None else dtype
     if dtype not in _ext.DTYPE_CODES:
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     return torch.ops.whymatch.rise_apply(grids, shifts, image, baseline, dtype, bool(channels_last))
