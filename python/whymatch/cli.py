@@ -1,4 +1,10 @@
-"""The `whymatch` command: info, demo, explain, train."""
+"""The `whymatch` command: info, demo, explain, explain-avsl, train.
+
+Every failure is one line ``whymatch <command>: error: ...`` on stderr with exit status 2 (Ctrl-C: 130); set
+WHYMATCH_DEBUG=1 for the traceback of an unexpected one. Options are checked while parsing (ranges, finite
+numbers, devices, data roots, factory specs); output directories, input images and run files are checked when
+the command starts, before any model, data or explanation work.
+"""
 
 from __future__ import annotations
 
