@@ -20,7 +20,7 @@ import sys
 import pytest
 import torch
 
-CASES = ["rise_apply", "rise_saliency", "ranked_blend", "soft_mask", "cam", "avsl", "raw"]
+CASES = ["rise_apply", "rise_saliency", "ranked_blend", "soft_mask", "cam", "avsl", "finite", "raw"]
 N_EXAMPLES = int(os.environ.get("WHYMATCH_PROPERTY_EXAMPLES", "40"))
 
 
@@ -456,7 +456,7 @@ def prop_avsl(data):
     R, args = _levels(d, L, Q, G)
     gamma = d.pick([10.0, 1.0, -3.0])
     valid = True
-    mutation = d.pick(["none", "nan", "dtype", "shape", "rank", "gamma", "layout", "count"])
+    mutation = d.pick(["none", "nan", "dtype", "shape", "rank", "gamma", "layout", "count", "meta"])
     if mutation == "nan":
         arg, lv = d.int(0, 3), d.int(0, L - 1)
         args[arg][lv] = d.poison(args[arg][lv], 0.5)
@@ -472,11 +472,24 @@ def prop_avsl(data):
     elif mutation == "layout":
         arg, lv = d.int(0, 3), d.int(0, L - 1)
         args[arg][lv] = d.layout(args[arg][lv], ("transposed", "offset", "expanded"))
+    elif mutation == "meta":
+        args = [[t.to("meta") for t in a] for a in args]
     elif mutation == "count":
         args[d.int(1, 6)] = [] if L > 1 else [torch.zeros(1)] * 3
         valid = False
 
+    meta = mutation == "meta"
+    # link_star: any float edges and k >= 1; anything else refused by name
+    e = d.pick([torch.randn(3, 4, generator=d.gen), torch.zeros(0, 2), torch.ones(2, 3, dtype=torch.long),
+                torch.rand(2, 2, 2)])
+    kk = d.pick([1, 2, 7, 0, -1, True, 1.5])
+    lvalid = e.dim() == 2 and e.is_floating_point() and isinstance(kk, int) and not isinstance(kk, bool) and kk >= 1
+    _expect(lvalid, lambda: ops.link_star(e, kk), lambda r: _close(r, ref.avsl_link_star(e, kk), torch.float32))
+
     def check_d(res):
+        if meta:
+            assert res.device.type == "meta" and res.shape == (Q, G)
+            return
         want = ref.avsl_distance(*args, gamma)
         if mutation == "nan" and L > 1:
             # link weights that are exactly zero are structural (skipped, as in a sparse product): a NaN
@@ -488,7 +501,7 @@ def prop_avsl(data):
         _close(res, want, torch.float32)
 
     res = _expect(valid, lambda: ops.avsl_distance(*args, gamma), check_d)
-    if res is not None and L > 1 and Q * G > 0 and mutation != "nan" and d.bool():  # d/dcoef, d/dbias (levels >= 1)
+    if res is not None and L > 1 and Q * G > 0 and mutation not in ("nan", "meta") and d.bool():  # d/dcoef, d/dbias (levels >= 1)
         cs = [c.clone().requires_grad_(True) for c in args[5]]
         bs = [b.clone().requires_grad_(True) for b in args[6]]
         wts = torch.rand(Q, G, generator=d.gen)
@@ -506,7 +519,7 @@ def prop_avsl(data):
     def check_k(res):
         v, i = res
         assert v.shape == (Q, k) and i.shape == (Q, k) and i.dtype == torch.int64
-        if Q * k:
+        if Q * k and not meta:
             assert int(i.min()) >= 0 and int(i.max()) < G, "top-k indices out of range"
             for row in i:
                 assert len(set(row.tolist())) == k, "top-k indices repeat"
@@ -524,7 +537,7 @@ def prop_avsl(data):
     _expect(kvalid, lambda: ops.avsl_topk(*args, gamma, k, exclude_self=excl), check_k)
     # the registered packed ops directly, with packed tensors of random sizes
     from whymatch.ops.avsl import _pack
-    if valid and Q * G > 0:
+    if valid and Q * G > 0 and not meta:
         qe, ge, rq, rg, lk, cf, bs, sizes = _pack(*args)
         bad = d.pick(["none", "qe", "links", "sizes", "coef_dtype"])
         if bad == "qe":
@@ -542,6 +555,65 @@ def prop_avsl(data):
                                                                        sizes, float(gamma)))
         _expect(ok and kvalid, lambda: torch.ops.whymatch.avsl_topk(qe, ge, rq, rg, lk, cf, bs, sizes, float(gamma),
                                                                     k, excl))
+
+
+def prop_finite(data):
+    """With the opt-in scans on (set_check_finite(True) or WHYMATCH_CHECK_FINITE=1), every op refuses
+    NaN/Inf in any float input by name; the same inputs pass with the scans off."""
+    import whymatch.ops as ops
+    from whymatch.ops import _validate as V
+    d = Draw(data)
+    W = torch.ops.whymatch
+    n, c, h, w, s = d.int(1, 3), d.int(1, 2), d.int(2, 6), d.int(2, 6), d.int(1, 3)
+    grids, shifts = _grids_shifts(d, n, s, h, w)
+    L, Q, G = d.int(1, 3), d.int(1, 3), d.int(2, 4)
+    _, la = _levels(d, L, Q, G)
+    from whymatch.ops.avsl import _pack
+    packed = list(_pack(*la))
+    ops_and_inputs = {
+        "rise_apply": (lambda a: ops.rise_apply(*a), [grids, shifts, d.rand(c, h, w), d.rand(c, h, w)]),
+        "rise_saliency": (lambda a: ops.rise_saliency(*a, (h, w)), [grids, shifts, d.rand(n, 2)]),
+        "ranked_blend": (lambda a: ops.ranked_blend(*a), [d.rand(n, c, h, w), d.rand(n, c, h, w),
+                                                          torch.zeros(n, h * w, dtype=torch.long),
+                                                          torch.arange(3)]),
+        "soft_mask": (lambda a: ops.soft_mask(*a, 2.0, 0.5), [d.rand(n, c, h, w), d.rand(n, 2, 2)]),
+        "soft_mask_backward": (lambda a: W.soft_mask_backward(*a, True, True),
+                               [d.rand(n, c, h, w), d.rand(n, c, h, w), d.rand(n, 2, 2), torch.tensor(2.0),
+                                torch.tensor(0.5)]),
+        "cam_statistics": (lambda a: ops.cam_statistics(*a), [d.rand(2, 3, h, w), d.rand(2, 2, 2, 2),
+                                                              torch.rand(3, 2)]),
+        "cam_reliability": (lambda a: ops.cam_reliability(*a), [d.rand(2, 3, h, w)]),
+        "avsl_distance": (lambda a: W.avsl_distance(*a, 10.0), packed[:7] + [packed[7]]),
+        "avsl_topk": (lambda a: W.avsl_topk(*a, 10.0, 1, False), packed[:7] + [packed[7]]),
+        "avsl_distance_backward": (lambda a: W.avsl_distance_backward(*a, 10.0),
+                                   [torch.ones(Q, G)] + packed[:7] + [packed[7]]),
+    }
+    name = d.pick(sorted(ops_and_inputs))
+    fn, inputs = ops_and_inputs[name]
+    if name == "cam_statistics":
+        fn = lambda a: ops.cam_statistics(a[0], a[1], edges=a[2])  # noqa: E731
+    floats = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.is_floating_point()
+              and t.numel() > 0]
+    which = d.pick(floats)
+    bad = list(inputs)
+    bad[which] = bad[which].clone()
+    bad[which].view(-1)[d.int(0, bad[which].numel() - 1)] = d.pick([float("nan"), float("inf")])
+    V.set_check_finite(None)
+    fn([t.clone() if isinstance(t, torch.Tensor) else t for t in bad])  # off: no scan, no error
+    if d.bool():
+        V.set_check_finite(True)
+    else:
+        os.environ["WHYMATCH_CHECK_FINITE"] = "1"
+    try:
+        try:
+            fn(bad)
+        except ValueError as exc:
+            assert "must be finite" in str(exc), str(exc)
+        else:
+            raise AssertionError(f"{name}: NaN/Inf in input {which} accepted with the scans on")
+    finally:
+        V.set_check_finite(None)
+        os.environ.pop("WHYMATCH_CHECK_FINITE", None)
 
 
 # ---- the raw module -------------------------------------------------------

@@ -258,6 +258,8 @@ def link_star(edges: Tensor, k: int) -> Tensor:
 
 
 def _check_levels(queries, galleries, rel_q, rel_g, links, coef, bias):
+    if not isinstance(queries, (list, tuple)):
+        raise TypeError(f"queries must be a list of tensors (one per level), got {type(queries).__name__}")
     n = len(queries)
     for name, seq, want in (("galleries", galleries, n), ("rel_q", rel_q, n), ("rel_g", rel_g, n),
                             ("links", links, n - 1), ("coef", coef, n), ("bias", bias, n)):
