@@ -56,6 +56,7 @@ PYBIND11_MODULE(_C_cuda, m) {
         // the compressed links' positions and indices, read on the host before the launch (their
         // values become addresses in the kernels); ordered after the work that wrote them
         auto st = static_cast<cudaStream_t>(as_stream(s));
+        pybind11::gil_scoped_release nogil;  // the sync waits for queued work: let other threads run
         WM_CHECK(cudaMemcpyAsync(dst, reinterpret_cast<const void*>(src), static_cast<size_t>(bytes),
                                  cudaMemcpyDeviceToHost, st) == cudaSuccess &&
                      cudaStreamSynchronize(st) == cudaSuccess,
