@@ -18,10 +18,10 @@ import pytest
 CASES = {
     # the issue's examples
     "ranked_blend_rank_1x1_float": (
-        "W.ranked_blend(f(64, 3, 224, 224), f(64, 3, 224, 224), torch.zeros(1, 1), torch.arange(3))",
+        "W.ranked_blend(e(64, 3, 224, 224), e(64, 3, 224, 224), torch.zeros(1, 1), torch.arange(3))",
         "ValueError", r"ranked_blend: rank must have dtype int64, got float32"),
     "ranked_blend_rank_1x1": (
-        "W.ranked_blend(f(64, 3, 224, 224), f(64, 3, 224, 224), torch.zeros(1, 1, dtype=torch.long), torch.arange(3))",
+        "W.ranked_blend(e(64, 3, 224, 224), e(64, 3, 224, 224), torch.zeros(1, 1, dtype=torch.long), torch.arange(3))",
         "ValueError", r"ranked_blend: rank must have shape \(64, 50176\), got \(1, 1\)"),
     "rise_apply_one_element_baseline": (
         "W.rise_apply(f(4, 3, 3), z(4, 2), f(3, 10, 10), torch.zeros(1), torch.float32, False)",
@@ -145,6 +145,7 @@ import whymatch.ops  # registers torch.ops.whymatch.*
 from whymatch.ops import _ext
 W, C = torch.ops.whymatch, _ext.cpu_module()
 f = lambda *s: torch.rand(*s)
+e = lambda *s: torch.zeros(*s)  # the issue's sizes; values do not matter
 z = lambda *s: torch.zeros(*s, dtype=torch.long)
 keep = []  # the buffers' tensors stay alive until the call returns
 B = lambda t: (keep.append(t), _ext.buf(t))[1]
