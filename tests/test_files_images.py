@@ -116,7 +116,8 @@ def test_exif_orientation_and_frames(tmp_path):
 def test_decompression_bombs_are_refused_by_name(tmp_path, monkeypatch):
     Image.new("L", (40, 40)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)       # 1,600 pixels: above the limit (PIL warns)
-    with pytest.raises(ValueError, match=r"big.png is too large to decode safely .*1,600 pixels, limit 1,000"):
+    with pytest.warns(Image.DecompressionBombWarning), \
+            pytest.raises(ValueError, match=r"big.png is too large to decode safely .*1,600 pixels, limit 1,000"):
         load_image(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)        # above twice the limit (PIL raises)
     with pytest.raises(ValueError, match="decompression bomb"):

@@ -17,7 +17,6 @@ import socket
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -190,21 +189,23 @@ def open_image(path: str | os.PathLike, what: str = "image") -> Image.Image:
     if not p.is_file():
         why = " (a directory)" if p.is_dir() else " (not a regular file)" if p.exists() else ""
         raise FileNotFoundError(f"{what} file not found: {p}{why}")
+    limit = _max_pixels()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(p) as im:
-                w, h = im.size
-                if w <= 0 or h <= 0:
-                    raise ValueError(f"{p} is an empty image ({w} x {h} pixels)")
-                im.seek(0)
-                im.load()
-                out = ImageOps.exif_transpose(im)
-                if out is im:
-                    out = im.copy()
-                return out
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        limit = _max_pixels()
+        # No warnings filter here (warnings.catch_warnings is process-wide, not thread-safe): PIL itself warns
+        # between the limit and twice it and raises above; the size is checked from the header, before decoding.
+        with Image.open(p) as im:
+            w, h = im.size
+            if w <= 0 or h <= 0:
+                raise ValueError(f"{p} is an empty image ({w} x {h} pixels)")
+            if limit is not None and w * h > limit:
+                raise Image.DecompressionBombError(f"({w * h} pixels)")
+            im.seek(0)
+            im.load()
+            out = ImageOps.exif_transpose(im)
+            if out is im:
+                out = im.copy()
+            return out
+    except Image.DecompressionBombError as exc:
         raise ValueError(f"{p} is too large to decode safely (a possible decompression bomb): "
                          f"{_pixels_of(exc)} pixels, limit {limit:,} (PIL.Image.MAX_IMAGE_PIXELS)") from None
     except ValueError as exc:
@@ -629,9 +630,7 @@ def load_torch_file(path: str | os.PathLike, what: str = "checkpoint", *, map_lo
     if not p.is_file():
         raise FileNotFoundError(f"{what} not found: {p}" + (" (a directory)" if p.is_dir() else ""))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # the weights_only unpickler's pickle-protocol notice
-            obj = torch.load(p, map_location=map_location, weights_only=True)
+        obj = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         if "GLOBAL" in str(exc):
             raise FileFormatError(f"refused to load {what} {p}: it holds objects other than tensors and plain "
