@@ -224,15 +224,24 @@ def shapesworld_sane_settings() -> dict:
     """SANE's phi (and saliency temperature) for the shipped ShapesWorld models: the weights chosen by
     ``benchmarks/attribute_table.py --write-phi`` on held-out pairs (models/weights/shapesworld_sane.json),
     or equal weights when that file is missing."""
-    import json
+    import math
 
     from .attributes.model import default_attribute_weights_path
+    from .io import FileFormatError, read_json_file
 
     path = default_attribute_weights_path().with_name("shapesworld_sane.json")
     if not path.is_file():
         return {"phi": (1.0, 1.0, 1.0)}
-    blob = json.loads(path.read_text())
-    return {"phi": tuple(float(v) for v in blob["phi"]), "temperature": float(blob.get("temperature", 0.05))}
+    blob = read_json_file(path, "SANE settings", required_keys=("phi",))
+    try:
+        phi = tuple(float(v) for v in blob["phi"])
+        temperature = float(blob.get("temperature", 0.05))
+    except (TypeError, ValueError):
+        phi, temperature = (), math.nan
+    if len(phi) != 3 or not all(math.isfinite(v) for v in (*phi, temperature)) or temperature <= 0:
+        raise FileFormatError(f"SANE settings {path}: 'phi' must be 3 finite numbers and 'temperature' a "
+                              f"positive number, got phi {blob['phi']!r}, temperature {blob.get('temperature')!r}")
+    return {"phi": phi, "temperature": temperature}
 
 
 def add_attribute_explanations(sim: SimilarityModel, sets: Sequence[ExplainedSet], methods: Sequence[str], *,
