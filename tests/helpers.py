@@ -84,3 +84,23 @@ def replace_line(path, line: int, text: str) -> None:
     lines = Path(path).read_text().splitlines()
     lines[line - 1] = text
     Path(path).write_text("\n".join(lines) + "\n")
+
+
+class InjectedFault(OSError):
+    """The error a fault-injection test plants (an OSError, as a failing disk would raise)."""
+
+
+def fail_nth_call(monkeypatch, owner, name: str, fail_at: int) -> list:
+    """Make ``owner.name`` raise :class:`InjectedFault` on its ``fail_at``-th call (0: never); returns the list
+    that counts the calls (its length), so a test can first count the calls of a clean run."""
+    orig = getattr(owner, name)
+    seen: list = []
+
+    def wrapped(*a, **kw):
+        seen.append(1)
+        if len(seen) == fail_at:
+            raise InjectedFault(f"injected fault in {name} call {fail_at}")
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(owner, name, wrapped)
+    return seen

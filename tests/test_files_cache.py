@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import InjectedFault as _Boom
+from helpers import fail_nth_call as _arm
 from whymatch import SimilarityModel
 from whymatch.attributes import cache as cache_mod
 from whymatch.attributes.cache import LOCK, MANIFEST, SaliencyCache, SaliencyCacheError
@@ -234,22 +236,6 @@ def _fault_points(monkeypatch):
     ]
 
 
-class _Boom(OSError):
-    pass
-
-
-def _arm(monkeypatch, owner, name, fail_at):
-    orig = getattr(owner, name)
-    seen = []
-
-    def wrapped(*a, **kw):
-        seen.append(1)
-        if len(seen) == fail_at:
-            raise _Boom(f"injected fault in {name} call {fail_at}")
-        return orig(*a, **kw)
-
-    monkeypatch.setattr(owner, name, wrapped)
-    return seen
 
 
 @pytest.mark.slow

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import InjectedFault as _Boom
+from helpers import fail_nth_call as _arm
 from whymatch import io as wio
 from whymatch.io import REPORT_MARKER, atomic_output_dir, atomic_torch_save, atomic_write_text, check_output_dir
 from whymatch.viz import write_report
@@ -140,22 +142,6 @@ def test_side_directories_of_dead_runs_are_cleaned_and_a_lost_swap_is_restored(t
 
 
 # ------------------------------------------------------------------ injected faults
-class _Boom(OSError):
-    pass
-
-
-def _arm(monkeypatch, owner, name, fail_at):
-    orig = getattr(owner, name)
-    seen = []
-
-    def wrapped(*a, **kw):
-        seen.append(1)
-        if len(seen) == fail_at:
-            raise _Boom(f"injected fault in {name} call {fail_at}")
-        return orig(*a, **kw)
-
-    monkeypatch.setattr(owner, name, wrapped)
-    return seen
 
 
 _REPORT_FAULTS = [(os, "rename"), (os, "replace"), (os, "mkdir"), (os, "fsync"), (wio, "_exchange"),

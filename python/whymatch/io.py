@@ -605,6 +605,17 @@ def _refusal_reason(exc: BaseException) -> str:
     return _first_line(exc)
 
 
+def _require_keys(obj: object, keys: tuple[str, ...] | None, name: str, container: str) -> None:
+    """With ``keys``: ``obj`` must be a dict holding every one of them (FileFormatError naming ``name``)."""
+    if keys is None:
+        return
+    if not isinstance(obj, dict):
+        raise FileFormatError(f"{name} must hold {container}, got {type(obj).__name__}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise FileFormatError(f"{name} lacks the keys {', '.join(map(repr, missing))}")
+
+
 def load_torch_file(path: str | os.PathLike, what: str = "checkpoint", *, map_location: object = "cpu",
                     required_keys: tuple[str, ...] | None = None) -> object:
     """``torch.load`` a file that may come from anyone: tensors and plain containers only, never code.
@@ -642,12 +653,7 @@ def load_torch_file(path: str | os.PathLike, what: str = "checkpoint", *, map_lo
     except (RuntimeError, ValueError, OSError, AttributeError, ImportError, IndexError, KeyError,
             TypeError, UnicodeDecodeError, MemoryError) as exc:
         raise FileFormatError(f"cannot load {what} {p}: corrupted or not a torch file ({_first_line(exc)})") from None
-    if required_keys is not None:
-        if not isinstance(obj, dict):
-            raise FileFormatError(f"{what} {p} must hold a dict, got {type(obj).__name__}")
-        missing = [k for k in required_keys if k not in obj]
-        if missing:
-            raise FileFormatError(f"{what} {p} lacks the entries {', '.join(map(repr, missing))}")
+    _require_keys(obj, required_keys, f"{what} {p}", "a dict")
     return obj
 
 
@@ -668,10 +674,5 @@ def read_json_file(path: str | os.PathLike, what: str = "file", *,
         obj = json.loads(p.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise FileFormatError(f"cannot read {what} {p}: not valid JSON ({_first_line(exc)})") from None
-    if required_keys is not None:
-        if not isinstance(obj, dict):
-            raise FileFormatError(f"{what} {p} must hold a JSON object, got {type(obj).__name__}")
-        missing = [k for k in required_keys if k not in obj]
-        if missing:
-            raise FileFormatError(f"{what} {p} lacks the keys {', '.join(map(repr, missing))}")
+    _require_keys(obj, required_keys, f"{what} {p}", "a JSON object")
     return obj
