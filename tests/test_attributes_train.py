@@ -213,7 +213,7 @@ def test_cli_train_sane_under_torchrun(tmp_path):
     out = tmp_path / "run"
     p = torchrun_cli(*_CLI, "--epochs", "1", "--out", out, "--device", "cpu")
     assert p.stdout.count("trained 1 epochs; attribute mAP") == 1    # only rank 0 reports
-    ck = torch.load(out / CHECKPOINT, weights_only=False)
+    ck = torch.load(out / CHECKPOINT, weights_only=True)
     assert ck["epoch"] == 1 and ck["global_step"] == 2                  # 48 images / 2 ranks / 16
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert json.loads((out / "saliency" / MANIFEST).read_text())["world_size"] == 2

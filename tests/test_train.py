@@ -176,7 +176,7 @@ def test_cli_train_mining_under_torchrun(tmp_path):
                      "--n-test", "120", "--batch-p", "3", "--batch-k", "2", "--batches-per-epoch", "2",
                      "--embedding-dim", "8", "--epochs", "1", "--out", out, "--quiet", "--device", "cpu")
     assert p.stdout.count("trained 1 epochs") == 1  # only rank 0 reports
-    ck = torch.load(out / CHECKPOINT, weights_only=False)
+    ck = torch.load(out / CHECKPOINT, weights_only=True)
     assert ck["epoch"] == 1
     assert len((out / METRICS_LOG).read_text().splitlines()) == 1
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
