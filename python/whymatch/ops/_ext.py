@@ -25,6 +25,7 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 FLOAT64_CODE = 3
 
 _cache: dict[str, ModuleType | None] = {}
+_emulated_cuda: ModuleType | None = None  # see emulate_cuda_on_cpu
 _import_errors: dict[str, str] = {}
 _warned: set[str] = set()
 
@@ -55,6 +56,31 @@ def cuda_module() -> ModuleType | None:
     return _load("_C_cuda")
 
 
+@contextlib.contextmanager
+def emulate_cuda_on_cpu(module: ModuleType):
+    """For the emulation tests only (tests/test_emulated_*.py): while active, the ops run on CPU
+    tensors through ``module``, a host emulation of ``_C_cuda`` (tests/cuda_emulation/ compiles the
+    real .cu files for the host), with everything the ops do for a CUDA launch (the CUDA kernels'
+    argument layouts and workspaces, the checks the CUDA kernels leave to Python, a null stream).
+    Not thread-safe and not for production: it swaps the CPU kernels of the whole process."""
+    global _emulated_cuda
+    if getattr(module, "__version__", None) != __version__:
+        raise RuntimeError(f"the emulated CUDA module was compiled for whymatch {getattr(module, '__version__', '?')} "
+                           f"but the Python package is {__version__}")
+    if _emulated_cuda is not None:
+        raise RuntimeError("emulate_cuda_on_cpu is already active")
+    _emulated_cuda = module
+    try:
+        yield module
+    finally:
+        _emulated_cuda = None
+
+
+def cuda_kernels(t: torch.Tensor) -> bool:
+    """Whether an op on t runs the CUDA kernels (a CUDA tensor, or a CPU tensor under emulate_cuda_on_cpu)."""
+    return t.device.type == "cuda" or (t.device.type == "cpu" and _emulated_cuda is not None)
+
+
 def import_error(name: str) -> str | None:
     _load(name)
     return _import_errors.get(name)
@@ -62,7 +88,9 @@ def import_error(name: str) -> str | None:
 
 def module_for(device: torch.device, op: str) -> ModuleType | None:
     """The compiled module that runs ``op`` on ``device``, or None (reference fallback, warned once)."""
-    if device.type == "cpu":
+    if device.type == "cpu" and _emulated_cuda is not None:
+        mod, name = _emulated_cuda, "_C_cuda (host emulation)"
+    elif device.type == "cpu":
         mod, name = cpu_module(), "_C"
     elif device.type == "cuda":
         mod, name = cuda_module(), "_C_cuda"
@@ -89,6 +117,8 @@ def extra_arg(t: torch.Tensor) -> int:
     """The kernels' last argument: thread count on CPU, the current stream on CUDA."""
     if t.device.type == "cuda":
         return torch.cuda.current_stream(t.device).cuda_stream
+    if _emulated_cuda is not None:
+        return 0  # the null stream (the emulation runs synchronously)
     return torch.get_num_threads()
 
 

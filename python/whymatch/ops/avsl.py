@@ -361,7 +361,7 @@ def _packed_reference_backward(grad, qe, ge, rq, rg, links, coef, bias, sizes, g
 
 def _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes):
     col_ptr, row_idx, values = _compressed(links, sizes, rows=False)
-    if qe.device.type == "cuda":  # the CUDA kernels read the gallery transposed (coalesced)
+    if _ext.cuda_kernels(qe):  # the CUDA kernels read the gallery transposed (coalesced)
         ge, rg = ge.t().contiguous(), rg.t().contiguous()
     keep = [qe, ge, rq, rg, coef, bias, col_ptr, row_idx, values]
     return keep, [_ext.buf(t) for t in keep]

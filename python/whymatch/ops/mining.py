@@ -90,7 +90,7 @@ def _soft_mask_backward(grad: Tensor, x: Tensor, attention: Tensor, alpha: Tenso
     grad = grad.contiguous(memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
     grad_x = _like(x) if need_x else x.new_empty(0)
     g_att = torch.empty_like(attention) if need_attention else attention.new_empty(0)
-    ws_size = b * hh * (ww if x.device.type == "cuda" else w)
+    ws_size = b * hh * (ww if _ext.cuda_kernels(x) else w)
     ws = _ext.empty("soft_mask_backward", "the workspace", (ws_size if need_attention else 0,),
                     dtype=attention.dtype, device=x.device)
     with _ext.device_guard(x):

@@ -84,7 +84,7 @@ def _rise_apply(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor, 
     n, c, h, w = _check_rise_apply_op("rise_apply", grids, shifts, image, baseline)
     _rise_apply_dtype("rise_apply", dtype)
     mod = _ext.module_for(image.device, "rise_apply")
-    if mod is None or image.device.type != "cpu":
+    if mod is None or _ext.cuda_kernels(image):  # the CUDA kernels clamp, the CPU ones check
         _check_shift_values("rise_apply: shifts", shifts, (h, w), grids.shape[1])
     if mod is None:
         _ext.check_size("rise_apply", "the output", (n, c, h, w), dtype, image.device)
@@ -115,7 +115,7 @@ def _check_rise_apply_out(grids, shifts, image, baseline, out) -> None:
 def _rise_apply_out(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor, out: Tensor) -> None:
     _check_rise_apply_out(grids, shifts, image, baseline, out)
     mod = _ext.module_for(image.device, "rise_apply")
-    if mod is None or image.device.type != "cpu":
+    if mod is None or _ext.cuda_kernels(image):  # the CUDA kernels clamp, the CPU ones check
         _check_shift_values("rise_apply_out: shifts", shifts, tuple(image.shape[1:]), grids.shape[1])
     if mod is None:
         channels_last = out.numel() > 0 and not out.is_contiguous()
@@ -149,7 +149,7 @@ def _rise_saliency(grids: Tensor, shifts: Tensor, scores: Tensor, height: int, w
     k = _check_rise_saliency_op(grids, shifts, scores, height, width)
     n, s, _ = grids.shape
     mod = _ext.module_for(scores.device, "rise_saliency")
-    if mod is None or scores.device.type != "cpu":
+    if mod is None or _ext.cuda_kernels(scores):
         _check_shift_values("rise_saliency: shifts", shifts, (height, width), s)
     if mod is None:
         return ref.rise_saliency(grids, shifts, scores, (height, width))
