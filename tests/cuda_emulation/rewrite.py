@@ -19,16 +19,21 @@ DYN_SMEM = re.compile(
     r"extern\s+__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s+)?([A-Za-z_][\w:\s]*?)\s+"
     r"(?:__align__\s*\(\s*\d+\s*\)\s+)?([A-Za-z_]\w*)\s*\[\s*\]\s*;")
 
+_DECL = r"[A-Za-z_]\w*(?:\s*\[[^\]]+\])*"
 STATIC_SMEM = re.compile(
     r"__shared__\s+((?:__align__\s*\(\s*\d+\s*\)\s+)?)([A-Za-z_][\w:<>,\s]*?)\s+"
-    r"([A-Za-z_]\w*)((?:\s*\[[^\]]+\])*)\s*;")
+    rf"({_DECL}(?:\s*,\s*{_DECL})*)\s*;")
 
 
 def _static(m: re.Match) -> str:
-    align, ty, name, dims = m.group(1).strip(), " ".join(m.group(2).split()), m.group(3), m.group(4)
-    return (f"static {align + ' ' if align else ''}{ty} {name}{dims}; "
-            f"[[maybe_unused]] static const bool wm_emu_registered_{name} = "
-            f"::emu::register_shared(&{name}, sizeof({name}));")
+    align, ty = m.group(1).strip(), " ".join(m.group(2).split())
+    out = []
+    for decl in m.group(3).split(","):  # one or more declarators: NAME[D1][D2]...
+        decl = decl.strip()
+        name = re.match(r"[A-Za-z_]\w*", decl).group(0)
+        out.append(f"static {align + ' ' if align else ''}{ty} {decl}; [[maybe_unused]] static const bool "
+                   f"wm_emu_registered_{name} = ::emu::register_shared(&{name}, sizeof({name}));")
+    return " ".join(out)
 
 
 def _dyn(m: re.Match) -> str:
