@@ -38,8 +38,10 @@ SCHEDULES = ("forward", "reverse")
 
 
 @pytest.fixture(scope="session")
-def emu_so(tmp_path_factory):
-    return emu_build.build("fiber")
+def emu_so():
+    # WHYMATCH_EMU_MODULE: an emulated module built elsewhere (tools/cuda_mutants.py tests mutants so)
+    given = os.environ.get("WHYMATCH_EMU_MODULE")
+    return Path(given) if given else emu_build.build("fiber")
 
 
 @pytest.fixture(scope="session")

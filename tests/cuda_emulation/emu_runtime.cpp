@@ -43,6 +43,7 @@ namespace {
 constexpr size_t kSmemDefault = 48 * 1024;  // dynamic shared memory without the opt-in
 constexpr size_t kSmemOptin = 227 * 1024;   // cudaDevAttrMaxSharedMemoryPerBlockOptin of sm_90
 constexpr unsigned char kPoison = 0xFF;
+constexpr size_t kGuard = 256;  // poisoned bytes after the dynamic shared memory, checked after each block
 
 thread_local cudaError_t t_last = cudaSuccess;
 std::mutex g_launch_mu;  // one grid at a time
@@ -70,9 +71,17 @@ std::mutex g_static_mu;
 std::vector<std::pair<void*, size_t>> g_static_smem;  // every static __shared__ variable seen so far
 
 void poison_shared(size_t dyn_bytes) {
-  if (dyn_bytes) std::memset(g_dyn_smem, kPoison, dyn_bytes);
+  std::memset(g_dyn_smem, kPoison, dyn_bytes + kGuard);
   std::lock_guard<std::mutex> lk(g_static_mu);
   for (const auto& [p, n] : g_static_smem) std::memset(p, kPoison, n);
+}
+
+// A write past the end of the dynamic shared memory (a device would fault or corrupt a neighbour).
+void check_guard(size_t dyn_bytes) {
+  for (size_t i = 0; i < kGuard; ++i)
+    if (g_dyn_smem[dyn_bytes + i] != kPoison)
+      fail("a thread wrote " + std::to_string(i) + " bytes past the end of the " + std::to_string(dyn_bytes) +
+           " bytes of dynamic shared memory" + where());
 }
 
 // A warp mask must include the caller and name only lanes that exist.
@@ -247,6 +256,7 @@ void run_blocks(dim3 grid, unsigned n, const std::function<void()>& body, size_t
           poison_shared(smem);
           ++g_blocks;
           run_block(b, n, body, sch);
+          check_guard(smem);
         }
   } catch (...) {
     g_b = nullptr;
@@ -373,6 +383,7 @@ void run_blocks(dim3 grid, unsigned n, const std::function<void()>& body, size_t
         for (auto& t : ts) t.join();
         g_b = nullptr;
         if (!b.error.empty()) fail(b.error);
+        check_guard(smem);
       }
 }
 
@@ -449,7 +460,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std:
   }
   ++g_launches;
   g_max_dyn_launched = std::max<unsigned long long>(g_max_dyn_launched, smem);
-  std::unique_ptr<unsigned char[]> dyn(new unsigned char[smem + 16]);
+  std::unique_ptr<unsigned char[]> dyn(new unsigned char[smem + kGuard + 16]);
   BlockCtx blk;
   blk.bdim = block;
   blk.gdim = grid;
@@ -483,6 +494,11 @@ __attribute__((visibility("default"))) void wm_emu_stats(unsigned long long* out
 __attribute__((visibility("default"))) void wm_emu_reset_stats() {
   emu::g_launches = emu::g_blocks = emu::g_max_dyn_launched = 0;
 }
+
+// For the tests (ctypes): the calling thread's pending "last error", to set one as another library's
+// failed call would (tests/test_emulated_findings.py: an op must report it and leave it pending).
+__attribute__((visibility("default"))) int wm_emu_peek_last_error() { return static_cast<int>(emu::t_last); }
+__attribute__((visibility("default"))) void wm_emu_set_last_error(int e) { emu::t_last = static_cast<cudaError_t>(e); }
 
 cudaError_t cudaGetLastError(void) {
   const cudaError_t e = emu::t_last;

@@ -1,0 +1,216 @@
+"""Mutation check of the emulated CUDA tests: does tests/test_emulated_kernels.py notice a broken kernel?
+
+    python tools/cuda_mutants.py [--kinds barrier,shrink,store] [--sample N] [--jobs J] [--out benchmarks/results]
+
+Mutants of csrc/*/*_cuda.cu (one change each):
+  barrier  every __syncthreads() / __syncwarp(...) call removed in turn
+  shrink   every __shared__ array's first dimension minus one; every launch's dynamic shared memory
+           minus 16 bytes
+  store    every store `name[index] = ...` shifted by one element (`name[(index) + 1] = ...`)
+Each mutant is built with the emulation (tests/cuda_emulation/build.py; only the mutated file
+recompiles, the other objects come from the cache) and the emulated tests of its op family run
+against it (WHYMATCH_EMU_MODULE). Killed: a test failed (or the run timed out); survived: all
+passed; invalid: the mutant did not compile (not counted). Writes cuda_mutants.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from cuda_emulation import build as emu_build  # noqa: E402
+
+# The emulated tests that cover each kernel file (pytest -k).
+FAMILY = {
+    "avsl_distance_cuda.cu": "avsl and not cam",
+    "cam_correlation_cuda.cu": "cam",
+    "soft_mask_cuda.cu": "soft_mask",
+    "rise_apply_cuda.cu": "rise_apply",
+    "rise_saliency_cuda.cu": "rise_saliency",
+    "ranked_blend_cuda.cu": "ranked_blend",
+}
+
+
+def _code_spans(text: str) -> list[tuple[int, int]]:
+    """Spans of comments, which no mutant touches."""
+    return [m.span() for m in re.finditer(r"//[^\n]*|/\*.*?\*/", text, re.S)]
+
+
+def _in(spans, pos):
+    return any(a <= pos < b for a, b in spans)
+
+
+def _split_top(s: str) -> list[str]:
+    """s split at the commas outside parentheses / brackets / angle brackets."""
+    out, depth, cur = [], 0, ""
+    for ch in s:
+        if ch in "([<":
+            depth += 1
+        elif ch in ")]>":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return out + [cur]
+
+
+def mutants(src_root: Path, kinds: set[str]) -> list[dict]:
+    out = []
+    for path in sorted((src_root / "csrc").glob("*/*_cuda.cu")):
+        rel = path.relative_to(src_root).as_posix()
+        text = path.read_text()
+        comments = _code_spans(text)
+
+        def add(kind, m, new, what):
+            if _in(comments, m.start()):
+                return
+            line = text.count("\n", 0, m.start()) + 1
+            out.append({"kind": kind, "file": rel, "line": line, "what": what,
+                        "start": m.start(), "end": m.end(), "new": new})
+        if "barrier" in kinds:
+            for m in re.finditer(r"__sync(?:threads|warp)\s*\([^;]*?\)\s*;", text):
+                add("barrier", m, "/* mutant: barrier removed */;", m.group(0).split("(")[0] + " removed")
+        if "shrink" in kinds:
+            for m in re.finditer(r"(__shared__[^;\[]*?\b\w+\s*\[)([^\]]+)(\])", text):
+                if "extern" in text[max(0, m.start() - 10):m.start()]:
+                    continue
+                add("shrink", m, f"{m.group(1)}({m.group(2)}) - 1{m.group(3)}",
+                    f"shared array [{m.group(2)}] -> [{m.group(2)} - 1]")
+            for m in re.finditer(r"<<<(.*?)>>>", text, re.S):
+                args = _split_top(m.group(1))
+                if len(args) < 3 or args[2].strip() == "0":
+                    continue
+                args[2] = f" ({args[2].strip()}) - 16"
+                add("shrink", m, "<<<" + ",".join(args) + ">>>", f"dynamic shared memory {args[2].strip()}")
+        if "store" in kinds:
+            for m in re.finditer(r"\b(\w+)\[([^\[\]\n]+)\]\s*=(?!=)", text):
+                if m.group(1) in ("int", "float", "double", "char"):
+                    continue
+                add("store", m, f"{m.group(1)}[({m.group(2)}) + 1] =", f"store {m.group(1)}[{m.group(2)}] shifted by +1")
+    for i, mu in enumerate(out):
+        mu["id"] = i
+    return out
+
+
+def run_one(mu: dict, src_root: Path, work: Path, timeout: int) -> dict:
+    t0 = time.perf_counter()
+    root = work / f"m{mu['id']}"
+    shutil.copytree(src_root / "csrc", root / "csrc")
+    (root / "python/whymatch").mkdir(parents=True)
+    shutil.copy(src_root / "python/whymatch/_version.py", root / "python/whymatch/_version.py")
+    shutil.copy(src_root / "CMakeLists.txt", root / "CMakeLists.txt")
+    f = root / mu["file"]
+    text = f.read_text()
+    f.write_text(text[:mu["start"]] + mu["new"] + text[mu["end"]:])
+    res = {k: mu[k] for k in ("id", "kind", "file", "line", "what")}
+    try:
+        so = emu_build.build("fiber", src_root=root, jobs=1)
+    except RuntimeError as exc:
+        res.update(status="invalid", detail=str(exc).splitlines()[-1][:200], seconds=round(time.perf_counter() - t0, 1))
+        return res
+    env = dict(os.environ, WHYMATCH_EMU_MODULE=str(so), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "emulated",
+           str(REPO / "tests/test_emulated_kernels.py"), "-k", FAMILY[Path(mu["file"]).name]]
+    try:
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        failed = [ln for ln in r.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
+        res.update(status="killed" if r.returncode else "survived",
+                   detail=(failed[0][:200] if failed else r.stdout.strip().splitlines()[-1][:200] if r.stdout else ""))
+    except subprocess.TimeoutExpired:
+        res.update(status="killed", detail=f"timed out after {timeout} s (a hang)")
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    shutil.rmtree(root, ignore_errors=True)
+    return res
+
+
+def write(results: list[dict], meta: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cuda_mutants.json").write_text(json.dumps({"meta": meta, "mutants": results}, indent=1) + "\n")
+    lines = ["# Mutation check of the emulated CUDA tests", "",
+             f"Produced by `{meta['command']}` on {meta['date']} ({meta['machine']}); {meta['seconds']} s wall.",
+             f"Checkout: {meta['commit']}. {meta['note']}", "",
+             "| kind | mutants (of all found) | killed | survived | invalid (did not compile) | kill rate |",
+             "|---|---|---|---|---|---|"]
+    for kind in ("barrier", "shrink", "store"):
+        rs = [r for r in results if r["kind"] == kind]
+        if not rs and kind not in meta["found"]:
+            continue
+        k = sum(r["status"] == "killed" for r in rs)
+        s = sum(r["status"] == "survived" for r in rs)
+        inv = sum(r["status"] == "invalid" for r in rs)
+        rate = f"{k}/{k + s}" + (f" ({100 * k / (k + s):.0f}%)" if k + s else "")
+        lines.append(f"| {kind} | {len(rs)} (of {meta['found'].get(kind, 0)}) | {k} | {s} | {inv} | {rate} |")
+    lines += ["", "| # | kind | where | mutation | result | detail |", "|---|---|---|---|---|---|"]
+    for r in results:
+        detail = r.get("detail", "").replace("|", "\\|")
+        lines.append(f"| {r['id']} | {r['kind']} | {r['file']}:{r['line']} | {r['what'].replace('|', '/')} | "
+                     f"{r['status']} | {detail} |")
+    (out / "cuda_mutants.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kinds", default="barrier,shrink,store")
+    ap.add_argument("--sample", type=int, default=0,
+                    help="run every barrier mutant and at most this many of each other kind (0: all)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2)))
+    ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    base = emu_build.build("fiber")  # the unmutated objects, which every mutant reuses
+    # the unmutated kernels must pass, or every mutant would count as killed
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "emulated",
+                        str(REPO / "tests/test_emulated_kernels.py")], cwd=REPO,
+                       env=dict(os.environ, WHYMATCH_EMU_MODULE=str(base)), capture_output=True, text=True)
+    if r.returncode:
+        sys.exit("the emulated tests fail on the unmutated checkout; fix that first:\n" + r.stdout[-3000:])
+    kinds = set(a.kinds.split(","))
+    found = mutants(REPO, kinds)
+    counts = {k: sum(m["kind"] == k for m in found) for k in kinds}
+    chosen = found
+    note = "Every mutant found was run."
+    if a.sample:
+        rng = random.Random(a.seed)
+        chosen = [m for m in found if m["kind"] == "barrier"]
+        for k in sorted(kinds - {"barrier"}):
+            pool = [m for m in found if m["kind"] == k]
+            chosen += sorted(rng.sample(pool, min(a.sample, len(pool))), key=lambda m: m["id"])
+        note = (f"Every barrier mutant was run; of the other kinds a random sample of at most {a.sample} each "
+                f"(seed {a.seed}).")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="wm_mutants_") as tmp, cf.ThreadPoolExecutor(a.jobs) as ex:
+        futs = [ex.submit(run_one, m, REPO, Path(tmp), a.timeout) for m in chosen]
+        for fut in cf.as_completed(futs):
+            r = fut.result()
+            results.append(r)
+            print(f"[{len(results)}/{len(chosen)}] {r['status']:8s} {r['kind']:7s} {r['file']}:{r['line']} {r['what']}"
+                  f" ({r['seconds']} s)", flush=True)
+    results.sort(key=lambda r: r["id"])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "csrc"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    meta = {"command": "python tools/cuda_mutants.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{os.cpu_count()} cores", "seconds": round(time.perf_counter() - t0),
+            "commit": commit + (" with uncommitted csrc/ edits" if dirty else ""), "note": note, "found": counts}
+    write(results, meta, a.out)
+    killed = sum(r["status"] == "killed" for r in results)
+    valid = sum(r["status"] != "invalid" for r in results)
+    print(f"killed {killed} / {valid} valid mutants ({len(results) - valid} invalid); {meta['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
