@@ -129,3 +129,20 @@ def test_bad_input_names_the_argument():
         insertion_deletion(sim, q, q, good, normalize="z")
     with pytest.raises(ValueError, match=r"masks must have shape \(2, 16, 16\)"):
         pointing_game(good, torch.ones(2, 4, 4, dtype=torch.bool))
+
+
+def test_ground_truth_scores_refuse_nan_maps_and_soft_masks():
+    """NaN would win every argmax and vanish from the mass; a soft mask would be rounded: named errors instead."""
+    maps = torch.rand(2, 8, 8)
+    hard = torch.zeros(2, 8, 8, dtype=torch.bool)
+    hard[:, 2:4, 2:4] = True
+    nan_maps = maps.clone()
+    nan_maps[0, 0, 0] = float("nan")
+    for fn in (pointing_game, mass_on_mask):
+        with pytest.raises(ValueError, match="saliency must be finite"):
+            fn(nan_maps, hard)
+        with pytest.raises(ValueError, match="masks must be bool"):
+            fn(maps, hard.float() * 0.7)
+        assert torch.equal(fn(maps, hard.float()), fn(maps, hard))  # 0/1 masks of any dtype are accepted
+    with pytest.raises(ValueError, match="masks must be bool"):
+        chance_level(torch.full((2, 8, 8), 0.5))

@@ -12,10 +12,24 @@ __all__ = ["pointing_game", "mass_on_mask", "chance_level"]
 
 
 def _check(saliency: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """Finite (B, H, W) maps and (B, H, W) masks that are bool or hold only 0 and 1 (a soft mask would be
+    rounded silently, and NaN would win every argmax): a named ValueError otherwise."""
     saliency = V.tensor("saliency", saliency, ndim=3)
-    masks = V.tensor("masks", masks, ndim=3, device=saliency.device)
+    masks = _masks(masks, device=saliency.device)
     V.shape("masks", masks, saliency.shape)
-    return saliency.float(), masks.bool()
+    if saliency.is_complex():
+        raise TypeError(f"saliency must be a real tensor, got {saliency.dtype}")
+    V.finite("saliency", saliency)
+    return saliency.float(), masks
+
+
+def _masks(masks: Tensor, device=None) -> Tensor:
+    masks = V.tensor("masks", masks, ndim=3, device=device)
+    if masks.dtype != torch.bool:
+        if masks.is_complex() or not bool(((masks == 0) | (masks == 1)).all()):
+            raise ValueError(f"masks must be bool (or hold only 0 and 1), got {masks.dtype} with other values")
+        masks = masks.bool()
+    return masks
 
 
 def pointing_game(saliency: Tensor, masks: Tensor, tolerance: int = 0) -> Tensor:
@@ -59,5 +73,4 @@ def mass_on_mask(saliency: Tensor, masks: Tensor, shift: str = "min") -> Tensor:
 
 def chance_level(masks: Tensor) -> Tensor:
     """Share of each image covered by its mask, (B,): the pointing game's rate for a random point."""
-    masks = V.tensor("masks", masks, ndim=3)
-    return masks.float().mean(dim=(1, 2))
+    return _masks(masks).float().mean(dim=(1, 2))
