@@ -12,13 +12,19 @@
 //
 // Top-k: the gallery of each query is split into nseg segments; block (i, seg) keeps the sorted
 // k best of its segment in the workspace (thread 0 inserts the tile's P candidates), and a merge
-// kernel (one thread per query) takes the k best of the nseg sorted lists.
+// kernel (one block per query) takes the k best of the nseg sorted lists: each thread owns the
+// segments s = t, t + kMergeThreads, ... and keeps the best head among them; per output, a
+// block-wide argmin (shuffles, then the warps' winners in shared memory) picks the winner and only
+// its owner advances and rescans its few segments. (One thread per query walked k x nseg dependent
+// global reads: ~200k for Q = 1, nseg = 2048.)
 //
 // Backward: a fixed grid of blocks, each owning a slice of the workspace: A_l, p_l of the tile,
 // two R_max x P buffers, and its partial sums of the coef / bias gradients (double), which a last
 // kernel adds up in block order (deterministic, no atomics).
 #include <algorithm>
 #include <cstdlib>
+#include <mutex>
+#include <unordered_map>
 
 #include "avsl/avsl_distance.h"
 #include "common/cuda_utils.cuh"
@@ -31,6 +37,7 @@ constexpr int64_t kSmemLimit = 48 * 1024;
 constexpr int64_t kMaxForwardBlocks = 4096;
 constexpr int64_t kMaxBackwardBlocks = 1024;
 constexpr int64_t kTopkTargetBlocks = 2048;
+constexpr int64_t kMaxMergeBlocks = 65535;  // the merge loops over queries beyond it
 
 struct Levels {
   int L;
@@ -59,31 +66,57 @@ struct FwdConfig {
 
 // Shared memory a block may use (the hats plus the top-k tile's distances). Default 48 KiB, which
 // needs no opt-in and leaves room for several blocks per SM. WHYMATCH_AVSL_CUDA_SMEM=BYTES sets
-// another limit: above 48 KiB up to the device's opt-in maximum (more pairs per tile, fewer
-// blocks per SM), below it down to forcing the hats into global memory. An experiment knob
-// until a GPU measurement picks the default; read once per process, so that the workspace size
-// and the launch always agree.
-int64_t smem_limit() {
-  static const int64_t limit = [] {
-    int64_t want = kSmemLimit;
+// another limit: above 48 KiB up to the opt-in maximum of the current device (more pairs per
+// tile, fewer blocks per SM), below it down to forcing the hats into global memory. An experiment
+// knob until a GPU measurement picks the default. The variable is read once per process and each
+// device's opt-in maximum once per device, so that the workspace size and the launch agree when
+// both are asked with the same current device (the caller makes the tensors' device current).
+int64_t smem_limit_wanted() {
+  static const int64_t want = [] {
     const char* e = std::getenv("WHYMATCH_AVSL_CUDA_SMEM");
-    if (e && *e) {
-      char* end = nullptr;
-      const long long v = std::strtoll(e, &end, 10);
-      WM_CHECK(*end == '\0' && v > 0,
-               "WHYMATCH_AVSL_CUDA_SMEM must be a positive number of bytes, got '" << e << "'");
-      want = v;
-    }
-    if (want <= kSmemLimit) return want;
-    int dev = 0, optin = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
-      cudaGetLastError();  // clear it: fall back to the default
-      return kSmemLimit;
-    }
-    return std::min<int64_t>(want, optin);
+    if (!e || !*e) return kSmemLimit;
+    char* end = nullptr;
+    const long long v = std::strtoll(e, &end, 10);
+    WM_CHECK(*end == '\0' && v > 0, "WHYMATCH_AVSL_CUDA_SMEM must be a positive number of bytes, got '" << e << "'");
+    return static_cast<int64_t>(v);
   }();
-  return limit;
+  return want;
+}
+
+// The opt-in maximum of device dev, asked once per device. A failed query falls back to the
+// default and is cleared only when it is the runtime's only pending error (an earlier, unrelated
+// error stays pending for its owner); a fallback is not cached, so a later call asks again.
+int64_t device_optin(int dev) {
+  static std::mutex mu;
+  static std::unordered_map<int, int64_t> cache;
+  {
+    std::lock_guard<std::mutex> lk(mu);
+    const auto it = cache.find(dev);
+    if (it != cache.end()) return it->second;
+  }
+  const cudaError_t pending = cudaPeekAtLastError();
+  int optin = 0;
+  const cudaError_t e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (e != cudaSuccess) {
+    if (pending == cudaSuccess && cudaPeekAtLastError() == e) (void)cudaGetLastError();
+    return kSmemLimit;
+  }
+  std::lock_guard<std::mutex> lk(mu);
+  cache.emplace(dev, static_cast<int64_t>(optin));
+  return optin;
+}
+
+int64_t smem_limit() {
+  const int64_t want = smem_limit_wanted();
+  if (want <= kSmemLimit) return want;
+  const cudaError_t pending = cudaPeekAtLastError();
+  int dev = 0;
+  const cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) {
+    if (pending == cudaSuccess && cudaPeekAtLastError() == e) (void)cudaGetLastError();
+    return kSmemLimit;
+  }
+  return std::min<int64_t>(want, device_optin(dev));
 }
 
 constexpr int64_t kTileDistBytes = 32 * 8;  // the top-k kernel's P (<= 32) distances of a tile
@@ -253,32 +286,66 @@ __global__ void __launch_bounds__(kThreads) avsl_topk_partial_kernel(AvslParams 
   }
 }
 
-// Top-k, pass 2: one thread per query merges its nseg sorted lists.
+// Top-k, pass 2: one block per query merges its nseg sorted lists (see the file's header).
+constexpr int kMergeThreads = 128;
+
+// The better of two candidates (seg < 0: none). Gallery indices are unique across segments, so the
+// winner does not depend on the order of the reduction.
 template <typename T>
-__global__ void avsl_topk_merge_kernel(AvslParams p, int64_t nseg, const T* list_d, const int64_t* list_j,
-                                       const int64_t* counts, int64_t* heads) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= p.Q) return;
+__device__ __forceinline__ void merge_pick(T& d, int64_t& j, int64_t& seg, T d2, int64_t j2, int64_t seg2) {
+  if (seg2 >= 0 && (seg < 0 || avsl_before(d2, j2, d, j))) { d = d2; j = j2; seg = seg2; }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kMergeThreads) avsl_topk_merge_kernel(AvslParams p, int64_t nseg, const T* list_d,
+                                                                        const int64_t* list_j, const int64_t* counts,
+                                                                        int64_t* heads) {
+  constexpr int kWarps = kMergeThreads / 32;
+  __shared__ T win_d[2][kWarps];  // double-buffered by output parity: one barrier per output
+  __shared__ int64_t win_j[2][kWarps];
+  __shared__ int64_t win_s[2][kWarps];
+  const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
   const int64_t k = p.k;
-  int64_t* head = heads + i * nseg;
-  for (int64_t s = 0; s < nseg; ++s) head[s] = 0;
-  T* out_d = static_cast<T*>(p.topk_values) + i * k;
-  int64_t* out_j = p.topk_indices + i * k;
-  for (int64_t m = 0; m < k; ++m) {
-    int64_t best = -1;
+  for (int64_t i = blockIdx.x; i < p.Q; i += gridDim.x) {
+    int64_t* head = heads + i * nseg;
+    const int64_t* cnt = counts + i * nseg;
+    // this thread's best head over its segments
     T bd = T(0);
-    int64_t bj = 0;
-    for (int64_t s = 0; s < nseg; ++s) {
-      const int64_t task = i * nseg + s;
-      if (head[s] >= counts[task]) continue;
-      const T d = list_d[task * k + head[s]];
-      const int64_t j = list_j[task * k + head[s]];
-      if (best < 0 || avsl_before(d, j, bd, bj)) { best = s; bd = d; bj = j; }
+    int64_t bj = 0, bs = -1;
+    for (int64_t s = t; s < nseg; s += kMergeThreads) {
+      head[s] = 0;
+      if (cnt[s] > 0) merge_pick(bd, bj, bs, list_d[(i * nseg + s) * k], list_j[(i * nseg + s) * k], s);
     }
-    if (best < 0) { out_d[m] = T(0); out_j[m] = -1; continue; }  // cannot happen when k <= candidates
-    ++head[best];
-    out_d[m] = bd;
-    out_j[m] = bj;
+    T* out_d = static_cast<T*>(p.topk_values) + i * k;
+    int64_t* out_j = p.topk_indices + i * k;
+    for (int64_t m = 0; m < k; ++m) {
+      T d = bd;
+      int64_t j = bj, sg = bs;
+      for (int o = 16; o > 0; o >>= 1) {
+        const T d2 = __shfl_down_sync(0xffffffffu, d, o);
+        const int64_t j2 = __shfl_down_sync(0xffffffffu, j, o), s2 = __shfl_down_sync(0xffffffffu, sg, o);
+        if (lane + o < 32) merge_pick(d, j, sg, d2, j2, s2);
+      }
+      const int buf = static_cast<int>(m & 1);
+      if (lane == 0) { win_d[buf][warp] = d; win_j[buf][warp] = j; win_s[buf][warp] = sg; }
+      __syncthreads();
+      d = win_d[buf][0]; j = win_j[buf][0]; sg = win_s[buf][0];
+      for (int w = 1; w < kWarps; ++w) merge_pick(d, j, sg, win_d[buf][w], win_j[buf][w], win_s[buf][w]);
+      if (sg < 0) {  // cannot happen when k <= candidates
+        if (t == 0) { out_d[m] = T(0); out_j[m] = -1; }
+        continue;
+      }
+      if (t == 0) { out_d[m] = d; out_j[m] = j; }
+      if (sg % kMergeThreads == t) {  // the owner advances the winner's segment and rescans its own
+        ++head[sg];
+        bs = -1;
+        for (int64_t s = t; s < nseg; s += kMergeThreads) {
+          const int64_t h = head[s];
+          if (h < cnt[s]) merge_pick(bd, bj, bs, list_d[(i * nseg + s) * k + h], list_j[(i * nseg + s) * k + h], s);
+        }
+      }
+    }
+    __syncthreads();  // the next query's first output reuses buffer 0
   }
 }
 
@@ -418,6 +485,7 @@ void avsl_distance_cuda(const AvslParams& p, void* stream) {
   const unsigned int blocks = static_cast<unsigned int>(forward_blocks(p, f));
   const size_t smem = f.global ? 0 : static_cast<size_t>(f.hat_bytes);
   auto st = static_cast<cudaStream_t>(stream);
+  WM_CUDA_CHECK_PENDING("avsl_distance");
   if (p.dtype == DType::F64) {
     allow_smem(avsl_forward_kernel<double>, smem);
     avsl_forward_kernel<double><<<blocks, kThreads, smem, st>>>(p, lv, f);
@@ -440,22 +508,23 @@ void avsl_topk_cuda(const AvslParams& p, void* stream) {
   const unsigned int blocks = static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(lists, kMaxForwardBlocks)));
   const size_t smem = static_cast<size_t>((f.global ? 0 : f.hat_bytes) + kTileDistBytes);  // + the tile's distances
   auto st = static_cast<cudaStream_t>(stream);
-  const unsigned int mblocks = ceil_div(p.Q, 128);
+  const unsigned int mblocks = static_cast<unsigned int>(std::min<int64_t>(p.Q, kMaxMergeBlocks));
   auto* lj = reinterpret_cast<int64_t*>(ws + t.list_j);
   auto* counts = reinterpret_cast<int64_t*>(ws + t.counts);
   auto* heads = reinterpret_cast<int64_t*>(ws + t.heads);
+  WM_CUDA_CHECK_PENDING("avsl_topk");
   if (p.dtype == DType::F64) {
     auto* ld = reinterpret_cast<double*>(ws + t.list_d);
     allow_smem(avsl_topk_partial_kernel<double>, smem);
     avsl_topk_partial_kernel<double><<<blocks, kThreads, smem, st>>>(p, lv, f, t.nseg, ld, lj, counts, ws + t.hats);
     WM_CUDA_LAUNCH_CHECK();
-    avsl_topk_merge_kernel<double><<<mblocks, 128, 0, st>>>(p, t.nseg, ld, lj, counts, heads);
+    avsl_topk_merge_kernel<double><<<mblocks, kMergeThreads, 0, st>>>(p, t.nseg, ld, lj, counts, heads);
   } else {
     auto* ld = reinterpret_cast<float*>(ws + t.list_d);
     allow_smem(avsl_topk_partial_kernel<float>, smem);
     avsl_topk_partial_kernel<float><<<blocks, kThreads, smem, st>>>(p, lv, f, t.nseg, ld, lj, counts, ws + t.hats);
     WM_CUDA_LAUNCH_CHECK();
-    avsl_topk_merge_kernel<float><<<mblocks, 128, 0, st>>>(p, t.nseg, ld, lj, counts, heads);
+    avsl_topk_merge_kernel<float><<<mblocks, kMergeThreads, 0, st>>>(p, t.nseg, ld, lj, counts, heads);
   }
   WM_CUDA_LAUNCH_CHECK();
 }
@@ -466,6 +535,7 @@ void avsl_distance_backward_cuda(const AvslParams& p, void* stream) {
   if (S1 == 0) return;
   auto st = static_cast<cudaStream_t>(stream);
   const int64_t es = elem_size(p);
+  WM_CUDA_CHECK_PENDING("avsl_distance_backward");
   if (p.Q * p.G == 0) {
     WM_CUDA_CHECK(cudaMemsetAsync(p.grad_coef, 0, S1 * es, st));
     WM_CUDA_CHECK(cudaMemsetAsync(p.grad_bias, 0, S1 * es, st));

@@ -170,14 +170,38 @@ __global__ void reliability_kernel(CamRelParams p) {
 }
 
 template <typename T>
+void rel_launch(const CamRelParams& p, cudaStream_t s) {
+  reliability_kernel<T><<<ceil_div(p.B * p.R, kWarpsPerBlock), kWarpsPerBlock * 32, 0, s>>>(p);
+  WM_CUDA_LAUNCH_CHECK();
+}
+
+template <typename T>
 void corr_launch(const CamCorrParams& p, cudaStream_t s) {
+  if (p.R1 * p.R2 == 0) {
+    // No product: the workspace is never touched (check_cam_corr lets a caller pass none, nor the
+    // maps of the empty level); only the reliabilities asked for, with the kernel and the
+    // arithmetic of prepare_kernel's (bitwise the same values).
+    for (const bool low : {true, false}) {
+      CamRelParams r;
+      r.cam = low ? p.low : p.high;
+      r.rel = low ? p.rel_low : p.rel_high;
+      r.B = p.B;
+      r.R = low ? p.R1 : p.R2;
+      r.H = low ? p.H1 : p.H2;
+      r.W = low ? p.W1 : p.W2;
+      r.published = p.published;
+      r.dtype = p.dtype;
+      if (r.rel != nullptr && r.B * r.R > 0) rel_launch<T>(r, s);
+    }
+    return;
+  }
   const int64_t R1p = cam_corr_pad(p.R1, kCamMR), R2p = cam_corr_pad(p.R2, kCamNR);
   T* lt = static_cast<T*>(p.workspace);
   T* ht = lt + p.B * p.H2 * p.W2 * R1p;
   const int64_t maps = p.B * (p.R1 + p.R2);
   prepare_kernel<T><<<ceil_div(maps, kWarpsPerBlock), kWarpsPerBlock * 32, 0, s>>>(p, lt, ht, R1p, R2p);
   WM_CUDA_LAUNCH_CHECK();
-  if ((p.corr || p.edges) && p.R1 * p.R2 > 0) {
+  if (p.corr || p.edges) {
     dim3 grid(ceil_div(p.R2, kBN), ceil_div(p.R1, kBM));
     gemm_kernel<T><<<grid, kGemmThreads, 0, s>>>(p, lt, ht, R1p, R2p);
     WM_CUDA_LAUNCH_CHECK();
@@ -189,6 +213,7 @@ void corr_launch(const CamCorrParams& p, cudaStream_t s) {
 void avsl_cam_correlation_cuda(const CamCorrParams& p, void* stream) {
   check_cam_corr(p);
   if (p.R1 == 0 && p.R2 == 0) return;
+  WM_CUDA_CHECK_PENDING("avsl_cam_correlation");
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (p.dtype == DType::F64) corr_launch<double>(p, s);
   else corr_launch<float>(p, s);
@@ -197,11 +222,10 @@ void avsl_cam_correlation_cuda(const CamCorrParams& p, void* stream) {
 void avsl_cam_reliability_cuda(const CamRelParams& p, void* stream) {
   check_cam_rel(p);
   if (p.B * p.R == 0) return;
+  WM_CUDA_CHECK_PENDING("avsl_cam_reliability");
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const unsigned int blocks = ceil_div(p.B * p.R, kWarpsPerBlock);
-  if (p.dtype == DType::F64) reliability_kernel<double><<<blocks, kWarpsPerBlock * 32, 0, s>>>(p);
-  else reliability_kernel<float><<<blocks, kWarpsPerBlock * 32, 0, s>>>(p);
-  WM_CUDA_LAUNCH_CHECK();
+  if (p.dtype == DType::F64) rel_launch<double>(p, s);
+  else rel_launch<float>(p, s);
 }
 
 }  // namespace whymatch

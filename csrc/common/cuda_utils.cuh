@@ -9,10 +9,15 @@
 
 #include "common/dtype.h"
 
+// A call that returned an error also left it as the runtime's "last error"; the check takes it
+// back (when it is still the pending one), so that this op's failure does not surface again as the
+// failure of the next, unrelated launch check. A sticky error (a device fault) stays: it cannot be
+// cleared.
 #define WM_CUDA_CHECK(expr)                                                           \
   do {                                                                                \
     cudaError_t wm_err_ = (expr);                                                     \
     if (wm_err_ != cudaSuccess) {                                                     \
+      if (cudaPeekAtLastError() == wm_err_) (void)cudaGetLastError();                 \
       std::ostringstream wm_msg_;                                                     \
       wm_msg_ << "CUDA error " << cudaGetErrorName(wm_err_) << " (" << cudaGetErrorString(wm_err_) \
               << ") at " << __FILE__ << ":" << __LINE__ << " in " #expr;               \
@@ -20,8 +25,25 @@
     }                                                                                 \
   } while (0)
 
-// Check the launch that was just made (configuration errors surface here;
-// asynchronous faults surface at the next synchronizing call, also as exceptions).
+// Before an op's first launch: an error already pending (another library's failed call, an
+// earlier kernel's fault) is not this op's. It is reported by name and left pending for its owner,
+// never cleared here; and since nothing is pending after this check, WM_CUDA_LAUNCH_CHECK below
+// sees only the errors of this op's own launches. `what` names the op.
+#define WM_CUDA_CHECK_PENDING(what)                                                   \
+  do {                                                                                \
+    const cudaError_t wm_pending_ = cudaPeekAtLastError();                            \
+    if (wm_pending_ != cudaSuccess) {                                                 \
+      std::ostringstream wm_msg_;                                                     \
+      wm_msg_ << (what) << ": a CUDA error was already pending before its launch: "   \
+              << cudaGetErrorName(wm_pending_) << " (" << cudaGetErrorString(wm_pending_) \
+              << "), from an earlier call; left pending, nothing launched";            \
+      throw std::runtime_error(wm_msg_.str());                                        \
+    }                                                                                 \
+  } while (0)
+
+// Check the launch that was just made (configuration errors surface here; asynchronous faults
+// surface at the next synchronizing call, also as exceptions). After WM_CUDA_CHECK_PENDING, the
+// error taken here is this launch's own.
 #define WM_CUDA_LAUNCH_CHECK() WM_CUDA_CHECK(cudaGetLastError())
 
 namespace whymatch {

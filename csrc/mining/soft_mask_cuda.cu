@@ -117,6 +117,7 @@ void soft_mask_cuda(const SoftMaskParams& p, void* stream) {
   if (total == 0 || p.c == 0) return;
   auto st = static_cast<cudaStream_t>(stream);
   const int threads = 256;
+  WM_CUDA_CHECK_PENDING("soft_mask");
   WM_DISPATCH_FLOAT64_CUDA(p.dtype, "soft_mask", [&] {
     soft_mask_kernel<scalar_t><<<blocks_for(total, threads), threads, 0, st>>>(p, total);
   });
@@ -129,6 +130,7 @@ void soft_mask_backward_cuda(const SoftMaskParams& p, void* stream) {
   const bool f64 = p.dtype == DType::F64;
   const int64_t cells = p.b * p.h * p.w;
   const int64_t total = p.b * p.H * p.W;
+  WM_CUDA_CHECK_PENDING("soft_mask_backward");
   if (p.grad_attention && cells > 0 && p.c * total == 0) {  // nothing reads the maps: zero gradient
     WM_CUDA_CHECK(cudaMemsetAsync(p.grad_attention, 0, cells * (f64 ? sizeof(double) : sizeof(float)), st));
     return;

@@ -1,3 +1,5 @@
+#include <algorithm>
+
 #include "common/cuda_utils.cuh"
 #include "perturb/ranked_blend.h"
 
@@ -30,6 +32,7 @@ void ranked_blend_cuda(const RankedBlendParams& p, void* stream) {
   const int threads = 256;
   const unsigned int blocks = static_cast<unsigned int>(std::min<int64_t>((total + threads - 1) / threads, 65535LL * 32));
   auto st = static_cast<cudaStream_t>(stream);
+  WM_CUDA_CHECK_PENDING("ranked_blend");
   WM_DISPATCH_FLOAT_CUDA(p.dtype, "ranked_blend", [&] {
     ranked_blend_kernel<scalar_t><<<blocks, threads, 0, st>>>(p, total);
   });

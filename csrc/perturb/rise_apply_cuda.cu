@@ -1,3 +1,5 @@
+#include <algorithm>
+
 #include "common/cuda_utils.cuh"
 #include "perturb/rise_apply.h"
 #include "perturb/rise_grid.h"
@@ -42,6 +44,7 @@ void rise_apply_cuda(const RiseApplyParams& p, void* stream) {
   const int threads = 256;
   const unsigned int blocks = static_cast<unsigned int>(std::min<int64_t>((total + threads - 1) / threads, 65535LL * 32));
   auto st = static_cast<cudaStream_t>(stream);
+  WM_CUDA_CHECK_PENDING("rise_apply");
   WM_DISPATCH_FLOAT_CUDA(p.out_dtype, "rise_apply", [&] {
     rise_apply_kernel<scalar_t><<<blocks, threads, 0, st>>>(p, cell_h, cell_w, total);
   });

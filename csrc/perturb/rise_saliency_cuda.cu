@@ -46,6 +46,7 @@ void rise_saliency_cuda(const RiseSaliencyParams& p, void* stream) {
   const int64_t hw = p.h * p.w;
   if (p.k * hw == 0) return;
   auto st = static_cast<cudaStream_t>(stream);
+  WM_CUDA_CHECK_PENDING("rise_saliency");
   if (p.n == 0) {
     WM_CUDA_CHECK(cudaMemsetAsync(p.out, 0, sizeof(float) * p.k * hw, st));
     return;

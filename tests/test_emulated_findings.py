@@ -1,0 +1,161 @@
+"""The review findings of issue 14 (item 4), each with a test that fails on the kernels before the fix.
+
+The runtime tests run the CUDA sources under host emulation (tests/cuda_emulation/, see
+tests/test_emulated_kernels.py); the include check reads the sources. Findings and their tests:
+
+* avsl_distance_cuda.cu cleared an unrelated pending CUDA error (its cudaGetLastError in the
+  shared-memory limit, and every launch check took an earlier error for its own and cleared it):
+  ``test_pending_error_is_reported_and_left_pending`` (every entry now checks for a pending error
+  first and leaves it for its owner; WM_CUDA_CHECK takes back only the error it throws for).
+  The per-device cache of the opt-in limit has no runtime test: the emulation has one device.
+* the AVSL top-k merge walked k x nseg dependent reads in one thread per query; now one block per
+  query: ``test_topk_merge_many_segments`` (Q = 1 over hundreds of segments, against the reference,
+  bit for bit across schedules; the emulation does not time, so it checks the new merge's result).
+* cam_correlation_cuda.cu wrote the workspace when R1 * R2 = 0:
+  ``test_cam_correlation_empty_product_leaves_workspace``.
+* std::min without <algorithm>: ``test_std_algorithms_have_their_include``.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from whymatch.ops import _ext
+from whymatch.ops import avsl as A
+from whymatch.ops import perturb as P
+from whymatch.ops import reference as ref
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cuda_emulation import build as emu_build  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_headers = pytest.mark.skipif(
+    not emu_build.headers_present(),
+    reason=f"the CUDA headers are absent ({emu_build.cuda_include()}/cuda_runtime.h): the emulation compiles "
+           "the kernels against them; set CUDA_HOME")
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return emu_build.load(emu_build.build("fiber"))
+
+
+def _lib(mod):
+    return ctypes.CDLL(mod.__emulation_path__)
+
+
+def _under(mod, schedule, fn):
+    old = os.environ.get("WHYMATCH_EMU_SCHEDULE")
+    os.environ["WHYMATCH_EMU_SCHEDULE"] = schedule
+    try:
+        with _ext.emulate_cuda_on_cpu(mod):
+            return fn()
+    finally:
+        if old is None:
+            os.environ.pop("WHYMATCH_EMU_SCHEDULE", None)
+        else:
+            os.environ["WHYMATCH_EMU_SCHEDULE"] = old
+
+
+# ------------------------------------------------------------------------------ pending errors
+@pytest.mark.emulated
+@needs_headers
+def test_pending_error_is_reported_and_left_pending(emu):
+    lib = _lib(emu)
+    gen = torch.Generator().manual_seed(0)
+    grids = (torch.rand(2, 3, 3, generator=gen) > 0.5).float()
+    shifts = torch.zeros(2, 2, dtype=torch.int64)
+    image, base = torch.rand(3, 8, 8, generator=gen), torch.zeros(3, 8, 8)
+    invalid_value = 1  # cudaErrorInvalidValue: another library's failed call, not yet taken
+    assert lib.wm_emu_peek_last_error() == 0
+    lib.wm_emu_set_last_error(invalid_value)
+    try:
+        with pytest.raises(RuntimeError, match="already pending"):
+            _under(emu, "forward", lambda: P.rise_apply(grids, shifts, image, base))
+        assert lib.wm_emu_peek_last_error() == invalid_value, "the op cleared an error that was not its own"
+    finally:
+        lib.wm_emu_set_last_error(0)
+    # with nothing pending, the same call runs, and leaves nothing pending
+    out = _under(emu, "forward", lambda: P.rise_apply(grids, shifts, image, base))
+    assert lib.wm_emu_peek_last_error() == 0
+    torch.testing.assert_close(out, ref.rise_apply(grids, shifts, image, base, torch.float32, False), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ top-k merge
+@pytest.mark.emulated
+@needs_headers
+def test_topk_merge_many_segments(emu):
+    # Q = 1: the gallery is split into min(2048, tiles) segments of 32 items; G = 32 * 2048 + 5 gives
+    # 2048 sorted lists (the review's case), 16 per thread of the merge block
+    gen = torch.Generator().manual_seed(1)
+    sizes, q, g, k = [4, 4], 1, 32 * 2048 + 5, 40
+    qs = [torch.randn(q, r, generator=gen) for r in sizes]
+    gs = [torch.randn(g, r, generator=gen) for r in sizes]
+    rq = [torch.rand(q, r, generator=gen) for r in sizes]
+    rg = [torch.rand(g, r, generator=gen) for r in sizes]
+    links = [ref.avsl_link_star(torch.randn(a, b, generator=gen), 2) for a, b in zip(sizes[:-1], sizes[1:])]
+    coef = [1 + 0.1 * torch.randn(r, generator=gen) for r in sizes]
+    bias = [0.1 * torch.randn(r, generator=gen) for r in sizes]
+    # ties on purpose: equal gallery items at far-apart indices (different segments) must come out
+    # in index order
+    for t in gs + rg:
+        t[g - 1] = t[3]
+        t[g // 2] = t[3]
+    call = lambda: A.avsl_topk(qs, gs, rq, rg, links, coef, bias, 10.0, k)  # noqa: E731
+    outs = [_under(emu, s, call) for s in ("forward", "reverse")]
+    for v, i in outs[1:]:
+        assert torch.equal(v.view(torch.int32), outs[0][0].view(torch.int32)) and torch.equal(i, outs[0][1])
+    vals, idx = outs[0]
+    d = ref.avsl_distance(qs, gs, rq, rg, links, coef, bias, 10.0)
+    torch.testing.assert_close(d.gather(1, idx), vals, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vals, torch.sort(d, dim=1, stable=True).values[:, :k], rtol=1e-5, atol=1e-5)
+    assert (vals[:, 1:] >= vals[:, :-1]).all()
+    assert len(set(idx[0].tolist())) == k and (idx >= 0).all()
+    tied = [j for j in idx[0].tolist() if j in (3, g // 2, g - 1)]
+    assert tied == sorted(tied)
+
+
+# ------------------------------------------------------------------------------ CAM, R1 * R2 = 0
+@pytest.mark.emulated
+@needs_headers
+@pytest.mark.parametrize("empty", ["low", "high"])
+def test_cam_correlation_empty_product_leaves_workspace(emu, empty):
+    """R1 * R2 = 0: no correlation to compute, so the workspace must stay untouched (a direct C++
+    caller may pass none); the reliability of the non-empty level is still computed."""
+    gen = torch.Generator().manual_seed(2)
+    b, (r1, r2) = 3, ((0, 6) if empty == "low" else (5, 0))
+    h1 = w1 = 6
+    h2 = w2 = 3
+    low, high = torch.rand(b, r1, h1, w1, generator=gen), torch.rand(b, r2, h2, w2, generator=gen)
+    rel_low, rel_high = torch.full((b, r1), -1.0), torch.full((b, r2), -1.0)
+    nbytes = int(emu.avsl_cam_workspace_bytes(b, r1, r2, h2, w2, _ext.dtype_code(low)))
+    assert nbytes > 0  # the bindings ask for one, sized for the non-empty level
+    ws = torch.full((nbytes,), 0xA5, dtype=torch.uint8)
+    null = (0, 0)
+    emu.avsl_cam_correlation(_ext.buf(low), _ext.buf(high), null, null, _ext.buf(rel_low), _ext.buf(rel_high),
+                             _ext.buf(ws), b, r1, h1, w1, r2, h2, w2, 0.5, True, False, _ext.dtype_code(low), 0)
+    assert (ws == 0xA5).all(), "the kernel wrote the workspace although there is no product"
+    if r1:
+        torch.testing.assert_close(rel_low, ref.avsl_reliability(low, False), rtol=1e-5, atol=1e-6)
+    if r2:
+        torch.testing.assert_close(rel_high, ref.avsl_reliability(high, False), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ includes
+def test_std_algorithms_have_their_include():
+    """A CUDA source that calls std::min / std::max includes <algorithm> itself (nvcc's headers
+    happen to pull it in today; another toolkit or the host emulation's g++ need not)."""
+    use = re.compile(r"\bstd::(min|max|sort|fill|copy)\b")
+    missing = []
+    for f in sorted((ROOT / "csrc").rglob("*_cuda.cu")) + [ROOT / "csrc" / "common" / "cuda_utils.cuh"]:
+        text = f.read_text()
+        code = "\n".join(line.split("//", 1)[0] for line in text.splitlines())
+        if use.search(code) and "#include <algorithm>" not in text:
+            missing.append(str(f.relative_to(ROOT)))
+    assert not missing, f"uses std algorithms without #include <algorithm>: {missing}"
