@@ -619,3 +619,17 @@ def test_cli_train_avsl_recipe_with_frozen_backbone_under_torchrun(tmp_path):
                                                                                     "loss"]
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr_backbone"] for r in recs] == pytest.approx([0.5e-5, 0.5e-5])
+
+
+def test_explain_refuses_non_finite_images_and_model_outputs():
+    m = _model("map")
+    m.eval()
+    x = torch.rand(2, 3, 16, 16)
+    bad = x[0].clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="x1 must be finite"):
+        m.explain(bad, x[1])
+    with torch.no_grad():
+        next(p for n, p in m.named_parameters() if n.startswith("trunk") or "conv" in n).fill_(float("nan"))
+    with pytest.raises(ValueError, match="the AVSL model produced non-finite"):
+        m.explain(x[0], x[1])

@@ -87,7 +87,7 @@ def _one(name: str, x: Tensor) -> Tensor:
         if x.shape[0] != 1:
             raise ValueError(f"{name} must be one image (C, H, W) or (1, C, H, W), got shape {tuple(x.shape)}")
         x = x[0]
-    return x
+    return V.finite(name, x)
 
 
 @torch.no_grad()
@@ -123,6 +123,11 @@ def explain_pair(model, x1: Tensor, x2: Tensor, top: int = 5, *, by: str = "lamb
         deltas.append((en[0] - en[1]) ** 2)
         r = enc.reliabilities[lv]
         probs.append(torch.sigmoid(model.gamma * (r[0] * r[1] * coef[lv] + bias[lv])))
+    for lv, (e, r) in enumerate(zip(enc.embeddings, enc.reliabilities)):
+        for what, t in (("embeddings", e), ("reliabilities", r)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"the AVSL model produced non-finite {what} (NaN or Inf) at level {lv} "
+                                 f"({model.levels[lv]!r}) for the pair (x1, x2): check the model's weights")
     d, lambdas = node_sensitivities(deltas, probs, model.links())
     size = tuple(x1.shape[-2:])
     levels = []
