@@ -403,3 +403,14 @@ def test_cli_train_step_schedule_groups_and_errors(tmp_path, capsys):
     assert "--milestones 1 needs --scheduler step, got --scheduler cosine" in capsys.readouterr().err
     assert cli.main(base + ["--warmup-steps", "2", "--warmup-epochs", "1"]) == 2
     assert "--warmup-steps or --warmup-epochs, not both" in capsys.readouterr().err
+
+
+def test_a_non_finite_loss_stops_training_by_name_and_keeps_the_checkpoint(tmp_path):
+    train, test = _data()
+    t = _trainer(tmp_path / "run", train, test, epochs=2, batches_per_epoch=2)
+    t.fit(stop_after=1)
+    before = (tmp_path / "run" / CHECKPOINT).read_bytes()
+    t.model.embedder.fc.weight.data.fill_(float("nan"))  # the next step's loss is NaN
+    with pytest.raises(FloatingPointError, match=r"training loss is not finite .* epoch 2, step 3"):
+        t.fit()
+    assert (tmp_path / "run" / CHECKPOINT).read_bytes() == before

@@ -406,6 +406,7 @@ class AttributeTrainer(CheckpointedLoop):
             with self._autocast():
                 out = self.net(x)
             parts = self.loss(out, y, sal, valid)
+            self.check_finite_loss(parts["total"], self.epoch)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(parts["total"]).backward()
             self.scaler.step(self.optimizer)

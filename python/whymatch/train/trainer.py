@@ -317,6 +317,24 @@ class CheckpointedLoop:
         self.history = list(state["history"])
         torch.set_rng_state(state["rng"]["torch"])
 
+    def check_finite_loss(self, total: Tensor, epoch: int) -> None:
+        """Stop, naming the step, when the loss is NaN or infinite on any rank (an update would turn every
+        weight into NaN and training would go on silently). Under DDP the ranks agree first, so all of them
+        raise together instead of some waiting in the gradient all-reduce. Costs no extra sync: the loss
+        parts are read on the host at every step anyway."""
+        bad = not math.isfinite(float(total.detach()))
+        if self.distributed:
+            import torch.distributed as dist
+
+            flag = torch.tensor([1.0 if bad else 0.0], device=total.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad = bool(flag.item() > 0)
+        if bad:
+            raise FloatingPointError(f"the training loss is not finite (NaN or Inf) at epoch {epoch + 1}, step "
+                                     f"{self.global_step + 1} (on some rank): lower the learning rate or check the "
+                                     f"data and the model; the last checkpoint ({self.out_dir / CHECKPOINT}) is "
+                                     f"intact")
+
     def save_checkpoint(self) -> Path:
         """Write out_dir/checkpoint.pt (and metrics.jsonl) atomically; rank 0 only (other ranks no-op)."""
         path = self.out_dir / CHECKPOINT
@@ -692,6 +710,7 @@ class Trainer(CheckpointedLoop):
             y = self._map_labels(labels)
             out = self.step_module(x, y)
             total, parts = _total_and_parts(out)
+            self.check_finite_loss(total, e)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()
             if e < self.freeze_epochs:  # frozen groups: no update, no AdamW state (see freeze_groups)
