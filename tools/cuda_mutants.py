@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from cuda_emulation import build as emu_build  # noqa: E402
+emu_build = None  # tests/cuda_emulation/build.py, imported from the snapshot (main)
+CACHE = REPO / "build" / "cuda_emulation"
 
 # The emulated tests that cover each kernel file (pytest -k).
 FAMILY = {
@@ -117,8 +117,8 @@ def run_one(mu: dict, src_root: Path, work: Path, timeout: int) -> dict:
     f.write_text(text[:mu["start"]] + mu["new"] + text[mu["end"]:])
     res = {k: mu[k] for k in ("id", "kind", "file", "line", "what")}
     try:
-        so = emu_build.build("fiber", src_root=root, jobs=1)
-    except RuntimeError as exc:
+        so = emu_build.build("fiber", src_root=root, cache=CACHE, jobs=1)
+    except Exception as exc:  # noqa: BLE001 (a compile error of the mutant, reported as such)
         res.update(status="invalid", detail=str(exc).splitlines()[-1][:200], seconds=round(time.perf_counter() - t0, 1))
         return res
     env = dict(os.environ, WHYMATCH_EMU_MODULE=str(so), OMP_NUM_THREADS="1")
@@ -172,7 +172,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
     a = ap.parse_args()
     t0 = time.perf_counter()
-    base = emu_build.build("fiber")  # the unmutated objects, which every mutant reuses
+    # a snapshot of the sources and of the emulation: the checkout may change while the mutants run
+    global emu_build
+    snap = Path(tempfile.mkdtemp(prefix="wm_mutants_src_"))
+    shutil.copytree(REPO / "csrc", snap / "csrc")
+    shutil.copytree(REPO / "tests/cuda_emulation", snap / "tests/cuda_emulation",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    sys.path.insert(0, str(snap / "tests"))
+    from cuda_emulation import build as emu_build
+    (snap / "python/whymatch").mkdir(parents=True)
+    shutil.copy(REPO / "python/whymatch/_version.py", snap / "python/whymatch/_version.py")
+    shutil.copy(REPO / "CMakeLists.txt", snap / "CMakeLists.txt")
+    base = emu_build.build("fiber", src_root=snap, cache=CACHE)  # the unmutated objects, which every mutant reuses
     # the unmutated kernels must pass, or every mutant would count as killed
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "emulated",
                         str(REPO / "tests/test_emulated_kernels.py")], cwd=REPO,
@@ -180,7 +191,7 @@ def main() -> None:
     if r.returncode:
         sys.exit("the emulated tests fail on the unmutated checkout; fix that first:\n" + r.stdout[-3000:])
     kinds = set(a.kinds.split(","))
-    found = mutants(REPO, kinds)
+    found = mutants(snap, kinds)
     counts = {k: sum(m["kind"] == k for m in found) for k in kinds}
     chosen = found
     note = "Every mutant found was run."
@@ -194,13 +205,14 @@ def main() -> None:
                 f"(seed {a.seed}).")
     results = []
     with tempfile.TemporaryDirectory(prefix="wm_mutants_") as tmp, cf.ThreadPoolExecutor(a.jobs) as ex:
-        futs = [ex.submit(run_one, m, REPO, Path(tmp), a.timeout) for m in chosen]
+        futs = [ex.submit(run_one, m, snap, Path(tmp), a.timeout) for m in chosen]
         for fut in cf.as_completed(futs):
             r = fut.result()
             results.append(r)
             print(f"[{len(results)}/{len(chosen)}] {r['status']:8s} {r['kind']:7s} {r['file']}:{r['line']} {r['what']}"
                   f" ({r['seconds']} s)", flush=True)
     results.sort(key=lambda r: r["id"])
+    shutil.rmtree(snap, ignore_errors=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "csrc"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     meta = {"command": "python tools/cuda_mutants.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

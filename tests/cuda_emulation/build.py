@@ -36,13 +36,14 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 CUDA_HOME = Path(os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda")
-EMU_FILES = ("emu_cuda.h", "emu_runtime.cpp", "rewrite.py", "build.py")
+EMU_FILES = ("emu_cuda.h", "emu_runtime.cpp", "rewrite.py", "build.py")  # selftest.cu is not part of the module
 
 COMMON = ["-std=c++17", "-fPIC", "-pthread", "-fvisibility=hidden", "-fno-gnu-unique", "-Wall",
           "-Wno-unknown-pragmas", "-Wno-attributes", "-Wno-unused-parameter", "-Wno-unused-function"]
@@ -149,7 +150,7 @@ def _toolchain_id(cxx: str) -> str:
 
 
 def _compile(cxx: str, flags: list[str], src: Path, obj: Path) -> None:
-    tmp = obj.with_suffix(f".{os.getpid()}.tmp.o")
+    tmp = obj.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp.o")
     r = subprocess.run([cxx, *flags, "-c", str(src), "-o", str(tmp)], capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"emulation build: {src.name} did not compile:\n{r.stderr[-6000:]}")
@@ -218,12 +219,42 @@ def build(variant: str = "fiber", src_root: Path | None = None, cache: Path | No
     with _locked(cache / ".lock"):
         if not so.exists():
             out_dir.mkdir(parents=True, exist_ok=True)
-            tmp_so = so.with_name(so.name + f".{os.getpid()}.tmp")
+            tmp_so = so.with_name(so.name + f".{os.getpid()}.{threading.get_ident()}.tmp")
             r = subprocess.run([cxx, "-shared", "-pthread", *LINK.get(variant, []), "-o", str(tmp_so),
                                 *map(str, objs)], capture_output=True, text=True)
             if r.returncode:
                 raise RuntimeError(f"emulation build: link failed:\n{r.stderr[-6000:]}")
             os.replace(tmp_so, so)
+    return so
+
+
+def build_selftest(variant: str = "fiber", cache: Path | None = None) -> Path:
+    """The planted-bug kernels of selftest.cu with the runtime, as a plain shared library (ctypes)."""
+    if not headers_present():
+        raise FileNotFoundError(f"the CUDA headers are absent ({cuda_include() / 'cuda_runtime.h'}); set CUDA_HOME")
+    cache = Path(cache or REPO / "build" / "cuda_emulation")
+    cxx = os.environ.get("CXX", "g++")
+    flags = [*COMMON, *VARIANTS[variant], "-include", str(HERE / "emu_cuda.h"), f"-I{HERE}", f"-I{cuda_include()}"]
+    files = [*EMU_FILES, "selftest.cu"]
+    h = _sha(_toolchain_id(cxx), " ".join(flags), *[(HERE / f).read_bytes() for f in files])[:16]
+    so = cache / f"selftest-{variant}-{h}.so"
+    with _locked(cache / ".lock"):
+        if so.exists():
+            return so
+        with tempfile.TemporaryDirectory(prefix="wm_emu_") as tmp:
+            unit = Path(tmp) / "selftest.emu.cpp"
+            _rewrite_file(str(HERE / "selftest.cu"), str(unit))
+            objs = []
+            for src in (unit, HERE / "emu_runtime.cpp"):
+                obj = Path(tmp) / (src.stem + ".o")
+                _compile(cxx, flags, src, obj)
+                objs.append(str(obj))
+            tmp_so = Path(tmp) / so.name
+            r = subprocess.run([cxx, "-shared", "-pthread", *LINK.get(variant, []), "-o", str(tmp_so), *objs],
+                               capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(f"emulation selftest: link failed:\n{r.stderr[-6000:]}")
+            shutil.move(str(tmp_so), so)
     return so
 
 

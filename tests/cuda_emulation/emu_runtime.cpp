@@ -298,8 +298,6 @@ void warp_exchange(unsigned mask, const void* in, void* out, size_t nbytes, int 
 // ------------------------------------------------------------------------------------------
 // OS threads
 // ------------------------------------------------------------------------------------------
-namespace {
-
 struct Warp {
   unsigned arrived = 0;
   unsigned long long gen = 0;
