@@ -59,9 +59,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SPECS: dict[str, list[tuple]] = {
     "rise_apply_kernel": [
         ("per (mask, pixel): grid-stride loop, all channels and paths",
-         ["return h0 * (w0 * r0[lx.i0]"], r".", "outer", None),
-        ("per output value: channel loop", ["o[c] = from_f32<T>", "o[c * hw] = from_f32<T>", "store_value("],
-         r"^STG", "inner", 1),
+         ["return h0 * (w0 * r0[lx.i0]", "const float m = h0 * (w0 * __ldg(r0 + lx.i0)"], r".", "outer", None),
+        ("per output value: channel loop", ["= from_f32<T>(m * __ldg("], r"^STG", "inner", 1),
     ],
     "rise_saliency_kernel": [
         ("per (mask, pixel): mask loop, 8 references", ["acc[j] += __ldg(sc + j) * m"], r"^FFMA", "inner", 8),
@@ -84,14 +83,16 @@ SPECS: dict[str, list[tuple]] = {
         ("per link: sparse link loop", ["acc += __ldg(vals + k) * prev["], r"^FFMA|^DFMA", "inner", 1),
         ("per (node, pair): level's column loop", ["cur[c * P + jj] = valid ? h : T(0)"], r"^ST(S|G)?(\.|\s)",
          "inner", 1),
-        ("per node of the last level: final sum", ["s += prev[c * P + t]"], r"^FADD|^DADD", "inner", 1),
+        ("per node of the last level: final sum", ["s += prev[c * P + t]", "part += prev[c * P + jj]"],
+         r"^FADD|^DADD", "inner", 1),
     ],
     "avsl_topk_partial_kernel": [
         ("per link: sparse link loop", ["acc += __ldg(vals + k) * prev["], r"^FFMA|^DFMA", "inner", 1),
-        ("per node of the last level: final sum", ["s += prev[c * P + t]"], r"^FADD|^DADD", "inner", 1),
+        ("per node of the last level: final sum", ["s += prev[c * P + t]", "part += prev[c * P + jj]"],
+         r"^FADD|^DADD", "inner", 1),
     ],
     "avsl_topk_merge_kernel": [
-        ("per (output, segment): merge scan", ["const T d = list_d[task * k + head[s]]"], r"^LDG", "inner", 1),
+        ("per segment scanned: merge scan", ["const int64_t j = list_j["], r"^LDG", "inner", 1),
     ],
     "avsl_backward_kernel": [
         ("per link: sparse link loop (backward)", ["acc += __ldg(rv + k) * u["], r"^FFMA|^DFMA", "inner", 1),

@@ -159,3 +159,36 @@ def test_std_algorithms_have_their_include():
         if use.search(code) and "#include <algorithm>" not in text:
             missing.append(str(f.relative_to(ROOT)))
     assert not missing, f"uses std algorithms without #include <algorithm>: {missing}"
+
+
+# ------------------------------------------------------------------------------ performance changes
+# (issue 14 item 5) checked for their result: the AVSL forward's last-level sum (per-slot partial
+# sums, shuffles over the slots of a warp, the warps in a fixed order) for every pair-group size P,
+# which R_max and the dtype pick (P * R_max hats in at most 48 KiB of shared memory).
+@pytest.mark.emulated
+@needs_headers
+@pytest.mark.parametrize("sizes,dtype,p", [([1000, 600], torch.float32, 4), ([1500, 700], torch.float32, 2),
+                                           ([1500, 300], torch.float64, 1), ([64, 40], torch.float64, 32)])
+def test_avsl_forward_last_level_sum_every_pair_group(emu, sizes, dtype, p):
+    gen = torch.Generator().manual_seed(3)
+    q, g = 2, 37
+    qs = [torch.randn(q, r, generator=gen, dtype=dtype) for r in sizes]
+    gs = [torch.randn(g, r, generator=gen, dtype=dtype) for r in sizes]
+    rq = [torch.rand(q, r, generator=gen, dtype=dtype) for r in sizes]
+    rg = [torch.rand(g, r, generator=gen, dtype=dtype) for r in sizes]
+    links = [ref.avsl_link_star(torch.randn(a, b, generator=gen, dtype=dtype), 3) for a, b in zip(sizes[:-1], sizes[1:])]
+    coef = [1 + 0.1 * torch.randn(r, generator=gen, dtype=dtype) for r in sizes]
+    bias = [0.1 * torch.randn(r, generator=gen, dtype=dtype) for r in sizes]
+    call = lambda: A.avsl_distance(qs, gs, rq, rg, links, coef, bias, 10.0)  # noqa: E731
+    outs = [_under(emu, s, call) for s in ("forward", "reverse")]
+    assert torch.equal(outs[0], outs[1]), "schedules disagree: a race in the last level's sum"
+    want = ref.avsl_distance(qs, gs, rq, rg, links, coef, bias, 10.0)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(outs[0], want, rtol=tol, atol=tol * sum(sizes))
+    # the case is the pair-group size it names: shared-memory hats, no workspace, P pairs per tile
+    with _ext.emulate_cuda_on_cpu(emu):
+        assert int(emu.avsl_workspace_bytes(0, q, g, sizes, 0, _ext.dtype_code(qs[0]))) == 0
+    lim = 48 * 1024 - 32 * 8 - 8 * 32 * 8
+    es = 8 if dtype == torch.float64 else 4
+    fits = lambda pp: (2 * max(sizes) * pp * es + 255) // 256 * 256 <= lim  # noqa: E731
+    assert fits(p) and (p == 32 or not fits(2 * p))

@@ -120,10 +120,14 @@ int64_t smem_limit() {
 }
 
 constexpr int64_t kTileDistBytes = 32 * 8;  // the top-k kernel's P (<= 32) distances of a tile
+// tile_forward's static shared memory: the warps' partial sums of the last level (kThreads / 32
+// warps x P <= 32 pairs, double at most); the dynamic part's budget leaves room for it
+constexpr int kWarpsPerBlock = kThreads / 32;
+constexpr int64_t kFinalSumBytes = kWarpsPerBlock * 32 * 8;
 
 FwdConfig forward_config(const AvslParams& p) {
   FwdConfig f;
-  const int64_t es = elem_size(p), rmax = p.Rmax(), limit = smem_limit() - kTileDistBytes;
+  const int64_t es = elem_size(p), rmax = p.Rmax(), limit = smem_limit() - kTileDistBytes - kFinalSumBytes;
   const auto bytes = [&](int P) { return align256(2 * rmax * P * es); };
   f.P = 32;
   while (f.P > 1 && bytes(f.P) > limit) f.P /= 2;
@@ -214,11 +218,21 @@ __device__ T tile_forward(const AvslParams& p, const Levels& lv, int64_t i, int6
     __syncthreads();
     T* tmp = prev; prev = cur; cur = tmp;
   }
+  // The last level's sum over its nodes, for each pair: per slot (thread) a partial sum over
+  // c = slot, slot + nslots, ..., then over the slots of a warp by shuffles (lanes jj, jj + P, ...
+  // of a warp share the pair), then over the warps in a fixed order: deterministic, and every
+  // thread of the block works instead of P threads walking all R nodes.
+  __shared__ T warp_part[kWarpsPerBlock][32];
+  const int Rl = static_cast<int>(lv.R[lv.L - 1]);  // R_max * P elements fit in shared memory or a block's slice
+  T part = T(0);
+  for (int c = slot; c < Rl; c += nslots) part += prev[c * P + jj];
+  for (int o = 16; o >= P; o >>= 1) part += __shfl_down_sync(0xffffffffu, part, o);
+  const int lane = t & 31, warp = t >> 5;
+  if (lane < P) warp_part[warp][lane] = part;
+  __syncthreads();
   T s = T(0);
-  if (t < P) {
-    const int64_t Rl = lv.R[lv.L - 1];
-    for (int64_t c = 0; c < Rl; ++c) s += prev[c * P + t];
-  }
+  if (t < P)
+    for (int w = 0; w < kWarpsPerBlock; ++w) s += warp_part[w][t];
   __syncthreads();  // the caller may overwrite the buffers next
   return s;
 }
@@ -341,7 +355,9 @@ __global__ void __launch_bounds__(kMergeThreads) avsl_topk_merge_kernel(AvslPara
         bs = -1;
         for (int64_t s = t; s < nseg; s += kMergeThreads) {
           const int64_t h = head[s];
-          if (h < cnt[s]) merge_pick(bd, bj, bs, list_d[(i * nseg + s) * k + h], list_j[(i * nseg + s) * k + h], s);
+          if (h >= cnt[s]) continue;
+          const int64_t j = list_j[(i * nseg + s) * k + h];
+          merge_pick(bd, bj, bs, list_d[(i * nseg + s) * k + h], j, s);
         }
       }
     }
