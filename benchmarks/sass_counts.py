@@ -59,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SPECS: dict[str, list[tuple]] = {
     "rise_apply_kernel": [
         ("per (mask, pixel): grid-stride loop, all channels and paths",
-         ["return h0 * (w0 * r0[lx.i0]", "const float m = h0 * (w0 * __ldg(r0 + lx.i0)"], r".", "outer", None),
+         ["return h0 * (w0 * r0[lx.i0]", "return h0 * (w0 * __ldg(r0 + lx.i0)"], r".", "outer", None),
         ("per output value: channel loop", ["= from_f32<T>(m * __ldg("], r"^STG", "inner", 1),
     ],
     "rise_saliency_kernel": [

@@ -192,3 +192,23 @@ def test_avsl_forward_last_level_sum_every_pair_group(emu, sizes, dtype, p):
     es = 8 if dtype == torch.float64 else 4
     fits = lambda pp: (2 * max(sizes) * pp * es + 255) // 256 * 256 <= lim  # noqa: E731
     assert fits(p) and (p == 32 or not fits(2 * p))
+
+
+# rise_saliency with the masks split over the 8 warps of a block (n = g, g + 8, ...) and the
+# partial sums added in warp order: N not a multiple of 8 and larger than 8, K over two reference
+# tiles (the second ragged), pixels not a multiple of the block's 32.
+@pytest.mark.emulated
+@needs_headers
+@pytest.mark.parametrize("n,k,h,w,s", [(37, 11, 23, 19, 4), (9, 8, 5, 7, 2)])
+def test_rise_saliency_masks_split_over_warps(emu, n, k, h, w, s):
+    gen = torch.Generator().manual_seed(4)
+    grids = torch.rand(n, s, s, generator=gen)
+    cell_h, cell_w = -(-h // s), -(-w // s)
+    shifts = torch.stack([torch.randint(0, cell_h, (n,), generator=gen),
+                          torch.randint(0, cell_w, (n,), generator=gen)], 1)
+    scores = torch.randn(n, k, generator=gen)
+    call = lambda: P.rise_saliency(grids, shifts, scores, (h, w))  # noqa: E731
+    outs = [_under(emu, sch, call) for sch in ("forward", "reverse", "random:5")]
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0]), "schedules disagree: a race in the warps' partial sums"
+    torch.testing.assert_close(outs[0], ref.rise_saliency(grids, shifts, scores, (h, w)), rtol=1e-5, atol=1e-5)

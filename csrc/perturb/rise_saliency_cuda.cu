@@ -1,42 +1,53 @@
 #include <algorithm>
 
 #include "common/cuda_utils.cuh"
-#include "perturb/rise_grid.h"
+#include "perturb/rise_grid_cuda.cuh"
 #include "perturb/rise_saliency.h"
 
 namespace whymatch {
 namespace {
 
 constexpr int kRefsPerThread = 8;
+constexpr int kPixels = 32;  // pixels per block: one per lane
+constexpr int kGroups = 8;   // warps per block: warp g walks the masks n = g, g + kGroups, ...
+static_assert(kGroups == kRefsPerThread, "the final sum gives warp j reference j of the tile");
 
-// One thread per output pixel and tile of up to kRefsPerThread references:
-// it walks all N masks, computing each mask value once and accumulating it
-// into its references in registers. Grid values and scores are the same for
-// every thread of a block at a given n, so their loads are broadcasts.
-__global__ void rise_saliency_kernel(RiseSaliencyParams p, int64_t cell_h, int64_t cell_w) {
-  const int64_t hw = p.h * p.w;
-  const int64_t pix = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  const int64_t k0 = (int64_t)blockIdx.y * kRefsPerThread;
-  if (pix >= hw) return;
+// A block = 32 consecutive pixels x a tile of up to kRefsPerThread references. The N masks are
+// split over the block's 8 warps: each thread computes each of its masks' value once and
+// accumulates it into the tile's references in registers; then the 8 partial sums of a (pixel,
+// reference) are added in warp order through shared memory (a fixed order: deterministic). Grid
+// values and scores are the same for every lane of a warp at a given n: broadcasts. At 224^2 with
+// K <= 8 that is 1,568 blocks of 256 threads (one thread per pixel over all N: 196 blocks).
+__global__ void __launch_bounds__(kPixels * kGroups) rise_saliency_kernel(RiseSaliencyParams p, RiseGeom32 g) {
+  __shared__ float part[kGroups][kRefsPerThread][kPixels];
+  const int lane = static_cast<int>(threadIdx.x) & 31, grp = static_cast<int>(threadIdx.x) >> 5;
+  const unsigned int upix = blockIdx.x * kPixels + lane;
+  const bool valid = upix < static_cast<unsigned int>(g.hw);
+  const int pix = valid ? static_cast<int>(upix) : 0;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kRefsPerThread;
   const int kc = static_cast<int>(p.k - k0 < kRefsPerThread ? p.k - k0 : kRefsPerThread);
-  const int64_t up_h = (p.s + 1) * cell_h, up_w = (p.s + 1) * cell_w;
-  const int64_t y = pix / p.w, x = pix % p.w;
+  const int y = pix / g.w, x = pix - y * g.w;
   float acc[kRefsPerThread];
 #pragma unroll
   for (int j = 0; j < kRefsPerThread; ++j) acc[j] = 0.f;
-  for (int64_t n = 0; n < p.n; ++n) {
-    const int64_t dy = __ldg(p.shifts + 2 * n), dx = __ldg(p.shifts + 2 * n + 1);
-    const Lerp ly = rise_lerp(y + dy, up_h, p.s);
-    const Lerp lx = rise_lerp(x + dx, up_w, p.s);
-    const float m = rise_sample(p.grids + n * p.s * p.s, p.s, ly, lx);
-    const float* sc = p.scores + n * p.k + k0;
+  if (valid) {
+    for (int64_t n = grp; n < p.n; n += kGroups) {
+      const float m = rise_mask32(p.grids, p.shifts, n, y, x, g);
+      const float* sc = p.scores + n * p.k + k0;
 #pragma unroll
-    for (int j = 0; j < kRefsPerThread; ++j)
-      if (j < kc) acc[j] += __ldg(sc + j) * m;
+      for (int j = 0; j < kRefsPerThread; ++j)
+        if (j < kc) acc[j] += __ldg(sc + j) * m;
+    }
   }
 #pragma unroll
-  for (int j = 0; j < kRefsPerThread; ++j)
-    if (j < kc) p.out[(k0 + j) * hw + pix] = acc[j];
+  for (int j = 0; j < kRefsPerThread; ++j) part[grp][j][lane] = acc[j];
+  __syncthreads();
+  if (valid && grp < kc) {
+    float s = 0.f;
+#pragma unroll
+    for (int q = 0; q < kGroups; ++q) s += part[q][grp][lane];
+    p.out[(k0 + grp) * g.hw + pix] = s;
+  }
 }
 
 }  // namespace
@@ -51,12 +62,11 @@ void rise_saliency_cuda(const RiseSaliencyParams& p, void* stream) {
     WM_CUDA_CHECK(cudaMemsetAsync(p.out, 0, sizeof(float) * p.k * hw, st));
     return;
   }
-  const int64_t cell_h = ceil_div64(p.h, p.s), cell_w = ceil_div64(p.w, p.s);
-  const int threads = 256;
+  const RiseGeom32 g = rise_geom32("rise_saliency", 1, p.h, p.w, p.s);
   const int64_t ktiles = (p.k + kRefsPerThread - 1) / kRefsPerThread;
   WM_CHECK(ktiles <= 65535, "rise_saliency: at most " << 65535 * kRefsPerThread << " references per call, got " << p.k);
-  dim3 grid(ceil_div(hw, threads), static_cast<unsigned int>(ktiles));
-  rise_saliency_kernel<<<grid, threads, 0, st>>>(p, cell_h, cell_w);
+  dim3 grid(ceil_div(hw, kPixels), static_cast<unsigned int>(ktiles));
+  rise_saliency_kernel<<<grid, kPixels * kGroups, 0, st>>>(p, g);
   WM_CUDA_LAUNCH_CHECK();
 }
 
