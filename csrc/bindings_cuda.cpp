@@ -15,7 +15,7 @@ pybind11::dict device_info() {
   int count = 0;
   cudaError_t err = cudaGetDeviceCount(&count);
   d["error"] = err == cudaSuccess ? pybind11::none() : pybind11::cast(std::string(cudaGetErrorString(err)));
-  (void)cudaGetLastError();  // clear the sticky "no driver" error
+  if (err != cudaSuccess && cudaPeekAtLastError() == err) (void)cudaGetLastError();  // its own "no driver" error only
   pybind11::list devs;
   if (err == cudaSuccess) {
     for (int i = 0; i < count; ++i) {
@@ -57,11 +57,14 @@ PYBIND11_MODULE(_C_cuda, m) {
         // values become addresses in the kernels); ordered after the work that wrote them
         auto st = static_cast<cudaStream_t>(as_stream(s));
         pybind11::gil_scoped_release nogil;  // the sync waits for queued work: let other threads run
-        WM_CHECK(cudaMemcpyAsync(dst, reinterpret_cast<const void*>(src), static_cast<size_t>(bytes),
-                                 cudaMemcpyDeviceToHost, st) == cudaSuccess &&
-                     cudaStreamSynchronize(st) == cudaSuccess,
-                 "avsl: could not read the compressed links from the device: "
-                     << cudaGetErrorString(cudaGetLastError()));
+        // the error reported is the failing call's own (cudaGetLastError here could name, and clear,
+        // an unrelated earlier one); it is taken back only while it is the pending one
+        cudaError_t e = cudaMemcpyAsync(dst, reinterpret_cast<const void*>(src), static_cast<size_t>(bytes),
+                                        cudaMemcpyDeviceToHost, st);
+        if (e == cudaSuccess) e = cudaStreamSynchronize(st);
+        if (e != cudaSuccess && cudaPeekAtLastError() == e) (void)cudaGetLastError();
+        WM_CHECK(e == cudaSuccess, "avsl: could not read the compressed links from the device: "
+                                       << cudaGetErrorName(e) << " (" << cudaGetErrorString(e) << ")");
       });
   whymatch::bind_avsl_cam_ops<uintptr_t>(
       m,
