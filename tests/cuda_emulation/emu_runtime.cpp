@@ -205,15 +205,30 @@ void run_block(Block& b, unsigned n, const std::function<void()>& body, Schedule
   }
   std::vector<unsigned> order(n);
   for (unsigned i = 0; i < n; ++i) order[i] = sch.kind == Schedule::Reverse ? n - 1 - i : i;
+  // Releases the warp barrier that thread i waits at when all lanes of its mask have arrived.
+  const auto release_warp = [&b](unsigned i) {
+    const unsigned m = b.f[i].wmask, base = i / 32 * 32;
+    for (unsigned l = 0; l < 32; ++l)
+      if ((m >> l & 1u) && !(b.f[base + l].st == St::AtWarpBarrier && b.f[base + l].wmask == m)) return false;
+    for (unsigned l = 0; l < 32; ++l)
+      if (m >> l & 1u) b.f[base + l].st = St::Ready;
+    return true;
+  };
   for (;;) {
     if (sch.kind == Schedule::Random) std::shuffle(order.begin(), order.end(), sch.rng);
-    for (unsigned i : order) {
+    // Run the threads in the schedule's order; a warp whose barrier completes runs on at once (the
+    // scan restarts), so the warp first in the order reaches the next __syncthreads before the
+    // next warp starts: warps run as far apart as a block barrier allows, which exposes a missing
+    // barrier between warps; lanes of a warp interleave only at warp barriers and shuffles.
+    for (unsigned idx = 0; idx < n; ++idx) {
+      const unsigned i = order[idx];
       if (b.f[i].st != St::Ready) continue;
       b.cur = i;
       g_thr = &b.f[i].tc;
       swapcontext(&b.sched, &b.f[i].ctx);
       g_thr = nullptr;
       if (!b.error.empty()) fail(b.error);
+      if (b.f[i].st == St::AtWarpBarrier && release_warp(i)) idx = static_cast<unsigned>(-1);  // restart the scan
     }
     unsigned exited = 0, at_bar = 0;
     for (const auto& fb : b.f) {
@@ -221,18 +236,9 @@ void run_block(Block& b, unsigned n, const std::function<void()>& body, Schedule
       at_bar += fb.st == St::AtBlockBarrier;
     }
     if (exited == n) return;
-    bool released = false;  // warp barriers whose lanes have all arrived with the same mask
-    for (unsigned i = 0; i < n; ++i) {
-      if (b.f[i].st != St::AtWarpBarrier) continue;
-      const unsigned m = b.f[i].wmask, base = i / 32 * 32;
-      bool all = true;
-      for (unsigned l = 0; l < 32 && all; ++l)
-        if (m >> l & 1u) all = b.f[base + l].st == St::AtWarpBarrier && b.f[base + l].wmask == m;
-      if (!all) continue;
-      for (unsigned l = 0; l < 32; ++l)
-        if (m >> l & 1u) b.f[base + l].st = St::Ready;
-      released = true;
-    }
+    bool released = false;  // (the scan releases every completed warp barrier; a safety net)
+    for (unsigned i = 0; i < n && !released; ++i)
+      if (b.f[i].st == St::AtWarpBarrier) released = release_warp(i);
     if (released) continue;
     if (at_bar > 0 && at_bar + exited == n) {  // exited threads do not hold a __syncthreads back (sm_70+)
       for (auto& fb : b.f)
