@@ -43,7 +43,10 @@ needs_headers = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def emu():
-    return emu_build.load(emu_build.build("fiber"))
+    # WHYMATCH_EMU_MODULE: a module built elsewhere (tools/cuda_mutants.py, tools/cuda_asan.sh), as in
+    # tests/test_emulated_kernels.py
+    given = os.environ.get("WHYMATCH_EMU_MODULE")
+    return emu_build.load(Path(given) if given else emu_build.build("fiber"))
 
 
 def _lib(mod):
