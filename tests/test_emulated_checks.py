@@ -80,6 +80,11 @@ def test_write_past_dynamic_shared_memory(lib):
     assert rc == -1 and "past the end" in err and "dynamic shared memory" in err
 
 
+def test_write_past_a_static_shared_array(lib):
+    rc, _, err = run(lib, "static_overflow")
+    assert rc == -1 and "past the end of __shared__ small" in err
+
+
 def test_full_mask_in_a_partial_warp(lib):
     rc, _, err = run(lib, "full_mask_partial_warp")
     assert rc == -1 and "does not exist" in err and "partial warp" in err

@@ -158,6 +158,8 @@ def write(results: list[dict], meta: dict, out: Path) -> None:
         detail = r.get("detail", "").replace("|", "\\|")
         lines.append(f"| {r['id']} | {r['kind']} | {r['file']}:{r['line']} | {r['what'].replace('|', '/')} | "
                      f"{r['status']} | {detail} |")
+    if meta.get("notes"):
+        lines += ["", "## Notes on the survivors (reviewed by hand; the table above is measured)", "", meta["notes"].strip()]
     (out / "cuda_mutants.md").write_text("\n".join(lines) + "\n")
 
 
@@ -170,7 +172,14 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2)))
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
+    ap.add_argument("--notes", type=Path, default=None, help="a markdown file appended to the table (the survivors' review)")
+    ap.add_argument("--rewrite-md", action="store_true", help="only rewrite the .md from the .json (with --notes)")
     a = ap.parse_args()
+    if a.rewrite_md:
+        data = json.loads((a.out / "cuda_mutants.json").read_text())
+        data["meta"]["notes"] = a.notes.read_text() if a.notes else ""
+        write(data["mutants"], data["meta"], a.out)
+        return
     t0 = time.perf_counter()
     # a snapshot of the sources and of the emulation: the checkout may change while the mutants run
     global emu_build
@@ -217,7 +226,8 @@ def main() -> None:
     dirty = subprocess.run(["git", "status", "--porcelain", "csrc"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     meta = {"command": "python tools/cuda_mutants.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": f"{os.cpu_count()} cores", "seconds": round(time.perf_counter() - t0),
-            "commit": commit + (" with uncommitted csrc/ edits" if dirty else ""), "note": note, "found": counts}
+            "commit": commit + (" with uncommitted csrc/ edits" if dirty else ""), "note": note, "found": counts,
+            "notes": a.notes.read_text() if a.notes else ""}
     write(results, meta, a.out)
     killed = sum(r["status"] == "killed" for r in results)
     valid = sum(r["status"] != "invalid" for r in results)

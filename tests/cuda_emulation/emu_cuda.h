@@ -69,8 +69,9 @@ void syncthreads();
 void syncwarp(unsigned mask);
 // Every lane of `mask` deposits n bytes (n <= 16) and receives those of lane `src` (its own when src < 0).
 void warp_exchange(unsigned mask, const void* in, void* out, size_t n, int src);
-// Poisons [p, p + bytes) now and before every later block; returns true (for a static initializer).
-bool register_shared(void* p, size_t bytes);
+// A static __shared__ array `name` of `used` bytes at p, followed by guard bytes up to `bytes`:
+// poisoned now and before every block, the guard checked after every block. Returns true.
+bool register_shared(void* p, size_t bytes, size_t used, const char* name);
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t dyn_smem, const std::function<void()>& body);
 [[noreturn]] void fail(const std::string& what);
 

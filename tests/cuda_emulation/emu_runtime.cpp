@@ -68,12 +68,17 @@ std::string where() {
 }
 
 std::mutex g_static_mu;
-std::vector<std::pair<void*, size_t>> g_static_smem;  // every static __shared__ variable seen so far
+struct StaticSmem {
+  unsigned char* p;
+  size_t bytes, used;
+  const char* name;
+};
+std::vector<StaticSmem> g_static_smem;  // every static __shared__ array seen so far
 
 void poison_shared(size_t dyn_bytes) {
   std::memset(g_dyn_smem, kPoison, dyn_bytes + kGuard);
   std::lock_guard<std::mutex> lk(g_static_mu);
-  for (const auto& [p, n] : g_static_smem) std::memset(p, kPoison, n);
+  for (const auto& v : g_static_smem) std::memset(v.p, kPoison, v.bytes);
 }
 
 // A write past the end of the dynamic shared memory (a device would fault or corrupt a neighbour).
@@ -82,6 +87,12 @@ void check_guard(size_t dyn_bytes) {
     if (g_dyn_smem[dyn_bytes + i] != kPoison)
       fail("a thread wrote " + std::to_string(i) + " bytes past the end of the " + std::to_string(dyn_bytes) +
            " bytes of dynamic shared memory" + where());
+  std::lock_guard<std::mutex> lk(g_static_mu);
+  for (const auto& v : g_static_smem)
+    for (size_t i = v.used; i < v.bytes; ++i)
+      if (v.p[i] != kPoison)
+        fail("a thread wrote " + std::to_string(i - v.used) + " bytes past the end of __shared__ " + v.name + " (" +
+             std::to_string(v.used) + " bytes)" + where());
 }
 
 // A warp mask must include the caller and name only lanes that exist.
@@ -432,9 +443,9 @@ void warp_exchange(unsigned mask, const void* in, void* out, size_t nbytes, int 
 }
 #endif
 
-bool register_shared(void* p, size_t bytes) {
+bool register_shared(void* p, size_t bytes, size_t used, const char* name) {
   std::lock_guard<std::mutex> lk(g_static_mu);
-  g_static_smem.emplace_back(p, bytes);
+  g_static_smem.push_back({static_cast<unsigned char*>(p), bytes, used, name});
   std::memset(p, kPoison, bytes);  // the first block of the first launch: it is running already
   return true;
 }

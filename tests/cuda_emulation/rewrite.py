@@ -31,8 +31,12 @@ def _static(m: re.Match) -> str:
     for decl in m.group(3).split(","):  # one or more declarators: NAME[D1][D2]...
         decl = decl.strip()
         name = re.match(r"[A-Za-z_]\w*", decl).group(0)
-        out.append(f"static {align + ' ' if align else ''}{ty} {decl}; [[maybe_unused]] static const bool "
-                   f"wm_emu_registered_{name} = ::emu::register_shared(&{name}, sizeof({name}));")
+        dims = decl[len(name):]
+        # the array and guard bytes after it, in one static: a write past the end shows
+        store = f"wm_emu_smem_{name}"
+        out.append(f"static struct {{ {align + ' ' if align else ''}{ty} a{dims}; unsigned char guard[64]; }} {store}; "
+                   f"static auto& {name} = {store}.a; [[maybe_unused]] static const bool wm_emu_registered_{name} = "
+                   f"::emu::register_shared(&{store}, sizeof({store}), sizeof({name}), \"{name}\");")
     return " ".join(out)
 
 

@@ -85,6 +85,14 @@ __global__ void dynamic_overflow(float* out) {
   out[threadIdx.x] = dyn2[threadIdx.x];
 }
 
+// Writes one element past a static shared array.
+__global__ void static_overflow(float* out) {
+  __shared__ float small[32];
+  small[threadIdx.x + 1] = 1.0f;
+  __syncthreads();
+  out[threadIdx.x] = small[threadIdx.x];
+}
+
 __global__ void big_dynamic(float* out) {
   extern __shared__ float dyn3[];
   dyn3[threadIdx.x] = 2.0f;
@@ -106,6 +114,7 @@ int run(const std::string& c, float* out) {
   else if (c == "warp_sum") warp_sum<<<1, 64>>>(out);
   else if (c == "divergent_barrier") divergent_barrier<<<1, 64>>>(out);
   else if (c == "dynamic_overflow") dynamic_overflow<<<1, 32, 32 * sizeof(float)>>>(out);
+  else if (c == "static_overflow") static_overflow<<<1, 32>>>(out);
   else if (c == "big_dynamic_without_optin") big_dynamic<<<1, 32, 64 * 1024>>>(out);
   else if (c == "big_dynamic_with_optin") {
     cudaFuncSetAttribute(big_dynamic, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
