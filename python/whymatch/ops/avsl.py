@@ -409,8 +409,8 @@ def _avsl_distance(qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor
         return _packed_reference(qe, ge, rq, rg, links, coef, bias, sizes, gamma).contiguous()
     out = _ext.empty("avsl_distance", "the output", (q, g), dtype=qe.dtype, device=qe.device)
     keep, ptrs = _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes)
-    ws = _workspace(mod, 0, q, g, sizes, 0, qe)
-    with _ext.device_guard(qe):
+    with _ext.device_guard(qe):  # the workspace size depends on the device's shared-memory limit
+        ws = _workspace(mod, 0, q, g, sizes, 0, qe)
         mod.avsl_distance(*ptrs, _ext.buf(out), q, g, list(sizes), float(gamma), _ext.dtype_code(qe), _ext.buf(ws),
                           _ext.extra_arg(qe))
     return out
@@ -439,8 +439,8 @@ def _avsl_distance_backward(grad: Tensor, qe: Tensor, ge: Tensor, rq: Tensor, rg
     grad_coef, grad_bias = torch.empty_like(coef), torch.empty_like(bias)
     keep, ptrs = _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes)
     row_ptr, col_idx, row_values = _compressed(links, sizes, rows=True)
-    ws = _workspace(mod, 1, q, g, sizes, 0, qe)
-    with _ext.device_guard(qe):
+    with _ext.device_guard(qe):  # the workspace size depends on the device's shared-memory limit
+        ws = _workspace(mod, 1, q, g, sizes, 0, qe)
         mod.avsl_distance_backward(_ext.buf(grad), *ptrs, _ext.buf(row_ptr), _ext.buf(col_idx), _ext.buf(row_values),
                                    _ext.buf(grad_coef), _ext.buf(grad_bias), q, g, list(sizes), float(gamma),
                                    _ext.dtype_code(qe), _ext.buf(ws), _ext.extra_arg(qe))
@@ -480,8 +480,8 @@ def _avsl_topk(qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor, co
     values = _ext.empty("avsl_topk", "values", (q, k), dtype=qe.dtype, device=qe.device)
     indices = _ext.empty("avsl_topk", "indices", (q, k), dtype=torch.int64, device=qe.device)
     keep, ptrs = _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes)
-    ws = _workspace(mod, 2, q, g, sizes, k, qe)
-    with _ext.device_guard(qe):
+    with _ext.device_guard(qe):  # the workspace size depends on the device's shared-memory limit
+        ws = _workspace(mod, 2, q, g, sizes, k, qe)
         mod.avsl_topk(*ptrs, _ext.buf(values), _ext.buf(indices), q, g, list(sizes), float(gamma), int(k),
                       bool(exclude_self), _ext.dtype_code(qe), _ext.buf(ws), _ext.extra_arg(qe))
     return values, indices
