@@ -13,9 +13,9 @@ A CMakeLists.txt that this parser does not understand fails the build with the l
 read. (The cmake file API would give the same facts, but needs a configure run with nvcc, ~10 s,
 for three lines of text.)
 
-Caching: every object file is cached under build/cuda_emulation/objects/ by a hash of its source,
-of every header under csrc/ and of the emulation files and flags; the module under
-build/cuda_emulation/<variant>-<hash>/ by the hash of its objects. An edited kernel rebuilds one
+Caching (under $WHYMATCH_EMU_CACHE, default build/cuda_emulation/): every object file under
+objects/ by a hash of its source, of every header under csrc/, of the emulation files, flags and
+toolchain; the module under <variant>-<hash>/ by the hash of its objects. An edited kernel rebuilds one
 object and relinks (seconds); an unchanged checkout rebuilds nothing. Objects compile in parallel
 (one process per core). A lock file serializes concurrent builds (pytest-xdist, two sessions).
 """
@@ -166,7 +166,7 @@ def build(variant: str = "fiber", src_root: Path | None = None, cache: Path | No
     if not headers_present():
         raise FileNotFoundError(f"the CUDA headers are absent ({cuda_include() / 'cuda_runtime.h'}); set CUDA_HOME")
     src_root = Path(src_root or REPO).resolve()
-    cache = Path(cache or REPO / "build" / "cuda_emulation")
+    cache = Path(cache or os.environ.get("WHYMATCH_EMU_CACHE") or REPO / "build" / "cuda_emulation")
     cxx = os.environ.get("CXX", "g++")
     import pybind11
     target = read_cmake(src_root)
@@ -232,7 +232,7 @@ def build_selftest(variant: str = "fiber", cache: Path | None = None) -> Path:
     """The planted-bug kernels of selftest.cu with the runtime, as a plain shared library (ctypes)."""
     if not headers_present():
         raise FileNotFoundError(f"the CUDA headers are absent ({cuda_include() / 'cuda_runtime.h'}); set CUDA_HOME")
-    cache = Path(cache or REPO / "build" / "cuda_emulation")
+    cache = Path(cache or os.environ.get("WHYMATCH_EMU_CACHE") or REPO / "build" / "cuda_emulation")
     cxx = os.environ.get("CXX", "g++")
     flags = [*COMMON, *VARIANTS[variant], "-include", str(HERE / "emu_cuda.h"), f"-I{HERE}", f"-I{cuda_include()}"]
     files = [*EMU_FILES, "selftest.cu"]
