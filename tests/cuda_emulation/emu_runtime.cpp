@@ -339,6 +339,10 @@ int timeout_s() {
   return e && *e ? std::atoi(e) : 60;
 }
 
+// What the other threads of a block throw once one thread failed: never the block's reported error
+// while the failing thread's own message can be had (they may reach the lock first).
+const char* const kAborted = "emu: aborted (another thread of the block failed)";
+
 template <typename Pred>
 void wait_or_fail(std::unique_lock<std::mutex>& lk, Block& b, Pred done, const char* what) {
   if (!b.cv.wait_for(lk, std::chrono::seconds(timeout_s()), [&] { return b.abort || done(); })) {
@@ -347,7 +351,7 @@ void wait_or_fail(std::unique_lock<std::mutex>& lk, Block& b, Pred done, const c
     throw std::runtime_error("emu: deadlock: a thread waited " + std::to_string(timeout_s()) + " s at " + what +
                              where());
   }
-  if (b.abort && !done()) throw std::runtime_error("emu: aborted (another thread of the block failed)");
+  if (b.abort && !done()) throw std::runtime_error(kAborted);
 }
 
 void release_if_complete(Block& b) {
@@ -386,7 +390,8 @@ void run_blocks(dim3 grid, unsigned n, const std::function<void()>& body, size_t
               body();
             } catch (const std::exception& e) {
               std::lock_guard<std::mutex> lk(b.mu);
-              if (b.error.empty()) b.error = e.what();
+              const bool secondary = std::string(e.what()) == kAborted;
+              if (b.error.empty() || (b.error == kAborted && !secondary)) b.error = e.what();
               b.abort = true;
             }
             std::lock_guard<std::mutex> lk(b.mu);
