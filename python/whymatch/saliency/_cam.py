@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..similarity import SimilarityModel
 
-__all__ = ["resolve_target_layers", "auto_layer", "validate_layers", "ActivationCapture", "check_differentiable",
+__all__ = ["resolve_target_layers", "auto_layer", "validate_layers", "TargetLayers", "ActivationCapture", "check_differentiable",
            "warn_if_training", "grad_cam", "combine_layers", "warn_if_constant"]
 
 
@@ -149,6 +149,28 @@ def resolve_target_layers(sim: SimilarityModel, target_layers: object) -> list[t
         else:
             raise TypeError(f"target_layers entries must be str or nn.Module, got {type(item).__name__}")
     return out
+
+
+class TargetLayers:
+    """The target layers of a gradient explainer: ``self._layers`` ([(name, module)], or None until the
+    first call picks them with :func:`auto_layer`)."""
+
+    sim: SimilarityModel
+    _layers: list[tuple[str, nn.Module]] | None
+
+    def _layers_for(self, images: Tensor) -> list[tuple[str, nn.Module]]:
+        layers = self._layers
+        if layers is None:  # concurrent first calls find the same layer; the last assignment wins
+            layers = auto_layer(self.sim, images)
+            self._layers = layers
+        return layers
+
+    def _check_layers(self, images: Tensor) -> None:
+        """Pick the layers (``target_layers=None``) or validate the given ones on images like ``images``."""
+        if self._layers is None:
+            self._layers_for(images)
+        else:
+            validate_layers(self.sim, self._layers, images)
 
 
 class ActivationCapture:

@@ -62,7 +62,7 @@ def similarity_weights(mode: str, embeddings: list[Tensor] | tuple[Tensor, ...],
     return (1 - (fa - fp).abs()) * (fa - fn1).abs() * (fn1 - fn2).abs()
 
 
-class SimilarityAttention(_common.Explainer):
+class SimilarityAttention(_cam.TargetLayers, _common.Explainer):
     """Gradient attention maps of every image of a Siamese pair, triplet or quadruplet.
 
     For a tuple with unit-normalized embeddings f_1..f_T (T = 2, 3, 4), the weight
@@ -132,13 +132,6 @@ class SimilarityAttention(_common.Explainer):
     def target_layers(self) -> list[nn.Module] | None:
         """The target modules (None until the first call when they are picked automatically)."""
         return None if self._layers is None else [m for _, m in self._layers]
-
-    def _layers_for(self, images: Tensor) -> list[tuple[str, nn.Module]]:
-        layers = self._layers
-        if layers is None:  # concurrent first calls find the same layer; the last assignment wins
-            layers = _cam.auto_layer(self.sim, images)
-            self._layers = layers
-        return layers
 
     # ------------------------------------------------------------ core
     def _forward(self, x: Tensor, layers) -> tuple[Tensor, list[Tensor]]:
@@ -240,10 +233,7 @@ class SimilarityAttention(_common.Explainer):
         reaches; picks the layer when ``target_layers=None``) and finite embeddings of every tuple member."""
         members = self._members(query, references, negatives, negatives2)
         imgs, _ = self._check_tuples(tuple(members), positive, _QUERY_NAMES)
-        if self._layers is None:
-            self._layers_for(imgs[0][:1])
-        else:
-            _cam.validate_layers(self.sim, self._layers, imgs[0][:1])
+        self._check_layers(imgs[0][:1])
         with torch.no_grad():
             for name, x in zip(_QUERY_NAMES, imgs):
                 _common.check_output(self.sim(x[:1].float()), f"the {name}")

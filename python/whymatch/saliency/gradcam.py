@@ -12,7 +12,7 @@ from . import _cam, _common
 __all__ = ["EmbeddingGradCAM"]
 
 
-class EmbeddingGradCAM(_common.Explainer):
+class EmbeddingGradCAM(_cam.TargetLayers, _common.Explainer):
     """Grad-CAM with the pair's similarity as the target.
 
     For a query q and a reference r, with A the query's activations at the target
@@ -61,13 +61,6 @@ class EmbeddingGradCAM(_common.Explainer):
     def target_layer_names(self) -> list[str] | None:
         return None if self._layers is None else [n for n, _ in self._layers]
 
-    def _layers_for(self, images: Tensor) -> list[tuple[str, nn.Module]]:
-        layers = self._layers
-        if layers is None:  # concurrent first calls find the same layer; the last assignment wins
-            layers = _cam.auto_layer(self.sim, images)
-            self._layers = layers
-        return layers
-
     def check(self, query: Tensor, references: Tensor | None = None, *, reference_embeddings: Tensor | None = None,
               condition: object = None) -> None:
         """Validate an :meth:`attribute` call cheaply: the inputs, finite embeddings and scores, and the target
@@ -76,10 +69,7 @@ class EmbeddingGradCAM(_common.Explainer):
         super().check(query, references, reference_embeddings=reference_embeddings, condition=condition)
         q = self.sim.check_images("query", query[0] if isinstance(query, Tensor) and query.dim() == 4 else query,
                                   batch=False, device=self.sim.device)[None]
-        if self._layers is None:
-            self._layers_for(q)
-        else:
-            _cam.validate_layers(self.sim, self._layers, q)
+        self._check_layers(q)
 
     def _maps(self, x: Tensor, acts: list[Tensor], grads: tuple[Tensor, ...]) -> Tensor:
         size = tuple(x.shape[2:])
