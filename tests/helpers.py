@@ -104,3 +104,8 @@ def fail_nth_call(monkeypatch, owner, name: str, fail_at: int) -> list:
 
     monkeypatch.setattr(owner, name, wrapped)
     return seen
+
+
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """Count the calls of ``owner.name`` (a method too): the returned list grows by one per call."""
+    return fail_nth_call(monkeypatch, owner, name, 0)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import count_calls
 from whymatch import SimilarityModel
 from whymatch.attributes.cache import MANIFEST, SaliencyCache
 from whymatch.attributes.losses import AttributeLoss, normalize_maps
@@ -261,15 +262,7 @@ def _images(n=6):
 
 
 def _count_rise(monkeypatch) -> list:
-    calls = []
-    orig = RISE.attribute
-
-    def counted(self, *a, **kw):
-        calls.append(1)
-        return orig(self, *a, **kw)
-
-    monkeypatch.setattr(RISE, "attribute", counted)
-    return calls
+    return count_calls(monkeypatch, RISE, "attribute")
 
 
 def test_cache_build_open_and_content(tmp_path, monkeypatch):

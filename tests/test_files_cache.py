@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from helpers import InjectedFault as _Boom
+from helpers import count_calls
 from helpers import fail_nth_call as _arm
 from whymatch import SimilarityModel
 from whymatch.attributes import cache as cache_mod
@@ -47,15 +48,7 @@ def _build(path, **kw):
 
 
 def _count_rise(monkeypatch) -> list:
-    calls = []
-    orig = RISE.attribute
-
-    def counted(self, *a, **kw):
-        calls.append(1)
-        return orig(self, *a, **kw)
-
-    monkeypatch.setattr(RISE, "attribute", counted)
-    return calls
+    return count_calls(monkeypatch, RISE, "attribute")
 
 
 def _content(c: SaliencyCache):
