@@ -109,3 +109,25 @@ def fail_nth_call(monkeypatch, owner, name: str, fail_at: int) -> list:
 def count_calls(monkeypatch, owner, name: str) -> list:
     """Count the calls of ``owner.name`` (a method too): the returned list grows by one per call."""
     return fail_nth_call(monkeypatch, owner, name, 0)
+
+
+def emulated_marks() -> list:
+    """Marks of a test module that runs the host-emulated CUDA kernels: ``emulated``, and skipped (saying
+    why) only where the CUDA headers the emulation compiles against are absent."""
+    from cuda_emulation import build as emu_build
+
+    return [pytest.mark.emulated,
+            pytest.mark.skipif(not emu_build.headers_present(),
+                               reason=f"the CUDA headers are absent ({emu_build.cuda_include()}/cuda_runtime.h): "
+                                      "the emulation compiles the kernels against them; set CUDA_HOME")]
+
+
+def emulated_module_path():
+    """The emulated ``_C_cuda`` to test: WHYMATCH_EMU_MODULE (a module built elsewhere, e.g. by
+    tools/cuda_mutants.py or tools/cuda_asan.sh), else the fiber build of this checkout (cached)."""
+    from pathlib import Path
+
+    from cuda_emulation import build as emu_build
+
+    given = os.environ.get("WHYMATCH_EMU_MODULE")
+    return Path(given) if given else emu_build.build("fiber")

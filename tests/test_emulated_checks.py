@@ -11,13 +11,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cuda_emulation import build as emu_build  # noqa: E402
+from helpers import emulated_marks, emulated_module_path  # noqa: E402
 
-pytestmark = [
-    pytest.mark.emulated,
-    pytest.mark.skipif(not emu_build.headers_present(),
-                       reason=f"the CUDA headers are absent ({emu_build.cuda_include()}/cuda_runtime.h): the "
-                              "emulation compiles the kernels against them; set CUDA_HOME"),
-]
+pytestmark = emulated_marks()
 
 CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_INVALID_CONFIGURATION = 1, 9
 

@@ -33,20 +33,15 @@ from whymatch.ops import reference as ref
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cuda_emulation import build as emu_build  # noqa: E402
+from helpers import emulated_marks, emulated_module_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_headers = pytest.mark.skipif(
-    not emu_build.headers_present(),
-    reason=f"the CUDA headers are absent ({emu_build.cuda_include()}/cuda_runtime.h): the emulation compiles "
-           "the kernels against them; set CUDA_HOME")
+pytestmark = emulated_marks()
 
 
 @pytest.fixture(scope="module")
 def emu():
-    # WHYMATCH_EMU_MODULE: a module built elsewhere (tools/cuda_mutants.py, tools/cuda_asan.sh), as in
-    # tests/test_emulated_kernels.py
-    given = os.environ.get("WHYMATCH_EMU_MODULE")
-    return emu_build.load(Path(given) if given else emu_build.build("fiber"))
+    return emu_build.load(emulated_module_path())
 
 
 def _lib(mod):
@@ -67,8 +62,6 @@ def _under(mod, schedule, fn):
 
 
 # ------------------------------------------------------------------------------ pending errors
-@pytest.mark.emulated
-@needs_headers
 def test_pending_error_is_reported_and_left_pending(emu):
     lib = _lib(emu)
     gen = torch.Generator().manual_seed(0)
@@ -91,8 +84,6 @@ def test_pending_error_is_reported_and_left_pending(emu):
 
 
 # ------------------------------------------------------------------------------ top-k merge
-@pytest.mark.emulated
-@needs_headers
 def test_topk_merge_many_segments(emu):
     # Q = 1: the gallery is split into min(2048, tiles) segments of 32 items; G = 32 * 2048 + 5 gives
     # 2048 sorted lists (the review's case), 16 per thread of the merge block
@@ -125,8 +116,6 @@ def test_topk_merge_many_segments(emu):
 
 
 # ------------------------------------------------------------------------------ CAM, R1 * R2 = 0
-@pytest.mark.emulated
-@needs_headers
 @pytest.mark.parametrize("empty", ["low", "high"])
 def test_cam_correlation_empty_product_leaves_workspace(emu, empty):
     """R1 * R2 = 0: no correlation to compute, so the workspace must stay untouched (a direct C++
@@ -168,8 +157,6 @@ def test_std_algorithms_have_their_include():
 # (issue 14 item 5) checked for their result: the AVSL forward's last-level sum (per-slot partial
 # sums, shuffles over the slots of a warp, the warps in a fixed order) for every pair-group size P,
 # which R_max and the dtype pick (P * R_max hats in at most 48 KiB of shared memory).
-@pytest.mark.emulated
-@needs_headers
 @pytest.mark.parametrize("sizes,dtype,p", [([1000, 600], torch.float32, 4), ([1500, 700], torch.float32, 2),
                                            ([1500, 300], torch.float64, 1), ([64, 40], torch.float64, 32)])
 def test_avsl_forward_last_level_sum_every_pair_group(emu, sizes, dtype, p):
@@ -200,8 +187,6 @@ def test_avsl_forward_last_level_sum_every_pair_group(emu, sizes, dtype, p):
 # rise_saliency with the masks split over the 8 warps of a block (n = g, g + 8, ...) and the
 # partial sums added in warp order: N not a multiple of 8 and larger than 8, K over two reference
 # tiles (the second ragged), pixels not a multiple of the block's 32.
-@pytest.mark.emulated
-@needs_headers
 @pytest.mark.parametrize("n,k,h,w,s", [(37, 11, 23, 19, 4), (9, 8, 5, 7, 2)])
 def test_rise_saliency_masks_split_over_warps(emu, n, k, h, w, s):
     gen = torch.Generator().manual_seed(4)

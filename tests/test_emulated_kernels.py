@@ -26,22 +26,16 @@ from whymatch.ops import reference as ref
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cuda_emulation import build as emu_build  # noqa: E402
+from helpers import emulated_marks, emulated_module_path  # noqa: E402
 
-pytestmark = [
-    pytest.mark.emulated,
-    pytest.mark.skipif(not emu_build.headers_present(),
-                       reason=f"the CUDA headers are absent ({emu_build.cuda_include()}/cuda_runtime.h): the "
-                              "emulation compiles the kernels against them; set CUDA_HOME"),
-]
+pytestmark = emulated_marks()
 
 SCHEDULES = ("forward", "reverse")
 
 
 @pytest.fixture(scope="session")
 def emu_so():
-    # WHYMATCH_EMU_MODULE: an emulated module built elsewhere (tools/cuda_mutants.py tests mutants so)
-    given = os.environ.get("WHYMATCH_EMU_MODULE")
-    return Path(given) if given else emu_build.build("fiber")
+    return emulated_module_path()
 
 
 @pytest.fixture(scope="session")
