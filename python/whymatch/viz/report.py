@@ -58,6 +58,15 @@ def _png(img, path: Path) -> None:
     path.write_bytes(buf.getvalue())
 
 
+def _pair_keys(pi: int, pair: object, keys: tuple[str, ...]) -> None:
+    """pairs[pi] must be a dict holding ``keys`` (TypeError / ValueError naming the entry and the keys)."""
+    if not isinstance(pair, dict):
+        raise TypeError(f"pairs[{pi}] must be a dict, got {type(pair).__name__}")
+    missing = [k for k in keys if k not in pair]
+    if missing:
+        raise ValueError(f"pairs[{pi}] lacks the keys {', '.join(map(repr, missing))}")
+
+
 def _image_arg(where: str, x: object) -> tuple[int, int]:
     """(H, W) of a (3, H, W) image tensor, or a named error."""
     import torch
@@ -76,11 +85,7 @@ def _check_pairs(pairs: Sequence[dict], methods: Sequence[str] | None) -> None:
     if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
         raise TypeError(f"pairs must be a sequence of dicts, got {type(pairs).__name__}")
     for pi, pair in enumerate(pairs):
-        if not isinstance(pair, dict):
-            raise TypeError(f"pairs[{pi}] must be a dict, got {type(pair).__name__}")
-        missing = [k for k in ("name", "query", "references", "maps") if k not in pair]
-        if missing:
-            raise ValueError(f"pairs[{pi}] lacks the keys {', '.join(map(repr, missing))}")
+        _pair_keys(pi, pair, ("name", "query", "references", "maps"))
         _image_arg(f"pairs[{pi}]['query']", pair["query"])
         refs = pair["references"]
         for k, r in enumerate(refs):
@@ -199,11 +204,7 @@ def write_avsl_report(out_dir: str | Path, pairs: Sequence[dict], *, title: str 
              "contribution = lambda x node value (the contributions of all nodes add up to the distance). "
              "Red = where the node's CAM is high, each map min-max scaled.</p>"]
     for pi, pair in enumerate(pairs):
-        if not isinstance(pair, dict):
-            raise TypeError(f"pairs[{pi}] must be a dict, got {type(pair).__name__}")
-        missing = [k for k in ("name", "x1", "x2", "explanation") if k not in pair]
-        if missing:
-            raise ValueError(f"pairs[{pi}] lacks the keys {', '.join(map(repr, missing))}")
+        _pair_keys(pi, pair, ("name", "x1", "x2", "explanation"))
         _image_arg(f"pairs[{pi}]['x1']", pair["x1"])
         _image_arg(f"pairs[{pi}]['x2']", pair["x2"])
     with atomic_output_dir(out_dir) as tmp:
