@@ -110,6 +110,21 @@ void check_src(unsigned mask, int src) {
     fail("shuffle reads lane " + std::to_string(src) + ", which is not in the mask " + hex(mask) + where());
 }
 
+// Every block of the grid in launch order, on either back end: shared memory poisoned before
+// ``run_block()``, its guard bytes checked after.
+template <typename RunBlock>
+void for_each_block(dim3 grid, size_t smem, RunBlock&& run_block) {
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        g_blk->bid = make_uint3(x, y, z);
+        poison_shared(smem);
+        ++g_blocks;
+        run_block();
+        check_guard(smem);
+      }
+}
+
 uint3 thread_index(unsigned i, dim3 bd) { return make_uint3(i % bd.x, (i / bd.x) % bd.y, i / (bd.x * bd.y)); }
 
 #ifndef EMU_OS_THREADS
@@ -266,15 +281,7 @@ void run_blocks(dim3 grid, unsigned n, const std::function<void()>& body, size_t
   Schedule sch;
   g_b = &b;
   try {
-    for (unsigned z = 0; z < grid.z; ++z)
-      for (unsigned y = 0; y < grid.y; ++y)
-        for (unsigned x = 0; x < grid.x; ++x) {
-          g_blk->bid = make_uint3(x, y, z);
-          poison_shared(smem);
-          ++g_blocks;
-          run_block(b, n, body, sch);
-          check_guard(smem);
-        }
+    for_each_block(grid, smem, [&] { run_block(b, n, body, sch); });
   } catch (...) {
     g_b = nullptr;
     throw;
@@ -364,47 +371,41 @@ void release_if_complete(Block& b) {
 
 void run_blocks(dim3 grid, unsigned n, const std::function<void()>& body, size_t smem) {
   const dim3 bd = g_blk->bdim;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        g_blk->bid = make_uint3(x, y, z);
-        poison_shared(smem);
-        ++g_blocks;
-        Block b;
-        b.n = b.alive = n;
-        b.warps.resize((n + 31) / 32);
-        b.exited.assign(n, 0);
-        b.slots.assign(n, {});
-        g_b = &b;
-        std::vector<std::thread> ts;
-        ts.reserve(n);
-        for (unsigned i = 0; i < n; ++i)
-          ts.emplace_back([&, i] {
-            ThreadCtx tc;
-            tc.tid = thread_index(i, bd);
-            tc.linear = i;
-            tc.lane = i % 32;
-            tc.warp = i / 32;
-            g_thr = &tc;
-            try {
-              body();
-            } catch (const std::exception& e) {
-              std::lock_guard<std::mutex> lk(b.mu);
-              const bool secondary = std::string(e.what()) == kAborted;
-              if (b.error.empty() || (b.error == kAborted && !secondary)) b.error = e.what();
-              b.abort = true;
-            }
-            std::lock_guard<std::mutex> lk(b.mu);
-            b.exited[i] = 1;
-            --b.alive;
-            release_if_complete(b);
-            b.cv.notify_all();
-          });
-        for (auto& t : ts) t.join();
-        g_b = nullptr;
-        if (!b.error.empty()) fail(b.error);
-        check_guard(smem);
-      }
+  for_each_block(grid, smem, [&] {
+    Block b;
+    b.n = b.alive = n;
+    b.warps.resize((n + 31) / 32);
+    b.exited.assign(n, 0);
+    b.slots.assign(n, {});
+    g_b = &b;
+    std::vector<std::thread> ts;
+    ts.reserve(n);
+    for (unsigned i = 0; i < n; ++i)
+      ts.emplace_back([&, i] {
+        ThreadCtx tc;
+        tc.tid = thread_index(i, bd);
+        tc.linear = i;
+        tc.lane = i % 32;
+        tc.warp = i / 32;
+        g_thr = &tc;
+        try {
+          body();
+        } catch (const std::exception& e) {
+          std::lock_guard<std::mutex> lk(b.mu);
+          const bool secondary = std::string(e.what()) == kAborted;
+          if (b.error.empty() || (b.error == kAborted && !secondary)) b.error = e.what();
+          b.abort = true;
+        }
+        std::lock_guard<std::mutex> lk(b.mu);
+        b.exited[i] = 1;
+        --b.alive;
+        release_if_complete(b);
+        b.cv.notify_all();
+      });
+    for (auto& t : ts) t.join();
+    g_b = nullptr;
+    if (!b.error.empty()) fail(b.error);
+  });
 }
 
 }  // namespace
