@@ -187,7 +187,7 @@ def check_size(op: str, name: str, shape, dtype: torch.dtype, device: torch.devi
     if numel > 2 ** 63 - 1:
         raise OutputTooLargeError(f"{op}: {name} of shape {shown} would hold {numel} elements, more than int64 "
                                   "can count")
-    itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
+    itemsize = dtype.itemsize
     nbytes = numel * itemsize
     limit = _memory_limit(torch.device(device))
     if nbytes > limit:
