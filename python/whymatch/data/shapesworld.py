@@ -186,6 +186,8 @@ class ShapesSample:
         objects: attributes of every object; ``objects[key_index]`` is the key object.
         key_index: position of the key object in ``objects`` (always 0).
         background: background texture, one of ``BACKGROUNDS``.
+        object_labels: (n_objects, len(ATTRIBUTE_NAMES)) bool, per-object attribute labels
+            (row ``key_index`` is the key object), as :meth:`ShapesWorld.object_attributes`.
     """
 
     index: int
@@ -197,6 +199,7 @@ class ShapesSample:
     objects: tuple[ObjectInfo, ...]
     key_index: int
     background: str
+    object_labels: Tensor | None = None
 
     @property
     def key_object(self) -> ObjectInfo:
@@ -223,6 +226,25 @@ class PairSet:
 
     def __len__(self) -> int:
         return int(self.query.shape[0])
+
+
+def _object_rgb(colour: str, gain: float, offset: np.ndarray) -> np.ndarray:
+    """An object's colour: the named colour with the object's own brightness gain and tint offset."""
+    base = np.asarray(COLOUR_RGB[colour], dtype=np.float32)
+    return np.clip(base * gain + offset, 0.0, 1.0).astype(np.float32)
+
+
+_KINDS = ("shape", "colour", "pattern", "size")
+_VOCAB = {"shape": SHAPES, "colour": COLOURS, "pattern": PATTERNS, "size": SIZES}
+
+
+def _object_label_rows(objects: Sequence[dict]) -> Tensor:
+    """(n_objects, A) bool: one row of attribute labels per object dict of a layout."""
+    out = torch.zeros(len(objects), len(ATTRIBUTE_NAMES), dtype=torch.bool)
+    for k, o in enumerate(objects):
+        for kind in _KINDS:
+            out[k, ATTRIBUTE_NAMES.index(f"{kind}:{o[kind]}")] = True
+    return out
 
 
 # ------------------------------------------------------------------ geometry
@@ -388,15 +410,19 @@ class ShapesWorld(Dataset):
         i = self._check_index(index)
         layout = self._layout(i)
         image, masks = self._paint(layout, hide=())
+        return self._sample_of(i, layout, image, masks, int(self._labels[i]))
+
+    def _sample_of(self, i: int, layout: _Layout, image: np.ndarray, masks: list[np.ndarray],
+                   label: int) -> ShapesSample:
         objs = tuple(
             ObjectInfo(shape=o["shape"], colour=o["colour"], pattern=o["pattern"], size=o["size"],
                        radius=o["radius"], centre=(o["cy"], o["cx"]), bbox=o["bbox"], rotation=o["rotation"],
                        rgb=tuple(float(x) for x in o["rgb"]), is_key=o["is_key"], area=int(m.sum()))
             for o, m in zip(layout.objects, masks))
         masks_t = torch.from_numpy(np.stack(masks))
-        return ShapesSample(index=i, split=self.split, image=torch.from_numpy(image), label=int(self._labels[i]),
+        return ShapesSample(index=i, split=self.split, image=torch.from_numpy(image), label=label,
                             key_mask=masks_t[0].clone(), object_masks=masks_t, objects=objs, key_index=0,
-                            background=layout.background)
+                            background=layout.background, object_labels=_object_label_rows(layout.objects))
 
     def render(self, index: int, hide: Sequence[int] = ()) -> Tensor:
         """Sample ``index`` re-rendered with some objects removed (background shows instead).
@@ -469,11 +495,118 @@ class ShapesWorld(Dataset):
         V.choice("which", which, ("key", "all"))
         layout = self._layout(self._check_index(index))
         objs = layout.objects[:1] if which == "key" else layout.objects
-        out = torch.zeros(len(ATTRIBUTE_NAMES), dtype=torch.bool)
-        for o in objs:
-            for kind in ("shape", "colour", "pattern", "size"):
-                out[ATTRIBUTE_NAMES.index(f"{kind}:{o[kind]}")] = True
-        return out
+        return _object_label_rows(objs).any(0)
+
+    def object_attributes(self, index: int) -> Tensor:
+        """Per-object binary attribute labels of a sample, in ``ATTRIBUTE_NAMES`` order.
+
+        Row k describes ``sample(index).objects[k]``; row ``key_index`` (always 0) is the key
+        object, so ``object_attributes(i)[0]`` equals ``attributes(i, 'key')`` and the union of
+        the rows equals ``attributes(i, 'all')``.
+
+        Args:
+            index: sample index.
+
+        Returns:
+            (n_objects, len(ATTRIBUTE_NAMES)) bool tensor, exactly 4 True per row.
+        """
+        return _object_label_rows(self._layout(self._check_index(index)).objects)
+
+    def alternatives(self, index: int, obj: int, kind: str) -> tuple[str, ...]:
+        """The values that :meth:`counterfactual` can give attribute ``kind`` of object ``obj``.
+
+        Every other value of the vocabulary for 'shape', 'colour' and 'pattern'. For 'size', the
+        other values of ``SIZES`` whose radius keeps the object inside the image (with the usual
+        margin) and clear of every other object's bounding circle; the radius keeps its relative
+        position within the size's range, so the change is as small as the size bands allow. A
+        distractor may become 'medium' or 'large' (the counterfactual then breaks the rule that
+        only the key object is that large: that is the point of asking).
+
+        Args:
+            index: sample index.
+            obj: object position in ``sample(index).objects`` (0 is the key object).
+            kind: 'shape', 'colour', 'pattern' or 'size'.
+
+        Returns:
+            The feasible values, in vocabulary order (possibly empty for 'size').
+        """
+        layout = self._layout(self._check_index(index))
+        k = self._check_object(layout, obj)
+        kind = V.choice("kind", kind, _KINDS)
+        o = layout.objects[k]
+        vocab = _VOCAB[kind]
+        if kind != "size":
+            return tuple(v for v in vocab if v != o[kind])
+        return tuple(v for v in vocab if v != o["size"] and self._resized(layout, k, v) is not None)
+
+    def counterfactual(self, index: int, obj: int, kind: str, value: str) -> ShapesSample:
+        """Sample ``index`` re-rendered with ONE attribute of ONE object changed, everything else kept.
+
+        The layout (positions, rotations, pattern phases, brightness jitter, background, the other
+        objects and the pixel noise) is the same random draw as ``sample(index)``; only the named
+        attribute of object ``obj`` takes ``value``. A colour change keeps the object's own
+        brightness gain and tint; a size change scales the radius within the size bands (see
+        :meth:`alternatives`). Pixels therefore differ from the original only inside the object's
+        bounding box (the old one and, for a size change, the new one).
+
+        Args:
+            index: sample index.
+            obj: object position in ``sample(index).objects`` (0 is the key object).
+            kind: 'shape', 'colour', 'pattern' or 'size'.
+            value: the new value, from the kind's vocabulary; for 'size' one of
+                :meth:`alternatives` (a size that does not fit raises ValueError).
+
+        Returns:
+            A :class:`ShapesSample` of the counterfactual scene: its ``objects``, masks and per-object
+            labels describe the changed scene; ``label`` is ``class_id`` of the (possibly changed)
+            key object, which may be a class of the other split or of no data set here.
+        """
+        i = self._check_index(index)
+        layout = self._layout(i)
+        k = self._check_object(layout, obj)
+        kind = V.choice("kind", kind, _KINDS)
+        value = V.choice(kind, value, _VOCAB[kind])
+        o = layout.objects[k]
+        if kind == "size":
+            r = self._resized(layout, k, value)
+            if r is None and value != o["size"]:
+                raise ValueError(f"value {value!r} (size) does not fit object {k} of sample {i} without touching "
+                                 f"another object or the border; feasible: {self.alternatives(i, k, 'size')}")
+            if r is not None:
+                o["radius"] = r
+                o["bbox"] = self._bbox(o["cy"], o["cx"], r)
+        elif kind == "colour":
+            o["rgb"] = _object_rgb(value, o["gain"], o["offset"])
+        o[kind] = value
+        image, masks = self._paint(layout, hide=())
+        key = layout.objects[0]
+        return self._sample_of(i, layout, image, masks, class_id(key["shape"], key["colour"], key["pattern"]))
+
+    def _check_object(self, layout: _Layout, obj: object) -> int:
+        n = len(layout.objects)
+        if isinstance(obj, (torch.Tensor, np.integer)) and not isinstance(obj, bool):
+            obj = int(obj)
+        if isinstance(obj, bool) or not isinstance(obj, int):
+            raise TypeError(f"obj must be an int object position, got {type(obj).__name__}")
+        if not 0 <= obj < n:
+            raise ValueError(f"obj must be an object position in [0, {n}), got {obj}")
+        return obj
+
+    def _resized(self, layout: _Layout, k: int, size: str) -> float | None:
+        """Radius of object k at size ``size`` (same relative position in the band), or None when it
+        would leave the image margin or overlap another object's bounding circle."""
+        o = layout.objects[k]
+        lo, hi = (v * self.scale for v in _RADIUS_96[o["size"]])
+        nlo, nhi = (v * self.scale for v in _RADIUS_96[size])
+        r = nlo + (o["radius"] - lo) / (hi - lo) * (nhi - nlo)
+        s, margin = float(self.image_size), _MARGIN_96 * self.scale
+        cy, cx = o["cy"], o["cx"]
+        if not (r + margin <= cy <= s - r - margin and r + margin <= cx <= s - r - margin):
+            return None
+        for j, p in enumerate(layout.objects):
+            if j != k and (cy - p["cy"]) ** 2 + (cx - p["cx"]) ** 2 < (r + p["radius"]) ** 2:
+                return None
+        return r
 
     def indices_of_class(self, label: int) -> Tensor:
         """(n,) int64 indices of the samples of class ``label`` (a class of this data set)."""
@@ -575,10 +708,10 @@ class ShapesWorld(Dataset):
 
         def attrs(shape, colour, pattern, size, is_key):
             r = self._radius(rng, size)
-            base = np.asarray(COLOUR_RGB[colour], dtype=np.float32)
-            rgb = np.clip(base * rng.uniform(0.85, 1.05) + rng.uniform(-0.03, 0.03, size=3), 0.0, 1.0)
+            gain, offset = float(rng.uniform(0.85, 1.05)), rng.uniform(-0.03, 0.03, size=3)
             return {"shape": shape, "colour": colour, "pattern": pattern, "size": size, "radius": r,
-                    "rotation": float(rng.uniform(-_MAX_ROTATION, _MAX_ROTATION)), "rgb": rgb.astype(np.float32),
+                    "rotation": float(rng.uniform(-_MAX_ROTATION, _MAX_ROTATION)),
+                    "rgb": _object_rgb(colour, gain, offset), "gain": gain, "offset": offset,
                     "phase": rng.uniform(0.0, 1.0, size=2), "is_key": is_key}
 
         objects = [attrs(key_shape, key_colour, key_pattern, KEY_SIZES[int(rng.integers(len(KEY_SIZES)))], True)]
@@ -608,12 +741,15 @@ class ShapesWorld(Dataset):
             raise RuntimeError(f"could not place {n_obj} objects in a {self.image_size}x{self.image_size} image")
         for o, (cy, cx, r) in zip(objects, placed):
             o["cy"], o["cx"] = cy, cx
-            y0, x0 = max(0, int(math.floor(cy - r)) - 1), max(0, int(math.floor(cx - r)) - 1)
-            y1 = min(self.image_size, int(math.ceil(cy + r)) + 1)
-            x1 = min(self.image_size, int(math.ceil(cx + r)) + 1)
-            o["bbox"] = (y0, x0, y1, x1)
+            o["bbox"] = self._bbox(cy, cx, r)
         return _Layout(background=bg, bg_params=bg_params, objects=objects,
                        noise_seed=int(rng.integers(0, 2**63 - 1)))
+
+    def _bbox(self, cy: float, cx: float, r: float) -> tuple[int, int, int, int]:
+        y0, x0 = max(0, int(math.floor(cy - r)) - 1), max(0, int(math.floor(cx - r)) - 1)
+        y1 = min(self.image_size, int(math.ceil(cy + r)) + 1)
+        x1 = min(self.image_size, int(math.ceil(cx + r)) + 1)
+        return (y0, x0, y1, x1)
 
     def _background(self, layout: _Layout) -> np.ndarray:
         s = self.image_size
