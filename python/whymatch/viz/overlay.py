@@ -7,7 +7,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-__all__ = ["to_pil", "colorize", "overlay", "mark_point", "contour"]
+__all__ = ["to_pil", "colorize", "overlay", "mark_point", "contour", "colorbar", "is_constant", "map_range"]
+
+#: A map whose max - min is at most ``CONSTANT_ATOL + CONSTANT_RTOL * max(|min|, |max|)`` is constant:
+#: it ranks no pixel above another, so it explains nothing (e.g. a gradient map of a saturated layer).
+CONSTANT_RTOL = 1e-5
+CONSTANT_ATOL = 1e-12
 
 
 def _jet(x: np.ndarray) -> np.ndarray:
@@ -31,12 +36,32 @@ def to_pil(image: Tensor) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
-def colorize(saliency: Tensor, cmap: str = "jet", signed: bool = False) -> np.ndarray:
+def map_range(saliency: Tensor) -> tuple[float, float]:
+    """(min, max) of a map as Python floats."""
+    s = saliency.detach().float()
+    return float(s.min()), float(s.max())
+
+
+def is_constant(saliency: Tensor, rtol: float = CONSTANT_RTOL, atol: float = CONSTANT_ATOL) -> bool:
+    """True when a map's max - min is within ``atol + rtol * max(|min|, |max|)`` (it ranks no pixel first)."""
+    lo, hi = map_range(saliency)
+    return not (hi - lo > atol + rtol * max(abs(lo), abs(hi)))
+
+
+def colorbar(width: int = 256, height: int = 14) -> Image.Image:
+    """The unsigned colour map ('jet') from 0 (left) to 1 (right) as a PIL image, for a report's legend."""
+    x = np.linspace(0.0, 1.0, width, dtype=np.float64)[None, :].repeat(height, axis=0)
+    return Image.fromarray((_jet(x) * 255 + 0.5).astype(np.uint8), "RGB")
+
+
+def colorize(saliency: Tensor, cmap: str = "jet", signed: bool = False, *, vmin: float | None = None,
+             vmax: float | None = None, gain: float = 1.0) -> np.ndarray:
     """(H, W) map -> (H, W, 3) uint8 colours.
 
-    Unsigned: min-max to [0, 1] with 'jet'. Signed: symmetric around 0 with a
-    blue-white-red map. A constant map is drawn at the bottom of the scale (or
-    white when signed), never as NaN.
+    Unsigned: (value - vmin) / (vmax - vmin), clipped to [0, 1], times ``gain``, through 'jet';
+    vmin and vmax default to the map's own min and max (min-max scaling). Signed: symmetric around
+    0 with a blue-white-red map. A constant map (or vmax <= vmin) is drawn at the bottom of the
+    scale (or white when signed), never as NaN.
     """
     s = saliency.detach().float().cpu().numpy()
     if s.ndim != 2 or s.size == 0:
@@ -49,20 +74,25 @@ def colorize(saliency: Tensor, cmap: str = "jet", signed: bool = False) -> np.nd
         x = 0.5 + 0.5 * s / m if m > 0 else np.full_like(s, 0.5)
         rgb = _diverging(x)
     else:
-        lo, hi = float(s.min()), float(s.max())
-        x = (s - lo) / (hi - lo) if hi > lo else np.zeros_like(s)
+        if not (0.0 <= gain <= 1.0):
+            raise ValueError(f"gain must be in [0, 1], got {gain!r}")
+        lo = float(s.min()) if vmin is None else float(vmin)
+        hi = float(s.max()) if vmax is None else float(vmax)
+        x = np.clip((s - lo) / (hi - lo), 0.0, 1.0) * gain if hi > lo else np.zeros_like(s)
         if cmap != "jet":
             raise ValueError(f"cmap must be 'jet', got {cmap!r}")
         rgb = _jet(x)
     return (rgb * 255 + 0.5).astype(np.uint8)
 
 
-def overlay(image: Tensor, saliency: Tensor, alpha: float = 0.5, signed: bool = False) -> Image.Image:
-    """The image with its saliency map blended on top (the map resized bilinearly to the image)."""
+def overlay(image: Tensor, saliency: Tensor, alpha: float = 0.5, signed: bool = False, *,
+            vmin: float | None = None, vmax: float | None = None, gain: float = 1.0) -> Image.Image:
+    """The image with its saliency map blended on top (the map resized bilinearly to the image;
+    ``vmin``, ``vmax``, ``gain``: the colour scale, see :func:`colorize`)."""
     h, w = image.shape[1:]
     if tuple(saliency.shape) != (h, w):
         saliency = F.interpolate(saliency[None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-    heat = colorize(saliency, signed=signed).astype(np.float32)
+    heat = colorize(saliency, signed=signed, vmin=vmin, vmax=vmax, gain=gain).astype(np.float32)
     base = np.asarray(to_pil(image), dtype=np.float32)
     return Image.fromarray((base * (1 - alpha) + heat * alpha + 0.5).astype(np.uint8), "RGB")
 
