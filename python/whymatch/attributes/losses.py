@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..ops import _validate as V
 from .model import AttributeOutput
 
-__all__ = ["AttributeLoss", "normalize_maps", "huber_attribute_loss", "saliency_matching_loss"]
+__all__ = ["AttributeLoss", "normalize_maps", "huber_attribute_loss", "saliency_matching_loss", "localization_loss"]
 
 _EPS = 1e-12
 
@@ -118,6 +118,37 @@ def saliency_matching_loss(maps: Tensor, labels: Tensor, saliency: Tensor, valid
     return best[use].mean()
 
 
+def localization_loss(maps: Tensor, labels: Tensor, attribute_masks: Tensor) -> Tensor:
+    """Per-object supervision of the attribute maps: each present attribute's map points at its objects.
+
+    Where a data set knows which pixels carry which attribute (ShapesWorld: the masks of the
+    objects that have it), the activation map n_i of every present attribute i, as a spatial
+    softmax, is pulled towards the attribute's footprint (the mask area-resampled to the map's
+    size and normalized to sum 1) by cross-entropy: -sum_p target_p log softmax(n_i)_p. This is
+    what lets Eq. 4's map term tell an attribute of the matched object from a distractor's.
+
+    Args:
+        maps: (B, A, h, w) attribute activation maps.
+        labels: (B, A) bool ground truth.
+        attribute_masks: (B, A, Hm, Wm) float or uint8, where each attribute is (any scale;
+            resized to h x w by adaptive average pooling).
+
+    Returns:
+        Scalar float32: mean over the present attributes with a non-empty footprint; 0 (still
+        attached to ``maps``) when there is none.
+    """
+    b, a, h, w = maps.shape
+    tgt = F.adaptive_avg_pool2d(attribute_masks.float(), (h, w)).flatten(2)    # (B, A, P)
+    mass = tgt.sum(-1)
+    use = labels & (mass > _EPS)
+    if not bool(use.any()):
+        return maps.sum() * 0.0
+    tgt = tgt / mass.clamp_min(_EPS)[..., None]
+    logp = F.log_softmax(maps.float().flatten(2), dim=-1)
+    ce = -(tgt * logp).sum(-1)                                                 # (B, A)
+    return ce[use].mean()
+
+
 class AttributeLoss(nn.Module):
     """SANE's attribute loss L = L_attr + lambda * L_match (Eq. 3).
 
@@ -152,20 +183,23 @@ class AttributeLoss(nn.Module):
         beta: smooth L1 threshold (PyTorch's default 1: a squared error for errors below 1).
         distance: 'squared' (issue) or 'l2' (published).
         temperature: softmax temperature of the saliency maps (> 0).
+        mu: weight of the per-object localization term (:func:`localization_loss`), used when
+            attribute masks are given (data sets with per-object labels); 0 (default) is SANE.
 
     Call:
         ``loss(out, labels, saliency=None, saliency_valid=None)`` with out an
         :class:`AttributeOutput` (maps (B, A, h, w), confidences (B, A)), labels (B, A) bool
         or 0/1, saliency (B, K, Hs, Ws) float (any float dtype; float16 from a
         :class:`~whymatch.attributes.cache.SaliencyCache` is fine) and saliency_valid (B, K)
-        bool (default all valid). Returns a dict of float32 scalars ``total``, ``huber``,
-        ``matching`` (matching is 0 without saliency maps; it is computed, for the record,
-        even when lam is 0).
+        bool (default all valid), and optionally ``attribute_masks`` (B, A, Hm, Wm). Returns a dict
+        of float32 scalars ``total``, ``huber``, ``matching`` (0 without saliency maps; computed,
+        for the record, even when lam is 0) and ``localization`` (0 without attribute masks).
     """
 
     def __init__(self, lam: float = 5e-3, normalize: str = "softmax", beta: float = 1.0, *,
-                 distance: str = "squared", temperature: float = 1.0) -> None:
+                 distance: str = "squared", temperature: float = 1.0, mu: float = 0.0) -> None:
         super().__init__()
+        self.mu = V.real("mu", mu, low=0.0)
         self.lam = V.real("lam", lam, low=0.0)
         self.normalize = V.choice("normalize", normalize, ("softmax", "l1"))
         self.beta = V.real("beta", beta, low=0.0, open_low=True)
@@ -174,10 +208,10 @@ class AttributeLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"lam={self.lam:g}, normalize={self.normalize!r}, beta={self.beta:g}, distance={self.distance!r}, "
-                f"temperature={self.temperature:g}")
+                f"temperature={self.temperature:g}" + (f", mu={self.mu:g}" if self.mu else ""))
 
     def forward(self, out: AttributeOutput, labels: Tensor, saliency: Tensor | None = None,
-                saliency_valid: Tensor | None = None) -> dict[str, Tensor]:
+                saliency_valid: Tensor | None = None, attribute_masks: Tensor | None = None) -> dict[str, Tensor]:
         if not isinstance(out, AttributeOutput):
             raise TypeError(f"out must be an AttributeOutput (what AttributeModel returns), got {type(out).__name__}")
         maps, conf = out.maps, out.confidences
@@ -207,4 +241,12 @@ class AttributeLoss(nn.Module):
                 V.finite("saliency", sal[valid])
                 matching = saliency_matching_loss(maps, lab, sal, valid, normalize=self.normalize,
                                                   distance=self.distance, temperature=self.temperature)
-        return {"total": huber + self.lam * matching, "huber": huber, "matching": matching}
+        if attribute_masks is None:
+            loc = maps.sum() * 0.0
+        else:
+            am = V.tensor("attribute_masks", attribute_masks, ndim=4, device=maps.device)
+            if tuple(am.shape[:2]) != (b, a):
+                raise ValueError(f"attribute_masks must have shape ({b}, {a}, Hm, Wm), got {tuple(am.shape)}")
+            loc = localization_loss(maps, lab, am)
+        return {"total": huber + self.lam * matching + self.mu * loc, "huber": huber, "matching": matching,
+                "localization": loc}

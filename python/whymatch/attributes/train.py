@@ -72,6 +72,12 @@ class SANEConfig:
         image_size: ShapesWorld image side (default 96, the shipped similarity model's).
         n_train, n_val: ShapesWorld images (train split classes for training; the disjoint
             test split classes for validation: new combinations of seen attribute values).
+        labels: ShapesWorld attribute labels: 'all' (image-level, the union over every object,
+            distractors included: what a data set without per-object labels, AwA2 or Polyvore,
+            always gets) or 'key' (the key object's attributes only: key-object-aware supervision).
+        mu: weight of the per-object localization term (ShapesWorld only: each present
+            attribute's map is pulled towards the masks of the objects that have it, see
+            :func:`~whymatch.attributes.losses.localization_loss`); 0 is SANE as published.
         flip: random horizontal flips of image and saliency maps together.
         seed, device, resume, overwrite, show_progress, num_workers, eval_batch_size: as for the other
             trainers (a new run refuses an ``out`` holding another unless ``overwrite``; a resumed run
@@ -99,6 +105,8 @@ class SANEConfig:
     image_size: int | None = None
     n_train: int = 3000
     n_val: int = 1000
+    labels: str = "all"
+    mu: float = 0.0
     flip: bool = True
     seed: int = 0
     device: str | None = None
@@ -119,10 +127,13 @@ class AttributeImages(Dataset):
         attributes: (N, A) bool.
         attribute_names: A names.
         labels: optional (N,) int class labels (references of the saliency cache share them).
+        attribute_masks: optional (N, A, m, m) uint8 or float, where each attribute is in each image
+            (per-object supervision, see :func:`~whymatch.attributes.losses.localization_loss`);
+            items then carry it as a fourth element (float32).
     """
 
     def __init__(self, images: Tensor | Dataset, attributes: Tensor, attribute_names: Sequence[str],
-                 labels: Tensor | None = None) -> None:
+                 labels: Tensor | None = None, attribute_masks: Tensor | None = None) -> None:
         attributes = V.tensor("attributes", attributes, ndim=2)
         n = len(images)
         if attributes.shape[0] != n:
@@ -135,6 +146,12 @@ class AttributeImages(Dataset):
             if labels.shape[0] != n:
                 raise ValueError(f"labels must have one entry per image ({n}), got {labels.shape[0]}")
             labels = labels.long()
+        if attribute_masks is not None:
+            attribute_masks = V.tensor("attribute_masks", attribute_masks, ndim=4)
+            if tuple(attribute_masks.shape[:2]) != tuple(attributes.shape):
+                raise ValueError(f"attribute_masks must have shape ({n}, {attributes.shape[1]}, m, m), "
+                                 f"got {tuple(attribute_masks.shape)}")
+        self.attribute_masks = attribute_masks
         self.images = images
         self.attributes = attributes.bool()
         self.attribute_names = tuple(attribute_names)
@@ -148,6 +165,8 @@ class AttributeImages(Dataset):
         if isinstance(x, (tuple, list)):
             x = x[0]
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        if self.attribute_masks is not None:
+            return x, self.attributes[i], int(i), self.attribute_masks[i].float()
         return x, self.attributes[i], int(i)
 
 
@@ -169,9 +188,11 @@ def build_sane_data(cfg: SANEConfig) -> tuple[AttributeImages, AttributeImages, 
         out = []
         for split, n in (("train", cfg.n_train), ("test", cfg.n_val)):
             ds = ShapesWorld(split, n, size, seed=cfg.seed)
-            attrs = torch.stack([ds.attributes(i, which="all") for i in range(len(ds))])
+            which = V.choice("labels", cfg.labels, ("all", "key"))
+            attrs = torch.stack([ds.attributes(i, which=which) for i in range(len(ds))])
             imgs = ds.images(dtype=torch.uint8, show_progress=cfg.show_progress)
-            out.append(AttributeImages(imgs, attrs, ATTRIBUTE_NAMES, ds.labels))
+            masks = shapesworld_attribute_masks(ds, which) if cfg.mu > 0 else None
+            out.append(AttributeImages(imgs, attrs, ATTRIBUTE_NAMES, ds.labels, masks))
         return out[0], out[1], info
     if not Path(root).exists():
         raise FileNotFoundError(f"data root not found: {root}")
@@ -189,6 +210,13 @@ def build_sane_data(cfg: SANEConfig) -> tuple[AttributeImages, AttributeImages, 
         out.append(AttributeImages(ds, torch.as_tensor(ds.attributes), list(ds.attribute_names),
                                    getattr(ds, "labels", None)))
     return out[0], out[1], info
+
+
+def shapesworld_attribute_masks(ds, which: str = "all", size: int = 24) -> Tensor:
+    """(N, A, size, size) uint8 attribute footprints (255 = covered) of every ShapesWorld sample,
+    for the per-object localization term (``ShapesWorld.attribute_masks``)."""
+    return torch.stack([(ds.attribute_masks(i, which, size) * 255).round().to(torch.uint8)
+                        for i in range(len(ds))])
 
 
 def sane_data_info(cfg: SANEConfig) -> dict:
@@ -383,7 +411,7 @@ class AttributeTrainer(CheckpointedLoop):
         loader = DataLoader(self.train_set, batch_sampler=[b.tolist() for b in batches],
                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
         self.net.train()
-        sums = {"total": 0.0, "huber": 0.0, "matching": 0.0}
+        sums = {"total": 0.0, "huber": 0.0, "matching": 0.0, "localization": 0.0}
         it = loader
         bar = None
         if self.show_progress and self.rank == 0:
@@ -391,8 +419,9 @@ class AttributeTrainer(CheckpointedLoop):
 
             bar = tqdm(loader, desc=f"epoch {e + 1}/{self.epochs}", unit="batch", leave=False)
             it = bar
-        for images, attrs, index in it:
+        for images, attrs, index, *more in it:
             x = images.to(self.device, non_blocking=True)
+            am = more[0].to(self.device, non_blocking=True) if more else None
             y = attrs.to(self.device, non_blocking=True)
             sal = valid = None
             if self.cache is not None:
@@ -403,9 +432,11 @@ class AttributeTrainer(CheckpointedLoop):
                 x = torch.where(f[:, None, None, None], x.flip(-1), x)
                 if sal is not None:
                     sal = torch.where(f[:, None, None, None], sal.flip(-1), sal)
+                if am is not None:
+                    am = torch.where(f[:, None, None, None], am.flip(-1), am)
             with self._autocast():
                 out = self.net(x)
-            parts = self.loss(out, y, sal, valid)
+            parts = self.loss(out, y, sal, valid, am)
             self.check_finite_loss(parts["total"], self.epoch)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(parts["total"]).backward()
@@ -445,7 +476,7 @@ class AttributeTrainer(CheckpointedLoop):
         conf, logit, lab = [], [], []
         loader = DataLoader(Subset(dataset, mine.tolist()), batch_size=self.eval_batch_size, shuffle=False,
                             num_workers=self.num_workers)
-        for images, attrs, _ in loader:
+        for images, attrs, *_ in loader:
             with self._autocast():
                 out = self.model(images.to(self.device))
             conf.append(out.confidences.float())
@@ -536,7 +567,11 @@ def train_sane(cfg: SANEConfig) -> AttributeTrainer:
         raise TypeError(f"cfg must be a SANEConfig, got {type(cfg).__name__}")
     V.choice("backbone", cfg.backbone, ATTRIBUTE_BACKBONES)
     V.real("lam", cfg.lam, low=0.0)
-    loss = AttributeLoss(cfg.lam, cfg.normalize, distance=cfg.distance, temperature=cfg.temperature)
+    V.real("mu", cfg.mu, low=0.0)
+    if cfg.data.partition(":")[0] != "shapesworld" and (cfg.mu > 0 or cfg.labels != "all"):
+        raise ValueError(f"labels='key' and mu > 0 need per-object labels (data 'shapesworld'), got data "
+                         f"{cfg.data!r} with labels={cfg.labels!r}, mu={cfg.mu}")
+    loss = AttributeLoss(cfg.lam, cfg.normalize, distance=cfg.distance, temperature=cfg.temperature, mu=cfg.mu)
     config = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite", "show_progress")}
     config.update(sane_data_info(cfg))
     if not isinstance(cfg.resume, bool) or not isinstance(cfg.overwrite, bool):

@@ -512,6 +512,28 @@ class ShapesWorld(Dataset):
         """
         return _object_label_rows(self._layout(self._check_index(index)).objects)
 
+    def attribute_masks(self, index: int, which: str = "all", size: int | None = None) -> Tensor:
+        """Where each attribute is in a sample: the union of the masks of the objects that have it.
+
+        Args:
+            index: sample index.
+            which: 'all' (every object) or 'key' (the key object only; other attributes empty).
+            size: side of the returned maps (area resampling of the full-size masks, so a value is
+                the fraction of the cell covered); default the image size.
+
+        Returns:
+            (len(ATTRIBUTE_NAMES), size, size) float32 in [0, 1].
+        """
+        V.choice("which", which, ("key", "all"))
+        smp = self.sample(index)
+        rows = smp.object_labels[:1] if which == "key" else smp.object_labels
+        masks = smp.object_masks[:rows.shape[0]].float()                      # (n, H, W)
+        out = (rows.float().T[:, :, None, None] * masks[None]).amax(1)       # (A, H, W)
+        if size is not None and size != self.image_size:
+            V.positive_int("size", size)
+            out = torch.nn.functional.adaptive_avg_pool2d(out[None], (size, size))[0]
+        return out
+
     def alternatives(self, index: int, obj: int, kind: str) -> tuple[str, ...]:
         """The values that :meth:`counterfactual` can give attribute ``kind`` of object ``obj``.
 

@@ -1,7 +1,12 @@
 """Metrics for attribute explanations: attribute recognition mAP (SANE section 4.1).
 
 The attribute insertion and deletion metrics of SANE section 4.2 live here too
-(:func:`attribute_insertion_deletion`).
+(:func:`attribute_insertion_deletion`): they swap the whole query for another database image,
+so they also reward changes of layout. Where a data set can re-render a scene with one
+attribute changed (ShapesWorld's :meth:`~whymatch.data.ShapesWorld.counterfactual`), the
+causal ground truth is measured instead (:func:`causal_attribute_effects`): the drop in
+similarity when that attribute alone changes, and the explanations are scored against it
+(:func:`causal_top1`, :func:`causal_attribute_deletion`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from ..ops import _validate as V
 from ..similarity import SimilarityModel, pairwise_similarity
 
 __all__ = ["average_precision", "mean_average_precision", "AttributeCounterfactuals",
-           "attribute_insertion_deletion", "rowwise_similarity"]
+           "attribute_insertion_deletion", "rowwise_similarity", "CausalAttributeEffects",
+           "causal_attribute_effects", "causal_attribute_deletion", "causal_top1"]
 
 
 def average_precision(scores: Tensor, labels: Tensor) -> Tensor:
@@ -299,3 +305,167 @@ def attribute_insertion_deletion(query_embeddings: Tensor, reference_embeddings:
                              f"[{float(v.min()):.4g}, {float(v.max()):.4g}], outside {similarity_range}")
     return AttributeCounterfactuals(deletion=deletion, insertion=insertion, deletion_index=minus,
                                     insertion_index=plus, base_index=minus, similarity=s)
+
+
+# ------------------------------------------------------------------ causal ground truth
+_KINDS = ("shape", "colour", "pattern", "size")
+
+
+@dataclass
+class CausalAttributeEffects:
+    """Causal ground truth of P pairs (:func:`causal_attribute_effects`).
+
+    Attributes:
+        effects: (P, A) float32, the drop in similarity when attribute a alone is changed in the
+            query (mean over its alternative values; the object holding it that the similarity
+            relies on most when several do); NaN where no object of the query has attribute a, or
+            none of its alternatives can be rendered (a size that does not fit).
+        base: (P,) float32 similarity of the original pairs.
+        object_effects: per pair, an (n_objects, 4) float32 tensor: the mean drop when the
+            object's shape, colour, pattern or size changes (NaN: no feasible alternative).
+        n_renders: counterfactual images rendered and embedded.
+    """
+
+    effects: Tensor
+    base: Tensor
+    object_effects: list[Tensor]
+    n_renders: int
+
+    def __len__(self) -> int:
+        return self.effects.shape[0]
+
+    @property
+    def top(self) -> Tensor:
+        """(P,) int64: the causal top attribute of each pair (largest drop; -1 when none is defined)."""
+        filled = torch.nan_to_num(self.effects, nan=-float("inf"))
+        top = filled.argmax(1)
+        return torch.where(torch.isinf(filled.amax(1)), torch.full_like(top, -1), top)
+
+
+def causal_attribute_effects(similarity: SimilarityModel, dataset: object, query_index: Tensor | list[int],
+                             reference_embeddings: Tensor, *, attribute_names: tuple[str, ...] | None = None,
+                             batch_size: int = 256) -> CausalAttributeEffects:
+    """Causal ground truth for P pairs: how much the similarity relies on each attribute of the query.
+
+    For every object k of query q and every kind (shape, colour, pattern, size), the query is
+    re-rendered with that one attribute of that one object set to each alternative value
+    (``dataset.counterfactual(q, k, kind, v)``, everything else pixel-identical) and
+    d(k, kind) = mean over v of (s(q, r) - s(q', r)), a drop in similarity units (positive when
+    the change hurts the match). The effect of attribute name a = kind:value is the largest
+    d(k, kind) over the objects k that have it: the model's real reliance on that attribute.
+
+    Args:
+        similarity: the SimilarityModel being explained.
+        dataset: a data set with ``object_attributes(i)``, ``alternatives(i, k, kind)``,
+            ``counterfactual(i, k, kind, v)`` and ``sample(i)`` (ShapesWorld).
+        query_index: (P,) query indices into ``dataset``.
+        reference_embeddings: (P, D) embeddings of each pair's reference.
+        attribute_names: names of the A attributes, ``kind:value`` (default the data set module's
+            ``ATTRIBUTE_NAMES``).
+        batch_size: images per embedding call.
+
+    Returns:
+        :class:`CausalAttributeEffects`.
+    """
+    if not isinstance(similarity, SimilarityModel):
+        raise TypeError(f"similarity must be a SimilarityModel, got {type(similarity).__name__}")
+    for meth in ("object_attributes", "alternatives", "counterfactual", "sample"):
+        if not callable(getattr(dataset, meth, None)):
+            raise TypeError(f"dataset must have a {meth}() method (ShapesWorld has), got {type(dataset).__name__}")
+    q = torch.as_tensor(query_index).long().flatten()
+    V.tensor("reference_embeddings", reference_embeddings, ndim=2)
+    if reference_embeddings.shape[0] != q.shape[0]:
+        raise ValueError(f"reference_embeddings must have one row per query ({q.shape[0]}), "
+                         f"got {reference_embeddings.shape[0]}")
+    if attribute_names is None:
+        from ..data.shapesworld import ATTRIBUTE_NAMES as attribute_names  # noqa: N811
+    names = tuple(attribute_names)
+    col = {n: j for j, n in enumerate(names)}
+    V.positive_int("batch_size", batch_size)
+    p = q.shape[0]
+    effects = torch.full((p, len(names)), float("nan"))
+    base = torch.empty(p)
+    per_object: list[Tensor] = []
+    n_renders = 0
+    ref = reference_embeddings.detach()
+    with torch.no_grad():
+        for row, qi in enumerate(q.tolist()):
+            smp = dataset.sample(qi)
+            jobs: list[tuple[int, int]] = []                     # (object, kind) of each image
+            images = [smp.image]
+            for k in range(len(smp.objects)):
+                for t, kind in enumerate(_KINDS):
+                    for v in dataset.alternatives(qi, k, kind):
+                        images.append(dataset.counterfactual(qi, k, kind, v).image)
+                        jobs.append((k, t))
+            batch = torch.stack(images)
+            emb = similarity.embed(batch, batch_size)
+            s = rowwise_similarity(similarity, emb, ref[row:row + 1].to(emb.device).expand(emb.shape[0], -1)).cpu()
+            n_renders += len(jobs)
+            base[row] = s[0]
+            drops = torch.zeros(len(smp.objects), len(_KINDS))
+            counts = torch.zeros(len(smp.objects), len(_KINDS))
+            for (k, t), sv in zip(jobs, s[1:].tolist()):
+                drops[k, t] += float(s[0]) - sv
+                counts[k, t] += 1
+            d = torch.where(counts > 0, drops / counts.clamp_min(1), torch.full_like(drops, float("nan")))
+            per_object.append(d)
+            for k, o in enumerate(smp.objects):
+                for t, kind in enumerate(_KINDS):
+                    j = col.get(f"{kind}:{getattr(o, kind)}")
+                    if j is None or torch.isnan(d[k, t]):
+                        continue
+                    if torch.isnan(effects[row, j]) or d[k, t] > effects[row, j]:
+                        effects[row, j] = d[k, t]
+    return CausalAttributeEffects(effects=effects, base=base, object_effects=per_object, n_renders=n_renders)
+
+
+def _check_chosen(chosen: object, effects: object) -> tuple[Tensor, Tensor]:
+    if isinstance(effects, CausalAttributeEffects):
+        effects = effects.effects
+    V.tensor("effects", effects, ndim=2)
+    chosen = V.tensor("chosen", torch.as_tensor(chosen), ndim=1)
+    if chosen.is_floating_point() or chosen.dtype == torch.bool:
+        raise TypeError(f"chosen must hold integer attribute indices, got {chosen.dtype}")
+    if chosen.shape[0] != effects.shape[0]:
+        raise ValueError(f"chosen must hold one attribute per pair ({effects.shape[0]}), got {chosen.shape[0]}")
+    if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= effects.shape[1]):
+        raise ValueError(f"chosen must hold attribute indices in [0, {effects.shape[1]}), "
+                         f"got [{int(chosen.min())}, {int(chosen.max())}]")
+    return chosen.long(), effects.float()
+
+
+def causal_attribute_deletion(chosen: Tensor, effects: Tensor | CausalAttributeEffects) -> Tensor:
+    """Causal attribute deletion: the drop in similarity when the chosen attribute alone is changed.
+
+    Higher is better: an explanation that names what the model relies on scores the largest drop.
+    An attribute the query does not have (or cannot change) scores 0: changing it changes nothing.
+
+    Args:
+        chosen: (P,) int64 attribute index chosen by an explanation for each pair.
+        effects: (P, A) :attr:`CausalAttributeEffects.effects` (or the object itself).
+
+    Returns:
+        (P,) float32 drops in similarity units.
+    """
+    chosen, eff = _check_chosen(chosen, effects)
+    return torch.nan_to_num(eff.gather(1, chosen[:, None])[:, 0], nan=0.0)
+
+
+def causal_top1(chosen: Tensor, effects: Tensor | CausalAttributeEffects) -> Tensor:
+    """Top-1 agreement with the causal top attribute: 1 where the chosen attribute is the one whose
+    change drops the similarity most (ties: any attribute within 1e-6 of the largest drop counts).
+
+    Args:
+        chosen: (P,) int64 attribute indices.
+        effects: (P, A) :attr:`CausalAttributeEffects.effects` (or the object itself).
+
+    Returns:
+        (P,) float32 in {0, 1}; NaN for a pair with no defined effect.
+    """
+    chosen, eff = _check_chosen(chosen, effects)
+    filled = torch.nan_to_num(eff, nan=-float("inf"))
+    best = filled.amax(1)
+    got = filled.gather(1, chosen[:, None])[:, 0]
+    hit = (got >= best - 1e-6).float()
+    return torch.where(torch.isinf(best), torch.full_like(hit, float("nan")), hit)
