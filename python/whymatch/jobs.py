@@ -77,12 +77,19 @@ class ExplainedSet:
     similarity: Tensor                 # (K,) similarity of the unperturbed pair
     key_mask: Tensor | None = None     # (H, W) bool, ground truth when known
     pair_metrics: dict[str, list[dict]] = field(default_factory=dict)  # method -> per-reference metrics
+    similarity_kind: str | None = None  # 'cosine', 'dot', 'neg_l2' or None (a callable): the report's colour scale
 
 
 def explain_sets(sim: SimilarityModel, sets: Sequence[tuple[str, Tensor, Tensor, Tensor | None]],
                  methods: Sequence[str], settings: JobSettings,
-                 log: Callable[[str], None] = lambda _m: None) -> list[ExplainedSet]:
-    """Explain each (name, query, references, key_mask) with every method, then score every map."""
+                 log: Callable[[str], None] = lambda _m: None, *,
+                 estimate: JobEstimate | None = None) -> list[ExplainedSet]:
+    """Explain each (name, query, references, key_mask) with every method, then score every map.
+
+    With ``estimate`` (:func:`estimate_job`): one progress bar over the whole job, counted in the estimated
+    seconds of each (query, method) step and of the scoring, so that its ETA corrects itself with the
+    measured rate.
+    """
     explainers = {m: make_explainer(m, sim, settings) for m in methods}
     # cheap checks of every (set, method) first, so that a bad input, target layer or model fails in
     # seconds, not after minutes of the other methods' work
@@ -92,18 +99,139 @@ def explain_sets(sim: SimilarityModel, sets: Sequence[tuple[str, Tensor, Tensor,
                 ex.check(query, refs)
             except ValueError as e:
                 raise ValueError(f"{m} on {name}: {e}") from e
+    bar = _job_bar(estimate, len(sets))
     out = []
-    for name, query, refs, key_mask in sets:
-        maps, secs = {}, {}
-        for m, ex in explainers.items():
-            t0 = time.perf_counter()
-            maps[m] = ex.attribute(query, refs)
-            secs[m] = time.perf_counter() - t0
-        e_q, e_r = sim.embed(query[None]), sim.embed(refs)
-        out.append(ExplainedSet(name, query, refs, maps, secs, sim.pairwise(e_q, e_r)[0], key_mask))
-        log(f"  {name}: " + ", ".join(f"{m} {secs[m]:.2f}s" for m in methods))
-    _score(sim, out, methods, settings)
+    try:
+        for name, query, refs, key_mask in sets:
+            maps, secs = {}, {}
+            for m, ex in explainers.items():
+                if bar is not None:
+                    bar.set_postfix_str(f"{name[:24]}: {m}")
+                t0 = time.perf_counter()
+                maps[m] = ex.attribute(query, refs)
+                secs[m] = time.perf_counter() - t0
+                if bar is not None:
+                    bar.update(estimate.per_method[m])
+            e_q, e_r = sim.embed(query[None]), sim.embed(refs)
+            kind = sim.similarity_fn if isinstance(sim.similarity_fn, str) else None
+            out.append(ExplainedSet(name, query, refs, maps, secs, sim.pairwise(e_q, e_r)[0], key_mask,
+                                    similarity_kind=kind))
+            log(f"  {name}: " + ", ".join(f"{m} {secs[m]:.2f}s" for m in methods))
+        if bar is not None:
+            bar.set_postfix_str("scoring (insertion/deletion)")
+        _score(sim, out, methods, settings)
+        if bar is not None:
+            bar.update(estimate.scoring * len(sets))
+    finally:
+        if bar is not None:
+            bar.close()
     return out
+
+
+# ------------------------------------------------------------------ fast defaults, estimates, progress (issue 15)
+#: What `whymatch demo` runs unless --method says otherwise: the methods that finish in seconds on a CPU
+#: (RISE and the sliding window point at the key object best; the gradient methods cost one pass).
+#: LIME and Mask (500 optimization steps per pair) stay available with --method all or by name.
+DEMO_METHODS = ("rise", "sliding", "attention", "gradcam")
+#: `whymatch explain` on a CPU: RISE with fewer masks and the two gradient methods.
+CPU_EXPLAIN_METHODS = ("rise", "attention", "gradcam")
+#: settings `whymatch explain` takes on a CPU unless given: (option, JobSettings field, value)
+CPU_EXPLAIN_SETTINGS = (("--n-masks", "n_masks", 500), ("--batch-size", "batch_size", 50))
+#: insertion/deletion steps of the scoring on a CPU (each step is 2 K forward passes per method)
+CPU_SCORE_STEPS = 20
+
+
+def default_methods(command: str, device: torch.device | str) -> tuple[str, ...]:
+    """The method set a command runs when --method is not given: all methods on CUDA; on a CPU the fast set
+    (``DEMO_METHODS`` for the demo, ``CPU_EXPLAIN_METHODS`` for explain)."""
+    if torch.device(device).type == "cuda":
+        return METHODS
+    return DEMO_METHODS if command == "demo" else CPU_EXPLAIN_METHODS
+
+
+@dataclass
+class JobEstimate:
+    """Seconds a job is expected to take, from one timed forward batch.
+
+    Attributes:
+        per_image: seconds per image of one forward pass (measured on a batch).
+        per_method: method -> estimated seconds for one query against its K references.
+        scoring: estimated seconds of the insertion/deletion scoring of one query (all methods).
+        n_queries: queries in the job.
+    """
+
+    per_image: float
+    per_method: dict[str, float]
+    scoring: float
+    n_queries: int
+
+    @property
+    def total(self) -> float:
+        return (sum(self.per_method.values()) + self.scoring) * self.n_queries
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{m} ~{_secs(v)}" for m, v in self.per_method.items())
+        return (f"estimated time: {_secs(self.total)} for {self.n_queries} quer{'y' if self.n_queries == 1 else 'ies'} "
+                f"(per query: {parts}, scoring ~{_secs(self.scoring)}; from one forward batch timed now: "
+                f"{self.per_image * 1e3:.1f} ms per image)")
+
+
+def _secs(v: float) -> str:
+    return f"{v:.1f} s" if v < 100 else f"{v / 60:.1f} min"
+
+
+def forward_cost(sim: SimilarityModel, image: Tensor, batch: int = 8) -> float:
+    """Seconds per image of the model's forward pass on a batch of ``batch`` copies of ``image`` (after one
+    untimed warm-up image)."""
+    x = image[None].expand(batch, -1, -1, -1).contiguous()
+    with torch.no_grad():
+        sim.embed(x[:1])
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        t0 = time.perf_counter()
+        sim.embed(x)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+    return (time.perf_counter() - t0) / batch
+
+
+def method_passes(method: str, sim: SimilarityModel, s: JobSettings, size: tuple[int, int], k: int) -> float:
+    """Forward-pass equivalents (images) of ``method`` for one query against ``k`` references (a backward
+    pass counted as two forwards)."""
+    both = not s.fixed_reference
+    if method == "rise":
+        return s.n_masks + (k * 30 if both else 0) + k
+    if method == "sliding":
+        ex = make_explainer("sliding", sim, s)
+        n = ex.boxes(size).shape[0] + k
+        return n + (k * ex.boxes(size, reference=True).shape[0] if both else 0)
+    if method == "lime":
+        return s.lime_samples + k
+    if method == "mask":
+        return 3.0 * s.mask_iters * k * (2 if both else 1)
+    return 3.0 * (k + 1)  # attention, gradcam: one forward + backward of the query and the references
+
+
+def estimate_job(sim: SimilarityModel, query: Tensor, k: int, methods: Sequence[str], s: JobSettings,
+                 n_queries: int = 1) -> JobEstimate:
+    """How long ``methods`` will take for ``n_queries`` queries of K = ``k`` references like ``query``,
+    from one timed forward batch (a guide: LIME's superpixels and the optimizers' own work are not counted)."""
+    per = forward_cost(sim, query)
+    size = tuple(query.shape[-2:])
+    per_method = {m: method_passes(m, sim, s, size, k) * per for m in methods}
+    scoring = len(methods) * 2 * (s.n_steps + 1) * k * per
+    return JobEstimate(per, per_method, scoring, n_queries)
+
+
+def _job_bar(estimate: JobEstimate | None, n_sets: int):
+    """One tqdm bar over a job, in estimated seconds (None without an estimate)."""
+    if estimate is None:
+        return None
+    from tqdm.auto import tqdm
+
+    total = (sum(estimate.per_method.values()) + estimate.scoring) * n_sets
+    return tqdm(total=total, desc="whymatch", dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}{postfix}]")
 
 
 def _score(sim: SimilarityModel, sets: list[ExplainedSet], methods: Sequence[str], s: JobSettings) -> None:
@@ -165,19 +293,25 @@ def write(out_dir: str | Path, sets: Sequence[ExplainedSet], methods: Sequence[s
 
     pairs = []
     for x in sets:
-        pairs.append({"name": x.name, "query": x.query, "references": list(x.references), "maps": x.maps,
-                      "metrics": x.pair_metrics, "key_mask": x.key_mask})
-    return write_report(out_dir, pairs, summary, title=title, methods=list(methods))
+        pairs.append({"name": x.name, "query": x.query.cpu(), "references": list(x.references.cpu()),
+                      "maps": {m: v.cpu() for m, v in x.maps.items()}, "metrics": x.pair_metrics,
+                      "key_mask": None if x.key_mask is None else x.key_mask.cpu(), "similarity": x.similarity.cpu()})
+    # maps relative to the pair's similarity when it is a cosine (in [-1, 1]); else one scale per query and method
+    scale = "similarity" if sets and all(x.similarity_kind == "cosine" for x in sets) else "shared"
+    return write_report(out_dir, pairs, summary, title=title, methods=list(methods), scale=scale)
 
 
 def run_demo(out_dir: str | Path, *, n_queries: int = 4, n_refs: int = 3, settings: JobSettings | None = None,
-             methods: Sequence[str] = METHODS, log: Callable[[str], None] = print) -> tuple[list[dict], Path]:
-    """Explain ShapesWorld test pairs with the shipped model; returns (summary rows, index.html path)."""
+             methods: Sequence[str] = METHODS, log: Callable[[str], None] = print,
+             device: str | torch.device = "cpu", progress: bool = False) -> tuple[list[dict], Path]:
+    """Explain ShapesWorld test pairs with the shipped model on ``device``; returns (summary rows, index.html
+    path). ``progress``: say up front how long the methods will take and show one progress bar with an ETA."""
     from .data import ShapesWorld
     from .models import load_default_model
 
     s = settings or JobSettings()
-    sim = load_default_model()
+    dev = torch.device(device)
+    sim = load_default_model(dev)
     ds = ShapesWorld("test", n_samples=600, seed=s.seed)
     pairs = ds.pairs(n_queries, n_refs, seed=s.seed)
     sets = []
@@ -185,9 +319,15 @@ def run_demo(out_dir: str | Path, *, n_queries: int = 4, n_refs: int = 3, settin
         smp = ds.sample(qi)
         ref_imgs = torch.stack([ds[int(r)][0] for r in refs])
         k = smp.key_object
-        sets.append((f"test #{qi}: {k.size} {k.colour} {k.pattern} {k.shape}", smp.image, ref_imgs, smp.key_mask))
-    log(f"whymatch demo: {n_queries} ShapesWorld test queries x {n_refs} references, methods {', '.join(methods)}")
-    explained = explain_sets(sim, sets, methods, s, log)
+        sets.append((f"test #{qi}: {k.size} {k.colour} {k.pattern} {k.shape}", smp.image.to(dev), ref_imgs.to(dev),
+                     smp.key_mask.to(dev)))
+    log(f"whymatch demo: {n_queries} ShapesWorld test queries x {n_refs} references on {dev}, methods "
+        f"{', '.join(methods)}")
+    estimate = None
+    if progress:
+        estimate = estimate_job(sim, sets[0][1], n_refs, methods, s, n_queries)
+        log(estimate.describe())
+    explained = explain_sets(sim, sets, methods, s, log, estimate=estimate)
     truth = [ds.attributes(int(q), "key")[None] & torch.stack([ds.attributes(int(r), "key") for r in refs])
              for q, refs in zip(pairs.query.tolist(), pairs.references)]
     attributed = add_attribute_explanations(sim, explained, methods, truth=truth, seed=s.seed, log=log)
