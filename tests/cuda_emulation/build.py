@@ -43,7 +43,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 CUDA_HOME = Path(os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda")
-EMU_FILES = ("emu_cuda.h", "emu_runtime.cpp", "rewrite.py", "build.py")  # selftest.cu is not part of the module
+EMU_FILES = ("emu_cuda.h", "emu_wmma.h", "emu_runtime.cpp", "rewrite.py", "build.py")  # selftest.cu is not part of the module
 
 COMMON = ["-std=c++17", "-fPIC", "-pthread", "-fvisibility=hidden", "-fno-gnu-unique", "-Wall",
           "-Wno-unknown-pragmas", "-Wno-attributes", "-Wno-unused-parameter", "-Wno-unused-function"]

@@ -220,3 +220,5 @@ template <class T>
 inline cudaError_t cudaFuncGetAttributes(struct cudaFuncAttributes* attr, T* entry) {
   return ::cudaFuncGetAttributes(attr, reinterpret_cast<const void*>(entry));
 }
+
+#include "emu_wmma.h"  // nvcuda::wmma (tf32 m16n16k8) for the tensor-core kernels

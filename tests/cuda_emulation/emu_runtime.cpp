@@ -481,12 +481,12 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std:
   }
   ++g_launches;
   g_max_dyn_launched = std::max<unsigned long long>(g_max_dyn_launched, smem);
-  std::unique_ptr<unsigned char[]> dyn(new unsigned char[smem + kGuard + 16]);
+  std::unique_ptr<unsigned char[]> dyn(new unsigned char[smem + kGuard + 128]);  // 128-byte aligned below (WMMA needs 32)
   BlockCtx blk;
   blk.bdim = block;
   blk.gdim = grid;
   g_blk = &blk;
-  g_dyn_smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(dyn.get()) + 15) & ~uintptr_t(15));
+  g_dyn_smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(dyn.get()) + 127) & ~uintptr_t(127));
   try {
     run_blocks(grid, static_cast<unsigned>(nthreads), body, smem);
   } catch (...) {

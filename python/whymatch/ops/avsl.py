@@ -399,6 +399,134 @@ def _workspace(mod, op: int, q: int, g: int, sizes: list[int], k: int, like: Ten
                       dtype=torch.uint8, device=like.device)
 
 
+# ---------------------------------------------------------------------------
+# GPU paths of the rectified distance and its top-k (see README, "AVSL on a GPU")
+# ---------------------------------------------------------------------------
+
+GPU_PATHS = ("simt", "tensorcore", "cublas")
+TC_MAX_NODES = 512            # the tensor-core kernel's accumulators cover 512 columns per level
+TC_MIN_PAIRS = 1 << 20        # below: the SIMT kernel (launch and split-links overhead, few tiles)
+TC_MIN_TOPK_QUERIES = 264     # top-k runs one block per query: 2 per SM of an H100 / H200 (132 SMs)
+CUBLAS_MIN_WORK = 1 << 32     # pairs x R_max above which dense cuBLAS beats the sparse SIMT kernel (model)
+CUBLAS_CHUNK_BYTES = 1 << 30  # the cuBLAS path's intermediates per query chunk
+
+
+def gpu_path(q: int, g: int, sizes: list[int], dtype: torch.dtype, *, topk: bool = False,
+             capability: tuple[int, int] = (9, 0), smem_optin: int = 227 * 1024, tc_smem: int = 0) -> str:
+    """Which GPU path computes the AVSL distance (or top-k) of Q x G pairs; the rule, in order:
+
+    1. ``WHYMATCH_AVSL_GPU_PATH=simt|tensorcore|cublas`` forces a path (benchmarks, tests); a forced
+       tensor-core path that cannot run (float64, more than 512 nodes, no sm_80, not enough shared
+       memory) is a ValueError.
+    2. float64: ``simt`` (the only exact-dtype path).
+    3. ``tensorcore`` (fused, 3xTF32) when it can run and there is enough work: Q x G >= 2^20 pairs
+       and, for top-k (one block per query), Q >= 264.
+    4. ``cublas`` (chunked dense hat @ link* through torch.matmul) when Q x G x R_max >= 2^32,
+       where dense float32 GEMMs beat the sparse SIMT kernel in benchmarks/results/avsl_sop_model.md.
+    5. ``simt`` otherwise (small problems: one launch, no intermediates).
+    The thresholds come from the performance model, not from a GPU measurement (none was lent).
+    """
+    import os
+
+    tc_ok = (dtype == torch.float32 and max(sizes) <= TC_MAX_NODES and capability >= (8, 0)
+             and tc_smem <= smem_optin)
+    forced = os.environ.get("WHYMATCH_AVSL_GPU_PATH", "").strip()
+    if forced:
+        if forced not in GPU_PATHS:
+            raise ValueError(f"WHYMATCH_AVSL_GPU_PATH must be one of {GPU_PATHS}, got {forced!r}")
+        if forced == "tensorcore" and not tc_ok:
+            raise ValueError(f"WHYMATCH_AVSL_GPU_PATH=tensorcore needs float32, at most {TC_MAX_NODES} nodes per level, "
+                             f"sm_80+ and {tc_smem} bytes of shared memory, got {dtype}, sizes {list(sizes)}, "
+                             f"sm_{capability[0]}{capability[1]}, {smem_optin} bytes")
+        if forced == "cublas" and dtype != torch.float32:
+            return "simt"
+        return forced
+    if dtype != torch.float32:
+        return "simt"
+    if tc_ok and q * g >= TC_MIN_PAIRS and (not topk or q >= TC_MIN_TOPK_QUERIES):
+        return "tensorcore"
+    if q * g * max(sizes) >= CUBLAS_MIN_WORK:
+        return "cublas"
+    return "simt"
+
+
+def _device_path(mod, qe: Tensor, q: int, g: int, sizes: list[int], topk: bool) -> str:
+    """gpu_path for the device of qe (the emulation counts as an sm_90 with its 227 KiB opt-in)."""
+    if not hasattr(mod, "avsl_tc_topk"):
+        return "simt"
+    cap, optin = (9, 0), 227 * 1024
+    if qe.device.type == "cuda":
+        cap = torch.cuda.get_device_capability(qe.device)
+        optin = int(getattr(torch.cuda.get_device_properties(qe.device), "shared_memory_per_block_optin", 0))
+    return gpu_path(q, g, sizes, qe.dtype, topk=topk, capability=cap, smem_optin=optin,
+                    tc_smem=int(mod.avsl_tc_smem_bytes(list(sizes))))
+
+
+def _tc_launch(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma, k=None, exclude_self=False):
+    """The tensor-core kernels (csrc/avsl/avsl_tensorcore.h): distances (Q, G) or the top-k pair."""
+    op = "avsl_topk" if k is not None else "avsl_distance"
+    q, g = qe.shape[0], ge.shape[0]
+    ge_t, rg_t = ge.t().contiguous(), rg.t().contiguous()  # the gallery transposed (coalesced)
+    opt = (lambda t: _ext.buf(t) if t.numel() else _ext.no_buf())
+    args = [_ext.buf(qe), _ext.buf(ge_t), opt(rq), opt(rg_t), opt(coef), opt(bias), opt(links)]
+    with _ext.device_guard(qe):
+        ws = _ext.empty(op, "the workspace", (int(mod.avsl_tc_workspace_bytes(q, g, list(sizes))),),
+                        dtype=torch.uint8, device=qe.device)
+        if k is None:
+            out = _ext.empty(op, "the output", (q, g), dtype=qe.dtype, device=qe.device)
+            mod.avsl_tc_distance(*args, _ext.buf(out), q, g, list(sizes), float(gamma), opt(ws), _ext.extra_arg(qe))
+            return out
+        values = _ext.empty(op, "values", (q, k), dtype=qe.dtype, device=qe.device)
+        indices = _ext.empty(op, "indices", (q, k), dtype=torch.int64, device=qe.device)
+        mod.avsl_tc_topk(*args, _ext.buf(values), _ext.buf(indices), q, g, list(sizes), float(gamma), int(k),
+                         bool(exclude_self), opt(ws), _ext.extra_arg(qe))
+        return values, indices
+
+
+def _query_chunk(g: int, sizes: list[int], budget: int = CUBLAS_CHUNK_BYTES) -> int:
+    # per query: about 6 live (G, R_max) float32 tensors (delta, p, hat, A and two temporaries)
+    return max(1, budget // max(1, 6 * g * max(sizes) * 4))
+
+
+def cublas_distance(qe, ge, rq, rg, links, coef, bias, sizes, gamma, *, chunk: int | None = None) -> Tensor:
+    """The cuBLAS path on the packed form (module docstring): (Q, G) distances, computed in query
+    chunks whose hat (chunk x G, R_{l-1}) @ link*_{l-1} is one torch.matmul (cuBLAS on CUDA, in
+    float32: torch's default allow_tf32=False for matmul), prologue and epilogue as torch ops
+    (not fused kernels). Memory O(chunk x G x R_max), CUBLAS_CHUNK_BYTES by default."""
+    q, g = qe.shape[0], ge.shape[0]
+    step = chunk or _query_chunk(g, sizes)
+    out = qe.new_empty(q, g)
+    for a in range(0, q, step):
+        b = min(q, a + step)
+        out[a:b] = _packed_reference(qe[a:b], ge, rq[a:b], rg, links, coef, bias, sizes, gamma)
+    return out
+
+
+def cublas_topk(qe, ge, rq, rg, links, coef, bias, sizes, gamma, k, exclude_self=False, *,
+                chunk: int | None = None) -> tuple[Tensor, Tensor]:
+    """Each query's k best through :func:`cublas_distance` a query chunk at a time (ties: the lower
+    index first, NaN last, as the kernels): memory O(chunk x G x R_max + Q k)."""
+    q, g = qe.shape[0], ge.shape[0]
+    step = chunk or _query_chunk(g, sizes)
+    values, indices = qe.new_empty(q, k), torch.empty(q, k, dtype=torch.int64, device=qe.device)
+    for a in range(0, q, step):
+        b = min(q, a + step)
+        d = _packed_reference(qe[a:b], ge, rq[a:b], rg, links, coef, bias, sizes, gamma)
+        # order: ascending, stable (the lower index first); then a second stable sort on the class
+        # 0 = a number (inf included), 1 = NaN, 2 = the query itself (exclude_self): NaN last, self never
+        cls = torch.isnan(d).to(torch.int8)
+        if exclude_self:
+            rows = torch.arange(a, b, device=d.device)
+            cls[rows - a, rows] = 2
+        key = torch.where(cls > 0, torch.full_like(d, float("inf")), d)
+        order = torch.sort(key, dim=1, stable=True).indices
+        order = order.gather(1, torch.sort(cls.gather(1, order), dim=1, stable=True).indices)
+        order = order[:, :k]
+        values[a:b] = d.gather(1, order)
+        indices[a:b] = order
+    return values, indices
+
+
 @torch.library.custom_op("whymatch::avsl_distance", mutates_args=())
 def _avsl_distance(qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor, coef: Tensor, bias: Tensor,
                    sizes: list[int], gamma: float) -> Tensor:
@@ -407,6 +535,11 @@ def _avsl_distance(qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor
     mod = _ext.module_for(qe.device, "avsl_distance")
     if mod is None:
         return _packed_reference(qe, ge, rq, rg, links, coef, bias, sizes, gamma).contiguous()
+    path = _device_path(mod, qe, q, g, sizes, topk=False) if _ext.cuda_kernels(qe) else "cpu"
+    if path == "tensorcore":
+        return _tc_launch(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma)
+    if path == "cublas":
+        return cublas_distance(qe, ge, rq, rg, links, coef, bias, sizes, gamma)
     out = _ext.empty("avsl_distance", "the output", (q, g), dtype=qe.dtype, device=qe.device)
     keep, ptrs = _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes)
     with _ext.device_guard(qe):  # the workspace size depends on the device's shared-memory limit
@@ -477,6 +610,11 @@ def _avsl_topk(qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor, co
             d.fill_diagonal_(float("inf"))
         order = torch.sort(d, dim=1, stable=True).indices[:, :k]
         return d.gather(1, order).contiguous(), order.contiguous()
+    path = _device_path(mod, qe, q, g, sizes, topk=True) if _ext.cuda_kernels(qe) else "cpu"
+    if path == "tensorcore":
+        return _tc_launch(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma, k=k, exclude_self=exclude_self)
+    if path == "cublas":
+        return cublas_topk(qe, ge, rq, rg, links, coef, bias, sizes, gamma, k, exclude_self)
     values = _ext.empty("avsl_topk", "values", (q, k), dtype=qe.dtype, device=qe.device)
     indices = _ext.empty("avsl_topk", "indices", (q, k), dtype=torch.int64, device=qe.device)
     keep, ptrs = _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes)

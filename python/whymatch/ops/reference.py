@@ -207,3 +207,19 @@ def avsl_topk(queries: list[torch.Tensor], galleries: list[torch.Tensor], rel_q:
     # stable ascending order: sort by (distance, index)
     order = torch.sort(d, dim=1, stable=True).indices[:, :k]
     return d.gather(1, order), order
+
+
+def avsl_distance_float64(queries: list[torch.Tensor], galleries: list[torch.Tensor], rel_q: list[torch.Tensor],
+                          rel_g: list[torch.Tensor], links: list[torch.Tensor], coef: list[torch.Tensor],
+                          bias: list[torch.Tensor], gamma: float = 10.0) -> torch.Tensor:
+    """:func:`avsl_distance` with every input and every step in float64 (also for one level, where
+    :func:`avsl_distance` stays in float32): the oracle that the float32 kernels' errors are measured
+    against (tests of the GPU paths). (Q, G) float64, no gradient."""
+    def f64(ts):
+        return [t.detach().to(torch.float64) for t in ts]
+
+    with torch.no_grad():
+        c64, b64 = f64(coef), f64(bias)
+        if len(queries) == 1:  # no level >= 1: hat_0 summed
+            return avsl_nodes(queries[0], galleries[0], torch.float64).sum(dim=-1)
+        return avsl_distance(f64(queries), f64(galleries), f64(rel_q), f64(rel_g), f64(links), c64, b64, gamma)

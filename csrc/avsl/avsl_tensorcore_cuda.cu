@@ -1,0 +1,304 @@
+// Tensor-core (WMMA tf32, 3xTF32 split) kernels of the AVSL rectified distance and its top-k; see
+// avsl/avsl_tensorcore.h for the tiling and the numerics.
+//
+// Block: 256 threads = 8 warps, one tile of 64 pairs (query i, gallery j0 .. j0 + 63) at a time.
+// hat buffer: 64 rows x ld floats in dynamic shared memory, row-major, ld = Rp + 4 (a multiple of
+// 4 elements as WMMA requires; the +4 spreads the rows over the banks). GEMM of level l: warp w
+// owns the column tiles n = w, w + 8, w + 16, w + 24 (of Rp_l / 16) and all 4 row tiles, so each
+// link fragment is read once per tile from L2 and the a fragments of the hats from shared memory.
+#include <mma.h>
+
+#include <algorithm>
+
+#include "avsl/avsl_tensorcore.h"
+#include "common/cuda_utils.cuh"
+
+namespace whymatch {
+namespace {
+
+constexpr int kTcThreads = 256;
+constexpr int kTcWarps = kTcThreads / 32;
+constexpr int kTcRowTiles = kAvslTcPairs / 16;  // 4
+constexpr int kTcColSlots = 4;                  // 8 warps x 4 x 16 = 512 columns
+static_assert(kTcWarps * kTcColSlots * 16 == kAvslTcMaxNodes, "the accumulators cover every column");
+constexpr int64_t kTcMaxBlocks = 1 << 20;
+constexpr int64_t kTcSmemDefault = 48 * 1024;
+
+struct TcLevels {
+  int L;
+  int64_t G, S, S1, R0;
+  int64_t R[kAvslMaxLevels], Rp[kAvslMaxLevels], off[kAvslMaxLevels];
+  int64_t dense_off[kAvslMaxLevels];  // level pair l (l >= 1): offset of link*_{l-1} in the dense links
+  int64_t split_off[kAvslMaxLevels];  // level pair l: offset (floats) of its hi matrix; lo follows it
+  int64_t split_total;                // floats
+};
+
+TcLevels tc_levels(const AvslParams& p) {
+  TcLevels lv{};
+  lv.L = p.L;
+  lv.G = p.G;
+  lv.S = p.S();
+  lv.S1 = p.S1();
+  lv.R0 = p.R[0];
+  int64_t dense = 0, split = 0;
+  for (int l = 0; l < p.L; ++l) {
+    lv.R[l] = p.R[l];
+    lv.Rp[l] = avsl_tc_pad(p.R[l]);
+    lv.off[l] = p.off(l);
+    if (l >= 1) {
+      lv.dense_off[l] = dense;
+      dense += p.R[l - 1] * p.R[l];
+      lv.split_off[l] = split;
+      split += (2 * lv.Rp[l - 1] * lv.Rp[l] + 63) / 64 * 64;  // 256-byte aligned matrices
+    }
+  }
+  lv.split_total = split;
+  return lv;
+}
+
+extern __shared__ __align__(128) unsigned char wm_avsl_tc_smem[];
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define WM_AVSL_TC_ENABLED 1
+#endif
+
+// link*_{l-1} (R_{l-1} x R_l, row-major) -> padded hi and lo matrices (Rp_{l-1} x Rp_l), zeros outside.
+__global__ void avsl_tc_split_links_kernel(TcLevels lv, const float* dense, float* split) {
+#ifdef WM_AVSL_TC_ENABLED
+  for (int l = 1; l < lv.L; ++l) {
+    const int64_t K = lv.R[l - 1], N = lv.R[l], Kp = lv.Rp[l - 1], Np = lv.Rp[l];
+    float* hi = split + lv.split_off[l];
+    float* lo = hi + Kp * Np;
+    for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < Kp * Np;
+         e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const int64_t r = e / Np, c = e % Np;
+      const float v = (r < K && c < N) ? dense[lv.dense_off[l] + r * N + c] : 0.f;
+      const float h = nvcuda::wmma::__float_to_tf32(v);
+      hi[e] = h;
+      lo[e] = nvcuda::wmma::__float_to_tf32(v - h);
+    }
+  }
+#endif
+}
+
+using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 8, nvcuda::wmma::precision::tf32,
+                                     nvcuda::wmma::row_major>;
+using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 8, nvcuda::wmma::precision::tf32,
+                                     nvcuda::wmma::row_major>;
+using FragC = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float>;
+
+// The distances of one tile, in the row sums: returns, in threads t with t % 4 == 0, the distance
+// of pair m = t / 4. Every thread of the block calls it (it synchronizes); on return the hat
+// buffer may be written again (a barrier follows the last read).
+__device__ float tc_tile(const AvslParams& p, const TcLevels& lv, const float* split, int64_t i, int64_t j0,
+                         float* hat) {
+  float result = 0.f;
+#ifdef WM_AVSL_TC_ENABLED
+  namespace wmma = nvcuda::wmma;
+  const int t = threadIdx.x, warp = t >> 5, lane = t & 31;
+  const int64_t G = lv.G;
+  const float* qe = static_cast<const float*>(p.qe) + i * lv.S;
+  const float* geT = static_cast<const float*>(p.ge);  // (S, G)
+  // prologue: hat_0 = (a - b)^2, zero in the padding columns
+  {
+    const int m = t % kAvslTcPairs;
+    const int64_t j = j0 + m, jc = j < G ? j : G - 1;
+    const int64_t ld = lv.Rp[0] + 4;
+    for (int64_t r = t / kAvslTcPairs; r < lv.Rp[0]; r += kTcThreads / kAvslTcPairs) {
+      float h = 0.f;
+      if (r < lv.R0) {
+        const float d = __ldg(qe + r) - __ldg(geT + r * G + jc);
+        h = d * d;
+      }
+      hat[m * ld + r] = h;
+    }
+  }
+  __syncthreads();
+  const float gamma = static_cast<float>(p.gamma);
+  const float* rq = static_cast<const float*>(p.rq) + i * lv.S1;
+  const float* rgT = static_cast<const float*>(p.rg);  // (S1, G)
+  const float* coef = static_cast<const float*>(p.coef);
+  const float* bias = static_cast<const float*>(p.bias);
+  for (int l = 1; l < lv.L; ++l) {
+    const int64_t Kp = lv.Rp[l - 1], Np = lv.Rp[l], lda = Kp + 4, ldo = Np + 4, nct = Np / 16;
+    const float* bhi = split + lv.split_off[l];
+    const float* blo = bhi + Kp * Np;
+    int nslots = 0;  // this warp's column tiles: warp + 8 s, s < nslots (uniform over the warp)
+    while (nslots < kTcColSlots && warp + kTcWarps * nslots < nct) ++nslots;
+    FragC acc[kTcRowTiles][kTcColSlots];
+    if (nslots > 0) {
+      for (int mt = 0; mt < kTcRowTiles; ++mt)
+        for (int s = 0; s < nslots; ++s) wmma::fill_fragment(acc[mt][s], 0.f);
+      for (int64_t k0 = 0; k0 < Kp; k0 += 8) {
+        FragB b_hi[kTcColSlots], b_lo[kTcColSlots];
+        for (int s = 0; s < nslots; ++s) {
+          const int64_t n0 = static_cast<int64_t>(warp + kTcWarps * s) * 16;
+          wmma::load_matrix_sync(b_hi[s], bhi + k0 * Np + n0, static_cast<unsigned>(Np));
+          wmma::load_matrix_sync(b_lo[s], blo + k0 * Np + n0, static_cast<unsigned>(Np));
+        }
+        for (int mt = 0; mt < kTcRowTiles; ++mt) {
+          FragA a_hi, a_lo;
+          wmma::load_matrix_sync(a_hi, hat + mt * 16 * lda + k0, static_cast<unsigned>(lda));
+          for (int e = 0; e < a_hi.num_elements; ++e) {
+            const float v = a_hi.x[e], h = wmma::__float_to_tf32(v);
+            a_hi.x[e] = h;
+            a_lo.x[e] = wmma::__float_to_tf32(v - h);
+          }
+          for (int s = 0; s < nslots; ++s) {  // the small terms first
+            wmma::mma_sync(acc[mt][s], a_lo, b_hi[s], acc[mt][s]);
+            wmma::mma_sync(acc[mt][s], a_hi, b_lo[s], acc[mt][s]);
+            wmma::mma_sync(acc[mt][s], a_hi, b_hi[s], acc[mt][s]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // every warp has read hat_{l-1}: hat_l may overwrite it
+    if (nslots > 0) {
+      for (int mt = 0; mt < kTcRowTiles; ++mt)
+        for (int s = 0; s < nslots; ++s)
+          wmma::store_matrix_sync(hat + mt * 16 * ldo + (warp + kTcWarps * s) * 16, acc[mt][s],
+                                  static_cast<unsigned>(ldo), wmma::mem_row_major);
+      __syncwarp();
+      // epilogue on this warp's tiles: hat_l = delta_l p_l + A_l (1 - p_l), zero in the padding
+      const int64_t R = lv.R[l], o = lv.off[l], o1 = o - lv.R0;
+      for (int s = 0; s < nslots; ++s)
+        for (int e = lane; e < kAvslTcPairs * 16; e += 32) {
+          const int m = e % kAvslTcPairs;
+          const int64_t c = static_cast<int64_t>(warp + kTcWarps * s) * 16 + e / kAvslTcPairs;
+          float* h = hat + m * ldo + c;
+          if (c >= R) {
+            *h = 0.f;
+            continue;
+          }
+          const int64_t j = j0 + m, jc = j < G ? j : G - 1, cc = o1 + c;
+          const float z = gamma * (__ldg(rq + cc) * __ldg(rgT + cc * G + jc) * __ldg(coef + cc) + __ldg(bias + cc));
+          const float pp = 1.f / (1.f + expf(-z));
+          const float d = __ldg(qe + o + c) - __ldg(geT + (o + c) * G + jc);
+          *h = d * d * pp + *h * (1.f - pp);
+        }
+    }
+    __syncthreads();
+  }
+  // row sums of the last level: 4 threads per pair, strided columns, then two shuffles
+  {
+    const int m = t / 4, part = t % 4;
+    const int64_t ld = lv.Rp[lv.L - 1] + 4, R = lv.R[lv.L - 1];
+    float s = 0.f;
+    for (int64_t c = part; c < R; c += 4) s += hat[m * ld + c];
+    s += __shfl_down_sync(0xffffffffu, s, 2, 4);
+    s += __shfl_down_sync(0xffffffffu, s, 1, 4);
+    result = s;
+  }
+  __syncthreads();  // the hats are read: the caller's next tile may write them
+#endif
+  return result;
+}
+
+__global__ void __launch_bounds__(kTcThreads, 1) avsl_tc_distance_kernel(AvslParams p, TcLevels lv,
+                                                                         const float* split) {
+  float* hat = reinterpret_cast<float*>(wm_avsl_tc_smem);
+  float* out = static_cast<float*>(p.out);
+  const int64_t tiles = (p.G + kAvslTcPairs - 1) / kAvslTcPairs, tasks = p.Q * tiles;
+  for (int64_t task = blockIdx.x; task < tasks; task += gridDim.x) {
+    const int64_t i = task / tiles, j0 = (task % tiles) * kAvslTcPairs;
+    const float d = tc_tile(p, lv, split, i, j0, hat);
+    const int64_t j = j0 + threadIdx.x / 4;
+    if (threadIdx.x % 4 == 0 && j < p.G) out[i * p.G + j] = d;
+  }
+}
+
+// One block per query (grid-stride): the query's k best, kept sorted in its output rows.
+__global__ void __launch_bounds__(kTcThreads, 1) avsl_tc_topk_kernel(AvslParams p, TcLevels lv, const float* split,
+                                                                     int64_t rp_max) {
+  float* hat = reinterpret_cast<float*>(wm_avsl_tc_smem);
+  float* dt = hat + kAvslTcPairs * (rp_max + 4);  // the tile's 64 distances
+  const int64_t tiles = (p.G + kAvslTcPairs - 1) / kAvslTcPairs, k = p.k;
+  for (int64_t i = blockIdx.x; i < p.Q; i += gridDim.x) {
+    float* ld = static_cast<float*>(p.topk_values) + i * k;
+    int64_t* lj = p.topk_indices + i * k;
+    int64_t cnt = 0;  // thread 0
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      const int64_t j0 = tile * kAvslTcPairs;
+      const float d = tc_tile(p, lv, split, i, j0, hat);
+      if (threadIdx.x % 4 == 0) dt[threadIdx.x / 4] = d;
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        for (int m = 0; m < kAvslTcPairs; ++m) {
+          const int64_t j = j0 + m;
+          if (j >= p.G || (p.exclude_self && j == i)) continue;
+          const float v = dt[m];
+          if (cnt == k && !avsl_before(v, j, ld[k - 1], lj[k - 1])) continue;
+          int64_t pos = cnt < k ? cnt++ : k - 1;
+          while (pos > 0 && avsl_before(v, j, ld[pos - 1], lj[pos - 1])) {
+            ld[pos] = ld[pos - 1];
+            lj[pos] = lj[pos - 1];
+            --pos;
+          }
+          ld[pos] = v;
+          lj[pos] = j;
+        }
+      }
+      __syncthreads();  // dt is read before the next tile writes it
+    }
+  }
+}
+
+// check_avsl, then the tensor-core kernel's own limits; the dense links stand in for the compressed ones.
+void check_tc(const AvslParams& p, const char* op, bool topk) {
+  static const int64_t no_compressed_links = 0;
+  AvslParams c = p;
+  c.col_ptr = &no_compressed_links;
+  check_avsl(c, op, false, topk);
+  WM_CHECK(avsl_tc_fits(p), op << ": the tensor-core kernel takes float32 and at most " << kAvslTcMaxNodes
+                               << " nodes per level, got dtype " << dtype_name(p.dtype) << " and R_max " << p.Rmax());
+  WM_CHECK(p.L < 2 || p.Q * p.G == 0 || p.values, op << ": null dense links pointer");
+}
+
+template <typename Kernel>
+void tc_prepare(const AvslParams& p, const TcLevels& lv, Kernel kernel, size_t smem, cudaStream_t st,
+                const char* op) {
+  WM_CHECK(lv.split_total == 0 || p.workspace, op << ": null workspace pointer");
+  if (smem > static_cast<size_t>(kTcSmemDefault))
+    WM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  if (lv.split_total > 0) {
+    const int64_t most = std::max<int64_t>(1, lv.split_total / 2);
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(most, 256), 4096));
+    avsl_tc_split_links_kernel<<<blocks, 256, 0, st>>>(lv, static_cast<const float*>(p.values),
+                                                       static_cast<float*>(p.workspace));
+    WM_CUDA_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace
+
+int64_t avsl_tc_workspace_bytes(const AvslParams& p) { return tc_levels(p).split_total * 4; }
+
+void avsl_tc_distance_cuda(const AvslParams& p, void* stream) {
+  check_tc(p, "avsl_tc_distance", false);
+  if (p.Q * p.G == 0) return;
+  const TcLevels lv = tc_levels(p);
+  const size_t smem = static_cast<size_t>(avsl_tc_smem_bytes(p));
+  auto st = static_cast<cudaStream_t>(stream);
+  WM_CUDA_CHECK_PENDING("avsl_tc_distance");
+  tc_prepare(p, lv, avsl_tc_distance_kernel, smem, st, "avsl_tc_distance");
+  const int64_t tasks = p.Q * ((p.G + kAvslTcPairs - 1) / kAvslTcPairs);
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tasks, kTcMaxBlocks));
+  avsl_tc_distance_kernel<<<blocks, kTcThreads, smem, st>>>(p, lv, static_cast<const float*>(p.workspace));
+  WM_CUDA_LAUNCH_CHECK();
+}
+
+void avsl_tc_topk_cuda(const AvslParams& p, void* stream) {
+  check_tc(p, "avsl_tc_topk", true);
+  if (p.Q == 0) return;
+  const TcLevels lv = tc_levels(p);
+  const size_t smem = static_cast<size_t>(avsl_tc_smem_bytes(p));
+  auto st = static_cast<cudaStream_t>(stream);
+  WM_CUDA_CHECK_PENDING("avsl_tc_topk");
+  tc_prepare(p, lv, avsl_tc_topk_kernel, smem, st, "avsl_tc_topk");
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(p.Q, kTcMaxBlocks));
+  avsl_tc_topk_kernel<<<blocks, kTcThreads, smem, st>>>(p, lv, static_cast<const float*>(p.workspace),
+                                                       avsl_tc_pad(p.Rmax()));
+  WM_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace whymatch

@@ -1,0 +1,168 @@
+"""The AVSL tensor-core kernels (csrc/avsl/avsl_tensorcore_cuda.cu: WMMA tf32, 3xTF32 split) under the
+host emulation (tests/cuda_emulation/emu_wmma.h), against the float64 reference.
+
+The accuracy bound is measured, not assumed: on the same inputs, the float32 SIMT kernel (also
+emulated) gives an error e_simt against ``reference.avsl_distance_float64``; the tensor-core
+kernel must stay within 2 e_simt (STYLE.md: twice the error of the plain float32 computation),
+floored at 4 float32 ulps of the largest distance for inputs where the SIMT kernel happens to be
+exact. Every case also runs two thread schedules, compared bit for bit.
+
+    python -m pytest -m emulated -k tensorcore
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from whymatch.ops import _ext
+from whymatch.ops import avsl as A
+from whymatch.ops import reference as ref
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cuda_emulation import build as emu_build  # noqa: E402
+from helpers import emulated_marks, emulated_module_path  # noqa: E402
+
+pytestmark = emulated_marks()
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(scope="session")
+def emu():
+    return emu_build.load(emulated_module_path())
+
+
+@pytest.fixture
+def tc_calls(monkeypatch):
+    """Counts the launches of the tensor-core path (so that a test knows the path it forced ran)."""
+    calls = []
+    real = A._tc_launch
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(A, "_tc_launch", counting)
+    return calls
+
+
+def _run(mod, path: str, fn, schedules=("forward", "reverse")):
+    """fn() with WHYMATCH_AVSL_GPU_PATH=path through the emulated module under each schedule; the
+    outputs must agree bit for bit. Returns the first."""
+    outs = []
+    saved = {k: os.environ.get(k) for k in ("WHYMATCH_AVSL_GPU_PATH", "WHYMATCH_EMU_SCHEDULE")}
+    try:
+        os.environ["WHYMATCH_AVSL_GPU_PATH"] = path
+        for sch in schedules:
+            os.environ["WHYMATCH_EMU_SCHEDULE"] = sch
+            with _ext.emulate_cuda_on_cpu(mod):
+                out = fn()
+            outs.append(out if isinstance(out, tuple) else (out,))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    for o in outs[1:]:
+        for a, b in zip(outs[0], o):
+            assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.view(torch.int32), b.view(torch.int32))), \
+                "two schedules disagree: a race between the threads of a block"
+    return outs[0] if len(outs[0]) > 1 else outs[0][0]
+
+
+def _inputs(sizes, q, g, gen, link_topk=4):
+    qs = [torch.randn(q, r, generator=gen) for r in sizes]
+    gs = [torch.randn(g, r, generator=gen) for r in sizes]
+    rq = [torch.rand(q, r, generator=gen) for r in sizes]
+    rg = [torch.rand(g, r, generator=gen) for r in sizes]
+    links = [ref.avsl_link_star(torch.randn(a, b, generator=gen), link_topk) for a, b in zip(sizes[:-1], sizes[1:])]
+    coef = [1 + 0.1 * torch.randn(r, generator=gen) for r in sizes]
+    bias = [0.1 * torch.randn(r, generator=gen) for r in sizes]
+    return qs, gs, rq, rg, links, coef, bias
+
+
+def _bound(simt_err: float, want: torch.Tensor) -> float:
+    floor = 4 * EPS32 * (want.abs().max().item() if want.numel() else 0.0)
+    return max(2 * simt_err, floor)
+
+
+# ragged node counts (not multiples of 16), 1-3 levels, a gallery that ends inside a 64-pair tile,
+# a link* that keeps every entry (its k >= R_low: dense columns)
+CASES = [([40, 24, 33], 3, 70, 4), ([17], 2, 65, 4), ([20, 48, 16], 1, 129, 4), ([24, 12], 2, 64, 64)]
+
+
+@pytest.mark.parametrize("sizes,q,g,link_topk", CASES)
+def test_tensorcore_distance_within_simt_bound(emu, gen, tc_calls, sizes, q, g, link_topk):
+    x = _inputs(sizes, q, g, gen, link_topk)
+    want = ref.avsl_distance_float64(*x, 10.0)
+    got = _run(emu, "tensorcore", lambda: A.avsl_distance(*x, 10.0))
+    assert len(tc_calls) == 2  # both schedules ran the tensor-core kernel
+    simt = _run(emu, "simt", lambda: A.avsl_distance(*x, 10.0), schedules=("forward",))
+    e_tc = (got.double() - want).abs().max().item()
+    e_simt = (simt.double() - want).abs().max().item()
+    assert got.dtype == torch.float32 and got.shape == (q, g)
+    assert e_tc <= _bound(e_simt, want), f"tensor core error {e_tc:.3g}, SIMT {e_simt:.3g}"
+
+
+@pytest.mark.parametrize("sizes,q,g,k,exclude_self", [([24, 40], 3, 150, 50, False), ([16, 20, 9], 70, 70, 5, True),
+                                                      ([12, 8], 1, 66, 66, False)])
+def test_tensorcore_topk(emu, gen, tc_calls, sizes, q, g, k, exclude_self):
+    # k = 50 >= R = 40 nodes; k = G (every gallery item, Q = 1); exclude_self over a 70-item set
+    x = list(_inputs(sizes, q, g, gen))
+    if exclude_self:
+        x[0], x[2] = x[1], x[3]
+    vals, idx = _run(emu, "tensorcore", lambda: A.avsl_topk(*x, 10.0, k, exclude_self=exclude_self))
+    assert len(tc_calls) == 2
+    d = ref.avsl_distance_float64(*x, 10.0)
+    simt = _run(emu, "simt", lambda: A.avsl_distance(*x, 10.0), schedules=("forward",))
+    bound = _bound((simt.double() - d).abs().max().item(), d)
+    if exclude_self:
+        d.fill_diagonal_(float("inf"))
+    want = torch.sort(d, dim=1, stable=True).values[:, :k]
+    assert (vals.double() - want).abs().max().item() <= bound
+    assert (d.gather(1, idx) - vals.double()).abs().max().item() <= bound  # the indices point at their values
+    assert all(len(set(r.tolist())) == k for r in idx) and bool((idx >= 0).all() and (idx < g).all())
+    assert bool((vals[:, 1:] >= vals[:, :-1]).all())
+    if exclude_self:
+        assert not bool((idx == torch.arange(q)[:, None]).any())
+
+
+def test_tensorcore_topk_ties_lower_index_first(emu, gen):
+    # gallery items repeated: equal distances, bit for bit (the same row computation); the lower index wins
+    sizes = [20, 12]
+    qs, gs, rq, rg, links, coef, bias = _inputs(sizes, 2, 30, gen)
+    rep = torch.arange(30) % 10  # items j and j + 10, j + 20 are copies
+    gs, rg = [t[rep] for t in gs], [t[rep] for t in rg]
+    vals, idx = _run(emu, "tensorcore", lambda: A.avsl_topk(qs, gs, rq, rg, links, coef, bias, 10.0, 7))
+    for v, i in zip(vals, idx):
+        for a in range(6):
+            if v[a] == v[a + 1]:
+                assert i[a] < i[a + 1]
+    # each copy group appears in index order: the first copies before the later ones
+    assert bool((idx[:, 0] < 10).all())
+
+
+def test_tensorcore_zero_sizes(emu, gen):
+    sizes = [16, 8]
+    x = _inputs(sizes, 0, 5, gen)
+    d = _run(emu, "tensorcore", lambda: A.avsl_distance(*x, 10.0))
+    assert d.shape == (0, 5)
+    v, i = _run(emu, "tensorcore", lambda: A.avsl_topk(*x, 10.0, 3))
+    assert v.shape == (0, 3) and i.shape == (0, 3)
+    y = _inputs(sizes, 4, 0, gen)
+    assert _run(emu, "tensorcore", lambda: A.avsl_distance(*y, 10.0)).shape == (4, 0)
+
+
+def test_tensorcore_refuses_what_it_cannot_run(emu, gen):
+    x = _inputs([8, 4], 2, 3, gen)
+    x64 = (*x[:5], [c.double() for c in x[5]], [b.double() for b in x[6]])
+    with pytest.raises(ValueError, match="WHYMATCH_AVSL_GPU_PATH=tensorcore needs float32"):
+        _run(emu, "tensorcore", lambda: A.avsl_distance(*x64, 10.0), schedules=("forward",))
+    big = _inputs([520], 1, 2, gen)
+    with pytest.raises(ValueError, match="at most 512 nodes"):
+        _run(emu, "tensorcore", lambda: A.avsl_distance(*big, 10.0), schedules=("forward",))
