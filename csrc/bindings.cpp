@@ -4,8 +4,12 @@
 #include "bindings_avsl_cam.h"
 #include "bindings_mining.h"
 #include "common/cpu_isa.h"
+#include "common/parallel.h"
 
+#include <atomic>
 #include <cstring>
+#include <stdexcept>
+#include <vector>
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "whymatch CPU kernels (torch-agnostic: raw pointers, sizes, a thread count)";
@@ -38,4 +42,30 @@ PYBIND11_MODULE(_C, m) {
         }
       },
       "The instruction set the CPU kernels' hot loops use (capped by WHYMATCH_CPU_ISA=base|avx2|avx512).");
+  m.def(
+      "pool_stats",
+      []() -> pybind11::tuple { return pybind11::make_tuple(whymatch::pool::threads_started(), whymatch::pool::jobs_run()); },
+      "(threads started, jobs run) of this process's CPU thread pool (a forked child starts from (0, 0)).");
+  m.def(
+      "_parallel_selftest",
+      [](int64_t n, int num_threads, int64_t grain, int64_t throw_at) {
+        // parallel_for over [0, n) that counts every index (each must be visited exactly once) and
+        // throws from the chunk holding index throw_at (-1: none); returns the visit counts.
+        std::vector<std::atomic<int>> hits(static_cast<size_t>(std::max<int64_t>(0, n)));
+        {
+          pybind11::gil_scoped_release nogil;
+          whymatch::parallel_for(n, num_threads, grain, [&](int64_t b, int64_t e) {
+            for (int64_t i = b; i < e; ++i) {
+              if (i == throw_at) throw std::invalid_argument("parallel_selftest: chunk failed at index " +
+                                                             std::to_string(i));
+              hits[static_cast<size_t>(i)].fetch_add(1, std::memory_order_relaxed);
+            }
+          });
+        }
+        std::vector<int> out(hits.size());
+        for (size_t i = 0; i < hits.size(); ++i) out[i] = hits[i].load();
+        return out;
+      },
+      pybind11::arg("n"), pybind11::arg("num_threads"), pybind11::arg("grain") = 1, pybind11::arg("throw_at") = -1,
+      "For tests: run the thread pool over [0, n), return how often each index ran; throw at throw_at.");
 }

@@ -1,5 +1,7 @@
 #include "perturb/ranked_blend.h"
 
+#include <algorithm>
+
 #include "common/parallel.h"
 
 namespace whymatch {
@@ -10,7 +12,8 @@ void ranked_blend_impl(const RankedBlendParams& p, int num_threads) {
   const T* first = static_cast<const T*>(p.first);
   const T* second = static_cast<const T*>(p.second);
   T* out = static_cast<T*>(p.out);
-  parallel_for(p.b * p.t, num_threads, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p.c * p.hw));  // ~32K elements a chunk
+  parallel_for(p.b * p.t, num_threads, grain, [&](int64_t begin, int64_t end) {
     for (int64_t bt = begin; bt < end; ++bt) {
       const int64_t b = bt / p.t, t = bt % p.t;
       const int64_t cnt = p.counts[t];

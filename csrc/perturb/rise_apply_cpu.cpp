@@ -1,5 +1,6 @@
 #include "perturb/rise_apply.h"
 
+#include <algorithm>
 #include <vector>
 
 #include "common/parallel.h"
@@ -17,7 +18,9 @@ void rise_apply_impl(const RiseApplyParams& p, int num_threads) {
   T* out = static_cast<T*>(p.out);
   const int64_t hw = p.h * p.w;
 
-  parallel_for(p.n, num_threads, 1, [&](int64_t begin, int64_t end) {
+  // at least ~32K output elements per chunk: a tiny batch is not worth waking the pool for
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p.c * hw));
+  parallel_for(p.n, num_threads, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> hrows(p.s * cv.up_w), mrow(p.w);
     for (int64_t n = begin; n < end; ++n) {
       const int64_t dy = p.shifts[2 * n], dx = p.shifts[2 * n + 1];

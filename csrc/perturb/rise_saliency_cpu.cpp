@@ -23,7 +23,9 @@ void rise_saliency_cpu(const RiseSaliencyParams& p, int num_threads) {
 
   const int64_t budget = 256 * 1024 / static_cast<int64_t>(sizeof(float));
   int64_t tile = std::max<int64_t>(1, budget / std::max<int64_t>(1, p.k * p.w));
-  tile = std::min(tile, (p.h + num_threads - 1) / std::max(1, num_threads));  // at least one tile per thread
+  // several tiles per thread, claimed dynamically, so that a descheduled thread holds up little work
+  const int64_t min_tiles = std::max(1, num_threads) * 4;
+  tile = std::min(tile, (p.h + min_tiles - 1) / min_tiles);
   tile = std::max<int64_t>(1, tile);
   const int64_t n_tiles = (p.h + tile - 1) / tile;
 

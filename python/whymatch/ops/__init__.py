@@ -31,11 +31,11 @@ outputs themselves, once per call.
 """
 
 from . import reference
-from ._ext import OutputTooLargeError
+from ._ext import OutputTooLargeError, get_num_threads, set_num_threads
 from ._validate import check_finite_enabled, set_check_finite
 from .avsl import avsl_distance, avsl_topk, cam_correlation, cam_reliability, cam_statistics, link_star
 from .mining import soft_mask
 from .perturb import ranked_blend, rise_apply, rise_saliency
 
-__all__ = ["reference", "set_check_finite", "check_finite_enabled", "OutputTooLargeError", "rise_apply", "rise_saliency", "ranked_blend", "soft_mask", "cam_reliability",
+__all__ = ["reference", "set_check_finite", "check_finite_enabled", "OutputTooLargeError", "set_num_threads", "get_num_threads", "rise_apply", "rise_saliency", "ranked_blend", "soft_mask", "cam_reliability",
            "cam_correlation", "cam_statistics", "link_star", "avsl_distance", "avsl_topk"]

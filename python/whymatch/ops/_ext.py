@@ -113,13 +113,32 @@ def module_for(device: torch.device, op: str) -> ModuleType | None:
     return mod
 
 
+_num_threads: int | None = None  # None: torch.get_num_threads() at each call
+
+
+def set_num_threads(n: int | None) -> None:
+    """The CPU kernels' thread count (the caller's thread plus n - 1 threads of whymatch's one
+    persistent pool); None (the default) follows torch.get_num_threads() at each call."""
+    global _num_threads
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
+        raise TypeError(f"n must be an int or None, got {type(n).__name__}")
+    if n is not None and n < 1:
+        raise ValueError(f"n must be >= 1 or None, got {n}")
+    _num_threads = n
+
+
+def get_num_threads() -> int:
+    """The thread count the CPU kernels use now (set_num_threads, else torch.get_num_threads())."""
+    return torch.get_num_threads() if _num_threads is None else _num_threads
+
+
 def extra_arg(t: torch.Tensor) -> int:
     """The kernels' last argument: thread count on CPU, the current stream on CUDA."""
     if t.device.type == "cuda":
         return torch.cuda.current_stream(t.device).cuda_stream
     if _emulated_cuda is not None:
         return 0  # the null stream (the emulation runs synchronously)
-    return torch.get_num_threads()
+    return torch.get_num_threads() if _num_threads is None else _num_threads
 
 
 def ptr(t: torch.Tensor) -> int:
