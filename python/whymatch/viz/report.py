@@ -35,7 +35,9 @@ dl.metrics dt{font-weight:600}dl.metrics dd{margin:0}
 .grid details{text-align:left;margin-top:2px}.grid summary{cursor:pointer;color:#555}
 .grid ul{margin:2px 0;padding-left:14px}.sub{color:#555}
 .warn{background:#fff3cd;border:1px solid #d39e00;color:#6b4e00;padding:2px 4px;margin:2px auto;max-width:160px}
-.notice{background:#fff3cd;border:1px solid #d39e00;padding:6px 10px;max-width:62em}"""
+.notice{background:#fff3cd;border:1px solid #d39e00;padding:6px 10px;max-width:62em}
+.avsl td{text-align:center;vertical-align:top;font-size:12px}
+.avsl img{image-rendering:pixelated;width:160px;height:160px}"""
 
 
 @dataclass(frozen=True)
@@ -501,7 +503,7 @@ def write_avsl_report(out_dir: str | Path, pairs: Sequence[dict], *, title: str 
             parts.append(f"<div class='pair'><h3>{html.escape(str(pair['name']))}: distance "
                          f"{_fmt(float(ex.distance))}</h3>")
             for li, lv in enumerate(ex.levels):
-                parts.append(f"<h4>level {li}: {html.escape(str(lv.level))}</h4><table class='grid'>"
+                parts.append(f"<h4>level {li}: {html.escape(str(lv.level))}</h4><table class='avsl'>"
                              "<tr><th>node</th><th>lambda</th><th>contribution</th><th>image 1</th>"
                              "<th>image 2</th></tr>")
                 w = lv.lambdas.float().clamp_min(0)[:, None, None]
