@@ -87,10 +87,17 @@ using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 8, nvcuda::
                                      nvcuda::wmma::row_major>;
 using FragC = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float>;
 
+// Round to nearest tf32, ties away from zero: __float_to_tf32 (cvt.rna.tf32.f32) for every finite
+// value and for inf and the canonical NaN, in two integer operations (the hats are finite or
+// canonical NaN); a NaN whose payload lies only in the low 13 bits would become inf.
+__device__ __forceinline__ float tf32_rna(float v) {
+  return __uint_as_float((__float_as_uint(v) + 0x1000u) & 0xffffe000u);
+}
+
 // The distances of one tile, in the row sums: returns, in threads t with t % 4 == 0, the distance
 // of pair m = t / 4. Every thread of the block calls it (it synchronizes); on return the hat
 // buffer may be written again (a barrier follows the last read).
-__device__ float tc_tile(const AvslParams& p, const TcLevels& lv, const float* split, int64_t i, int64_t j0,
+__device__ __forceinline__ float tc_tile(const AvslParams& p, const TcLevels& lv, const float* split, int64_t i, int64_t j0,
                          float* hat) {
   float result = 0.f;
 #ifdef WM_AVSL_TC_ENABLED
@@ -99,15 +106,15 @@ __device__ float tc_tile(const AvslParams& p, const TcLevels& lv, const float* s
   const int64_t G = lv.G;
   const float* qe = static_cast<const float*>(p.qe) + i * lv.S;
   const float* geT = static_cast<const float*>(p.ge);  // (S, G)
-  // prologue: hat_0 = (a - b)^2, zero in the padding columns
+  // prologue: hat_0 = (a - b)^2, zero in the padding columns; thread t: pair t % 64, columns t / 64 + 4 s
   {
-    const int m = t % kAvslTcPairs;
-    const int64_t j = j0 + m, jc = j < G ? j : G - 1;
-    const int64_t ld = lv.Rp[0] + 4;
-    for (int64_t r = t / kAvslTcPairs; r < lv.Rp[0]; r += kTcThreads / kAvslTcPairs) {
+    const int m = t % kAvslTcPairs, ld = static_cast<int>(lv.Rp[0]) + 4, R0 = static_cast<int>(lv.R0);
+    const int64_t jc = j0 + m < G ? j0 + m : G - 1;
+    const float* gp = geT + jc;
+    for (int r = t / kAvslTcPairs; r < ld - 4; r += kTcThreads / kAvslTcPairs) {
       float h = 0.f;
-      if (r < lv.R0) {
-        const float d = __ldg(qe + r) - __ldg(geT + r * G + jc);
+      if (r < R0) {
+        const float d = __ldg(qe + r) - __ldg(gp + r * G);
         h = d * d;
       }
       hat[m * ld + r] = h;
@@ -140,9 +147,9 @@ __device__ float tc_tile(const AvslParams& p, const TcLevels& lv, const float* s
           FragA a_hi, a_lo;
           wmma::load_matrix_sync(a_hi, hat + mt * 16 * lda + k0, static_cast<unsigned>(lda));
           for (int e = 0; e < a_hi.num_elements; ++e) {
-            const float v = a_hi.x[e], h = wmma::__float_to_tf32(v);
+            const float v = a_hi.x[e], h = tf32_rna(v);
             a_hi.x[e] = h;
-            a_lo.x[e] = wmma::__float_to_tf32(v - h);
+            a_lo.x[e] = tf32_rna(v - h);
           }
           for (int s = 0; s < nslots; ++s) {  // the small terms first
             wmma::mma_sync(acc[mt][s], a_lo, b_hi[s], acc[mt][s]);
@@ -159,23 +166,33 @@ __device__ float tc_tile(const AvslParams& p, const TcLevels& lv, const float* s
           wmma::store_matrix_sync(hat + mt * 16 * ldo + (warp + kTcWarps * s) * 16, acc[mt][s],
                                   static_cast<unsigned>(ldo), wmma::mem_row_major);
       __syncwarp();
-      // epilogue on this warp's tiles: hat_l = delta_l p_l + A_l (1 - p_l), zero in the padding
-      const int64_t R = lv.R[l], o = lv.off[l], o1 = o - lv.R0;
-      for (int s = 0; s < nslots; ++s)
-        for (int e = lane; e < kAvslTcPairs * 16; e += 32) {
-          const int m = e % kAvslTcPairs;
-          const int64_t c = static_cast<int64_t>(warp + kTcWarps * s) * 16 + e / kAvslTcPairs;
-          float* h = hat + m * ldo + c;
+      // epilogue on this warp's tiles: hat_l = delta_l p_l + A_l (1 - p_l), zero in the padding.
+      // Lane: pairs lane and lane + 32; the column's constants are loaded once for both.
+      const int R = static_cast<int>(lv.R[l]);
+      const int64_t o = lv.off[l], o1 = o - lv.R0;
+      const int64_t ja = j0 + lane < G ? j0 + lane : G - 1, jb = j0 + lane + 32 < G ? j0 + lane + 32 : G - 1;
+      for (int s = 0; s < nslots; ++s) {
+        const int n0 = (warp + kTcWarps * s) * 16;
+        const float* rgc = rgT + (o1 + n0) * G;  // column c's reliabilities and embeddings of the gallery
+        const float* gec = geT + (o + n0) * G;
+        for (int cl = 0; cl < 16; ++cl, rgc += G, gec += G) {
+          const int c = n0 + cl;
+          float* ha = hat + lane * static_cast<int>(ldo) + c;
+          float* hb = ha + 32 * static_cast<int>(ldo);
           if (c >= R) {
-            *h = 0.f;
+            *ha = 0.f;
+            *hb = 0.f;
             continue;
           }
-          const int64_t j = j0 + m, jc = j < G ? j : G - 1, cc = o1 + c;
-          const float z = gamma * (__ldg(rq + cc) * __ldg(rgT + cc * G + jc) * __ldg(coef + cc) + __ldg(bias + cc));
-          const float pp = 1.f / (1.f + expf(-z));
-          const float d = __ldg(qe + o + c) - __ldg(geT + (o + c) * G + jc);
-          *h = d * d * pp + *h * (1.f - pp);
+          const int64_t cc = o1 + c;
+          const float rqc = __ldg(rq + cc), cf = __ldg(coef + cc), bs = __ldg(bias + cc), qv = __ldg(qe + o + c);
+          const float za = gamma * (rqc * __ldg(rgc + ja) * cf + bs), zb = gamma * (rqc * __ldg(rgc + jb) * cf + bs);
+          const float pa = 1.f / (1.f + expf(-za)), pb = 1.f / (1.f + expf(-zb));
+          const float da = qv - __ldg(gec + ja), db = qv - __ldg(gec + jb);
+          *ha = da * da * pa + *ha * (1.f - pa);
+          *hb = db * db * pb + *hb * (1.f - pb);
         }
+      }
     }
     __syncthreads();
   }

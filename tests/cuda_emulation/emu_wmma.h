@@ -24,6 +24,13 @@
 #include <cstring>
 #include <string>
 
+// Bit casts (device intrinsics that emu_cuda.h does not provide; the tensor-core kernels round to
+// tf32 with them).
+inline float __uint_as_float(unsigned v) { float r; std::memcpy(&r, &v, 4); return r; }
+inline unsigned __float_as_uint(float v) { unsigned r; std::memcpy(&r, &v, 4); return r; }
+inline float __int_as_float(int v) { float r; std::memcpy(&r, &v, 4); return r; }
+inline int __float_as_int(float v) { int r; std::memcpy(&r, &v, 4); return r; }
+
 namespace nvcuda {
 namespace wmma {
 

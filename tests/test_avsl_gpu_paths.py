@@ -1,0 +1,101 @@
+"""The AVSL GPU paths' Python side on CPU tensors: the cuBLAS path (chunked hat @ link* through
+torch.matmul, prologue and epilogue as torch ops) against the float64 reference, and the size rule
+that chooses between the SIMT kernel, the tensor-core kernel and the cuBLAS path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from whymatch.ops import avsl as A
+from whymatch.ops import reference as ref
+
+
+def _packed(sizes, q, g, gen, link_topk=4):
+    qs = [torch.randn(q, r, generator=gen) for r in sizes]
+    gs = [torch.randn(g, r, generator=gen) for r in sizes]
+    rq = [torch.rand(q, r, generator=gen) for r in sizes]
+    rg = [torch.rand(g, r, generator=gen) for r in sizes]
+    links = [ref.avsl_link_star(torch.randn(a, b, generator=gen), link_topk) for a, b in zip(sizes[:-1], sizes[1:])]
+    coef = [1 + 0.1 * torch.randn(r, generator=gen) for r in sizes]
+    bias = [0.1 * torch.randn(r, generator=gen) for r in sizes]
+    x = (qs, gs, rq, rg, links, coef, bias)
+    return x, A._pack(*x)
+
+
+def _simt_like_bound(want: torch.Tensor, sizes) -> float:
+    # float32 throughout: a few ulps per accumulated term of the largest distance
+    return 8 * torch.finfo(torch.float32).eps * want.abs().max().item() * max(sizes) ** 0.5
+
+
+@pytest.mark.parametrize("sizes,q,g,chunk", [([40, 24, 33], 7, 50, 2), ([17], 3, 9, 1), ([64, 48], 5, 20, None)])
+def test_cublas_distance_matches_float64_reference(gen, sizes, q, g, chunk):
+    x, (qe, ge, rq, rg, lk, cf, bs, sz) = _packed(sizes, q, g, gen)
+    got = A.cublas_distance(qe, ge, rq, rg, lk, cf, bs, sz, 10.0, chunk=chunk)
+    want = ref.avsl_distance_float64(*x, 10.0)
+    assert got.dtype == torch.float32 and got.shape == (q, g)
+    assert (got.double() - want).abs().max().item() <= _simt_like_bound(want, sizes)
+    # the chunking changes nothing: one chunk gives the same bits
+    whole = A.cublas_distance(qe, ge, rq, rg, lk, cf, bs, sz, 10.0, chunk=q)
+    assert torch.equal(got, whole)
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_cublas_topk_order_ties_nan_and_self(gen, exclude_self):
+    sizes, n = [12, 8], 24
+    x, (qe, ge, rq, rg, lk, cf, bs, sz) = _packed(sizes, n, n, gen)
+    if exclude_self:
+        qe, rq = ge, rg
+    ge = ge.clone()
+    ge[5] = ge[3]  # a tie: items 3 and 5 are copies
+    rg = rg.clone()
+    rg[5] = rg[3]
+    ge[7] = float("nan")  # a NaN distance for every query: last
+    d = A._packed_reference(qe, ge, rq, rg, lk, cf, bs, sz, 10.0)
+    k = n - 1 if exclude_self else n
+    vals, idx = A.cublas_topk(qe, ge, rq, rg, lk, cf, bs, sz, 10.0, k, exclude_self, chunk=5)
+    for i in range(n):
+        row = idx[i].tolist()
+        assert len(set(row)) == k
+        assert row[-1] == 7 or (exclude_self and i == 7)  # NaN last (query 7's own NaN item is excluded)
+        if 3 in row and 5 in row:
+            assert row.index(3) < row.index(5)  # equal distances: the lower index first
+        if exclude_self:
+            assert i not in row
+        finite = torch.isfinite(vals[i])
+        assert bool((vals[i][finite][1:] >= vals[i][finite][:-1]).all())
+        assert torch.equal(vals[i][finite], d[i, idx[i]][finite])
+
+
+def test_gpu_path_rule(monkeypatch):
+    monkeypatch.delenv("WHYMATCH_AVSL_GPU_PATH", raising=False)
+    f32 = torch.float32
+    sop = dict(capability=(9, 0), smem_optin=227 * 1024, tc_smem=132352)
+    assert A.gpu_path(60502, 60502, [512] * 3, f32, topk=True, **sop) == "tensorcore"
+    assert A.gpu_path(60502, 60502, [512] * 3, torch.float64, topk=True, **sop) == "simt"
+    assert A.gpu_path(100, 100, [512] * 3, f32, **sop) == "simt"  # small: one SIMT launch
+    assert A.gpu_path(100, 60502, [512] * 3, f32, topk=True, **sop) == "simt"  # too few queries for top-k
+    # more nodes than the tensor-core kernel takes: the dense cuBLAS path once the work is large
+    assert A.gpu_path(60502, 60502, [1024] * 3, f32, **sop) == "cublas"
+    # no sm_80, or too little shared memory (an sm_86 has 99 KiB): no tensor-core path
+    assert A.gpu_path(60502, 60502, [512] * 3, f32, capability=(7, 5), smem_optin=227 * 1024,
+                      tc_smem=132352) == "cublas"
+    assert A.gpu_path(60502, 60502, [512] * 3, f32, capability=(8, 6), smem_optin=99 * 1024,
+                      tc_smem=132352) == "cublas"
+    monkeypatch.setenv("WHYMATCH_AVSL_GPU_PATH", "cublas")
+    assert A.gpu_path(10, 10, [8], f32, **sop) == "cublas"
+    monkeypatch.setenv("WHYMATCH_AVSL_GPU_PATH", "tensorcore")
+    with pytest.raises(ValueError, match="needs float32"):
+        A.gpu_path(10, 10, [1024], f32, **sop)
+    monkeypatch.setenv("WHYMATCH_AVSL_GPU_PATH", "fast")
+    with pytest.raises(ValueError, match="WHYMATCH_AVSL_GPU_PATH must be one of"):
+        A.gpu_path(10, 10, [8], f32, **sop)
+
+
+def test_cpu_ops_ignore_the_gpu_path(gen, monkeypatch):
+    # on CPU tensors (no emulation) the CPU kernels run whatever the variable says
+    monkeypatch.setenv("WHYMATCH_AVSL_GPU_PATH", "cublas")
+    called = []
+    monkeypatch.setattr(A, "cublas_distance", lambda *a, **k: called.append(1))
+    x, _ = _packed([8, 4], 3, 5, gen)
+    d = A.avsl_distance(*x, 10.0)
+    assert not called and d.shape == (3, 5)
