@@ -20,7 +20,7 @@ def test_explain_with_a_user_model(tmp_path, capsys):
     out = tmp_path / "report"
     rc = cli.main(["explain", q, r1, r2, "--out", str(out), "--model", "toy_models:tiny_cnn", "--size", "32",
                    "--n-masks", "64", "--batch-size", "32", "--window", "8", "--stride", "4",
-                   "--lime-samples", "64", "--mask-iters", "10"])
+                   "--lime-samples", "64", "--mask-iters", "10", "--method", "all"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "insertion_auc" in text and "rise" in text and "sliding" in text
@@ -48,7 +48,7 @@ def test_explain_bad_model_spec(tmp_path, capsys):
 def test_demo_writes_report_and_prints_table(tmp_path, capsys):
     out = tmp_path / "demo"
     rc = cli.main(["demo", "--out", str(out), "--queries", "2", "--refs", "2", "--n-masks", "200",
-                   "--lime-samples", "100", "--mask-iters", "15"])
+                   "--lime-samples", "100", "--mask-iters", "15", "--method", "all"])
     assert rc == 0
     text = capsys.readouterr().out
     for col in ("insertion_auc", "deletion_auc", "pointing_acc", "chance"):

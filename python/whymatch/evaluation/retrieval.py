@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..ops import _validate as V
 
-__all__ = ["RetrievalEvaluator", "recall_at_k", "knn"]
+__all__ = ["RetrievalEvaluator", "recall_at_k", "knn", "faiss_gpu_device", "faiss_index"]
 
 DISTANCES = ("cosine", "inner_product", "l2")
 BACKENDS = ("auto", "faiss", "torch")
@@ -38,6 +38,43 @@ def _faiss_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+_gpu_resources: dict[int, object] = {}
+
+
+def faiss_gpu_device(device: torch.device | str, faiss=None) -> int | None:
+    """The GPU faiss should search on for tensors on ``device``, or None for CPU faiss.
+
+    GPU faiss is used when the tensors are on CUDA and the installed faiss has GPU support
+    (faiss-gpu: ``StandardGpuResources``) and sees a GPU (``faiss.get_num_gpus() > 0``); otherwise
+    the flat index stays on the CPU (faiss-cpu, or faiss-gpu on a machine without a GPU).
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    faiss = faiss if faiss is not None else _faiss()
+    if not hasattr(faiss, "StandardGpuResources") or not hasattr(faiss, "get_num_gpus"):
+        return None
+    n = int(faiss.get_num_gpus())
+    if n <= 0:
+        return None
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    return index if index < n else None
+
+
+def faiss_index(dim: int, distance: str, device: torch.device | str = "cpu", faiss=None):
+    """An empty exact (flat) faiss index for ``distance`` ('l2': IndexFlatL2, else IndexFlatIP), on the GPU
+    that :func:`faiss_gpu_device` picks for ``device`` (one StandardGpuResources per GPU, reused)."""
+    faiss = faiss if faiss is not None else _faiss()
+    index = faiss.IndexFlatL2(dim) if distance == "l2" else faiss.IndexFlatIP(dim)
+    gpu = faiss_gpu_device(device, faiss)
+    if gpu is not None:
+        res = _gpu_resources.get(gpu)
+        if res is None:
+            res = _gpu_resources[gpu] = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(res, gpu, index)
+    return index
 
 
 def _prepare(x: Tensor, distance: str) -> Tensor:
@@ -76,10 +113,7 @@ def knn(query: Tensor, reference: Tensor, k: int, *, distance: str = "cosine", b
     out_s, out_i = [], []
     if use_faiss:
         faiss = _faiss()
-        d = r.shape[1]
-        index = faiss.IndexFlatL2(d) if distance == "l2" else faiss.IndexFlatIP(d)
-        if query.is_cuda and hasattr(faiss, "StandardGpuResources"):
-            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), query.device.index or 0, index)
+        index = faiss_index(r.shape[1], distance, query.device, faiss)  # GPU faiss for CUDA tensors when it can
         index.add(r.detach().cpu().contiguous().numpy())
     for start in range(0, q_all.shape[0], query_chunk):
         q = q_all[start:start + query_chunk]
@@ -122,7 +156,8 @@ class RetrievalEvaluator:
     Args:
         k: the K values of recall@K.
         metrics: any of 'recall', 'precision_at_1', 'r_precision', 'mean_average_precision_at_r'.
-        backend: 'faiss' (faiss-cpu, or faiss-gpu for CUDA tensors when it has GPU support),
+        backend: 'faiss' (faiss-cpu; for CUDA tensors GPU faiss when faiss-gpu is installed and
+            ``faiss.get_num_gpus() > 0``, see :func:`faiss_gpu_device`, else the CPU index),
             'torch' (chunked matmul + topk on the tensors' device), 'auto' (faiss when installed).
         query_chunk: queries per chunk (memory: query_chunk x references similarities).
         distance: 'cosine' (l2-normalized inner product), 'inner_product' or 'l2'.
