@@ -74,8 +74,8 @@ METRICS: dict[str, MetricInfo] = {
                             "(SANE Eq. 4)"),
     "query_attribute": MetricInfo("Query's attribute", "", "the query's own most likely attribute (SANE)"),
     "attribute_shared": MetricInfo("Attribute right", "↑", "the chosen attribute is one the two key objects share"),
-    "attribute_top1": MetricInfo("Attribute top-1", "↑", "share of pairs whose chosen attribute (SANE) is one the two "
-                                 "key objects share"),
+    "attribute_top1": MetricInfo("Attribute top-1", "↑", "share of pairs whose chosen attribute (SANE) is one the "
+                                 "two key objects share"),
     "rank": MetricInfo("Rank", "", "position in the retrieval list (1 = most similar)", count=True),
     "distance": MetricInfo("Distance", "↓", "the model's distance of the pair (AVSL: lower = more similar)"),
 }
@@ -218,10 +218,12 @@ def _check_pairs(pairs: Sequence[dict], methods: Sequence[str] | None, scale: st
             _image_arg(f"pairs[{pi}]['references'][{k}]", r)
         maps = pair["maps"]
         if not isinstance(maps, dict):
-            raise TypeError(f"pairs[{pi}]['maps'] must be a dict of method -> (K, H, W) maps, got {type(maps).__name__}")
+            raise TypeError(f"pairs[{pi}]['maps'] must be a dict of method -> (K, H, W) maps, "
+                            f"got {type(maps).__name__}")
         for m in (methods or maps.keys()):
             if m not in maps:
-                raise ValueError(f"pairs[{pi}]['maps'] has no maps of method {m!r} (it has {', '.join(maps) or 'none'})")
+                raise ValueError(f"pairs[{pi}]['maps'] has no maps of method {m!r} "
+                                 f"(it has {', '.join(maps) or 'none'})")
             t = maps[m]
             if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[0] != len(refs) or 0 in t.shape[1:]:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -363,7 +365,8 @@ def write_report(out_dir: str | Path, pairs: Sequence[dict], summary: Sequence[d
                         note = f"colour: map min-max scaled x similarity {gain:.3f}"
                     else:
                         img = overlay(q, sal, vmin=shared[m][0], vmax=shared[m][1])
-                        note = f"colour: shared scale of this query's {m} maps, {shared[m][0]:.4g} to {shared[m][1]:.4g}"
+                        note = (f"colour: shared scale of this query's {m} maps, "
+                                f"{shared[m][0]:.4g} to {shared[m][1]:.4g}")
                     if key is not None:
                         img = contour(img, key)
                     flat = int(sal.argmax())
