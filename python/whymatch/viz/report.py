@@ -78,6 +78,8 @@ METRICS: dict[str, MetricInfo] = {
                                  "two key objects share"),
     "rank": MetricInfo("Rank", "", "position in the retrieval list (1 = most similar)", count=True),
     "distance": MetricInfo("Distance", "↓", "the model's distance of the pair (AVSL: lower = more similar)"),
+    "step": MetricInfo("Step", "", "a stage of the search-and-explain command (search, explanation, total)"),
+    "seconds": MetricInfo("Seconds", "↓", "wall time of the step for this query"),
 }
 
 #: The colour scales of :func:`write_report`'s maps.
