@@ -115,6 +115,11 @@ def test_a_constant_map_is_flagged_on_the_map_and_on_top(tmp_path):
     flagged = {int(k): ("constant map" in body, "saturated layer" in body) for k, body in cells}
     assert flagged == {0: (True, False), 1: (False, True), 2: (True, False)}
     assert "2 maps in this report are constant" in text
+    # on the shared scale too, a constant map sits at the bottom of the bar, not where its value falls
+    shared = {"attention": torch.stack([torch.linspace(0, 1, 64).reshape(8, 8), torch.full((8, 8), 0.9)])}
+    index = write_report(tmp_path / "s", [_pair((0.9, 0.9), size=8, maps=shared)], [], scale="shared")
+    assert _heat(index.parent / "p0_ref1_attention.png")[:, 0].max() <= 1
+    assert _heat(index.parent / "p0_ref0_attention.png")[:, 0].max() > 100
     assert is_constant(torch.zeros(4, 4)) and is_constant(torch.full((4, 4), 3.0))
     assert not is_constant(torch.tensor([[0.0, 1e-6]])) and not is_constant(torch.tensor([[1.0, 1.001]]))
 

@@ -361,7 +361,11 @@ def write_report(out_dir: str | Path, pairs: Sequence[dict], summary: Sequence[d
                 for m in ms:
                     sal = pair["maps"][m][k].detach().float().cpu()
                     lo, hi = map_range(sal)
-                    if scale == "similarity":
+                    const = is_constant(sal)
+                    if const:  # at the bottom of the bar whatever the scale: it supports nothing more than anything
+                        img = overlay(q, sal, gain=0.0)
+                        note = "colour: none (a constant map)"
+                    elif scale == "similarity":
                         gain = min(max(sims[k], 0.0), 1.0)
                         img = overlay(q, sal, gain=gain)
                         note = f"colour: map min-max scaled x similarity {gain:.3f}"
@@ -379,7 +383,7 @@ def write_report(out_dir: str | Path, pairs: Sequence[dict], summary: Sequence[d
                     met = (pair.get("metrics") or {}).get(m)
                     met_k = met[k] if met else None
                     flags = []
-                    if is_constant(sal):
+                    if const:
                         n_const += 1
                         flags.append(f"constant map (all values {lo:.4g}): explains nothing")
                     given = warns.get(m)
