@@ -1,4 +1,4 @@
-"""Mutation check of the emulated CUDA tests: does tests/test_emulated_kernels.py notice a broken kernel?
+"""Mutation check of the emulated CUDA tests: do tests/test_emulated_*.py notice a broken kernel?
 
     python tools/cuda_mutants.py [--kinds barrier,shrink,store] [--sample N] [--jobs J] [--out benchmarks/results]
 
@@ -9,8 +9,11 @@ Mutants of csrc/*/*_cuda.cu (one change each):
   store    every store `name[index] = ...` shifted by one element (`name[(index) + 1] = ...`)
 Each mutant is built with the emulation (tests/cuda_emulation/build.py; only the mutated file
 recompiles, the other objects come from the cache) and the emulated tests of its op family run
-against it (WHYMATCH_EMU_MODULE). Killed: a test failed (or the run timed out); survived: all
-passed; invalid: the mutant did not compile (not counted). Writes cuda_mutants.json and .md.
+against it (WHYMATCH_EMU_MODULE): the tests of every tests/test_emulated_*.py file that run the
+mutated kernel file (TESTS below: a map from each emulated test to the kernel files it runs, checked
+at start to name every emulated test and to give every kernel file a test). Killed: a test failed
+(or the run timed out); survived: all passed; invalid: the mutant did not compile (not counted).
+Writes cuda_mutants.json and .md.
 """
 from __future__ import annotations
 
@@ -31,15 +34,81 @@ REPO = Path(__file__).resolve().parents[1]
 emu_build = None  # tests/cuda_emulation/build.py, imported from the snapshot (main)
 CACHE = REPO / "build" / "cuda_emulation"
 
-# The emulated tests that cover each kernel file (pytest -k).
-FAMILY = {
-    "avsl_distance_cuda.cu": "avsl and not cam",
-    "cam_correlation_cuda.cu": "cam",
-    "soft_mask_cuda.cu": "soft_mask",
-    "rise_apply_cuda.cu": "rise_apply",
-    "rise_saliency_cuda.cu": "rise_saliency",
-    "ranked_blend_cuda.cu": "ranked_blend",
+# The kernel files (csrc/*/<name>) that each emulated test runs, per test file: {test function:
+# [kernel files]}, "*" for every test of the file. A mutant of kernel file F runs every test mapped
+# to F. check_tests() fails when an emulated test or a kernel file is left out.
+TESTS = {
+    "tests/test_emulated_kernels.py": {
+        "test_rise_apply": ["rise_apply_cuda.cu"],
+        "test_rise_apply_out": ["rise_apply_cuda.cu"],
+        "test_rise_saliency": ["rise_saliency_cuda.cu"],
+        "test_ranked_blend": ["ranked_blend_cuda.cu"],
+        "test_soft_mask_forward_backward": ["soft_mask_cuda.cu"],
+        "test_avsl_distance_and_backward": ["avsl_distance_cuda.cu"],
+        "test_avsl_topk": ["avsl_distance_cuda.cu"],
+        "test_avsl_hats_placement": ["avsl_distance_cuda.cu"],
+        "test_avsl_default_hats_in_shared_memory": ["avsl_distance_cuda.cu"],
+        "test_cam_statistics_and_edges": ["cam_correlation_cuda.cu"],
+    },
+    "tests/test_emulated_findings.py": {
+        "test_pending_error_is_reported_and_left_pending": ["rise_apply_cuda.cu"],
+        "test_topk_merge_many_segments": ["avsl_distance_cuda.cu"],
+        "test_cam_correlation_empty_product_leaves_workspace": ["cam_correlation_cuda.cu"],
+        "test_std_algorithms_have_their_include": [],  # reads the sources; runs no kernel
+        "test_avsl_forward_last_level_sum_every_pair_group": ["avsl_distance_cuda.cu"],
+        "test_rise_saliency_masks_split_over_warps": ["rise_saliency_cuda.cu"],
+    },
+    "tests/test_emulated_barriers.py": {"*": ["avsl_distance_cuda.cu"]},
+    # the tensor-core tests also run the SIMT kernel, for their error bound
+    "tests/test_emulated_tensorcore.py": {"*": ["avsl_tensorcore_cuda.cu", "avsl_distance_cuda.cu"]},
+    "tests/test_emulated_checks.py": {"*": []},  # the emulation's self-tests (selftest.cu), no csrc kernel
 }
+
+
+def _collect() -> dict[str, set[str]]:
+    """{test file: the names of its emulated test functions} (pytest --collect-only)."""
+    files = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "tests").glob("test_emulated_*.py"))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", "-m", "emulated",
+                        *files], cwd=REPO, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit("collecting the emulated tests failed:\n" + r.stdout[-3000:] + r.stderr[-2000:])
+    out: dict[str, set[str]] = {f: set() for f in files}
+    for ln in r.stdout.splitlines():
+        if "::" in ln:
+            f, name = ln.split("::", 1)
+            out.setdefault(f, set()).add(name.split("[", 1)[0])
+    return out
+
+
+def check_tests(collected: dict[str, set[str]], kernels: list[str]) -> dict[str, list[str]]:
+    """{kernel file name: pytest node ids (file::function) of the tests that run it}; exits naming
+    every emulated test without an entry in TESTS, every entry without a test, and every kernel file
+    without a test."""
+    problems, by_kernel = [], {k: [] for k in kernels}
+    for f, names in sorted(collected.items()):
+        m = TESTS.get(f)
+        if m is None:
+            problems.append(f"{f}: not in TESTS")
+            continue
+        for name in sorted(names):
+            ks = m.get(name, m.get("*"))
+            if ks is None:
+                problems.append(f"{f}::{name}: not in TESTS")
+                continue
+            for k in ks:
+                if k not in by_kernel:
+                    problems.append(f"{f}::{name}: names {k}, not a csrc/*/*_cuda.cu")
+                elif "*" in m:
+                    if f not in by_kernel[k]:
+                        by_kernel[k].append(f)
+                else:
+                    by_kernel[k].append(f"{f}::{name}")
+        problems += [f"{f}::{name}: in TESTS, not collected" for name in m if name != "*" and name not in names]
+    problems += [f"{f}: in TESTS, no such file" for f in TESTS if f not in collected]
+    problems += [f"{k}: no emulated test runs it" for k, ids in by_kernel.items() if not ids]
+    if problems:
+        sys.exit("tools/cuda_mutants.py TESTS is out of date:\n  " + "\n  ".join(problems))
+    return by_kernel
 
 
 def _code_spans(text: str) -> list[tuple[int, int]]:
@@ -105,7 +174,7 @@ def mutants(src_root: Path, kinds: set[str]) -> list[dict]:
     return out
 
 
-def run_one(mu: dict, src_root: Path, work: Path, timeout: int) -> dict:
+def run_one(mu: dict, src_root: Path, work: Path, timeout: int, tests: list[str]) -> dict:
     t0 = time.perf_counter()
     root = work / f"m{mu['id']}"
     shutil.copytree(src_root / "csrc", root / "csrc")
@@ -122,8 +191,7 @@ def run_one(mu: dict, src_root: Path, work: Path, timeout: int) -> dict:
         res.update(status="invalid", detail=str(exc).splitlines()[-1][:200], seconds=round(time.perf_counter() - t0, 1))
         return res
     env = dict(os.environ, WHYMATCH_EMU_MODULE=str(so), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "emulated",
-           str(REPO / "tests/test_emulated_kernels.py"), "-k", FAMILY[Path(mu["file"]).name]]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "emulated", *tests]
     try:
         r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         failed = [ln for ln in r.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
@@ -169,6 +237,8 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=0,
                     help="run every barrier mutant and at most this many of each other kind (0: all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", default="", help="run only the mutants whose FILE:LINE contains this (a quick check; "
+                                                 "use with --out elsewhere)")
     ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2)))
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
@@ -194,8 +264,10 @@ def main() -> None:
     shutil.copy(REPO / "CMakeLists.txt", snap / "CMakeLists.txt")
     base = emu_build.build("fiber", src_root=snap, cache=CACHE)  # the unmutated objects, which every mutant reuses
     # the unmutated kernels must pass, or every mutant would count as killed
+    collected = _collect()
+    by_kernel = check_tests(collected, sorted(p.name for p in (snap / "csrc").glob("*/*_cuda.cu")))
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "emulated",
-                        str(REPO / "tests/test_emulated_kernels.py")], cwd=REPO,
+                        *sorted(collected)], cwd=REPO,
                        env=dict(os.environ, WHYMATCH_EMU_MODULE=str(base)), capture_output=True, text=True)
     if r.returncode:
         sys.exit("the emulated tests fail on the unmutated checkout; fix that first:\n" + r.stdout[-3000:])
@@ -212,9 +284,12 @@ def main() -> None:
             chosen += sorted(rng.sample(pool, min(a.sample, len(pool))), key=lambda m: m["id"])
         note = (f"Every barrier mutant was run; of the other kinds a random sample of at most {a.sample} each "
                 f"(seed {a.seed}).")
+    if a.only:
+        chosen = [m for m in chosen if a.only in f"{m['file']}:{m['line']}"]
+        note += f" Only those at '{a.only}'."
     results = []
     with tempfile.TemporaryDirectory(prefix="wm_mutants_") as tmp, cf.ThreadPoolExecutor(a.jobs) as ex:
-        futs = [ex.submit(run_one, m, snap, Path(tmp), a.timeout) for m in chosen]
+        futs = [ex.submit(run_one, m, snap, Path(tmp), a.timeout, by_kernel[Path(m["file"]).name]) for m in chosen]
         for fut in cf.as_completed(futs):
             r = fut.result()
             results.append(r)

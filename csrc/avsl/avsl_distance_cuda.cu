@@ -39,6 +39,31 @@ constexpr int64_t kMaxBackwardBlocks = 1024;
 constexpr int64_t kTopkTargetBlocks = 2048;
 constexpr int64_t kMaxMergeBlocks = 65535;  // the merge loops over queries beyond it
 
+// A grid cap (kMaxForwardBlocks, kMaxBackwardBlocks, kTopkTargetBlocks, kMaxMergeBlocks). Test
+// hook: a build for the host emulation (tests/cuda_emulation/emu_cuda.h defines
+// WHYMATCH_CUDA_EMULATION; nvcc builds never do) takes a lower cap from the environment variable
+// `hook`, read at every call (workspace size and launch alike), so that a test runs the kernels'
+// loops over several tiles / queries per block on a few small inputs (the merge kernel's loop over
+// queries otherwise needs Q > 65,535).
+int64_t grid_cap(const char* hook, int64_t cap) {
+#ifdef WHYMATCH_CUDA_EMULATION
+  const char* e = std::getenv(hook);
+  if (e && *e) {
+    char* end = nullptr;
+    const long long v = std::strtoll(e, &end, 10);
+    WM_CHECK(*end == '\0' && v > 0, hook << " must be a positive number of blocks, got '" << e << "'");
+    return std::min<int64_t>(v, cap);
+  }
+#else
+  (void)hook;
+#endif
+  return cap;
+}
+int64_t max_forward_blocks() { return grid_cap("WHYMATCH_EMU_MAX_FORWARD_BLOCKS", kMaxForwardBlocks); }
+int64_t max_backward_blocks() { return grid_cap("WHYMATCH_EMU_MAX_BACKWARD_BLOCKS", kMaxBackwardBlocks); }
+int64_t topk_target_blocks() { return grid_cap("WHYMATCH_EMU_TOPK_TARGET_BLOCKS", kTopkTargetBlocks); }
+int64_t max_merge_blocks() { return grid_cap("WHYMATCH_EMU_MAX_MERGE_BLOCKS", kMaxMergeBlocks); }
+
 struct Levels {
   int L;
   int64_t R[kAvslMaxLevels], off[kAvslMaxLevels];
@@ -146,12 +171,12 @@ void allow_smem(Kernel kernel, size_t bytes) {
 }
 
 int64_t forward_blocks(const AvslParams& p, const FwdConfig& f) {
-  return std::max<int64_t>(1, std::min<int64_t>(p.Q * f.tiles, kMaxForwardBlocks));
+  return std::max<int64_t>(1, std::min<int64_t>(p.Q * f.tiles, max_forward_blocks()));
 }
 
 int64_t topk_segments(const AvslParams& p, const FwdConfig& f) {
   if (p.Q <= 0) return 1;
-  const int64_t want = (kTopkTargetBlocks + p.Q - 1) / p.Q;
+  const int64_t target = topk_target_blocks(), want = (target + p.Q - 1) / p.Q;
   return std::max<int64_t>(1, std::min<int64_t>(want, f.tiles));
 }
 
@@ -159,7 +184,7 @@ constexpr int kBwdP = 8;
 
 int64_t backward_blocks(const AvslParams& p) {
   const int64_t tiles = (p.G + kBwdP - 1) / kBwdP;
-  return std::max<int64_t>(1, std::min<int64_t>(p.Q * tiles, kMaxBackwardBlocks));
+  return std::max<int64_t>(1, std::min<int64_t>(p.Q * tiles, max_backward_blocks()));
 }
 
 int64_t backward_block_bytes(const AvslParams& p) {
@@ -233,7 +258,11 @@ __device__ T tile_forward(const AvslParams& p, const Levels& lv, int64_t i, int6
   T s = T(0);
   if (t < P)
     for (int w = 0; w < kWarpsPerBlock; ++w) s += warp_part[w][t];
-  __syncthreads();  // the caller may overwrite the buffers next
+  // No barrier here: after the one above, the only shared reads are these of warp_part (threads
+  // t < P); every read of buf0 / buf1 by another thread's entries came before it. A caller's next
+  // write to buf0 / buf1 is to the writing thread's own entries (r * P + jj with r = slot mod
+  // nslots) until its next barrier, and warp_part is written again only after the first barrier
+  // of the next tile_forward, which the readers reach after reading.
   return s;
 }
 
@@ -294,7 +323,9 @@ __global__ void __launch_bounds__(kThreads) avsl_topk_partial_kernel(AvslParams 
           lj[pos] = j;
         }
       }
-      __syncthreads();
+      // No barrier here: lane 0's reads of dt end before it enters the next tile_forward, and dt
+      // is written again only after that call returns, i.e. after its barriers, which lane 0
+      // must reach too.
     }
     if (lane == 0) counts[task] = cnt;
   }
@@ -361,7 +392,10 @@ __global__ void __launch_bounds__(kMergeThreads) avsl_topk_merge_kernel(AvslPara
         }
       }
     }
-    __syncthreads();  // the next query's first output reuses buffer 0
+    // A block with another query (Q > the merge grid): with k odd this query's last output used
+    // buffer 0, which the next query's first output writes; wait until every thread has read it
+    // (tests/test_emulated_barriers.py lowers the grid to run this).
+    __syncthreads();
   }
 }
 
@@ -377,8 +411,10 @@ __global__ void __launch_bounds__(kThreads) avsl_backward_kernel(AvslParams p, L
   T* buf1 = buf0 + lv.Rmax * P;
   double* part_b = partials + blockIdx.x * 2 * lv.S1;
   double* part_c = part_b + lv.S1;
+  // Zeroed by threads other than those that accumulate; no barrier needed here: every block has
+  // a task (blocks <= tasks) and the first barrier of its first tile_forward orders the zeroing
+  // before the first accumulation.
   for (int64_t c = threadIdx.x; c < 2 * lv.S1; c += blockDim.x) part_b[c] = 0.0;
-  __syncthreads();
   const int t = threadIdx.x, jj = t % P, slot = t / P, nslots = blockDim.x / P;
   const int64_t tiles = (p.G + P - 1) / P, tasks = p.Q * tiles;
   const T gamma = static_cast<T>(p.gamma);
@@ -398,8 +434,10 @@ __global__ void __launch_bounds__(kThreads) avsl_backward_kernel(AvslParams p, L
     T* un = buf1;
     const int top = lv.L - 1;
     const T gij = valid ? g[i * p.G + j] : T(0);
+    // No barrier after this: the top level reads and rewrites only u[c * P + jj] with c = slot mod
+    // nslots, the entries this thread wrote (and tile_forward's last barrier ordered every other
+    // thread's reads of buf0 before these writes).
     for (int64_t c = slot; c < lv.R[top]; c += nslots) u[c * P + jj] = gij;
-    __syncthreads();
     for (int l = top; l >= 1; --l) {
       const int64_t R = lv.R[l], o = lv.off[l], o1 = o - lv.R0;
       for (int64_t cb = 0; cb < R; cb += nslots) {  // the same trip count for every thread: shuffles below
@@ -434,11 +472,15 @@ __global__ void __launch_bounds__(kThreads) avsl_backward_kernel(AvslParams p, L
           for (int64_t k = kb; k < ke; ++k) acc += __ldg(rv + k) * u[static_cast<int64_t>(__ldg(p.col_idx + k)) * P + jj];
           un[r * P + jj] = acc;
         }
-        __syncthreads();
+        // No barrier here: the next level reads and rewrites only its own entries of un (the new
+        // u: r = slot mod nslots), and its barrier after the shuffles comes before anything writes
+        // the old u (the new un), which the gather above read.
         T* tmp = u; u = un; un = tmp;
       }
     }
-    __syncthreads();
+    // No barrier at the end of a tile: level 1 reads only this thread's own entries (u, A_save,
+    // P_save) and the next tile_forward writes its own entries of buf0, A_save and P_save before
+    // its first barrier; every read of another thread's entries came before level 1's barrier.
   }
 }
 
@@ -470,7 +512,7 @@ TopkLayout topk_layout(const AvslParams& p, const FwdConfig& f) {
   t.counts = t.list_j + align256(lists * p.k * 8);
   t.heads = t.counts + align256(lists * 8);
   t.hats = t.heads + align256(lists * 8);
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(lists, kMaxForwardBlocks));
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(lists, max_forward_blocks()));
   t.total = t.hats + (f.global ? blocks * f.hat_bytes : 0);
   return t;
 }
@@ -521,10 +563,10 @@ void avsl_topk_cuda(const AvslParams& p, void* stream) {
   const Levels lv = levels_of(p);
   unsigned char* ws = static_cast<unsigned char*>(p.workspace);
   const int64_t lists = p.Q * t.nseg;
-  const unsigned int blocks = static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(lists, kMaxForwardBlocks)));
+  const unsigned int blocks = static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(lists, max_forward_blocks())));
   const size_t smem = static_cast<size_t>((f.global ? 0 : f.hat_bytes) + kTileDistBytes);  // + the tile's distances
   auto st = static_cast<cudaStream_t>(stream);
-  const unsigned int mblocks = static_cast<unsigned int>(std::min<int64_t>(p.Q, kMaxMergeBlocks));
+  const unsigned int mblocks = static_cast<unsigned int>(std::min<int64_t>(p.Q, max_merge_blocks()));
   auto* lj = reinterpret_cast<int64_t*>(ws + t.list_j);
   auto* counts = reinterpret_cast<int64_t*>(ws + t.counts);
   auto* heads = reinterpret_cast<int64_t*>(ws + t.heads);

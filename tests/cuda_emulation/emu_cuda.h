@@ -23,6 +23,10 @@
 #error "emu_cuda.h is the prelude of a host compiler, not of nvcc"
 #endif
 
+// Tells a kernel file that it is compiled for the emulation: only test hooks look at it (e.g.
+// WHYMATCH_EMU_MAX_MERGE_BLOCKS in avsl_distance_cuda.cu); nvcc builds never define it.
+#define WHYMATCH_CUDA_EMULATION 1
+
 // Before the CUDA headers, whose host_defines.h keeps an existing definition.
 // rewrite.py replaces every __shared__ of a .cu file; this is for the CUDA headers' sake.
 #define __shared__ static
