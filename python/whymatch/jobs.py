@@ -180,12 +180,12 @@ def _secs(v: float) -> str:
     return f"{v:.1f} s" if v < 100 else f"{v / 60:.1f} min"
 
 
-def forward_cost(sim: SimilarityModel, image: Tensor, batch: int = 8) -> float:
-    """Seconds per image of the model's forward pass on a batch of ``batch`` copies of ``image`` (after one
-    untimed warm-up image)."""
+def forward_cost(sim: SimilarityModel, image: Tensor, batch: int = 32) -> float:
+    """Seconds per image of the model's forward pass on a batch of ``batch`` copies of ``image`` (timed after
+    one untimed pass of the same batch, so that first-call costs stay out)."""
     x = image[None].expand(batch, -1, -1, -1).contiguous()
     with torch.no_grad():
-        sim.embed(x[:1])
+        sim.embed(x)
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
         t0 = time.perf_counter()
@@ -216,7 +216,7 @@ def estimate_job(sim: SimilarityModel, query: Tensor, k: int, methods: Sequence[
                  n_queries: int = 1) -> JobEstimate:
     """How long ``methods`` will take for ``n_queries`` queries of K = ``k`` references like ``query``,
     from one timed forward batch (a guide: LIME's superpixels and the optimizers' own work are not counted)."""
-    per = forward_cost(sim, query)
+    per = forward_cost(sim, query, max(1, min(32, s.batch_size)))
     size = tuple(query.shape[-2:])
     per_method = {m: method_passes(m, sim, s, size, k) * per for m in methods}
     scoring = len(methods) * 2 * (s.n_steps + 1) * k * per

@@ -162,8 +162,8 @@ def model_fingerprint(sim: SimilarityModel) -> str:
     if sim.preprocess is not None:
         h.update(repr(getattr(sim.preprocess, "__qualname__", type(sim.preprocess).__qualname__)).encode())
     for name, t in sorted(sim.embedder.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{t.numel()}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
