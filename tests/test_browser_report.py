@@ -64,6 +64,7 @@ def _probe(index: Path, tmp_path: Path) -> dict:
     page.write_text(text.replace("</body>", _PROBE + "</body>"), encoding="utf-8")
     cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-dev-shm-usage",  # containers often have a small /dev/shm
            f"--user-data-dir={tmp_path / 'chromium-profile'}", f"--window-size={WIDTH},900",
            "--virtual-time-budget=10000", "--dump-dom", page.as_uri()]
     try:
