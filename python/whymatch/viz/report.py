@@ -333,7 +333,7 @@ def write_report(out_dir: str | Path, pairs: Sequence[dict], summary: Sequence[d
             scores = pair.get("reference_scores")
             warns = pair.get("warnings") or {}
             body.append(f"<div class='pair'><h3>{html.escape(str(pair['name']))}</h3>"
-                        f"<div class='grid' style='grid-template-columns:repeat({2 + len(ms)},minmax(0,1fr))'>")
+                        f"<div class='grid' style='grid-template-columns:repeat({2 + len(ms)},minmax(0,172px))'>")
             body.append("<div class='head'>query</div><div class='head'>reference</div>" + "".join(
                 f"<div class='head'>{html.escape(m)}</div>" for m in ms))
             qimg = to_pil(q)
