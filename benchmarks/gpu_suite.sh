@@ -11,7 +11,7 @@
 #
 #     bash benchmarks/gpu_suite.sh
 #
-# Everything lands in $OUT (default benchmarks/results/gpu), at most 27 files:
+# Everything lands in $OUT (default benchmarks/results/gpu), at most 33 files:
 #   suite.log        environment, each step's exit status, summary
 #   build.log        pip / CMake / nvcc output
 #   pytest_cuda.log  python -m pytest tests -q -m cuda -x
@@ -25,6 +25,8 @@
 #   avsl_cuda_smem128k.{log,json,md}  the AVSL kernels with WHYMATCH_AVSL_CUDA_SMEM=131072 (whymatch only)
 #   avsl_sop_cuda.{log,json,md}  AVSL time to Recall@{1,10,100}, 60,502 x 60,502 (SOP-shaped
 #                    synthetic data) vs the sliced baseline (stopped at a time budget, extrapolated)
+#   avsl_sop_tensorcore.{log,json,md} / avsl_sop_cublas.{log,json,md}  step sop_paths: the two AVSL
+#                    GPU paths forced at SOP scale (the first beside the sliced baseline)
 #
 # Environment knobs: PYTHON (default python3), WHYMATCH_CUDA_ARCHITECTURES
 # (default 90), BUILD_TIMEOUT / TEST_TIMEOUT / BENCH_TIMEOUT in seconds
@@ -116,7 +118,7 @@ if [ $BUILD_RC -ne 0 ] || { [ $KERNELS_RC -ne 0 ] && [ "$DRY" != "1" ]; }; then
   exit 1
 fi
 
-# STEPS: which of tests,rise,saliency,softmask,recall,avsl,sop to run (default: all). With the
+# STEPS: which of tests,rise,saliency,softmask,recall,avsl,sop,sop_paths to run (default: all but sop_paths). With the
 # device tool's 10-minute limit per call, run the suite in back-to-back calls (the machine stays
 # warm and keeps the build). By the caps, four calls (each under 600 s, plus a few seconds of
 # this script's checks):
@@ -231,6 +233,35 @@ if want sop; then
     "$PY" benchmarks/avsl_sop.py --device "$SOP_DEV" --stem "$OUT/avsl_sop_cuda" $SOP_ARGS
   SOP_RC=$STEP_RC
   [ -f "$OUT/avsl_sop_cuda.md" ] && cat "$OUT/avsl_sop_cuda.md" >> "$SUITE_LOG"
+fi
+
+# ---------------------------------------------------------------- 9. AVSL GPU paths at SOP scale (issue 19)
+# The tensor-core path (fused 3xTF32 kernel) and the cuBLAS path (chunked torch.matmul) forced with
+# WHYMATCH_AVSL_GPU_PATH, each through avsl_sop.py's whymatch variant (60,502 x 60,502, 3 x 512
+# nodes, k = 128), the tensor-core run beside the published slicing (sliced_torch, time budget,
+# extrapolated). Predictions: benchmarks/results/avsl_sop_model.md. Cap 560 s (one device call):
+# 2 x 130 + 15 (tensorcore + slicing) + 250 + 15 (cublas); a cuBLAS run that times out still logs
+# its probe's estimate. Not in the default STEPS: SKIP_BUILD=1 STEPS=sop_paths.
+if want sop_paths; then
+  SP_DEV=cuda
+  SP_TC_ARGS="${SP_TC_ARGS:---variants whymatch,sliced_torch --time-budget 100 --timeout 130}"
+  SP_CB_ARGS="${SP_CB_ARGS:---variants whymatch --timeout 250}"
+  if [ "$DRY" = "1" ]; then
+    SP_DEV=cpu
+    SP_TC_ARGS="--n 1000 --classes 200 --nodes 64 --link-k 16 --baseline-queries 100 --time-budget 10 --timeout 60"
+    SP_CB_ARGS="--n 1000 --classes 200 --nodes 64 --link-k 16 --variants whymatch --timeout 60"
+  fi
+  # shellcheck disable=SC2086
+  run_step "avsl sop tensorcore" "${SP_TC_TIMEOUT:-280}" avsl_sop_tensorcore \
+    env WHYMATCH_AVSL_GPU_PATH=tensorcore "$PY" benchmarks/avsl_sop.py --device "$SP_DEV" \
+    --stem "$OUT/avsl_sop_tensorcore" $SP_TC_ARGS
+  SOP_RC=$((SOP_RC | STEP_RC))
+  # shellcheck disable=SC2086
+  run_step "avsl sop cublas" "${SP_CB_TIMEOUT:-270}" avsl_sop_cublas \
+    env WHYMATCH_AVSL_GPU_PATH=cublas "$PY" benchmarks/avsl_sop.py --device "$SP_DEV" \
+    --stem "$OUT/avsl_sop_cublas" $SP_CB_ARGS
+  SOP_RC=$((SOP_RC | STEP_RC))
+  for f in avsl_sop_tensorcore avsl_sop_cublas; do [ -f "$OUT/$f.md" ] && cat "$OUT/$f.md" >> "$SUITE_LOG"; done
 fi
 
 log "done in $((SECONDS - START)) s (steps $STEPS): build $BUILD_RC, tests $TEST_RC, rise $BENCH_RC, saliency table $SAL_RC, soft mask $SM_RC, recall $RC_RC, avsl $AV_RC, sop $SOP_RC"

@@ -1,7 +1,7 @@
 // AVSL rectified distance and top-k on tensor cores (dense link*, 3xTF32), CUDA only; the same
 // function as avsl/avsl_distance.h (float32 only).
 //
-// A tile = one query i and kAvslTcPairs = 64 consecutive gallery items. Prologue: the tile's hat_0
+// A tile = kAvslTcPairs = 64 pairs: 4 queries x 16 consecutive gallery items. Prologue: the tile's hat_0
 // rows (64 x R_0, squared differences of the packed embeddings) in shared memory, zero-padded to
 // Rp_0 = R_0 rounded up to 16. Each level l >= 1: A (64 x Rp_l) = hat_{l-1} @ link*_{l-1} on the
 // tensor cores (nvcuda::wmma m16n16k8 tf32, float accumulate), each operand split x = hi + lo with
@@ -11,7 +11,7 @@
 // (sigmoid blend with delta_l) writes hat_l over hat_{l-1} in place: one buffer of 64 x (Rp + 4)
 // floats per block, levels chained, nothing of size pairs x R leaves the SM. The last level's
 // row sums are the distances; the top-k variant keeps each query's k best in its output rows (one
-// block per query, thread 0 inserts).
+// block per 4 queries walks the whole gallery; thread q < 4 inserts query q's candidates).
 //
 // Limits: R_l <= kAvslTcMaxNodes (512) for every level, float32, sm_80 or newer, and
 // 64 x (Rp_max + 4) x 4 + 256 bytes of shared memory (129 KiB at 512 nodes: above the 48 KiB

@@ -1,7 +1,9 @@
 // Tensor-core (WMMA tf32, 3xTF32 split) kernels of the AVSL rectified distance and its top-k; see
 // avsl/avsl_tensorcore.h for the tiling and the numerics.
 //
-// Block: 256 threads = 8 warps, one tile of 64 pairs (query i, gallery j0 .. j0 + 63) at a time.
+// Block: 256 threads = 8 warps, one tile of 64 pairs at a time: 4 queries i0 .. i0 + 3 x 16 gallery
+// items j0 .. j0 + 15, pair (row) m = 16 (i - i0) + (j - j0). Four queries share each gallery item's
+// reads (a quarter of the gallery traffic of a one-query tile; the 4 query rows stay in L1).
 // hat buffer: 64 rows x ld floats in dynamic shared memory, row-major, ld = Rp + 4 (a multiple of
 // 4 elements as WMMA requires; the +4 spreads the rows over the banks). GEMM of level l: warp w
 // owns the column tiles n = w, w + 8, w + 16, w + 24 (of Rp_l / 16) and all 4 row tiles, so each
@@ -20,6 +22,8 @@ constexpr int kTcThreads = 256;
 constexpr int kTcWarps = kTcThreads / 32;
 constexpr int kTcRowTiles = kAvslTcPairs / 16;  // 4
 constexpr int kTcColSlots = 4;                  // 8 warps x 4 x 16 = 512 columns
+constexpr int kTcQueries = 4, kTcGallery = 16;  // a tile: 4 queries x 16 gallery items
+static_assert(kTcQueries * kTcGallery == kAvslTcPairs, "a tile's pairs");
 static_assert(kTcWarps * kTcColSlots * 16 == kAvslTcMaxNodes, "the accumulators cover every column");
 constexpr int64_t kTcMaxBlocks = 1 << 20;
 constexpr int64_t kTcSmemDefault = 48 * 1024;
@@ -95,26 +99,29 @@ __device__ __forceinline__ float tf32_rna(float v) {
 }
 
 // The distances of one tile, in the row sums: returns, in threads t with t % 4 == 0, the distance
-// of pair m = t / 4. Every thread of the block calls it (it synchronizes); on return the hat
-// buffer may be written again (a barrier follows the last read).
-__device__ __forceinline__ float tc_tile(const AvslParams& p, const TcLevels& lv, const float* split, int64_t i, int64_t j0,
-                         float* hat) {
+// of pair m = t / 4 (query i0 + m / 16, gallery item j0 + m % 16). Every thread of the block calls
+// it (it synchronizes); on return the hat buffer may be written again (a barrier follows the last
+// read). Queries >= Q and gallery items >= G are clamped to the last one (computed, not reported).
+__device__ __forceinline__ float tc_tile(const AvslParams& p, const TcLevels& lv, const float* split, int64_t i0,
+                                         int64_t j0, float* hat) {
   float result = 0.f;
 #ifdef WM_AVSL_TC_ENABLED
   namespace wmma = nvcuda::wmma;
   const int t = threadIdx.x, warp = t >> 5, lane = t & 31;
-  const int64_t G = lv.G;
-  const float* qe = static_cast<const float*>(p.qe) + i * lv.S;
+  const int64_t G = lv.G, Q = p.Q;
+  const float* qe_all = static_cast<const float*>(p.qe);
   const float* geT = static_cast<const float*>(p.ge);  // (S, G)
   // prologue: hat_0 = (a - b)^2, zero in the padding columns; thread t: pair t % 64, columns t / 64 + 4 s
   {
     const int m = t % kAvslTcPairs, ld = static_cast<int>(lv.Rp[0]) + 4, R0 = static_cast<int>(lv.R0);
-    const int64_t jc = j0 + m < G ? j0 + m : G - 1;
+    const int64_t ic = i0 + m / kTcGallery < Q ? i0 + m / kTcGallery : Q - 1;
+    const int64_t jc = j0 + m % kTcGallery < G ? j0 + m % kTcGallery : G - 1;
+    const float* qp = qe_all + ic * lv.S;
     const float* gp = geT + jc;
     for (int r = t / kAvslTcPairs; r < ld - 4; r += kTcThreads / kAvslTcPairs) {
       float h = 0.f;
       if (r < R0) {
-        const float d = __ldg(qe + r) - __ldg(gp + r * G);
+        const float d = __ldg(qp + r) - __ldg(gp + r * G);
         h = d * d;
       }
       hat[m * ld + r] = h;
@@ -122,7 +129,7 @@ __device__ __forceinline__ float tc_tile(const AvslParams& p, const TcLevels& lv
   }
   __syncthreads();
   const float gamma = static_cast<float>(p.gamma);
-  const float* rq = static_cast<const float*>(p.rq) + i * lv.S1;
+  const float* rq_all = static_cast<const float*>(p.rq);
   const float* rgT = static_cast<const float*>(p.rg);  // (S1, G)
   const float* coef = static_cast<const float*>(p.coef);
   const float* bias = static_cast<const float*>(p.bias);
@@ -136,7 +143,7 @@ __device__ __forceinline__ float tc_tile(const AvslParams& p, const TcLevels& lv
     if (nslots > 0) {
       for (int mt = 0; mt < kTcRowTiles; ++mt)
         for (int s = 0; s < nslots; ++s) wmma::fill_fragment(acc[mt][s], 0.f);
-      for (int64_t k0 = 0; k0 < Kp; k0 += 8) {
+      for (int k0 = 0; k0 < static_cast<int>(Kp); k0 += 8) {
         FragB b_hi[kTcColSlots], b_lo[kTcColSlots];
         for (int s = 0; s < nslots; ++s) {
           const int64_t n0 = static_cast<int64_t>(warp + kTcWarps * s) * 16;
@@ -167,14 +174,21 @@ __device__ __forceinline__ float tc_tile(const AvslParams& p, const TcLevels& lv
                                   static_cast<unsigned>(ldo), wmma::mem_row_major);
       __syncwarp();
       // epilogue on this warp's tiles: hat_l = delta_l p_l + A_l (1 - p_l), zero in the padding.
-      // Lane: pairs lane and lane + 32; the column's constants are loaded once for both.
+      // Lane: rows lane and lane + 32, i.e. queries i0 + lane / 16 and i0 + 2 + lane / 16 with the
+      // same gallery item j0 + lane % 16, whose reliability and embedding are loaded once for both.
       const int R = static_cast<int>(lv.R[l]);
       const int64_t o = lv.off[l], o1 = o - lv.R0;
-      const int64_t ja = j0 + lane < G ? j0 + lane : G - 1, jb = j0 + lane + 32 < G ? j0 + lane + 32 : G - 1;
+      const int64_t ia = i0 + lane / kTcGallery < Q ? i0 + lane / kTcGallery : Q - 1;
+      const int64_t ib = i0 + 2 + lane / kTcGallery < Q ? i0 + 2 + lane / kTcGallery : Q - 1;
+      const int64_t jc = j0 + lane % kTcGallery < G ? j0 + lane % kTcGallery : G - 1;
+      const float* rqa = rq_all + ia * lv.S1 + o1;
+      const float* rqb = rq_all + ib * lv.S1 + o1;
+      const float* qea = qe_all + ia * lv.S + o;
+      const float* qeb = qe_all + ib * lv.S + o;
       for (int s = 0; s < nslots; ++s) {
         const int n0 = (warp + kTcWarps * s) * 16;
-        const float* rgc = rgT + (o1 + n0) * G;  // column c's reliabilities and embeddings of the gallery
-        const float* gec = geT + (o + n0) * G;
+        const float* rgc = rgT + (o1 + n0) * G + jc;  // column c's reliability and embedding of item jc
+        const float* gec = geT + (o + n0) * G + jc;
         for (int cl = 0; cl < 16; ++cl, rgc += G, gec += G) {
           const int c = n0 + cl;
           float* ha = hat + lane * static_cast<int>(ldo) + c;
@@ -184,11 +198,10 @@ __device__ __forceinline__ float tc_tile(const AvslParams& p, const TcLevels& lv
             *hb = 0.f;
             continue;
           }
-          const int64_t cc = o1 + c;
-          const float rqc = __ldg(rq + cc), cf = __ldg(coef + cc), bs = __ldg(bias + cc), qv = __ldg(qe + o + c);
-          const float za = gamma * (rqc * __ldg(rgc + ja) * cf + bs), zb = gamma * (rqc * __ldg(rgc + jb) * cf + bs);
+          const float cf = __ldg(coef + o1 + c), bs = __ldg(bias + o1 + c), rg = __ldg(rgc), gv = __ldg(gec);
+          const float za = gamma * (__ldg(rqa + c) * rg * cf + bs), zb = gamma * (__ldg(rqb + c) * rg * cf + bs);
           const float pa = 1.f / (1.f + expf(-za)), pb = 1.f / (1.f + expf(-zb));
-          const float da = qv - __ldg(gec + ja), db = qv - __ldg(gec + jb);
+          const float da = __ldg(qea + c) - gv, db = __ldg(qeb + c) - gv;
           *ha = da * da * pa + *ha * (1.f - pa);
           *hb = db * db * pb + *hb * (1.f - pb);
         }
@@ -215,35 +228,41 @@ __global__ void __launch_bounds__(kTcThreads, 1) avsl_tc_distance_kernel(AvslPar
                                                                          const float* split) {
   float* hat = reinterpret_cast<float*>(wm_avsl_tc_smem);
   float* out = static_cast<float*>(p.out);
-  const int64_t tiles = (p.G + kAvslTcPairs - 1) / kAvslTcPairs, tasks = p.Q * tiles;
+  const int64_t gt = (p.G + kTcGallery - 1) / kTcGallery, tasks = (p.Q + kTcQueries - 1) / kTcQueries * gt;
   for (int64_t task = blockIdx.x; task < tasks; task += gridDim.x) {
-    const int64_t i = task / tiles, j0 = (task % tiles) * kAvslTcPairs;
-    const float d = tc_tile(p, lv, split, i, j0, hat);
-    const int64_t j = j0 + threadIdx.x / 4;
-    if (threadIdx.x % 4 == 0 && j < p.G) out[i * p.G + j] = d;
+    const int64_t i0 = task / gt * kTcQueries, j0 = (task % gt) * kTcGallery;
+    const float d = tc_tile(p, lv, split, i0, j0, hat);
+    const int m = threadIdx.x / 4;
+    const int64_t i = i0 + m / kTcGallery, j = j0 + m % kTcGallery;
+    if (threadIdx.x % 4 == 0 && i < p.Q && j < p.G) out[i * p.G + j] = d;
   }
 }
 
-// One block per query (grid-stride): the query's k best, kept sorted in its output rows.
+// A block per 4 queries (grid-stride): each query's k best, kept sorted in its output rows; after
+// every tile, thread q < 4 inserts the tile's 16 candidates of query i0 + q.
 __global__ void __launch_bounds__(kTcThreads, 1) avsl_tc_topk_kernel(AvslParams p, TcLevels lv, const float* split,
                                                                      int64_t rp_max) {
   float* hat = reinterpret_cast<float*>(wm_avsl_tc_smem);
   float* dt = hat + kAvslTcPairs * (rp_max + 4);  // the tile's 64 distances
-  const int64_t tiles = (p.G + kAvslTcPairs - 1) / kAvslTcPairs, k = p.k;
-  for (int64_t i = blockIdx.x; i < p.Q; i += gridDim.x) {
-    float* ld = static_cast<float*>(p.topk_values) + i * k;
-    int64_t* lj = p.topk_indices + i * k;
-    int64_t cnt = 0;  // thread 0
-    for (int64_t tile = 0; tile < tiles; ++tile) {
-      const int64_t j0 = tile * kAvslTcPairs;
-      const float d = tc_tile(p, lv, split, i, j0, hat);
-      if (threadIdx.x % 4 == 0) dt[threadIdx.x / 4] = d;
+  const int64_t gt = (p.G + kTcGallery - 1) / kTcGallery, k = p.k;
+  const int64_t groups = (p.Q + kTcQueries - 1) / kTcQueries;
+  const int t = threadIdx.x;
+  for (int64_t grp = blockIdx.x; grp < groups; grp += gridDim.x) {
+    const int64_t i0 = grp * kTcQueries, i = i0 + t;  // thread t < 4: query i
+    const bool owner = t < kTcQueries && i < p.Q;
+    float* ld = owner ? static_cast<float*>(p.topk_values) + i * k : nullptr;
+    int64_t* lj = owner ? p.topk_indices + i * k : nullptr;
+    int64_t cnt = 0;
+    for (int64_t tile = 0; tile < gt; ++tile) {
+      const int64_t j0 = tile * kTcGallery;
+      const float d = tc_tile(p, lv, split, i0, j0, hat);
+      if (t % 4 == 0) dt[t / 4] = d;
       __syncthreads();
-      if (threadIdx.x == 0) {
-        for (int m = 0; m < kAvslTcPairs; ++m) {
-          const int64_t j = j0 + m;
+      if (owner) {
+        for (int g = 0; g < kTcGallery; ++g) {
+          const int64_t j = j0 + g;
           if (j >= p.G || (p.exclude_self && j == i)) continue;
-          const float v = dt[m];
+          const float v = dt[t * kTcGallery + g];
           if (cnt == k && !avsl_before(v, j, ld[k - 1], lj[k - 1])) continue;
           int64_t pos = cnt < k ? cnt++ : k - 1;
           while (pos > 0 && avsl_before(v, j, ld[pos - 1], lj[pos - 1])) {
@@ -298,7 +317,7 @@ void avsl_tc_distance_cuda(const AvslParams& p, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   WM_CUDA_CHECK_PENDING("avsl_tc_distance");
   tc_prepare(p, lv, avsl_tc_distance_kernel, smem, st, "avsl_tc_distance");
-  const int64_t tasks = p.Q * ((p.G + kAvslTcPairs - 1) / kAvslTcPairs);
+  const int64_t tasks = (p.Q + kTcQueries - 1) / kTcQueries * ((p.G + kTcGallery - 1) / kTcGallery);
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tasks, kTcMaxBlocks));
   avsl_tc_distance_kernel<<<blocks, kTcThreads, smem, st>>>(p, lv, static_cast<const float*>(p.workspace));
   WM_CUDA_LAUNCH_CHECK();
@@ -312,7 +331,7 @@ void avsl_tc_topk_cuda(const AvslParams& p, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   WM_CUDA_CHECK_PENDING("avsl_tc_topk");
   tc_prepare(p, lv, avsl_tc_topk_kernel, smem, st, "avsl_tc_topk");
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(p.Q, kTcMaxBlocks));
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((p.Q + kTcQueries - 1) / kTcQueries, kTcMaxBlocks));
   avsl_tc_topk_kernel<<<blocks, kTcThreads, smem, st>>>(p, lv, static_cast<const float*>(p.workspace),
                                                        avsl_tc_pad(p.Rmax()));
   WM_CUDA_LAUNCH_CHECK();
