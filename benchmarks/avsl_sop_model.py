@@ -103,7 +103,7 @@ def lines_of(cu: Path, text: str) -> set[int]:
     return {n for n, line in enumerate(cu.read_text().splitlines(), 1) if text in line}
 
 
-def loop_mix(fn: dict, cu: Path, anchor: str | None, op_re: str = r".") -> dict:
+def loop_mix(fn: dict, cu: Path, anchor: str | None, op_re: str = r".", shortest: bool = False) -> dict:
     """The innermost loop that holds an instruction of source line `anchor` (None: any line) matching op_re: its
     instruction count, opcode mix (by base opcode) and its HMMA variants."""
     import re
@@ -117,7 +117,10 @@ def loop_mix(fn: dict, cu: Path, anchor: str | None, op_re: str = r".") -> dict:
         raise RuntimeError(f"{cu.name}: no SASS instruction for the line {anchor!r}")
     loops = [lp for lp in sc.loops_of(fn) if any(lp[0] <= h <= lp[1] for h in hits)]
     inner = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
-    lo, hi = max(inner, key=lambda lp: sum(1 for h in hits if lp[0] <= h <= lp[1]))
+    most = max(sum(1 for h in hits if lp[0] <= h <= lp[1]) for lp in inner)
+    tops = [lp for lp in inner if sum(1 for h in hits if lp[0] <= h <= lp[1]) == most]
+    # several copies of the loop (template instances): the first, or with shortest the smallest body
+    lo, hi = min(tops, key=lambda lp: lp[1] - lp[0]) if shortest else tops[0]
     body = ins[lo:hi + 1]
     mix = collections.Counter(x[1].split(".")[0] for x in body)
     hmma = collections.Counter(x[1] for x in body if x[1].startswith("HMMA"))
@@ -129,7 +132,9 @@ def tensorcore_model(k: dict, cu: Path) -> dict:
     fn = k["fn"]
     Q, G, L, R = SOP["Q"], SOP["G"], SOP["levels"], SOP["R"]
     tiles = math.ceil(Q / 4) * math.ceil(G / 16)  # a tile: 4 queries x 16 gallery items
-    kloop = loop_mix(fn, cu, None, r"^HMMA")  # the HMMA carry the line of crt/mma.hpp: any HMMA
+    # the HMMA carry the line of crt/mma.hpp: any HMMA; of the two K loops (tc_gemm<4>, every warp 4
+    # column tiles, the one that runs at R = 512, and tc_gemm<0> for narrower levels) the branch-free one
+    kloop = loop_mix(fn, cu, None, r"^HMMA", shortest=True)
     epi = loop_mix(fn, cu, "*ha = da * da * pa + *ha * (1.f - pa);", r"^ST")
     pro = loop_mix(fn, cu, "hat[m * ld + r] = h;", r"^ST")
     rsum = loop_mix(fn, cu, "for (int64_t c = part; c < R; c += 4) s += hat[m * ld + c];", r"^FADD")

@@ -92,8 +92,10 @@ def _bound(simt_err: float, want: torch.Tensor) -> float:
 
 
 # ragged node counts (not multiples of 16), 1-3 levels, a gallery that ends inside a 64-pair tile,
-# a link* that keeps every entry (its k >= R_low: dense columns)
-CASES = [([40, 24, 33], 3, 70, 4), ([17], 2, 65, 4), ([20, 48, 16], 1, 129, 4), ([24, 12], 2, 64, 64)]
+# a link* that keeps every entry (its k >= R_low: dense columns), and a level of 400 > 384 nodes (every
+# warp has 4 column tiles: the branch-free K loop tc_gemm<4> that runs at R = 512)
+CASES = [([40, 24, 33], 3, 70, 4), ([17], 2, 65, 4), ([20, 48, 16], 1, 129, 4), ([24, 12], 2, 64, 64),
+         ([24, 400], 5, 18, 8)]
 
 
 @pytest.mark.parametrize("sizes,q,g,link_topk", CASES)

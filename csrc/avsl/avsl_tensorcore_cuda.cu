@@ -98,6 +98,48 @@ __device__ __forceinline__ float tf32_rna(float v) {
   return __uint_as_float((__float_as_uint(v) + 0x1000u) & 0xffffe000u);
 }
 
+// acc[mt][s] = hat (64 x Kp, ld lda) @ link* columns of tile n = warp + 8 s (s < NS, or < nslots when
+// NS == 0), 3xTF32: a_lo b_hi + a_hi b_lo + a_hi b_hi, the small terms first.
+template <int NS>
+__device__ __forceinline__ void tc_gemm(FragC (&acc)[kTcRowTiles][kTcColSlots], int nslots, const float* hat, int lda,
+                                        const float* bhi, const float* blo, int Kp, int Np, int warp) {
+  namespace wmma = nvcuda::wmma;
+  const int ns = NS > 0 ? NS : nslots;
+#pragma unroll
+  for (int mt = 0; mt < kTcRowTiles; ++mt)
+#pragma unroll
+    for (int s = 0; s < kTcColSlots; ++s)
+      if (s < ns) wmma::fill_fragment(acc[mt][s], 0.f);
+  const float* bh = bhi + warp * 16;
+  const float* bl = blo + warp * 16;
+  for (int k0 = 0; k0 < Kp; k0 += 8, bh += 8 * Np, bl += 8 * Np) {
+    FragB b_hi[kTcColSlots], b_lo[kTcColSlots];
+#pragma unroll
+    for (int s = 0; s < kTcColSlots; ++s)
+      if (s < ns) {
+        wmma::load_matrix_sync(b_hi[s], bh + s * kTcWarps * 16, static_cast<unsigned>(Np));
+        wmma::load_matrix_sync(b_lo[s], bl + s * kTcWarps * 16, static_cast<unsigned>(Np));
+      }
+#pragma unroll
+    for (int mt = 0; mt < kTcRowTiles; ++mt) {
+      FragA a_hi, a_lo;
+      wmma::load_matrix_sync(a_hi, hat + mt * 16 * lda + k0, static_cast<unsigned>(lda));
+      for (int e = 0; e < a_hi.num_elements; ++e) {
+        const float v = a_hi.x[e], h = tf32_rna(v);
+        a_hi.x[e] = h;
+        a_lo.x[e] = tf32_rna(v - h);
+      }
+#pragma unroll
+      for (int s = 0; s < kTcColSlots; ++s)
+        if (s < ns) {
+          wmma::mma_sync(acc[mt][s], a_lo, b_hi[s], acc[mt][s]);
+          wmma::mma_sync(acc[mt][s], a_hi, b_lo[s], acc[mt][s]);
+          wmma::mma_sync(acc[mt][s], a_hi, b_hi[s], acc[mt][s]);
+        }
+    }
+  }
+}
+
 // The distances of one tile, in the row sums: returns, in threads t with t % 4 == 0, the distance
 // of pair m = t / 4 (query i0 + m / 16, gallery item j0 + m % 16). Every thread of the block calls
 // it (it synchronizes); on return the hat buffer may be written again (a barrier follows the last
@@ -140,31 +182,12 @@ __device__ __forceinline__ float tc_tile(const AvslParams& p, const TcLevels& lv
     int nslots = 0;  // this warp's column tiles: warp + 8 s, s < nslots (uniform over the warp)
     while (nslots < kTcColSlots && warp + kTcWarps * nslots < nct) ++nslots;
     FragC acc[kTcRowTiles][kTcColSlots];
-    if (nslots > 0) {
-      for (int mt = 0; mt < kTcRowTiles; ++mt)
-        for (int s = 0; s < nslots; ++s) wmma::fill_fragment(acc[mt][s], 0.f);
-      for (int k0 = 0; k0 < static_cast<int>(Kp); k0 += 8) {
-        FragB b_hi[kTcColSlots], b_lo[kTcColSlots];
-        for (int s = 0; s < nslots; ++s) {
-          const int64_t n0 = static_cast<int64_t>(warp + kTcWarps * s) * 16;
-          wmma::load_matrix_sync(b_hi[s], bhi + k0 * Np + n0, static_cast<unsigned>(Np));
-          wmma::load_matrix_sync(b_lo[s], blo + k0 * Np + n0, static_cast<unsigned>(Np));
-        }
-        for (int mt = 0; mt < kTcRowTiles; ++mt) {
-          FragA a_hi, a_lo;
-          wmma::load_matrix_sync(a_hi, hat + mt * 16 * lda + k0, static_cast<unsigned>(lda));
-          for (int e = 0; e < a_hi.num_elements; ++e) {
-            const float v = a_hi.x[e], h = tf32_rna(v);
-            a_hi.x[e] = h;
-            a_lo.x[e] = tf32_rna(v - h);
-          }
-          for (int s = 0; s < nslots; ++s) {  // the small terms first
-            wmma::mma_sync(acc[mt][s], a_lo, b_hi[s], acc[mt][s]);
-            wmma::mma_sync(acc[mt][s], a_hi, b_lo[s], acc[mt][s]);
-            wmma::mma_sync(acc[mt][s], a_hi, b_hi[s], acc[mt][s]);
-          }
-        }
-      }
+    // the whole-width case (every warp 4 column tiles: R_l > 384) without a branch in the K loop
+    if (nslots == kTcColSlots) {
+      tc_gemm<kTcColSlots>(acc, nslots, hat, static_cast<int>(lda), bhi, blo, static_cast<int>(Kp),
+                           static_cast<int>(Np), warp);
+    } else if (nslots > 0) {
+      tc_gemm<0>(acc, nslots, hat, static_cast<int>(lda), bhi, blo, static_cast<int>(Kp), static_cast<int>(Np), warp);
     }
     __syncthreads();  // every warp has read hat_{l-1}: hat_l may overwrite it
     if (nslots > 0) {
