@@ -185,6 +185,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write-shipped", action="store_true",
                     help="write the seed-0 'sane' attribute model and its phi to the package's shipped files")
+    ap.add_argument("--ship-from", type=Path, default=None,
+                    help="only rebuild the seed-0 'sane' model with the settings and phi of this results JSON "
+                         "(written by a full run) and write the shipped files")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script")
     ap.add_argument("--out", type=Path, default=C.RESULTS / "attribute_causal")
     args = ap.parse_args(argv)
@@ -199,6 +202,9 @@ def main(argv=None) -> int:
 
     def tick(name, t0):
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+
+    if args.ship_from is not None:
+        return ship_from(args)
 
     # ---------------------------------------------------------------- data
     t0 = time.perf_counter()
@@ -266,7 +272,7 @@ def main(argv=None) -> int:
         return res
 
     def terms_of(model, name, temperature):
-        sane = SANE(sim, model, tcav_scores, saliency=explainer, temperature=temperature)
+        sane = SANE(sim, model, tcav_scores, saliency=explainer, temperature=temperature, saliency_scale="max")
         return sane, sane.terms(imgs[name][pairs[name].query], sal[name])
 
     def fit_phi(sane, terms, criterion):
@@ -376,6 +382,35 @@ def main(argv=None) -> int:
     if args.write_shipped and shipped is not None:
         write_shipped(base_model, shipped, data)
     print(markdown(data))
+    return 0
+
+
+def ship_from(args) -> int:
+    """Retrain the seed-0 'sane' head exactly as the full run did (same images, settings, seed) and ship it
+    with the phi that run chose on validation."""
+    data = json.loads(args.ship_from.read_text())
+    best = data["chosen_settings"]
+    st = data["settings"]
+    phi = tuple(data["methods"]["sane"]["phi_per_seed"][0])
+    sim = load_default_model()
+    fit = ShapesWorld("train", st["n_train"], 96, seed=st["seed"] + 11, classes=FIT_CLASSES)
+    x = fit.images()
+    attrs = torch.stack([fit.attributes(i, "all") for i in range(len(fit))])
+    base_model = attribute_model_from_similarity(sim)
+    feats = trunk_features(base_model, x)
+    masks = torch.stack([fit.attribute_masks(i, "all", feats.shape[-1]) for i in range(len(fit))])
+    fit_sal = None
+    if best["lam"] > 0:
+        from whymatch.saliency import SimilarityAttention
+        emb = sim.embed(x, 256)
+        s_fit = sim.pairwise(emb, emb)
+        same = fit.labels[:, None] == fit.labels[None, :]
+        s_fit = s_fit.masked_fill(~same | torch.eye(len(fit), dtype=torch.bool), -float("inf"))
+        fit_sal = saliency_maps(SimilarityAttention(sim, "layer4"), x, x[s_fit.argmax(1)])
+    w = train_head(base_model, feats, attrs, masks=masks, saliency=fit_sal, lam=best["lam"], mu=best["mu"],
+                   temperature=best["temperature"], seed=st["seed"], epochs=st["epochs"])
+    write_shipped(base_model, (w, phi), data)
+    print(f"shipped: settings {best}, phi {phi}")
     return 0
 
 

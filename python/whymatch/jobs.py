@@ -331,12 +331,15 @@ def run_demo(out_dir: str | Path, *, n_queries: int = 4, n_refs: int = 3, settin
     truth = [ds.attributes(int(q), "key")[None] & torch.stack([ds.attributes(int(r), "key") for r in refs])
              for q, refs in zip(pairs.query.tolist(), pairs.references)]
     attributed = add_attribute_explanations(sim, explained, methods, truth=truth, seed=s.seed, log=log)
+    if attributed:
+        add_causal_attribute_check(sim, ds, explained, pairs.query.tolist(), methods)
     summary = summarize(explained, methods)
     if attributed:
         for row in summary:
             if row["method"] in methods:
                 pm = [r for x in explained for r in x.pair_metrics[row["method"]]]
                 row["attribute_top1"] = sum(r["attribute_shared"] for r in pm) / len(pm)
+                row["attribute_causal_top1"] = sum(r["attribute_causal"] for r in pm) / len(pm)
     index = write(out_dir, explained, methods, summary, "whymatch demo: ShapesWorld test pairs")
     return summary, index
 
@@ -381,7 +384,37 @@ def shapesworld_sane_settings() -> dict:
     if len(phi) != 3 or not all(math.isfinite(v) for v in (*phi, temperature)) or temperature <= 0:
         raise FileFormatError(f"SANE settings {path}: 'phi' must be 3 finite numbers and 'temperature' a "
                               f"positive number, got phi {blob['phi']!r}, temperature {blob.get('temperature')!r}")
-    return {"phi": phi, "temperature": temperature}
+    scale = blob.get("saliency_scale", "none")
+    if scale not in ("none", "max"):
+        raise FileFormatError(f"SANE settings {path}: 'saliency_scale' must be 'none' or 'max', got {scale!r}")
+    return {"phi": phi, "temperature": temperature, "saliency_scale": scale}
+
+
+def add_causal_attribute_check(sim: SimilarityModel, ds, sets: Sequence[ExplainedSet], queries: Sequence[int],
+                               methods: Sequence[str]) -> None:
+    """The causal check of SANE's attribute where ground truth exists (ShapesWorld pairs).
+
+    Every attribute of the query's objects is changed alone (``ShapesWorld.counterfactual``) and the
+    drop in similarity to each reference measured (``whymatch.metrics.attributes.causal_attribute_effects``).
+    Each (pair, method) row of :func:`add_attribute_explanations` gets 'attribute_causal_top' (the
+    attribute whose change drops the similarity most), 'attribute_causal' (SANE's attribute is it) and
+    'attribute_drop' (the drop when SANE's attribute alone changes).
+    """
+    from .data.shapesworld import ATTRIBUTE_NAMES
+    from .metrics.attributes import causal_attribute_effects
+
+    for x, q in zip(sets, queries):
+        k = x.references.shape[0]
+        eff = causal_attribute_effects(sim, ds, torch.full((k,), int(q)), sim.embed(x.references))
+        for m in methods:
+            for j, row in enumerate(x.pair_metrics[m]):
+                if row.get("attribute") not in ATTRIBUTE_NAMES:
+                    continue
+                a, top = ATTRIBUTE_NAMES.index(row["attribute"]), int(eff.top[j])
+                effects = eff.effects[j]
+                row["attribute_causal_top"] = ATTRIBUTE_NAMES[top] if top >= 0 else "none"
+                row["attribute_causal"] = bool(top >= 0 and float(effects[a]) >= float(effects[top]) - 1e-6)
+                row["attribute_drop"] = 0.0 if torch.isnan(effects[a]) else float(effects[a])
 
 
 def add_attribute_explanations(sim: SimilarityModel, sets: Sequence[ExplainedSet], methods: Sequence[str], *,
@@ -410,6 +443,9 @@ def add_attribute_explanations(sim: SimilarityModel, sets: Sequence[ExplainedSet
             for j, row in enumerate(x.pair_metrics[m]):
                 top = int(ex.top_attribute[j])
                 row["attribute"] = names[top]
+                row["attribute_terms"] = (f"{names[top]} = {ex.phi[0]:g} x a {float(ex.terms.confidence[j, top]):.2f}"
+                                          f" + {ex.phi[1]:g} x cos {float(ex.terms.map_match[j, top]):.2f}"
+                                          f" + {ex.phi[2]:g} x TCAV {float(ex.terms.tcav[j, top]):.2f}")
                 row["query_attribute"] = names[int(ex.query_attribute[j])]
                 if truth is not None:
                     row["attribute_shared"] = bool(truth[si][j, top])

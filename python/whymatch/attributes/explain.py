@@ -170,11 +170,14 @@ class SANE:
             :class:`~whymatch.attributes.losses.AttributeLoss`; use the value the attribute model
             was trained with (``whymatch train sane`` default 0.05: RISE maps are in similarity units).
         batch_size: images per attribute-model forward pass.
+        saliency_scale: 'none' (maps as given) or 'max' (each map divided by its largest absolute
+            value before the softmax, so the temperature means the same for any explainer; the
+            shipped ShapesWorld settings use it).
     """
 
     def __init__(self, sim: SimilarityModel, attribute_model: AttributeModel, tcav: Tensor | None = None, *,
                  saliency: object = None, phi: Sequence[float] = (1.0, 1.0, 1.0), normalize: str = "softmax",
-                 temperature: float = 0.05, batch_size: int = 64) -> None:
+                 temperature: float = 0.05, batch_size: int = 64, saliency_scale: str = "none") -> None:
         self.sim = _common.check_model(sim)
         if not isinstance(attribute_model, AttributeModel):
             raise TypeError(f"attribute_model must be a whymatch AttributeModel, got {type(attribute_model).__name__}")
@@ -199,6 +202,7 @@ class SANE:
         self.normalize = V.choice("normalize", normalize, ("softmax", "l1"))
         self.temperature = V.real("temperature", temperature, low=0.0, open_low=True)
         self.batch_size = V.positive_int("batch_size", batch_size)
+        self.saliency_scale = V.choice("saliency_scale", saliency_scale, ("none", "max"))
 
     @property
     def attribute_names(self) -> tuple[str, ...]:
@@ -222,6 +226,9 @@ class SANE:
         if saliency.shape[0] != p:
             raise ValueError(f"saliency must hold one map per query ({p}), got {saliency.shape[0]}")
         V.finite("saliency", saliency)
+        if self.saliency_scale == "max":
+            mx = saliency.detach().abs().amax(dim=(1, 2), keepdim=True)
+            saliency = torch.where(mx > 0, saliency / mx.clamp_min(1e-30), saliency)
         model = self.attribute_model
         dev = model.device
         conf, match = [], []

@@ -76,6 +76,15 @@ METRICS: dict[str, MetricInfo] = {
     "attribute_shared": MetricInfo("Attribute right", "↑", "the chosen attribute is one the two key objects share"),
     "attribute_top1": MetricInfo("Attribute top-1", "↑", "share of pairs whose chosen attribute (SANE) is one the "
                                  "two key objects share"),
+    "attribute_terms": MetricInfo("Attribute terms", "", "SANE Eq. 4 for the chosen attribute: phi1 x confidence + "
+                                  "phi2 x cos(saliency, attribute map) + phi3 x TCAV"),
+    "attribute_causal_top": MetricInfo("Causal top attribute", "", "the query attribute whose change alone (a "
+                                       "counterfactual re-render) drops the similarity most"),
+    "attribute_causal": MetricInfo("Attribute causal", "↑", "SANE's attribute is the causal top attribute"),
+    "attribute_drop": MetricInfo("Attribute drop", "↑", "drop in similarity when SANE's attribute alone is changed "
+                                 "in the query"),
+    "attribute_causal_top1": MetricInfo("Attribute causal top-1", "↑", "share of pairs whose chosen attribute "
+                                        "(SANE) is the causal top attribute"),
     "rank": MetricInfo("Rank", "", "position in the retrieval list (1 = most similar)", count=True),
     "distance": MetricInfo("Distance", "↓", "the model's distance of the pair (AVSL: lower = more similar)"),
     "step": MetricInfo("Step", "", "a stage of the search-and-explain command (search, explanation, total)"),
@@ -393,6 +402,11 @@ def write_report(out_dir: str | Path, pairs: Sequence[dict], summary: Sequence[d
                                       for f in flags)
                     if met_k and "attribute" in met_k:
                         visible += f"<div>attribute: {html.escape(str(met_k['attribute']))}</div>"
+                        if "attribute_terms" in met_k:
+                            visible += f"<div>{html.escape(str(met_k['attribute_terms']))}</div>"
+                        if "attribute_causal_top" in met_k:
+                            ok = "&#10003;" if met_k.get("attribute_causal") else "&#10007;"
+                            visible += (f"<div>causal top: {html.escape(str(met_k['attribute_causal_top']))} {ok}</div>")
                     row.append(f"<div><img src='{html.escape(name)}' alt='{html.escape(m)}'>{visible}"
                                f"{_map_details(met_k, lo, hi, note, None)}</div>")
                 body.append("".join(row))
