@@ -356,11 +356,12 @@ def shapesworld_sane(sim: SimilarityModel, *, n_tcav: int = 1000, seed: int = 0)
     except FileNotFoundError:
         return None
     train = ShapesWorld("train", n_samples=n_tcav, seed=seed)
-    emb = sim.embed(train.images())
+    # embedded on the model's device, fitted on the CPU (the TCAV fit is small); the scores go back to the device
+    emb = sim.embed(train.images().to(sim.device), batch_size=250).cpu()
     attrs = torch.stack([train.attributes(i, "all") for i in range(len(train))])
     tcav = TCAV(similarity=sim, hinge=False, seed=seed, attribute_names=model.attribute_names).fit(emb, attrs)
     a, p, n = TCAV.triplets(emb, train.labels, seed=seed, similarity=sim)
-    return SANE(sim, model, tcav.scores(emb[a], emb[p], emb[n]), **shapesworld_sane_settings())
+    return SANE(sim, model, tcav.scores(emb[a], emb[p], emb[n]).to(sim.device), **shapesworld_sane_settings())
 
 
 def shapesworld_sane_settings() -> dict:
