@@ -196,7 +196,7 @@ PARAMS = {
     LIME: ["n_samples", "n_segments", "kernel_width", "alpha", "batch_size", "seed", "baseline", "input_mean",
            "input_std", "segments", "solver"],
     Mask: ["mask_size", "n_iter", "lr", "l1_coeff", "tv_coeff", "tv_beta", "blur_size", "blur_sigma",
-           "noise_std", "batch_size", "seed", "perturbation", "baseline"],
+           "noise_std", "batch_size", "seed", "perturbation", "baseline", "preset"],
     SimilarityAttention: ["batch_size", "target_layers", "mode"],
     EmbeddingGradCAM: ["batch_size", "target_layers"],
 }

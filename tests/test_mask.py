@@ -38,14 +38,14 @@ def test_saliency_lies_where_the_model_looks_and_similarity_drops():
     q = rand(0, 3, 32, 32)
     # A light TV weight: with SANE's 0.2 (beta 3) deleting the whole image costs less than the
     # edges of a box, so on this toy the optimum spreads past the box (checked below).
-    mk = Mask(sim, mask_size=8, tv_coeff=0.01, **FAST)
+    mk = Mask(sim, preset="sane", mask_size=8, tv_coeff=0.01, **FAST)
     sal = mk.attribute(q, q)
     assert sal.shape == (1, 32, 32) and sal.dtype == torch.float32
     assert float(sal.min()) >= 0 and float(sal.max()) <= 1
     inside, far = float(sal[0, 10:18, 10:18].mean()), float(sal[0, 26:, 26:].mean())
     assert inside > 0.3 and far < 0.05, (inside, far)
     assert mk.last_history[-1] < mk.last_history[0] - 0.2
-    sane = Mask(sim, mask_size=8, **FAST)
+    sane = Mask(sim, preset="sane", mask_size=8, **FAST)
     spread = sane.attribute(q, q)
     assert float(spread[0, 10:18, 10:18].mean()) > 0.9 and sane.last_history[-1] < sane.last_history[0] - 0.5
 

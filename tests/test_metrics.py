@@ -105,9 +105,12 @@ def test_pointing_game_mass_and_chance():
     assert pointing_game(sal, masks2, tolerance=2).tolist() == [False, True]
     torch.testing.assert_close(mass_on_mask(sal, masks, shift="none"), torch.tensor([1.0, 0.0]))
     assert mass_on_mask(torch.zeros(1, 8, 8), masks[:1]).item() == 0.0  # no mass: 0, not NaN
-    # a constant offset does not change the energy-based score
-    torch.testing.assert_close(mass_on_mask(sal[:1] + 10, masks[:1]), mass_on_mask(sal[:1], masks[:1]))
-    assert mass_on_mask(sal[:1] + 10, masks[:1], shift="none").item() < 0.2
+    # a constant offset does not change the energy-based score (shift='min') nor the mean-centred one
+    for shift in ("min", "mean"):
+        torch.testing.assert_close(mass_on_mask(sal[:1] + 10, masks[:1], shift=shift),
+                                   mass_on_mask(sal[:1], masks[:1], shift=shift))
+    # the default reads zero as "no effect" (centred maps): an offset map is mostly mass outside the mask
+    assert mass_on_mask(sal[:1] + 10, masks[:1]).item() < 0.2
     with pytest.raises(ValueError, match="shift must be one of"):
         mass_on_mask(sal, masks, shift="max")
     torch.testing.assert_close(chance_level(masks), torch.full((2,), 9 / 64))

@@ -40,7 +40,7 @@ def inside_outside(sal, box=(8, 20, 8, 20), far=(26, 32, 26, 32)):
     return sal[..., y0:y1, x0:x1].mean().item(), sal[..., fy0:fy1, fx0:fx1].mean().item()
 
 
-@pytest.mark.parametrize("normalize", ["rise", "sane"])
+@pytest.mark.parametrize("normalize", ["centered", "rise", "sane"])
 def test_rise_puts_saliency_on_the_region_the_model_sees(normalize):
     sim = toy_sim()
     q = images(0, 3, 32, 32)
@@ -80,7 +80,7 @@ def test_rise_matches_the_materialized_masks_definition():
     q = images(0, 3, 30, 27)
     refs = images(1, 2, 3, 30, 27)
     n, s, p = 200, 6, 0.3
-    rise = RISE(sim, n_masks=n, grid=s, p=p, batch_size=50, seed=5, baseline=0.25)
+    rise = RISE(sim, n_masks=n, grid=s, p=p, batch_size=50, seed=5, baseline=0.25, normalize="rise")
     sal = rise.attribute(q, refs)
     grids, shifts = rise.generate_masks((30, 27), n, whymatch.saliency._common.generator(5), q.device)
     masks = whymatch.ops.reference.rise_masks(grids, shifts, (30, 27))
@@ -88,6 +88,10 @@ def test_rise_matches_the_materialized_masks_definition():
     scores = sim.pairwise(sim.embed(perturbed), sim.embed(refs))
     expected = torch.einsum("nk,nhw->khw", scores, masks) / (n * p)
     torch.testing.assert_close(sal, expected, rtol=1e-4, atol=1e-5)
+    # the default: mean score of the masks that keep a pixel minus the mean score of all masks
+    centred = RISE(sim, n_masks=n, grid=s, p=p, batch_size=50, seed=5, baseline=0.25).attribute(q, refs)
+    kept_mean = torch.einsum("nk,nhw->khw", scores, masks) / masks.sum(0)
+    torch.testing.assert_close(centred, kept_mean - scores.mean(0)[:, None, None], rtol=1e-4, atol=1e-5)
 
 
 def test_rise_both_images_mode_is_the_mean_of_perturbed_reference_maps():

@@ -35,7 +35,9 @@ def _masks(masks: Tensor, device=None) -> Tensor:
 def pointing_game(saliency: Tensor, masks: Tensor, tolerance: int = 0) -> Tensor:
     """Does each map's maximum fall on its ground-truth mask? (B,) bool.
 
-    Zhang et al.'s pointing game; ``tolerance`` pixels of slack (they used 15 px
+    Zhang et al.'s pointing game; it reads only the argmax, so it is the same for a map and the map plus a
+    constant, but a map's argmax is meaningful only where the map is centred (RISE ``normalize='rise'``
+    maps peak where the masks overlap most, not where the scores are high). ``tolerance`` pixels of slack (they used 15 px
     at 224) dilate the mask with a square. Ties: the first maximum in raster order.
 
     Args:
@@ -51,19 +53,30 @@ def pointing_game(saliency: Tensor, masks: Tensor, tolerance: int = 0) -> Tensor
     return masks.reshape(b, -1).gather(1, peak[:, None])[:, 0]
 
 
-def mass_on_mask(saliency: Tensor, masks: Tensor, shift: str = "min") -> Tensor:
-    """Fraction of each map's saliency mass inside its mask, (B,) float in [0, 1].
+def mass_on_mask(saliency: Tensor, masks: Tensor, shift: str = "none") -> Tensor:
+    """Fraction of each map's positive saliency mass inside its mask, (B,) float in [0, 1].
 
-    ``shift='min'`` (default) subtracts each map's minimum first: the
-    energy-based pointing game of Score-CAM (Wang et al. 2020). It makes the
-    score independent of a constant offset, which RISE maps always carry (their
-    level is the mean similarity of the perturbed images). ``shift='none'`` uses
-    the positive part of the signed map as it is. A map without mass scores 0.
+    Maps must be centred: zero means "this pixel has no effect on the similarity",
+    positive "it supports the match". Every whymatch explainer returns such maps with
+    its defaults (RISE ``normalize='centered'``, the sliding window's similarity drop,
+    LIME's coefficients, Mask's 1 - mask, the gradient methods' ReLU maps). With
+    ``shift='none'`` (default) the score is the share of the positive part
+    ``max(map, 0)`` that falls inside the mask: a map that is right but small
+    elsewhere scores high, and a map that is flat scores the mask's share of the image.
+
+    ``shift='min'`` subtracts each map's minimum first (the energy-based pointing
+    game of Score-CAM, Wang et al. 2020) and ``shift='mean'`` its mean: for
+    uncentred maps (RISE ``normalize='rise'`` or ``'sane'``, whose level is the mean
+    similarity of the perturbed images). 'min' is biased towards the mask's share of
+    the image when the map's minimum is an outlier: most of the mass is then the
+    offset, spread evenly. A map without positive mass scores 0.
     """
     saliency, masks = _check(saliency, masks)
-    V.choice("shift", shift, ("min", "none"))
+    V.choice("shift", shift, ("none", "min", "mean"))
     if shift == "min":
         pos = saliency - saliency.amin(dim=(1, 2), keepdim=True)
+    elif shift == "mean":
+        pos = (saliency - saliency.mean(dim=(1, 2), keepdim=True)).clamp_min(0)
     else:
         pos = saliency.clamp_min(0)
     total = pos.sum(dim=(1, 2))

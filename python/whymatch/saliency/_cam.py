@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..similarity import SimilarityModel
+from . import _common
 
 __all__ = ["resolve_target_layers", "auto_layer", "validate_layers", "TargetLayers", "ActivationCapture", "check_differentiable",
            "warn_if_training", "grad_cam", "combine_layers", "warn_if_constant"]
@@ -272,16 +273,10 @@ def warn_if_constant(maps: Tensor, method: str, layers: list[tuple[str, nn.Modul
     """Warn (naming the method and the layer) when some of the maps (B, H, W) are constant, e.g. all zero."""
     if maps.numel() == 0:
         return
-    flat = maps.detach().flatten(1)
-    const = flat.amax(dim=1) == flat.amin(dim=1)
-    n = int(const.sum())
-    if n:
-        value = float(flat[const.nonzero()[0, 0], 0])
-        names = ", ".join(repr(name) for name, _ in layers)
-        warnings.warn(f"{method}: {n} of {maps.shape[0]} maps are constant ({value:g} everywhere) at target "
-                      f"layer {names}: the gradient there does not single out any position (ReLU of a negative "
-                      "weighted sum, or a saturated activation); another target_layers may explain more",
-                      RuntimeWarning, stacklevel=_caller_level())
+    names = ", ".join(repr(name) for name, _ in layers)
+    _common.warn_if_constant(maps, method, f"at target layer {names}: the gradient there does not single out "
+                             "any position (ReLU of a negative weighted sum, or a saturated activation); another "
+                             "target_layers may explain more", stacklevel=_caller_level() + 1)
 
 
 def _caller_level() -> int:

@@ -20,6 +20,55 @@ class PairInputs:
     ref_embeddings: Tensor    # (K, D) float32 embeddings of the unperturbed references
 
 
+class ConstantMapWarning(RuntimeWarning):
+    """An explainer returned a constant map (e.g. all zero): it singles out no pixel.
+
+    Raised with ``warnings.warn``; the report and CLI show it. :func:`constant_maps`
+    gives the same test as a (K,) bool flag for maps already computed.
+    """
+
+
+def constant_maps(maps: Tensor, atol: float = 0.0) -> Tensor:
+    """(K,) bool: which of the maps (K, H, W) are constant (max - min <= atol), e.g. all zero.
+
+    ``atol``: what counts as no variation, in the map's units (an explainer passes a small multiple of
+    its scores' scale, so that rounding noise of a fit or a centring does not count as a map).
+    """
+    maps = V.tensor("maps", maps, ndim=3)
+    if maps.numel() == 0:
+        return torch.zeros(maps.shape[0], dtype=torch.bool, device=maps.device)
+    flat = maps.detach().flatten(1)
+    return (flat.amax(dim=1) - flat.amin(dim=1)) <= atol
+
+
+def _outside_level() -> int:
+    """``stacklevel`` for a warnings.warn in the caller of this function: the first frame outside
+    whymatch.saliency (the user's call)."""
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(2), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_if_constant(maps: Tensor, method: str, why: str, stacklevel: int | None = None,
+                     atol: float = 0.0) -> Tensor:
+    """Warn (:class:`ConstantMapWarning`, naming ``method``) when some of the maps (K, H, W) are
+    constant; returns the (K,) flags. ``why`` says what usually causes it for this method."""
+    const = constant_maps(maps, atol)
+    n = int(const.sum())
+    if n:
+        import warnings
+
+        value = float(maps.detach().flatten(1)[const.nonzero()[0, 0], 0])
+        warnings.warn(f"{method}: {n} of {maps.shape[0]} maps are constant ({value:g} everywhere) {why}",
+                      ConstantMapWarning, stacklevel=_outside_level() if stacklevel is None else stacklevel)
+    return const
+
+
 class NonFiniteOutputError(ValueError):
     """The similarity model (or its similarity function) produced NaN or Inf during an explanation."""
 

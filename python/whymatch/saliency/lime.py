@@ -50,6 +50,8 @@ class LimeResult:
         sample_weights: (n_samples,) float32 LIME kernel weights pi.
         score_r2: (K,) float32 weighted R^2 of each linear fit (1: the scores are linear in the samples).
         alphas: (K,) float32 penalty used for each reference.
+        constant: (K,) bool, True where the map is constant (all coefficients equal, e.g. all zero):
+            the map singles out no superpixel (a :class:`ConstantMapWarning` was given too).
     """
 
     maps: Tensor
@@ -61,6 +63,7 @@ class LimeResult:
     sample_weights: Tensor
     score_r2: Tensor
     alphas: Tensor
+    constant: Tensor | None = None
 
 
 # ---------------------------------------------------------------- validation
@@ -500,10 +503,13 @@ class LIME(_common.Explainer):
             alphas = torch.full((y.shape[1],), alpha, dtype=torch.float64)
         coefficients = coef.float().to(device)
         maps = _common.check_maps(coefficients[:, seg], "LIME")  # (K, H, W)
+        constant = _common.warn_if_constant(maps, "LIME", "the linear fit gave every superpixel the same "
+                                            "weight (the scores did not vary, or the penalty removed every "
+                                            "superpixel)", atol=1e-6 * float(scores.abs().max()))
         if not return_details:
             return maps
         return LimeResult(maps=maps, coefficients=coefficients, intercepts=intercepts.float().to(device),
                           segments=seg, scores=scores.float(), samples=samples.to(device),
                           sample_weights=pi.float().to(device),
                           score_r2=_weighted_r2(z, y, pi, coef, intercepts).float().to(device),
-                          alphas=alphas.float().to(device))
+                          alphas=alphas.float().to(device), constant=constant)

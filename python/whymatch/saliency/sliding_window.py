@@ -186,8 +186,11 @@ class SlidingWindow(_common.Explainer):
         _common.check_output(occ, "the occluded queries against the references", "similarity scores")
         drops = full[None] - occ
         total, count = _coverage(boxes, (h, w), drops)
-        return _common.check_maps(torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total)),
+        maps = _common.check_maps(torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total)),
                                   "SlidingWindow")
+        _common.warn_if_constant(maps, "SlidingWindow", "no occluded window changed the similarity (the model "
+                                 "ignores the query, or the baseline equals the image)")
+        return maps
 
     def _check_settings(self, inp: _common.PairInputs) -> None:
         self.boxes(tuple(inp.query.shape[1:]))
