@@ -31,7 +31,7 @@ using ChunkFn = void (*)(void* ctx, int64_t begin, int64_t end);
 void run(int64_t n, int64_t chunk, int helpers, ChunkFn fn, void* ctx);
 
 // How many chunks a parallel_for cuts per thread taking part.
-constexpr int64_t kChunksPerThread = 8;
+constexpr int64_t kChunksPerThread = 16;
 
 // For tests and diagnostics: the pool threads started in this process so far (0 before the first
 // parallel call, and again in a forked child before its first one), and the jobs run on the pool.

@@ -23,9 +23,9 @@ struct Job {
   std::atomic<bool> failed{false};
   std::mutex err_mu;
   std::exception_ptr err;
-  int max_helpers = 0;  // the rest under Pool::mu
-  int joined = 0;
-  int active = 0;
+  int max_helpers = 0;  // under Pool::mu_
+  int joined = 0;        // under Pool::mu_
+  std::atomic<int> active{0};  // changed under Pool::mu_, read by the caller without it
 };
 
 // Claim and run chunks until none is left (or one has failed).
@@ -44,6 +44,14 @@ void work(Job& j) {
       j.failed.store(true, std::memory_order_relaxed);
     }
   }
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#endif
 }
 
 thread_local bool tl_inside_job = false;  // a pool thread, or a caller while its job runs
@@ -75,9 +83,19 @@ class Pool {
     tl_inside_job = true;
     work(j);
     tl_inside_job = false;
-    std::unique_lock<std::mutex> lk(mu_);
-    job_ = nullptr;  // no late joiner: a helper that wakes from now on finds nothing to do
-    cv_done_.wait(lk, [&] { return j.active == 0; });
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      job_ = nullptr;  // no late joiner: a helper that wakes from now on finds nothing to do
+    }
+    // The helpers' last chunks are short: spin a little (no sched_yield, which on a busy machine
+    // hands the core to another process for a whole time slice) before sleeping on the condition.
+    for (int spin = 0; spin < 2048 && j.active.load(std::memory_order_acquire) != 0; ++spin) {
+      cpu_relax();
+    }
+    if (j.active.load(std::memory_order_acquire) != 0) {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_done_.wait(lk, [&] { return j.active.load(std::memory_order_acquire) == 0; });
+    }
   }
 
  private:
@@ -96,13 +114,18 @@ class Pool {
       cv_work_.wait(lk, [&] { return generation_ != seen; });
       seen = generation_;
       Job* j = job_;
-      if (j == nullptr || j->joined >= j->max_helpers) continue;
+      // a late helper joins only while chunks are left: it must not make the caller wait for nothing
+      if (j == nullptr || j->joined >= j->max_helpers ||
+          j->next.load(std::memory_order_relaxed) >= j->nchunks) {
+        continue;
+      }
       ++j->joined;
-      ++j->active;
+      j->active.fetch_add(1, std::memory_order_relaxed);
       lk.unlock();
       work(*j);
       lk.lock();
-      if (--j->active == 0) cv_done_.notify_all();
+      // the decrement is this thread's last touch of *j: the caller may return as soon as it reads 0
+      if (j->active.fetch_sub(1, std::memory_order_release) == 1) cv_done_.notify_all();
     }
   }
 

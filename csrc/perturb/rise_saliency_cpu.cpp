@@ -28,6 +28,8 @@ void rise_saliency_cpu(const RiseSaliencyParams& p, int num_threads) {
   tile = std::min(tile, (p.h + min_tiles - 1) / min_tiles);
   tile = std::max<int64_t>(1, tile);
   const int64_t n_tiles = (p.h + tile - 1) / tile;
+  // below ~64K multiply-adds the whole call is cheaper on one thread than waking the pool
+  if (p.n * p.k * hw < 65536) num_threads = 1;
 
   parallel_for(n_tiles, num_threads, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> hrows(p.s * cv.up_w), mrow(p.w);

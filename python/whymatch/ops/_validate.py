@@ -6,6 +6,7 @@ Every message names the argument, what was expected and what arrived.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -112,13 +113,13 @@ def check_finite_enabled() -> bool:
     """Whether the ops scan their float inputs for NaN/Inf (set_check_finite, else WHYMATCH_CHECK_FINITE)."""
     if _check_finite is not None:
         return _check_finite
-    import os
-    return os.environ.get("WHYMATCH_CHECK_FINITE", "").strip().lower() in ("1", "true", "yes", "on")
+    v = os.environ.get("WHYMATCH_CHECK_FINITE")
+    return bool(v) and v.strip().lower() in ("1", "true", "yes", "on")
 
 
 def maybe_finite(name: str, t: torch.Tensor) -> torch.Tensor:
     """finite(name, t) when the opt-in scans are on (check_finite_enabled()), else nothing (no data read)."""
-    if t.device.type != "meta" and check_finite_enabled() and not _is_fake(t):
+    if check_finite_enabled() and t.device.type != "meta" and not _is_fake(t):  # the cheap test first
         finite(name, t)
     return t
 

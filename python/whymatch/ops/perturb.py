@@ -8,6 +8,7 @@ The public functions validate their arguments and name the one that is wrong.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import _ext, _validate as V
@@ -212,8 +213,9 @@ def _check_grids_shifts(grids: object, shifts: object, size: tuple[int, int],
     n, s, _ = grids.shape
     shifts = V.tensor("shifts", shifts, ndim=2, dtypes=(torch.int64, torch.int32), device=grids.device)
     V.shape("shifts", shifts, (n, 2))
-    if grids.device.type == "cpu":  # no sync on the CPU; on other devices the registered op checks them once
-        _check_shift_values("shifts", shifts, tuple(size), s)
+    # the shift values are range-checked once, by the CPU kernel (before it writes anything) or by the
+    # registered op where no compiled CPU kernel runs (CUDA, the reference fallback): not here, which
+    # would cost a few tensor ops per call
     return grids.float().contiguous(), shifts.long().contiguous()
 
 
@@ -273,12 +275,63 @@ def rise_apply(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor | 
     return torch.ops.whymatch.rise_apply(grids, shifts, image, baseline, dtype, bool(channels_last))
 
 
+def _upsample_matrix(n_in: int, n_out: int, device: torch.device) -> Tensor:
+    """(n_out, n_in) float32: row Y holds the weights of the n_in grid cells in upsampled position Y, exactly
+    the 1-D factor of the reference's bilinear upsampling (``align_corners=False``, size-given scale)."""
+    eye = torch.eye(n_in, device=device)[None, None]
+    return F.interpolate(eye, size=(n_out, n_in), mode="bilinear", align_corners=False)[0, 0]
+
+
+def _rise_saliency_grouped(grids: Tensor, shifts: Tensor, scores: Tensor, size: tuple[int, int]) -> Tensor:
+    """rise_saliency by linearity, never one mask at a time.
+
+    A mask is ``crop_(dy, dx)(Uy G Ux^T)`` (Uy, Ux the 1-D bilinear factors), linear in the grid G, so
+    ``out[k] = sum_(dy, dx) Uy[dy:dy+H] S[dy, dx, k] Ux[dx:dx+W]^T`` with ``S[dy, dx, k]`` the
+    score-weighted sum of the s x s grids of the masks shifted by (dy, dx): one index_add over N small
+    grids, then two matrix products of size K x (H x cell_h*s x W) and K x cell_h*s x (cell_w*s x W).
+    The work no longer grows with N past the index_add (against N x H x W x K for the per-mask kernel).
+    Works for any scores (centred or not) and any grid values; float32.
+    """
+    n, s, _ = grids.shape
+    k = scores.shape[1]
+    h, w = size
+    cell_h, cell_w, up_h, up_w = ref.rise_grid_geometry((h, w), s)
+    dev = grids.device
+    if n == 0 or k == 0 or h == 0 or w == 0:
+        return torch.zeros((k, h, w), dtype=torch.float32, device=dev)
+    key = shifts[:, 0] * cell_w + shifts[:, 1]
+    summed = torch.zeros((cell_h * cell_w, k * s * s), dtype=torch.float32, device=dev)
+    summed.index_add_(0, key, (scores.float()[:, :, None] * grids.float().reshape(n, 1, s * s)).reshape(n, k * s * s))
+    # (cell_h, K, s_i, cell_w * s_j): the grids of one row shift side by side along the column shifts
+    summed = summed.view(cell_h, cell_w, k, s, s).permute(0, 2, 3, 1, 4).reshape(cell_h * k * s, cell_w * s)
+    uy, ux = _upsample_matrix(s, up_h, dev), _upsample_matrix(s, up_w, dev)
+    x_idx = torch.arange(w, device=dev)
+    y_idx = torch.arange(h, device=dev)
+    # bx[(dx, j), x] = Ux[x + dx, j];  ay[y, (dy, i)] = Uy[y + dy, i]
+    bx = ux[x_idx[None, :] + torch.arange(cell_w, device=dev)[:, None]].permute(0, 2, 1).reshape(cell_w * s, w)
+    ay = uy[y_idx[:, None] + torch.arange(cell_h, device=dev)[None, :]].reshape(h, cell_h * s)
+    rows = (summed @ bx).view(cell_h, k, s, w).permute(1, 0, 2, 3).reshape(k, cell_h * s, w)
+    return torch.matmul(ay, rows)
+
+
+def _grouped_is_cheaper(n: int, k: int, s: int, size: tuple[int, int]) -> bool:
+    """Multiply-adds of the grouped path against the per-mask kernel's (N x H x W x (K + 2))."""
+    h, w = size
+    cell_h, cell_w, _, _ = ref.rise_grid_geometry((h, w), s) if h and w else (1, 1, 0, 0)
+    grouped = n * k * s * s + k * cell_h * s * (cell_w * s * w + h * w)
+    return 2 * grouped < n * h * w * (k + 2)
+
+
 def rise_saliency(grids: Tensor, shifts: Tensor, scores: Tensor, size: tuple[int, int]) -> Tensor:
     """Score-weighted sum of RISE masks for K references at once.
 
     ``out[k] = sum_n scores[n, k] * mask_n``, the masks recomputed from the
     grids (never stored). No normalization: callers divide by N*p (RISE) or by
-    the mean mask (SANE).
+    the mean mask (SANE). When it is cheaper (many masks: N well above the
+    cell_h x cell_w possible shifts), the grids are first summed per shift at
+    low resolution and upsampled once per shift and reference, by two matrix
+    products (upsampling and cropping are linear); otherwise the fused
+    per-mask kernel (``torch.ops.whymatch.rise_saliency``) runs.
 
     Args:
         grids: (N, s, s) float grids; shifts: (N, 2) int64 as in :func:`rise_apply`.
@@ -295,6 +348,10 @@ def rise_saliency(grids: Tensor, shifts: Tensor, scores: Tensor, size: tuple[int
     scores = V.tensor("scores", scores, ndim=2, dtypes=V.FLOAT_DTYPES, device=grids.device)
     V.shape("scores", scores, (grids.shape[0], None))
     V.maybe_finite("scores", scores)
+    h, w = int(size[0]), int(size[1])
+    if _grouped_is_cheaper(grids.shape[0], scores.shape[1], grids.shape[1], (h, w)):
+        _check_shift_values("shifts", shifts, (h, w), grids.shape[1])
+        return _rise_saliency_grouped(grids, shifts, scores, (h, w))
     return torch.ops.whymatch.rise_saliency(grids, shifts, scores.float().contiguous(), int(size[0]), int(size[1]))
 
 
