@@ -255,11 +255,11 @@ def cmd_search_explain(args) -> int:
     n_masks = args.n_masks if args.n_masks is not None else (500 if device.type == "cpu" else 2000)
     sim = _load_model(args, device)
     query = load_image(args.query, size=(size, size))
+    bars = not args.quiet and sys.stderr.isatty()  # progress bars on a terminal
     gallery, _built = GalleryIndex.open(args.index, sim, source, rebuild=args.rebuild_index,
-                                       batch_size=args.batch_size, show_progress=not args.quiet, image_size=size,
-                                       log=print)
+                                       batch_size=args.batch_size, show_progress=bars, image_size=size, log=print)
     result = explain_search(sim, query, gallery, source, args.k, method=args.method, n_masks=n_masks,
-                            batch_size=args.batch_size, seed=args.seed, show_progress=not args.quiet)
+                            batch_size=args.batch_size, seed=args.seed, show_progress=bars)
     index = write_search_report(args.out, result, query_name=Path(args.query).name)
     rows = [{"rank": r + 1, "gallery image": n, "similarity": float(sc)}
             for r, (n, sc) in enumerate(zip(result.names, result.scores.tolist()))]

@@ -230,7 +230,7 @@ def _job_bar(estimate: JobEstimate | None, n_sets: int):
     from tqdm.auto import tqdm
 
     total = (sum(estimate.per_method.values()) + estimate.scoring) * n_sets
-    return tqdm(total=total, desc="whymatch", dynamic_ncols=True,
+    return tqdm(total=total, desc="whymatch", dynamic_ncols=True, disable=None,  # None: on a terminal only
                 bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}{postfix}]")
 
 
