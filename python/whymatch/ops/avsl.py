@@ -457,7 +457,9 @@ def _device_path(mod, qe: Tensor, q: int, g: int, sizes: list[int], topk: bool) 
     cap, optin = (9, 0), 227 * 1024
     if qe.device.type == "cuda":
         cap = torch.cuda.get_device_capability(qe.device)
-        optin = int(getattr(torch.cuda.get_device_properties(qe.device), "shared_memory_per_block_optin", 0))
+        # the opt-in limit from torch, else by compute capability (CUDA programming guide's table)
+        optin = int(getattr(torch.cuda.get_device_properties(qe.device), "shared_memory_per_block_optin", 0)) or \
+            {(8, 0): 163 * 1024, (8, 7): 163 * 1024, (9, 0): 227 * 1024}.get(tuple(cap), 99 * 1024)
     return gpu_path(q, g, sizes, qe.dtype, topk=topk, capability=cap, smem_optin=optin,
                     tc_smem=int(mod.avsl_tc_smem_bytes(list(sizes))))
 
