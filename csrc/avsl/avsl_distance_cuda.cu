@@ -144,6 +144,7 @@ int64_t smem_limit() {
   return std::min<int64_t>(want, device_optin(dev));
 }
 
+constexpr int kGlobalP = 8;  // the pair-group size when the hats live in global memory
 constexpr int64_t kTileDistBytes = 32 * 8;  // the top-k kernel's P (<= 32) distances of a tile
 // tile_forward's static shared memory: the warps' partial sums of the last level (kThreads / 32
 // warps x P <= 32 pairs, double at most); the dynamic part's budget leaves room for it
@@ -157,7 +158,7 @@ FwdConfig forward_config(const AvslParams& p) {
   f.P = 32;
   while (f.P > 1 && bytes(f.P) > limit) f.P /= 2;
   f.global = bytes(f.P) > limit;
-  if (f.global) f.P = 8;
+  if (f.global) f.P = kGlobalP;
   f.hat_bytes = bytes(f.P);
   f.tiles = (p.G + f.P - 1) / f.P;
   return f;
@@ -200,17 +201,24 @@ extern __shared__ __align__(16) unsigned char wm_avsl_smem[];
 // With A_save / P_save (S1 x P each) the tile's A_l and p_l are kept for the backward. Returns (in
 // registers of threads t < P) the tile's distances; the hats of the last level stay in the
 // returned buffer. Every thread of the block must call it (it synchronizes).
-template <typename T>
-__device__ T tile_forward(const AvslParams& p, const Levels& lv, int64_t i, int64_t j0, int P, T* buf0, T* buf1,
-                          T* A_save, T* P_save) {
-  const int t = threadIdx.x, jj = t % P, slot = t / P, nslots = blockDim.x / P;
+// kP: the pair-group size when known at compile time (the global-hats and backward paths: 8),
+// else 0 and P_run. Indices into the hats, A_l / p_l and the level's nodes are 32-bit (R_max * P
+// and S1 * P elements fit a block's slice); only the gallery offsets (node * G + j) are 64-bit.
+// Inlined into each kernel, so that the hats' loads and stores are shared-memory (LDS / STS) or
+// global ones, as the caller's buffers are, not generic ones.
+template <typename T, int kP>
+__device__ __forceinline__ T tile_forward(const AvslParams& p, const Levels& lv, int64_t i, int64_t j0, int P_run,
+                                          T* buf0, T* buf1, T* A_save, T* P_save) {
+  const int P = kP ? kP : P_run;
+  const int t = threadIdx.x, jj = t % P, slot = t / P, nslots = kThreads / P;
   const int64_t j = j0 + jj;
   const bool valid = j < p.G;
   const int64_t jc = valid ? j : 0;
   const T* qe = static_cast<const T*>(p.qe) + i * lv.S;
-  const T* geT = static_cast<const T*>(p.ge);  // (S, G)
-  for (int64_t r = slot; r < lv.R0; r += nslots) {
-    const T d = __ldg(qe + r) - __ldg(geT + r * p.G + jc);
+  const T* geT = static_cast<const T*>(p.ge) + jc;  // (S, G), at column jc
+  const int R0 = static_cast<int>(lv.R0);
+  for (int r = slot; r < R0; r += nslots) {
+    const T d = __ldg(qe + r) - __ldg(geT + r * p.G);
     buf0[r * P + jj] = valid ? d * d : T(0);
   }
   __syncthreads();
@@ -218,21 +226,22 @@ __device__ T tile_forward(const AvslParams& p, const Levels& lv, int64_t i, int6
   T* cur = buf1;
   const T gamma = static_cast<T>(p.gamma);
   for (int l = 1; l < lv.L; ++l) {
-    const int64_t R = lv.R[l], o = lv.off[l], o1 = o - lv.R0;
+    const int R = static_cast<int>(lv.R[l]), o = static_cast<int>(lv.off[l]), o1 = o - R0;
     const int64_t* cp = p.col_ptr + o1 + (l - 1);
     const T* vals = static_cast<const T*>(p.values);
     const T* rq = static_cast<const T*>(p.rq) + i * lv.S1;
-    const T* rgT = static_cast<const T*>(p.rg);  // (S1, G)
+    const T* rgT = static_cast<const T*>(p.rg) + jc;  // (S1, G), at column jc
     const T* coef = static_cast<const T*>(p.coef);
     const T* bias = static_cast<const T*>(p.bias);
-    for (int64_t c = slot; c < R; c += nslots) {
+    for (int c = slot; c < R; c += nslots) {
       T acc = T(0);
       const int64_t kb = __ldg(cp + c), ke = __ldg(cp + c + 1);
-      for (int64_t k = kb; k < ke; ++k) acc += __ldg(vals + k) * prev[static_cast<int64_t>(__ldg(p.row_idx + k)) * P + jj];
-      const int64_t cc = o1 + c;
-      const T z = gamma * (__ldg(rq + cc) * __ldg(rgT + cc * p.G + jc) * __ldg(coef + cc) + __ldg(bias + cc));
+#pragma unroll 4  // a column has a few links (the link top-k): a 16-fold unroll mostly runs its remainder
+      for (int64_t k = kb; k < ke; ++k) acc += __ldg(vals + k) * prev[static_cast<int>(__ldg(p.row_idx + k)) * P + jj];
+      const int cc = o1 + c;
+      const T z = gamma * (__ldg(rq + cc) * __ldg(rgT + cc * p.G) * __ldg(coef + cc) + __ldg(bias + cc));
       const T pp = T(1) / (T(1) + exp_d(-z));
-      const T d = __ldg(qe + o + c) - __ldg(geT + (o + c) * p.G + jc);
+      const T d = __ldg(qe + o + c) - __ldg(geT + (o + c) * p.G);
       const T h = d * d * pp + acc * (T(1) - pp);
       cur[c * P + jj] = valid ? h : T(0);
       if (A_save) {
@@ -266,35 +275,43 @@ __device__ T tile_forward(const AvslParams& p, const Levels& lv, int64_t i, int6
   return s;
 }
 
-template <typename T>
-__device__ __forceinline__ T* hat_buffers(const FwdConfig& f, void* workspace) {
-  if (f.global) return reinterpret_cast<T*>(static_cast<unsigned char*>(workspace) + blockIdx.x * f.hat_bytes);
-  return reinterpret_cast<T*>(wm_avsl_smem);
+// Where the forward / top-k kernels keep a tile's hats, a template parameter: in shared memory
+// (P from the launch), or in the block's slice of a global workspace (P = 8, compile-time).
+enum class Hats { Shared, Global };
+
+template <typename T, Hats kHats>
+__device__ __forceinline__ T* hat_buffers(const FwdConfig& f, unsigned char* workspace) {
+  if constexpr (kHats == Hats::Global) return reinterpret_cast<T*>(workspace + blockIdx.x * f.hat_bytes);
+  else return reinterpret_cast<T*>(wm_avsl_smem);
 }
 
-template <typename T>
+template <typename T, Hats kHats>
 __global__ void __launch_bounds__(kThreads) avsl_forward_kernel(AvslParams p, Levels lv, FwdConfig f) {
-  T* buf0 = hat_buffers<T>(f, p.workspace);
-  T* buf1 = buf0 + lv.Rmax * f.P;
+  constexpr int kP = kHats == Hats::Global ? kGlobalP : 0;
+  const int P = kP ? kP : f.P;
+  T* buf0 = hat_buffers<T, kHats>(f, static_cast<unsigned char*>(p.workspace));
+  T* buf1 = buf0 + static_cast<int>(lv.Rmax) * P;
   T* out = static_cast<T*>(p.out);
   const int64_t tasks = p.Q * f.tiles;
   for (int64_t task = blockIdx.x; task < tasks; task += gridDim.x) {
-    const int64_t i = task / f.tiles, j0 = (task % f.tiles) * f.P;
-    const T d = tile_forward<T>(p, lv, i, j0, f.P, buf0, buf1, nullptr, nullptr);
-    if (threadIdx.x < f.P && j0 + threadIdx.x < p.G) out[i * p.G + j0 + threadIdx.x] = d;
+    const int64_t i = task / f.tiles, j0 = (task % f.tiles) * P;
+    const T d = tile_forward<T, kP>(p, lv, i, j0, P, buf0, buf1, nullptr, nullptr);
+    if (static_cast<int>(threadIdx.x) < P && j0 + threadIdx.x < p.G) out[i * p.G + j0 + threadIdx.x] = d;
   }
 }
 
 // Top-k, pass 1: block task = (query i, segment seg) keeps the sorted best k of its segment.
-template <typename T>
+template <typename T, Hats kHats>
 __global__ void __launch_bounds__(kThreads) avsl_topk_partial_kernel(AvslParams p, Levels lv, FwdConfig f,
                                                                      int64_t nseg, T* list_d, int64_t* list_j,
                                                                      int64_t* counts, unsigned char* hat_ws) {
-  T* buf0 = f.global ? reinterpret_cast<T*>(hat_ws + blockIdx.x * f.hat_bytes) : reinterpret_cast<T*>(wm_avsl_smem);
-  T* buf1 = buf0 + lv.Rmax * f.P;
+  constexpr int kP = kHats == Hats::Global ? kGlobalP : 0;
+  const int P = kP ? kP : f.P;
+  T* buf0 = hat_buffers<T, kHats>(f, hat_ws);
+  T* buf1 = buf0 + static_cast<int>(lv.Rmax) * P;
   const int64_t k = p.k;
   const int lane = threadIdx.x;
-  T* dt = reinterpret_cast<T*>(wm_avsl_smem + (f.global ? 0 : f.hat_bytes));  // P distances of the tile
+  T* dt = reinterpret_cast<T*>(wm_avsl_smem + (kHats == Hats::Global ? 0 : f.hat_bytes));  // P distances of the tile
   const int64_t tasks = p.Q * nseg;
   for (int64_t task = blockIdx.x; task < tasks; task += gridDim.x) {
     const int64_t i = task / nseg, seg = task % nseg;
@@ -303,12 +320,12 @@ __global__ void __launch_bounds__(kThreads) avsl_topk_partial_kernel(AvslParams 
     int64_t* lj = list_j + task * k;
     int64_t cnt = 0;  // meaningful in thread 0 only
     for (int64_t tile = t0; tile < t1; ++tile) {
-      const int64_t j0 = tile * f.P;
-      const T d = tile_forward<T>(p, lv, i, j0, f.P, buf0, buf1, nullptr, nullptr);
-      if (lane < f.P) dt[lane] = d;
+      const int64_t j0 = tile * P;
+      const T d = tile_forward<T, kP>(p, lv, i, j0, P, buf0, buf1, nullptr, nullptr);
+      if (lane < P) dt[lane] = d;
       __syncthreads();
       if (lane == 0) {
-        for (int jj = 0; jj < f.P; ++jj) {
+        for (int jj = 0; jj < P; ++jj) {
           const int64_t j = j0 + jj;
           if (j >= p.G || (p.exclude_self && j == i)) continue;
           const T v = dt[jj];
@@ -427,7 +444,7 @@ __global__ void __launch_bounds__(kThreads) avsl_backward_kernel(AvslParams p, L
     const int64_t i = task / tiles, j0 = (task % tiles) * P, j = j0 + jj;
     const bool valid = j < p.G;
     const int64_t jc = valid ? j : 0;
-    tile_forward<T>(p, lv, i, j0, P, buf0, buf1, A_save, P_save);
+    tile_forward<T, P>(p, lv, i, j0, P, buf0, buf1, A_save, P_save);
     const T* qe = qe_all + i * lv.S;
     const T* rq = static_cast<const T*>(p.rq) + i * lv.S1;
     T* u = buf0;
@@ -544,13 +561,14 @@ void avsl_distance_cuda(const AvslParams& p, void* stream) {
   const size_t smem = f.global ? 0 : static_cast<size_t>(f.hat_bytes);
   auto st = static_cast<cudaStream_t>(stream);
   WM_CUDA_CHECK_PENDING("avsl_distance");
-  if (p.dtype == DType::F64) {
-    allow_smem(avsl_forward_kernel<double>, smem);
-    avsl_forward_kernel<double><<<blocks, kThreads, smem, st>>>(p, lv, f);
-  } else {
-    allow_smem(avsl_forward_kernel<float>, smem);
-    avsl_forward_kernel<float><<<blocks, kThreads, smem, st>>>(p, lv, f);
-  }
+  const auto launch = [&](auto kernel) {
+    allow_smem(kernel, smem);
+    kernel<<<blocks, kThreads, smem, st>>>(p, lv, f);
+  };
+  if (p.dtype == DType::F64)
+    f.global ? launch(avsl_forward_kernel<double, Hats::Global>) : launch(avsl_forward_kernel<double, Hats::Shared>);
+  else
+    f.global ? launch(avsl_forward_kernel<float, Hats::Global>) : launch(avsl_forward_kernel<float, Hats::Shared>);
   WM_CUDA_LAUNCH_CHECK();
 }
 
@@ -571,17 +589,20 @@ void avsl_topk_cuda(const AvslParams& p, void* stream) {
   auto* counts = reinterpret_cast<int64_t*>(ws + t.counts);
   auto* heads = reinterpret_cast<int64_t*>(ws + t.heads);
   WM_CUDA_CHECK_PENDING("avsl_topk");
+  const auto partial = [&](auto kernel, auto* ld) {
+    allow_smem(kernel, smem);
+    kernel<<<blocks, kThreads, smem, st>>>(p, lv, f, t.nseg, ld, lj, counts, ws + t.hats);
+    WM_CUDA_LAUNCH_CHECK();
+  };
   if (p.dtype == DType::F64) {
     auto* ld = reinterpret_cast<double*>(ws + t.list_d);
-    allow_smem(avsl_topk_partial_kernel<double>, smem);
-    avsl_topk_partial_kernel<double><<<blocks, kThreads, smem, st>>>(p, lv, f, t.nseg, ld, lj, counts, ws + t.hats);
-    WM_CUDA_LAUNCH_CHECK();
+    f.global ? partial(avsl_topk_partial_kernel<double, Hats::Global>, ld)
+             : partial(avsl_topk_partial_kernel<double, Hats::Shared>, ld);
     avsl_topk_merge_kernel<double><<<mblocks, kMergeThreads, 0, st>>>(p, t.nseg, ld, lj, counts, heads);
   } else {
     auto* ld = reinterpret_cast<float*>(ws + t.list_d);
-    allow_smem(avsl_topk_partial_kernel<float>, smem);
-    avsl_topk_partial_kernel<float><<<blocks, kThreads, smem, st>>>(p, lv, f, t.nseg, ld, lj, counts, ws + t.hats);
-    WM_CUDA_LAUNCH_CHECK();
+    f.global ? partial(avsl_topk_partial_kernel<float, Hats::Global>, ld)
+             : partial(avsl_topk_partial_kernel<float, Hats::Shared>, ld);
     avsl_topk_merge_kernel<float><<<mblocks, kMergeThreads, 0, st>>>(p, t.nseg, ld, lj, counts, heads);
   }
   WM_CUDA_LAUNCH_CHECK();

@@ -8,10 +8,12 @@ namespace whymatch {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kMasks = 4;  // masks per thread: each image / baseline value loaded serves kMasks outputs
 
-// 2-D grid: x = pixels (32-bit index math, y and x divided out once per thread), y = masks (a loop
-// when N > gridDim.y). The mask value is computed once per (mask, pixel) and blended into every
-// channel; 64-bit math only for the mask's base offsets.
+// 2-D grid: x = pixels (32-bit index math, y and x divided out once per thread), y = groups of
+// kMasks masks (a loop when N / kMasks > gridDim.y). Each mask value is computed once per (mask,
+// pixel); the image and baseline values of a channel are loaded once per group and blended into
+// every mask of it. 64-bit math only for the masks' base offsets.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) rise_apply_kernel(RiseApplyParams p, RiseGeom32 g, int nc) {
   const unsigned int upix = blockIdx.x * kThreads + threadIdx.x;  // unsigned: no overflow near 2^31
@@ -21,16 +23,23 @@ __global__ void __launch_bounds__(kThreads) rise_apply_kernel(RiseApplyParams p,
   const float* img = p.image + pix;
   const float* base = p.baseline + pix;
   T* out = static_cast<T*>(p.out);
-  for (int64_t n = blockIdx.y; n < p.n; n += gridDim.y) {
-    const float m = rise_mask32(p.grids, p.shifts, n, y, x, g);
-    if (p.channels_last) {
-      T* o = out + (n * g.hw + pix) * nc;
-      for (int c = 0; c < nc; ++c)
-        o[c] = from_f32<T>(m * __ldg(img + c * g.hw) + (1.f - m) * __ldg(base + c * g.hw));
-    } else {
-      T* o = out + n * nc * g.hw + pix;
-      for (int c = 0; c < nc; ++c)
-        o[c * g.hw] = from_f32<T>(m * __ldg(img + c * g.hw) + (1.f - m) * __ldg(base + c * g.hw));
+  for (int64_t n0 = blockIdx.y * static_cast<int64_t>(kMasks); n0 < p.n; n0 += gridDim.y * static_cast<int64_t>(kMasks)) {
+    const int nm = static_cast<int>(p.n - n0 < kMasks ? p.n - n0 : kMasks);
+    float m[kMasks];
+#pragma unroll
+    for (int u = 0; u < kMasks; ++u) m[u] = u < nm ? rise_mask32(p.grids, p.shifts, n0 + u, y, x, g) : 0.f;
+    // output (n, c, pixel) at n * nc * hw + pixel * nc + c (channels_last) or + c * hw + pixel
+    T* o[kMasks];
+#pragma unroll
+    for (int u = 0; u < kMasks; ++u) o[u] = out + (n0 + (u < nm ? u : 0)) * nc * g.hw + (p.channels_last ? pix * nc : pix);
+    const int cstride = p.channels_last ? 1 : g.hw;
+    for (int c = 0; c < nc; ++c) {
+      const float iv = __ldg(img + c * g.hw), bv = __ldg(base + c * g.hw);
+#pragma unroll
+      for (int u = 0; u < kMasks; ++u) {
+        const float mu = m[u];
+        if (u < nm) o[u][c * cstride] = from_f32<T>(mu * iv + (1.f - mu) * bv);
+      }
     }
   }
 }
@@ -42,7 +51,7 @@ void rise_apply_cuda(const RiseApplyParams& p, void* stream) {
   const int64_t hw = p.h * p.w;
   if (p.n * hw == 0 || p.c == 0) return;
   const RiseGeom32 g = rise_geom32("rise_apply", p.c, p.h, p.w, p.s);
-  const dim3 grid(ceil_div(hw, kThreads), static_cast<unsigned int>(std::min<int64_t>(p.n, 65535)));
+  const dim3 grid(ceil_div(hw, kThreads), static_cast<unsigned int>(std::min<int64_t>(ceil_div(p.n, kMasks), 65535)));
   auto st = static_cast<cudaStream_t>(stream);
   WM_CUDA_CHECK_PENDING("rise_apply");
   WM_DISPATCH_FLOAT_CUDA(p.out_dtype, "rise_apply", [&] {
