@@ -275,8 +275,9 @@ def warn_if_constant(maps: Tensor, method: str, layers: list[tuple[str, nn.Modul
         return
     names = ", ".join(repr(name) for name, _ in layers)
     _common.warn_if_constant(maps, method, f"at target layer {names}: the gradient there does not single out "
-                             "any position (ReLU of a negative weighted sum, or a saturated activation); another "
-                             "target_layers may explain more", stacklevel=_caller_level() + 1)
+                             "any position (ReLU of a weighted sum that is negative everywhere: e.g. a BatchNorm output "
+                             "before its activation, mostly negative, as EfficientNet's '_bn1'; or a saturated "
+                             "activation); the layer after the activation, or another target_layers, may explain more", stacklevel=_caller_level() + 1)
 
 
 def _caller_level() -> int:
