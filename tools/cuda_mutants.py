@@ -287,7 +287,24 @@ def main() -> None:
     if a.only:
         chosen = [m for m in chosen if a.only in f"{m['file']}:{m['line']}"]
         note += f" Only those at '{a.only}'."
+    # the barrier mutants first (the target), then shrink, then store; the tables are rewritten after
+    # every mutant, so that a run stopped early leaves what it measured (the note says how much)
+    order = {"barrier": 0, "shrink": 1, "store": 2}
+    chosen = sorted(chosen, key=lambda m: (order[m["kind"]], m["id"]))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "csrc"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    meta = {"command": "python tools/cuda_mutants.py " + " ".join(sys.argv[1:]),
+            "machine": f"{os.cpu_count()} cores, load average at start {os.getloadavg()[0]:.1f}",
+            "commit": commit + (" with uncommitted csrc/ edits" if dirty else ""), "found": counts,
+            "notes": a.notes.read_text() if a.notes else ""}
     results = []
+
+    def save(final: bool) -> None:
+        meta.update(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), seconds=round(time.perf_counter() - t0),
+                    note=note if final else f"{note} PARTIAL: {len(results)} of the {len(chosen)} chosen mutants "
+                                            "have run (the run was still going when this was written).")
+        write(sorted(results, key=lambda r: r["id"]), meta, a.out)
+
     with tempfile.TemporaryDirectory(prefix="wm_mutants_") as tmp, cf.ThreadPoolExecutor(a.jobs) as ex:
         futs = [ex.submit(run_one, m, snap, Path(tmp), a.timeout, by_kernel[Path(m["file"]).name]) for m in chosen]
         for fut in cf.as_completed(futs):
@@ -295,15 +312,10 @@ def main() -> None:
             results.append(r)
             print(f"[{len(results)}/{len(chosen)}] {r['status']:8s} {r['kind']:7s} {r['file']}:{r['line']} {r['what']}"
                   f" ({r['seconds']} s)", flush=True)
+            save(final=False)
     results.sort(key=lambda r: r["id"])
     shutil.rmtree(snap, ignore_errors=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "csrc"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    meta = {"command": "python tools/cuda_mutants.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "machine": f"{os.cpu_count()} cores", "seconds": round(time.perf_counter() - t0),
-            "commit": commit + (" with uncommitted csrc/ edits" if dirty else ""), "note": note, "found": counts,
-            "notes": a.notes.read_text() if a.notes else ""}
-    write(results, meta, a.out)
+    save(final=True)
     killed = sum(r["status"] == "killed" for r in results)
     valid = sum(r["status"] != "invalid" for r in results)
     print(f"killed {killed} / {valid} valid mutants ({len(results) - valid} invalid); {meta['seconds']} s")
