@@ -7,6 +7,8 @@ The public functions validate their arguments and name the one that is wrong.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -282,6 +284,27 @@ def _upsample_matrix(n_in: int, n_out: int, device: torch.device) -> Tensor:
     return F.interpolate(eye, size=(n_out, n_in), mode="bilinear", align_corners=False)[0, 0]
 
 
+def _shifted_factors(h: int, w: int, s: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """ay (H, cell_h*s) and bx (cell_w*s, W): ay[y, (dy, i)] = Uy[y + dy, i], bx[(dx, j), x] = Ux[x + dx, j],
+    the 1-D upsampling factors at every shift side by side (constants of (H, W, s): cached, except while
+    torch.compile traces, where they must be built as part of the graph)."""
+    if torch.compiler.is_compiling():
+        return _shifted_factors_uncached(h, w, s, device)
+    return _shifted_factors_cached(h, w, s, device)
+
+
+def _shifted_factors_uncached(h: int, w: int, s: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    cell_h, cell_w, up_h, up_w = ref.rise_grid_geometry((h, w), s)
+    uy, ux = _upsample_matrix(s, up_h, device), _upsample_matrix(s, up_w, device)
+    x_idx, y_idx = torch.arange(w, device=device), torch.arange(h, device=device)
+    bx = ux[x_idx[None, :] + torch.arange(cell_w, device=device)[:, None]].permute(0, 2, 1).reshape(cell_w * s, w)
+    ay = uy[y_idx[:, None] + torch.arange(cell_h, device=device)[None, :]].reshape(h, cell_h * s)
+    return ay.contiguous(), bx.contiguous()
+
+
+_shifted_factors_cached = functools.lru_cache(maxsize=16)(_shifted_factors_uncached)
+
+
 def _rise_saliency_grouped(grids: Tensor, shifts: Tensor, scores: Tensor, size: tuple[int, int]) -> Tensor:
     """rise_saliency by linearity, never one mask at a time.
 
@@ -301,15 +324,11 @@ def _rise_saliency_grouped(grids: Tensor, shifts: Tensor, scores: Tensor, size: 
         return torch.zeros((k, h, w), dtype=torch.float32, device=dev)
     key = shifts[:, 0] * cell_w + shifts[:, 1]
     summed = torch.zeros((cell_h * cell_w, k * s * s), dtype=torch.float32, device=dev)
-    summed.index_add_(0, key, (scores.float()[:, :, None] * grids.float().reshape(n, 1, s * s)).reshape(n, k * s * s))
+    weighted = (scores.float()[:, :, None] * grids.float().reshape(n, 1, s * s)).reshape(n, k * s * s)
+    summed.index_put_((key,), weighted, accumulate=True)
     # (cell_h, K, s_i, cell_w * s_j): the grids of one row shift side by side along the column shifts
     summed = summed.view(cell_h, cell_w, k, s, s).permute(0, 2, 3, 1, 4).reshape(cell_h * k * s, cell_w * s)
-    uy, ux = _upsample_matrix(s, up_h, dev), _upsample_matrix(s, up_w, dev)
-    x_idx = torch.arange(w, device=dev)
-    y_idx = torch.arange(h, device=dev)
-    # bx[(dx, j), x] = Ux[x + dx, j];  ay[y, (dy, i)] = Uy[y + dy, i]
-    bx = ux[x_idx[None, :] + torch.arange(cell_w, device=dev)[:, None]].permute(0, 2, 1).reshape(cell_w * s, w)
-    ay = uy[y_idx[:, None] + torch.arange(cell_h, device=dev)[None, :]].reshape(h, cell_h * s)
+    ay, bx = _shifted_factors(h, w, s, dev)
     rows = (summed @ bx).view(cell_h, k, s, w).permute(1, 0, 2, 3).reshape(k, cell_h * s, w)
     return torch.matmul(ay, rows)
 
