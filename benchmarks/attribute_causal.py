@@ -314,7 +314,8 @@ def main(argv=None) -> int:
     for s in range(args.seeds):
         seed = args.seed + s
         per_seed["random"].append(score("test", torch.randint(0, A, (args.pairs,), generator=g)))
-        per_seed["tcav"].append(score("test", torch.full((args.pairs,), int(torch.nan_to_num(tcav_scores, -1).argmax()))))
+        tcav_top = int(torch.nan_to_num(tcav_scores, -1).argmax())
+        per_seed["tcav"].append(score("test", torch.full((args.pairs,), tcav_top)))
         # plain model: image-level labels, no matching, no localization
         w_plain = train_head(base_model, feats["fit"], attrs["fit"], masks=None, saliency=None, lam=0.0, mu=0.0,
                              temperature=best["temperature"], seed=seed, epochs=args.epochs)

@@ -110,7 +110,8 @@ def test_localization_loss_prefers_maps_on_the_objects():
     maps = torch.zeros(4, len(ATTRIBUTE_NAMES), 8, 8, requires_grad=True)
     out = AttributeOutput(maps, maps.mean(dim=(2, 3)), torch.softmax(maps.mean(dim=(2, 3)), 1))
     parts = AttributeLoss(0.0, mu=2.0)(out, labels, attribute_masks=masks)
-    assert float(parts["total"].detach()) == pytest.approx(float((parts["huber"] + 2.0 * parts["localization"]).detach()))
+    expected = (parts["huber"] + 2.0 * parts["localization"]).detach()
+    assert float(parts["total"].detach()) == pytest.approx(float(expected))
     parts["total"].backward()
     g = maps.grad
     inside = masks > 0.5

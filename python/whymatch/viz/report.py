@@ -406,7 +406,8 @@ def write_report(out_dir: str | Path, pairs: Sequence[dict], summary: Sequence[d
                             visible += f"<div>{html.escape(str(met_k['attribute_terms']))}</div>"
                         if "attribute_causal_top" in met_k:
                             ok = "&#10003;" if met_k.get("attribute_causal") else "&#10007;"
-                            visible += (f"<div>causal top: {html.escape(str(met_k['attribute_causal_top']))} {ok}</div>")
+                            top = html.escape(str(met_k["attribute_causal_top"]))
+                            visible += f"<div>causal top: {top} {ok}</div>"
                     row.append(f"<div><img src='{html.escape(name)}' alt='{html.escape(m)}'>{visible}"
                                f"{_map_details(met_k, lo, hi, note, None)}</div>")
                 body.append("".join(row))
