@@ -74,13 +74,16 @@ def test_gpu_path_rule(monkeypatch):
     assert A.gpu_path(60502, 60502, [512] * 3, torch.float64, topk=True, **sop) == "simt"
     assert A.gpu_path(100, 100, [512] * 3, f32, **sop) == "simt"  # small: one SIMT launch
     assert A.gpu_path(100, 60502, [512] * 3, f32, topk=True, **sop) == "simt"  # too few queries for top-k
-    # more nodes than the tensor-core kernel takes: the dense cuBLAS path once the work is large
-    assert A.gpu_path(60502, 60502, [1024] * 3, f32, **sop) == "cublas"
+    # more nodes than the tensor-core kernel takes: the dense cuBLAS path when link* is dense enough,
+    # else the sparse SIMT kernel (its time grows with the nonzeros)
+    assert A.gpu_path(60502, 60502, [1024] * 3, f32, link_density=1.0, **sop) == "cublas"
+    assert A.gpu_path(60502, 60502, [1024] * 3, f32, link_density=0.125, **sop) == "simt"
+    assert A.gpu_path(100, 100, [1024] * 3, f32, link_density=1.0, **sop) == "simt"
     # no sm_80, or too little shared memory (an sm_86 has 99 KiB): no tensor-core path
     assert A.gpu_path(60502, 60502, [512] * 3, f32, capability=(7, 5), smem_optin=227 * 1024,
-                      tc_smem=132352) == "cublas"
+                      tc_smem=132352, link_density=0.5) == "cublas"
     assert A.gpu_path(60502, 60502, [512] * 3, f32, capability=(8, 6), smem_optin=99 * 1024,
-                      tc_smem=132352) == "cublas"
+                      tc_smem=132352, link_density=0.25) == "simt"
     monkeypatch.setenv("WHYMATCH_AVSL_GPU_PATH", "cublas")
     assert A.gpu_path(10, 10, [8], f32, **sop) == "cublas"
     monkeypatch.setenv("WHYMATCH_AVSL_GPU_PATH", "tensorcore")

@@ -407,12 +407,14 @@ GPU_PATHS = ("simt", "tensorcore", "cublas")
 TC_MAX_NODES = 512            # the tensor-core kernel's accumulators cover 512 columns per level
 TC_MIN_PAIRS = 1 << 20        # below: the SIMT kernel (launch and split-links overhead, few tiles)
 TC_MIN_TOPK_QUERIES = 264     # top-k runs one block per query: 2 per SM of an H100 / H200 (132 SMs)
-CUBLAS_MIN_WORK = 1 << 32     # pairs x R_max above which dense cuBLAS beats the sparse SIMT kernel (model)
+CUBLAS_MIN_PAIRS = 1 << 20    # and below: the SIMT kernel (one launch, no intermediates)
+CUBLAS_MIN_DENSITY = 0.3      # link* density above which dense cuBLAS beats the sparse SIMT kernel (model)
 CUBLAS_CHUNK_BYTES = 1 << 30  # the cuBLAS path's intermediates per query chunk
 
 
 def gpu_path(q: int, g: int, sizes: list[int], dtype: torch.dtype, *, topk: bool = False,
-             capability: tuple[int, int] = (9, 0), smem_optin: int = 227 * 1024, tc_smem: int = 0) -> str:
+             capability: tuple[int, int] = (9, 0), smem_optin: int = 227 * 1024, tc_smem: int = 0,
+             link_density: float = 0.0) -> str:
     """Which GPU path computes the AVSL distance (or top-k) of Q x G pairs; the rule, in order:
 
     1. ``WHYMATCH_AVSL_GPU_PATH=simt|tensorcore|cublas`` forces a path (benchmarks, tests); a forced
@@ -421,9 +423,12 @@ def gpu_path(q: int, g: int, sizes: list[int], dtype: torch.dtype, *, topk: bool
     2. float64: ``simt`` (the only exact-dtype path).
     3. ``tensorcore`` (fused, 3xTF32) when it can run and there is enough work: Q x G >= 2^20 pairs
        and, for top-k (one block per query), Q >= 264.
-    4. ``cublas`` (chunked dense hat @ link* through torch.matmul) when Q x G x R_max >= 2^32,
-       where dense float32 GEMMs beat the sparse SIMT kernel in benchmarks/results/avsl_sop_model.md.
-    5. ``simt`` otherwise (small problems: one launch, no intermediates).
+    4. ``cublas`` (chunked dense hat @ link* through torch.matmul) when the tensor-core kernel cannot
+       run, Q x G >= 2^20 and link* is dense enough (``link_density``, its fraction of nonzero
+       entries, >= 0.3): the SIMT kernel's time grows with the nonzeros, the cuBLAS path's does not;
+       benchmarks/results/avsl_sop_model.md has them level at a density of about 0.28 on an H100
+       (SIMT 201 s at 0.25, the published k = 128 of 512; cuBLAS path 223 s).
+    5. ``simt`` otherwise.
     The thresholds come from the performance model, not from a GPU measurement (none was lent).
     """
     import os
@@ -445,12 +450,12 @@ def gpu_path(q: int, g: int, sizes: list[int], dtype: torch.dtype, *, topk: bool
         return "simt"
     if tc_ok and q * g >= TC_MIN_PAIRS and (not topk or q >= TC_MIN_TOPK_QUERIES):
         return "tensorcore"
-    if q * g * max(sizes) >= CUBLAS_MIN_WORK:
+    if q * g >= CUBLAS_MIN_PAIRS and link_density >= CUBLAS_MIN_DENSITY:
         return "cublas"
     return "simt"
 
 
-def _device_path(mod, qe: Tensor, q: int, g: int, sizes: list[int], topk: bool) -> str:
+def _device_path(mod, qe: Tensor, q: int, g: int, sizes: list[int], topk: bool, links: Tensor) -> str:
     """gpu_path for the device of qe (the emulation counts as an sm_90 with its 227 KiB opt-in)."""
     if not hasattr(mod, "avsl_tc_topk"):
         return "simt"
@@ -460,8 +465,13 @@ def _device_path(mod, qe: Tensor, q: int, g: int, sizes: list[int], topk: bool) 
         # the opt-in limit from torch, else by compute capability (CUDA programming guide's table)
         optin = int(getattr(torch.cuda.get_device_properties(qe.device), "shared_memory_per_block_optin", 0)) or \
             {(8, 0): 163 * 1024, (8, 7): 163 * 1024, (9, 0): 227 * 1024}.get(tuple(cap), 99 * 1024)
-    return gpu_path(q, g, sizes, qe.dtype, topk=topk, capability=cap, smem_optin=optin,
-                    tc_smem=int(mod.avsl_tc_smem_bytes(list(sizes))))
+    tc_smem = int(mod.avsl_tc_smem_bytes(list(sizes)))
+    density = 0.0
+    if q * g >= CUBLAS_MIN_PAIRS and links.numel() and gpu_path(
+            q, g, sizes, qe.dtype, topk=topk, capability=cap, smem_optin=optin, tc_smem=tc_smem) != "tensorcore":
+        density = float((links != 0).sum()) / links.numel()  # a sync; the SIMT launch syncs anyway
+    return gpu_path(q, g, sizes, qe.dtype, topk=topk, capability=cap, smem_optin=optin, tc_smem=tc_smem,
+                    link_density=density)
 
 
 def _tc_launch(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma, k=None, exclude_self=False):
@@ -537,7 +547,7 @@ def _avsl_distance(qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor
     mod = _ext.module_for(qe.device, "avsl_distance")
     if mod is None:
         return _packed_reference(qe, ge, rq, rg, links, coef, bias, sizes, gamma).contiguous()
-    path = _device_path(mod, qe, q, g, sizes, topk=False) if _ext.cuda_kernels(qe) else "cpu"
+    path = _device_path(mod, qe, q, g, sizes, False, links) if _ext.cuda_kernels(qe) else "cpu"
     if path == "tensorcore":
         return _tc_launch(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma)
     if path == "cublas":
@@ -612,7 +622,7 @@ def _avsl_topk(qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor, co
             d.fill_diagonal_(float("inf"))
         order = torch.sort(d, dim=1, stable=True).indices[:, :k]
         return d.gather(1, order).contiguous(), order.contiguous()
-    path = _device_path(mod, qe, q, g, sizes, topk=True) if _ext.cuda_kernels(qe) else "cpu"
+    path = _device_path(mod, qe, q, g, sizes, True, links) if _ext.cuda_kernels(qe) else "cpu"
     if path == "tensorcore":
         return _tc_launch(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma, k=k, exclude_self=exclude_self)
     if path == "cublas":
