@@ -23,8 +23,9 @@ synchronize the GPU on every call): NaN/Inf in float inputs propagate as in any 
 NaNs by the lower gallery index), so its indices are always valid, distinct gallery indices.
 AVSL link weights that are exactly zero are structural (skipped, as in a sparse product), so a
 NaN node reaches only the nodes it is linked to (the dense reference would multiply it by 0).
-Scalar hyperparameters (alpha, beta, gamma, momentum, a number baseline) must be finite and
-are always checked (cheap). ``set_check_finite(True)``, or the environment variable
+Scalar hyperparameters (alpha, beta, gamma, momentum, a number baseline) given as Python numbers
+must be finite and are always checked (cheap); alpha / beta given as one-element tensors are data,
+scanned only with the opt-in checks below (a scan would synchronize the GPU). ``set_check_finite(True)``, or the environment variable
 ``WHYMATCH_CHECK_FINITE=1`` (read at each call), turns on a finiteness scan of every op's
 float inputs, each refusal a ValueError naming the argument. Explainers check their model's
 outputs themselves, once per call.

@@ -160,7 +160,7 @@ def _scalar(name: str, v: object, device: torch.device, dtype: torch.dtype) -> T
             raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(v.shape)}")
         if not v.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {v.dtype}")
-        V.finite(name, v)
+        V.maybe_finite(name, v)  # a tensor's value is data: scanned only when the opt-in checks are on (no GPU sync)
         return v.reshape(()).to(device=device, dtype=dtype)
     return torch.tensor(V.real(name, v), device=device, dtype=dtype)
 
