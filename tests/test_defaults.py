@@ -43,8 +43,10 @@ def test_demo_defaults_and_method_all(monkeypatch, tmp_path, on_cpu):
     monkeypatch.setattr(jobs, "run_demo", fake_run_demo)
     assert cli.main(["demo", "--out", str(tmp_path / "d")]) == 0
     assert seen["methods"] == jobs.DEMO_METHODS and seen["progress"] is True
+    assert seen["settings"].n_steps == jobs.CPU_SCORE_STEPS
     assert cli.main(["demo", "--out", str(tmp_path / "d"), "--method", "all", "--quiet"]) == 0
     assert seen["methods"] == jobs.METHODS and seen["progress"] is False
+    assert seen["settings"].n_steps == jobs.JobSettings().n_steps  # the old defaults, whole
 
 
 def test_explain_says_which_cpu_settings_it_chose(tmp_path, capsys, on_cpu):

@@ -109,7 +109,12 @@ def cmd_demo(args) -> int:
     _check_report_out(args.out)
     device = _resolve_device(args.device)
     methods = _methods(args.method) if args.method is not None else _default_methods("demo", device)
-    summary, index = run_demo(args.out, n_queries=args.queries, n_refs=args.refs, settings=_settings(args),
+    settings = _settings(args)
+    if args.method is None and device.type == "cpu":  # the fast default: a coarser insertion/deletion curve too
+        settings.n_steps = _CPU_SCORE_STEPS()
+        print(f"settings for a CPU: methods {', '.join(methods)}, {settings.n_steps} insertion/deletion steps "
+              f"(--method all: all six methods, 50 steps)")
+    summary, index = run_demo(args.out, n_queries=args.queries, n_refs=args.refs, settings=settings,
                               methods=methods, device=device, progress=not args.quiet)
     print(format_table(summary))
     print(f"report: {index}")
@@ -860,10 +865,9 @@ def _printable(text: str) -> str:
 
 def _check_explain_settings(args, size: int, methods: tuple[str, ...]) -> None:
     """Option combinations of `whymatch explain` that only the image side decides, checked before any work."""
-    if "sliding" in methods:
-        for opt, v in (("--window", args.window), ("--stride", args.stride)):
-            if v is not None and v > size:
-                raise ValueError(f"{opt} must be <= the image side {size} (--size), got {v}")
+    for opt, v in (("--window", args.window), ("--stride", args.stride)):  # checked when given, whatever the methods
+        if v is not None and v > size:
+            raise ValueError(f"{opt} must be <= the image side {size} (--size), got {v}")
     n_images = len(args.references) + 1
     _check_memory(n_images * 3 * size * size * 4, f"{n_images} images of {size} x {size} (--size)",
                   "explain fewer references at once or lower --size")
