@@ -168,3 +168,20 @@ def test_tensorcore_refuses_what_it_cannot_run(emu, gen):
     big = _inputs([520], 1, 2, gen)
     with pytest.raises(ValueError, match="at most 512 nodes"):
         _run(emu, "tensorcore", lambda: A.avsl_distance(*big, 10.0), schedules=("forward",))
+
+
+@pytest.mark.parametrize("topk", [False, True])
+def test_tensorcore_one_block_walks_every_tile(emu, gen, monkeypatch, topk):
+    # the grid capped at one block (an emulation hook): the barriers between one block's tiles matter
+    monkeypatch.setenv("WHYMATCH_EMU_TC_MAX_BLOCKS", "1")
+    x = _inputs([20, 36], 9, 40, gen)
+    d = ref.avsl_distance_float64(*x, 10.0)
+    simt = _run(emu, "simt", lambda: A.avsl_distance(*x, 10.0), schedules=("forward",))
+    bound = _bound((simt.double() - d).abs().max().item(), d)
+    if topk:
+        vals, idx = _run(emu, "tensorcore", lambda: A.avsl_topk(*x, 10.0, 6))
+        assert (vals.double() - torch.sort(d, dim=1).values[:, :6]).abs().max().item() <= bound
+        assert (d.gather(1, idx) - vals.double()).abs().max().item() <= bound
+    else:
+        got = _run(emu, "tensorcore", lambda: A.avsl_distance(*x, 10.0))
+        assert (got.double() - d).abs().max().item() <= bound

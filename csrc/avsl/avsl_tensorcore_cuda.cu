@@ -11,6 +11,7 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "avsl/avsl_tensorcore.h"
 #include "common/cuda_utils.cuh"
@@ -242,7 +243,8 @@ __device__ __forceinline__ float tc_tile(const AvslParams& p, const TcLevels& lv
     s += __shfl_down_sync(0xffffffffu, s, 1, 4);
     result = s;
   }
-  __syncthreads();  // the hats are read: the caller's next tile may write them
+  __syncthreads();  // the hats are read: the caller's next tile may write them (the distance kernel has no
+                    // other barrier between this tile's row sums and the next tile's prologue)
 #endif
   return result;
 }
@@ -297,7 +299,8 @@ __global__ void __launch_bounds__(kTcThreads, 1) avsl_tc_topk_kernel(AvslParams 
           lj[pos] = j;
         }
       }
-      __syncthreads();  // dt is read before the next tile writes it
+      // No barrier here: the next tile writes dt only after tc_tile's barriers, which the owners reach
+      // after their reads.
     }
   }
 }
@@ -311,6 +314,15 @@ void check_tc(const AvslParams& p, const char* op, bool topk) {
   WM_CHECK(avsl_tc_fits(p), op << ": the tensor-core kernel takes float32 and at most " << kAvslTcMaxNodes
                                << " nodes per level, got dtype " << dtype_name(p.dtype) << " and R_max " << p.Rmax());
   WM_CHECK(p.L < 2 || p.Q * p.G == 0 || p.values, op << ": null dense links pointer");
+}
+
+// The grid's cap. The host emulation (no __CUDACC__) lowers it with WHYMATCH_EMU_TC_MAX_BLOCKS, so
+// that a test makes one block walk several tiles (the barriers between tiles).
+int64_t tc_max_blocks() {
+#ifndef __CUDACC__
+  if (const char* e = std::getenv("WHYMATCH_EMU_TC_MAX_BLOCKS")) return std::max<int64_t>(1, std::atoll(e));
+#endif
+  return kTcMaxBlocks;
 }
 
 template <typename Kernel>
@@ -341,7 +353,7 @@ void avsl_tc_distance_cuda(const AvslParams& p, void* stream) {
   WM_CUDA_CHECK_PENDING("avsl_tc_distance");
   tc_prepare(p, lv, avsl_tc_distance_kernel, smem, st, "avsl_tc_distance");
   const int64_t tasks = (p.Q + kTcQueries - 1) / kTcQueries * ((p.G + kTcGallery - 1) / kTcGallery);
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tasks, kTcMaxBlocks));
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tasks, tc_max_blocks()));
   avsl_tc_distance_kernel<<<blocks, kTcThreads, smem, st>>>(p, lv, static_cast<const float*>(p.workspace));
   WM_CUDA_LAUNCH_CHECK();
 }
@@ -354,7 +366,8 @@ void avsl_tc_topk_cuda(const AvslParams& p, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   WM_CUDA_CHECK_PENDING("avsl_tc_topk");
   tc_prepare(p, lv, avsl_tc_topk_kernel, smem, st, "avsl_tc_topk");
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((p.Q + kTcQueries - 1) / kTcQueries, kTcMaxBlocks));
+  const unsigned blocks =
+      static_cast<unsigned>(std::min<int64_t>((p.Q + kTcQueries - 1) / kTcQueries, tc_max_blocks()));
   avsl_tc_topk_kernel<<<blocks, kTcThreads, smem, st>>>(p, lv, static_cast<const float*>(p.workspace),
                                                        avsl_tc_pad(p.Rmax()));
   WM_CUDA_LAUNCH_CHECK();
