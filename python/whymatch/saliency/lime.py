@@ -314,7 +314,10 @@ class LIME(_common.Explainer):
         pi_n = sqrt(exp(-d_n^2 / kernel_width^2)),  d_n = 1 - cos(z_n, 1) = 1 - sqrt(|z_n| / S)
 
     and for each reference a weighted linear model y_nk ~ b_k + z_n . c_k is
-    fitted (all K at once, in float64 on the CPU, no scikit-learn needed):
+    fitted (all K at once, in float64 on the CPU, no scikit-learn needed). The
+    intercept b_k takes the level of the similarity, so the map (each pixel the
+    coefficient of its superpixel) is centred: 0 means the superpixel has no effect,
+    however similar every perturbed query stays (0.5-0.8 for pretrained embeddings).
 
     * ``solver='lasso'`` (default): minimize
       (1/2) sum_n pi_n (y_nk - b_k - z_n . c_k)^2 / sum_n pi_n + alpha ||c_k||_1

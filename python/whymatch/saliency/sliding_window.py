@@ -77,7 +77,9 @@ class SlidingWindow(_common.Explainer):
         drop_k = sim(q, r_k) - sim(q with the window hidden, r_k)
 
     (signed: positive where hiding the pixel lowers the similarity). Pixels that
-    no window covers get 0. SANE used 625 windows of 32 x 32 pixels (about 8% of a
+    no window covers get 0. The map is centred by construction: 0 means hiding
+    the pixel changes nothing (what ``metrics.mass_on_mask`` expects), whatever
+    the level of the similarity (0.5-0.8 for pretrained embeddings). SANE used 625 windows of 32 x 32 pixels (about 8% of a
     112 x 112 image) with stride 4 and reported 1 - similarity on the window grid;
     the drop above differs from that by a constant per reference.
 
