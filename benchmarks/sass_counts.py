@@ -58,9 +58,12 @@ ROOT = Path(__file__).resolve().parents[1]
 #          which loop: "inner" | "outer", anchors per element)
 SPECS: dict[str, list[tuple]] = {
     "rise_apply_kernel": [
-        ("per (mask, pixel): grid-stride loop, all channels and paths",
-         ["return h0 * (w0 * r0[lx.i0]", "return h0 * (w0 * __ldg(r0 + lx.i0)"], r".", "outer", None),
-        ("per output value: channel loop", ["= from_f32<T>(m * __ldg("], r"^STG", "inner", 1),
+        # elements: the masks of an iteration (a thread may blend several), counted by the two
+        # float-to-int conversions of their interpolation (y and x); __ldg's loads carry the line of
+        # the intrinsics header, not of the source
+        ("per (mask, pixel): grid-stride loop, all channels and paths", ["int i0 = static_cast<int>(src);"], r"^F2I",
+         "outer", 2),
+        ("per output value: channel loop", ["= from_f32<T>(m * __ldg(", "= from_f32<T>(mu * iv"], r"^STG", "inner", 1),
     ],
     "rise_saliency_kernel": [
         ("per (mask, pixel): mask loop, 8 references", ["acc[j] += __ldg(sc + j) * m"], r"^FFMA", "inner", 8),
@@ -81,7 +84,7 @@ SPECS: dict[str, list[tuple]] = {
     ],
     "avsl_forward_kernel": [
         ("per link: sparse link loop", ["acc += __ldg(vals + k) * prev["], r"^FFMA|^DFMA", "inner", 1),
-        ("per (node, pair): level's column loop", ["cur[c * P + jj] = valid ? h : T(0)"], r"^ST(S|G)?(\.|\s)",
+        ("per (node, pair): level's column loop", ["cur[c * P + jj] = valid ? h : T(0)"], r"^ST(S|G)?(\.|\s|$)",
          "inner", 1),
         ("per node of the last level: final sum", ["s += prev[c * P + t]", "part += prev[c * P + jj]"],
          r"^FADD|^DADD", "inner", 1),
@@ -258,6 +261,9 @@ def demangle(names: list[str]) -> dict[str, str]:
 def short_name(dem: str) -> str:
     s = re.sub(r"whymatch::\(anonymous namespace\)::", "", dem)
     s = re.sub(r"whymatch::", "", s)
+    # an enum template argument prints as (Enum)N: the AVSL kernels' hats placement (Hats::Shared = 0)
+    s = re.sub(r"\(Hats\)0", "shared", s)
+    s = re.sub(r"\(Hats\)1", "global", s)
     s = s.split("(")[0]
     return s.replace("__nv_bfloat16", "bf16").replace("__half", "f16").replace("double", "f64").replace("float", "f32")
 
@@ -345,7 +351,12 @@ def write_md(path: Path, res: dict) -> None:
         "| kernel | loop / element | before | after | elements per iteration (before / after) |",
         "|---|---|---:|---:|---|",
     ]
-    names = sorted(set(b) | set(a), key=lambda n: (not any(h in n for h in HEADLINE), n))
+    # a kernel that gained a template parameter (e.g. avsl_forward_kernel<f32> -> <f32, shared> and
+    # <f32, global>) is compared with its one instance before
+    base = {n: re.sub(r", (shared|global)>", ">", n) for n in a}
+    b = {**b, **{n: b[base[n]] for n in a if n not in b and base[n] in b}}
+    names = sorted((set(b) - {base[n] for n in a if base[n] != n}) | set(a),
+                   key=lambda n: (not any(h in n for h in HEADLINE), n))
     for n in names:
         mb, ma = b.get(n, {}).get("metrics", {}), a.get(n, {}).get("metrics", {})
         for m in list(dict.fromkeys(list(mb) + list(ma))):
@@ -366,7 +377,9 @@ def write_md(path: Path, res: dict) -> None:
                      f"{fmt(ka.get('spill_stores'))}+{fmt(ka.get('spill_loads'))} | {pair('static_shared_bytes')} | "
                      f"{pair('instructions')} |")
     lines += ["", "Pairs are before / after. `-`: the kernel or loop does not exist on that side. Dynamic shared "
-              "memory is chosen at launch (not in the binary)."]
+              "memory is chosen at launch (not in the binary). A kernel instance `<..., shared>` / `<..., global>` "
+              "(where the AVSL hats live, a template parameter since issue 14) is compared with the one "
+              "instance before, which held both paths."]
     path.write_text("\n".join(lines) + "\n")
 
 
