@@ -426,8 +426,8 @@ def gpu_path(q: int, g: int, sizes: list[int], dtype: torch.dtype, *, topk: bool
     4. ``cublas`` (chunked dense hat @ link* through torch.matmul) when the tensor-core kernel cannot
        run, Q x G >= 2^20 and link* is dense enough (``link_density``, its fraction of nonzero
        entries, >= 0.3): the SIMT kernel's time grows with the nonzeros, the cuBLAS path's does not;
-       benchmarks/results/avsl_sop_model.md has them level at a density of about 0.28 on an H100
-       (SIMT 201 s at 0.25, the published k = 128 of 512; cuBLAS path 223 s).
+       benchmarks/results/avsl_sop_model.md has them level at a density of about 0.26-0.28 on an
+       H100 (SIMT 200-210 s at 0.25, the published k = 128 of 512; cuBLAS path 223 s).
     5. ``simt`` otherwise.
     The thresholds come from the performance model, not from a GPU measurement (none was lent).
     """
