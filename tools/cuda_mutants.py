@@ -254,6 +254,9 @@ def main() -> None:
     # a snapshot of the sources and of the emulation: the checkout may change while the mutants run
     global emu_build
     snap = Path(tempfile.mkdtemp(prefix="wm_mutants_src_"))
+    # the checkout the snapshot is taken of (HEAD may move while the mutants run)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "csrc"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     shutil.copytree(REPO / "csrc", snap / "csrc")
     shutil.copytree(REPO / "tests/cuda_emulation", snap / "tests/cuda_emulation",
                     ignore=shutil.ignore_patterns("__pycache__"))
@@ -291,8 +294,6 @@ def main() -> None:
     # every mutant, so that a run stopped early leaves what it measured (the note says how much)
     order = {"barrier": 0, "shrink": 1, "store": 2}
     chosen = sorted(chosen, key=lambda m: (order[m["kind"]], m["id"]))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "csrc"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     meta = {"command": "python tools/cuda_mutants.py " + " ".join(sys.argv[1:]),
             "machine": f"{os.cpu_count()} cores, load average at start {os.getloadavg()[0]:.1f}",
             "commit": commit + (" with uncommitted csrc/ edits" if dirty else ""), "found": counts,
