@@ -161,6 +161,48 @@ def main() -> None:
     gen = torch.Generator().manual_seed(a.seed)
     rand = score(sim, pairs, torch.rand(len(pairs), a.size, a.size, generator=gen), device, a.steps)
     chance = float(metrics.chance_level(masks).mean())
+    previous = None  # read once: this run rewrites the file after every method
+    if a.append and Path(stem).with_suffix(".json").exists():
+        previous = json.loads(Path(stem).with_suffix(".json").read_text())
+
+    def write(rows: dict, final: bool):
+        total = time.perf_counter() - t_all
+        rows = dict(rows)
+        commands = [" ".join(sys.argv)]
+        if previous is not None:
+            old = previous
+            if (old["split"], old["pairs"], old["size"], old["seed"]) != (split, n_pairs, a.size, a.seed):
+                raise SystemExit("--append: the existing results are of other pairs; use another --stem")
+            rows = {**{k: v for k, v in old["methods"].items() if k not in rows}, **rows}
+            commands = old.get("commands", [old["command"]]) + commands
+            total += old["total_seconds"]
+        data = {"benchmark": "realphoto_table", "split": split, "pairs": n_pairs, "size": a.size, "seed": a.seed,
+                "model": "EfficientNet-lite0 (ImageNet), cosine", "device": str(device),
+                "settings": {"rise_n_masks": n_masks, "lime_n_samples": n_samples, "mask_n_iter": mask_iter,
+                             "causal_steps": a.steps},
+                "pair_similarity": {"mean": float(pair_sim.mean()), "min": float(pair_sim.min()),
+                                    "max": float(pair_sim.max())},
+                "chance": {"pointing": chance, "mass": chance, "insertion": rand["insertion"],
+                           "deletion": rand["deletion"]},
+                "shared_objects": [p.shared for p in pairs],
+                "methods": rows, "total_seconds": total, "command": " ".join(sys.argv), "commands": commands,
+                "machine": machine, "load_at_end": C.system_load()}
+        head = ["method", "pointing", "mass on object", "insertion", "deletion", "s / pair", "constant maps"]
+        body = [[n, f"{v['pointing']:.2f}", f"{v['mass']:.3f}", f"{v['insertion']:.1f}", f"{v['deletion']:.1f}",
+                 f"{v['seconds_per_pair']:.2f}", v["constant_maps"]] for n, v in rows.items()]
+        body.append(["chance (random map)", f"{chance:.2f}", f"{chance:.3f}", f"{rand['insertion']:.1f}",
+                     f"{rand['deletion']:.1f}", "", ""])
+        md = (f"# Saliency on real photos ({split} split, {n_pairs} pairs, {a.size} px, EfficientNet-lite0)\n\n"
+              + "".join(f"`{c}`\n" for c in commands)
+              + f"on {device}: {total:.0f} s in all. {C.load_note(data)}"
+              f"Pair similarity (cosine) {data['pair_similarity']['mean']:.2f} "
+              f"({data['pair_similarity']['min']:.2f}-{data['pair_similarity']['max']:.2f}). RISE {n_masks} masks, "
+              f"LIME {n_samples} samples (SLIC), Mask {mask_iter} steps, insertion/deletion {a.steps} steps.\n"
+              "Pointing and mass: higher is better, chance = the shared object's share of the image. "
+              "Insertion higher, deletion lower is better; chance = a random map.\n\n" + C.md_table(head, body) + "\n")
+        data["complete"] = final and len(rows) >= len(names)
+        return C.write_results(stem, data, md), md
+
     rows = {}
     for name in names:
         maps, secs, n_const = explain(table[name], sim, pairs, device)
@@ -169,40 +211,8 @@ def main() -> None:
         rows[name] = res
         print(f"{name:24s} pointing {res['pointing']:.2f} mass {res['mass']:.3f} ins {res['insertion']:.1f} "
               f"del {res['deletion']:.1f} {res['seconds_per_pair']:.2f} s/pair const {n_const}", flush=True)
-    total = time.perf_counter() - t_all
-    commands = [" ".join(sys.argv)]
-    if a.append and Path(stem).with_suffix(".json").exists():
-        old = json.loads(Path(stem).with_suffix(".json").read_text())
-        if (old["split"], old["pairs"], old["size"], old["seed"]) != (split, n_pairs, a.size, a.seed):
-            raise SystemExit("--append: the existing results are of other pairs; use another --stem")
-        rows = {**{k: v for k, v in old["methods"].items() if k not in rows}, **rows}
-        commands = old.get("commands", [old["command"]]) + commands
-        total += old["total_seconds"]
-    data = {"benchmark": "realphoto_table", "split": split, "pairs": n_pairs, "size": a.size, "seed": a.seed,
-            "model": "EfficientNet-lite0 (ImageNet), cosine", "device": str(device),
-            "settings": {"rise_n_masks": n_masks, "lime_n_samples": n_samples, "mask_n_iter": mask_iter,
-                         "causal_steps": a.steps},
-            "pair_similarity": {"mean": float(pair_sim.mean()), "min": float(pair_sim.min()),
-                                "max": float(pair_sim.max())},
-            "chance": {"pointing": chance, "mass": chance, "insertion": rand["insertion"],
-                       "deletion": rand["deletion"]},
-            "shared_objects": [p.shared for p in pairs],
-            "methods": rows, "total_seconds": total, "command": " ".join(sys.argv), "commands": commands,
-            "machine": machine, "load_at_end": C.system_load()}
-    head = ["method", "pointing", "mass on object", "insertion", "deletion", "s / pair", "constant maps"]
-    body = [[n, f"{v['pointing']:.2f}", f"{v['mass']:.3f}", f"{v['insertion']:.1f}", f"{v['deletion']:.1f}",
-             f"{v['seconds_per_pair']:.2f}", v["constant_maps"]] for n, v in rows.items()]
-    body.append(["chance (random map)", f"{chance:.2f}", f"{chance:.3f}", f"{rand['insertion']:.1f}",
-                 f"{rand['deletion']:.1f}", "", ""])
-    md = (f"# Saliency on real photos ({split} split, {n_pairs} pairs, {a.size} px, EfficientNet-lite0)\n\n"
-          + "".join(f"`{c}`\n" for c in commands)
-          + f"on {device}: {total:.0f} s in all. {C.load_note(data)}"
-          f"Pair similarity (cosine) {data['pair_similarity']['mean']:.2f} "
-          f"({data['pair_similarity']['min']:.2f}-{data['pair_similarity']['max']:.2f}). RISE {n_masks} masks, "
-          f"LIME {n_samples} samples (SLIC), Mask {mask_iter} steps, insertion/deletion {a.steps} steps.\n"
-          "Pointing and mass: higher is better, chance = the shared object's share of the image. "
-          "Insertion higher, deletion lower is better; chance = a random map.\n\n" + C.md_table(head, body) + "\n")
-    out = C.write_results(stem, data, md)
+        write(rows, final=False)  # an interrupted run keeps the methods done so far
+    out, md = write(rows, final=True)
     print(md)
     print("wrote", *out)
 
