@@ -21,9 +21,10 @@ PRESETS = {
     # SANE's published configuration (Plummer et al. 2020, their code's defaults).
     "sane": dict(mask_size=14, n_iter=500, lr=0.1, l1_coeff=0.01, tv_coeff=0.2, tv_beta=3.0,
                  perturbation="median", blur_size=11, noise_std=0.05),
-    # Chosen on the validation split of benchmarks/realphoto_table.py (real photos, EfficientNet-lite0):
     # SANE's L1 weight of 0.01 lets the mask delete almost the whole image (deleting everything costs at
-    # most 0.01 while it lowers a cosine similarity by ~0.5), so the map is high everywhere.
+    # most 0.01 while it lowers a cosine similarity by ~0.5), so the map is high everywhere; 'real' weighs
+    # the deleted area 20x more. Provisional: set from that argument; the validation sweep
+    # (benchmarks/realphoto_table.py --sweep --methods mask_...) has not been run to completion yet.
     "real": dict(mask_size=14, n_iter=300, lr=0.1, l1_coeff=0.2, tv_coeff=0.2, tv_beta=3.0,
                  perturbation="blur", blur_size=11, noise_std=0.05),
 }
@@ -96,12 +97,13 @@ class Mask(_common.Explainer):
     SimilarityModel's, cosine for the shipped model) is SANE's objective.
 
     Settings come from a named ``preset``; any argument given explicitly overrides it.
-    ``preset='real'`` (default) was chosen on the validation split of real photos with
-    the pretrained EfficientNet-lite0 (``benchmarks/realphoto_table.py --sweep``,
-    ``benchmarks/results/realphoto_sweep.md``): SANE's L1 weight of 0.01 lets the
-    mask delete almost the whole image (deleting everything costs at most 0.01 and
-    lowers a cosine similarity by about 0.5), so its map is high almost everywhere;
-    'real' weighs the deleted area more (``PRESETS['real']``).
+    ``preset='real'`` (default) is meant for real photos and pretrained embeddings:
+    SANE's L1 weight of 0.01 lets the mask delete almost the whole image (deleting
+    everything costs at most 0.01 and lowers a cosine similarity by about 0.5), so its
+    map is high almost everywhere; 'real' weighs the deleted area 20 times more, blurs
+    instead of a median filter and takes 300 steps (``PRESETS['real']``). These values
+    are provisional: the validation sweep that should choose them
+    (``benchmarks/realphoto_table.py --sweep``) has not been run to completion.
 
     ``preset='sane'`` is SANE's published configuration: Adam lr 0.1, 500 iterations,
     L1 weight 0.01, TV weight 0.2 with beta 3, a median blur of 11 pixels as the
