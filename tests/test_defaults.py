@@ -115,3 +115,16 @@ def test_the_job_bar_counts_estimated_seconds(monkeypatch):
     jobs.explain_sets(sim, [("a", q, refs, None), ("b", q, refs, None)], ["rise", "gradcam"], s, estimate=est)
     (bar,) = bars
     assert bar.closed and bar.total == pytest.approx(est.total) and bar.n == pytest.approx(bar.total)
+
+
+def test_cli_keeps_freed_memory_unless_the_user_tuned_glibc(monkeypatch):
+    import platform
+
+    from whymatch import cli
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert cli.keep_freed_memory()
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert not cli.keep_freed_memory()
