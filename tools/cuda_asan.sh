@@ -5,10 +5,13 @@
 # benchmarks/results/cuda_asan.md (what ran, how long, clean or not) and exits non-zero when not clean.
 #
 #   bash tools/cuda_asan.sh [extra pytest args, e.g. -k avsl]
+#   WHYMATCH_ASAN_OUT=FILE.md bash tools/cuda_asan.sh -k tensorcore    # a partial run, written elsewhere
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-OUT=benchmarks/results/cuda_asan.md
+OUT=${WHYMATCH_ASAN_OUT:-benchmarks/results/cuda_asan.md}
+# every emulated kernel test file (test_emulated_checks.py plants bugs on purpose: not here)
+TESTS="tests/test_emulated_kernels.py tests/test_emulated_findings.py tests/test_emulated_barriers.py tests/test_emulated_tensorcore.py"
 LOG=$(mktemp /tmp/wm_cuda_asan.XXXXXX.log)
 t0=$(date +%s)
 SO=$($PY tests/cuda_emulation/build.py --variant asan 2>>"$LOG" | tail -1) || { cat "$LOG"; exit 1; }
@@ -21,7 +24,7 @@ LIBSTDCXX=$(g++ -print-file-name=libstdc++.so.6)
 # WHYMATCH_EMU_TIMEOUT_S: a barrier that waits this long is a deadlock (threads are slow under ASan)
 env LD_PRELOAD="$LIBASAN $LIBSTDCXX" ASAN_OPTIONS=detect_leaks=0:abort_on_error=0:halt_on_error=1 \
     WHYMATCH_EMU_MODULE="$SO" WHYMATCH_EMU_TIMEOUT_S=120 OMP_NUM_THREADS=1 \
-    $PY -m pytest -q -p no:cacheprovider -m emulated tests/test_emulated_kernels.py tests/test_emulated_findings.py tests/test_emulated_barriers.py "$@" >>"$LOG" 2>&1
+    $PY -m pytest -q -p no:cacheprovider -m emulated $TESTS "$@" >>"$LOG" 2>&1
 rc=$?
 t2=$(date +%s)
 summary=$(grep -E "passed|failed|error" "$LOG" | tail -1)
@@ -33,7 +36,7 @@ if [ $rc -eq 0 ] && [ "$asan_reports" -eq 0 ]; then verdict="clean"; else verdic
   echo "Produced by \`bash tools/cuda_asan.sh $*\` on $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores,"
   echo "checkout $(git rev-parse --short HEAD)$(git status --porcelain csrc | grep -q . && echo ' with uncommitted csrc/ edits')."
   echo
-  echo "- What ran: every test of tests/test_emulated_kernels.py, test_emulated_findings.py and test_emulated_barriers.py (marker emulated) against the emulated"
+  echo "- What ran: the tests of $TESTS (marker emulated${*:+, selected by: $*}) against the emulated"
   echo "  module built with the OS-thread back end (one std::thread per CUDA thread) and"
   echo "  \`-fsanitize=address -O1 -g\`, python run with LD_PRELOAD=libasan.so + libstdc++.so.6, detect_leaks=0."
   echo "- Build: $((t1 - t0)) s; tests: $((t2 - t1)) s."
