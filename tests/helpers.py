@@ -131,3 +131,33 @@ def emulated_module_path():
 
     given = os.environ.get("WHYMATCH_EMU_MODULE")
     return Path(given) if given else emu_build.build("fiber")
+
+
+def emu_stats(mod) -> tuple[int, int, int]:
+    """The emulated module's launch counters (wm_emu_stats: three counts, see tests/cuda_emulation)."""
+    import ctypes
+
+    out = (ctypes.c_ulonglong * 3)()
+    ctypes.CDLL(mod.__emulation_path__).wm_emu_stats(out)
+    return tuple(out)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes, for bit-for-bit comparison across schedules."""
+    t = t.detach().contiguous().reshape(-1)
+    return t.view(torch.uint8) if t.numel() else t
+
+
+def random_avsl_inputs(sizes, q: int, g: int, gen: torch.Generator, link_topk: int = 4):
+    """Random AVSL distance inputs for levels of ``sizes`` nodes: (query and gallery embeddings, their
+    reliabilities, the link* matrices between levels, coefficients, biases), in the ops' argument order."""
+    from whymatch.ops import reference as ref
+
+    qs = [torch.randn(q, r, generator=gen) for r in sizes]
+    gs = [torch.randn(g, r, generator=gen) for r in sizes]
+    rq = [torch.rand(q, r, generator=gen) for r in sizes]
+    rg = [torch.rand(g, r, generator=gen) for r in sizes]
+    links = [ref.avsl_link_star(torch.randn(a, b, generator=gen), link_topk) for a, b in zip(sizes[:-1], sizes[1:])]
+    coef = [1 + 0.1 * torch.randn(r, generator=gen) for r in sizes]
+    bias = [0.1 * torch.randn(r, generator=gen) for r in sizes]
+    return qs, gs, rq, rg, links, coef, bias

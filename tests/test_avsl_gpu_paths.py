@@ -3,22 +3,21 @@ torch.matmul, prologue and epilogue as torch ops) against the float64 reference,
 that chooses between the SIMT kernel, the tensor-core kernel and the cuBLAS path."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from whymatch.ops import avsl as A
 from whymatch.ops import reference as ref
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import random_avsl_inputs  # noqa: E402
+
 
 def _packed(sizes, q, g, gen, link_topk=4):
-    qs = [torch.randn(q, r, generator=gen) for r in sizes]
-    gs = [torch.randn(g, r, generator=gen) for r in sizes]
-    rq = [torch.rand(q, r, generator=gen) for r in sizes]
-    rg = [torch.rand(g, r, generator=gen) for r in sizes]
-    links = [ref.avsl_link_star(torch.randn(a, b, generator=gen), link_topk) for a, b in zip(sizes[:-1], sizes[1:])]
-    coef = [1 + 0.1 * torch.randn(r, generator=gen) for r in sizes]
-    bias = [0.1 * torch.randn(r, generator=gen) for r in sizes]
-    x = (qs, gs, rq, rg, links, coef, bias)
+    x = random_avsl_inputs(sizes, q, g, gen, link_topk)
     return x, A._pack(*x)
 
 

@@ -31,7 +31,7 @@ from whymatch.ops import reference as ref
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cuda_emulation import build as emu_build  # noqa: E402
-from helpers import emulated_marks, emulated_module_path  # noqa: E402
+from helpers import bits, emu_stats, emulated_marks, emulated_module_path  # noqa: E402
 
 pytestmark = emulated_marks()
 
@@ -48,14 +48,8 @@ def emu(emu_so):
     return emu_build.load(emu_so)
 
 
-def _stats(mod) -> tuple[int, int, int]:
-    out = (ctypes.c_ulonglong * 3)()
-    ctypes.CDLL(mod.__emulation_path__).wm_emu_stats(out)
-    return tuple(out)
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
 def _under_all(mod, fn, schedules=SCHEDULES):
@@ -74,7 +68,7 @@ def _under_all(mod, fn, schedules=SCHEDULES):
             os.environ["WHYMATCH_EMU_SCHEDULE"] = old
     for sch, o in zip(schedules[1:], outs[1:]):
         for a, b in zip(outs[0], o):
-            assert torch.equal(_bits(a), _bits(b)), f"schedules {schedules[0]} and {sch} disagree: a race in a block"
+            assert torch.equal(bits(a), bits(b)), f"schedules {schedules[0]} and {sch} disagree: a race in a block"
     return outs[0]
 
 
@@ -109,7 +103,7 @@ def test_topk_merge_block_loops_over_queries(emu, monkeypatch):
     args = _inputs([4, 4], q, g, seed=21)
     ctypes.CDLL(emu.__emulation_path__).wm_emu_reset_stats()
     vals, idx = _under_all(emu, lambda: A.avsl_topk(*args, 10.0, k))
-    launches, blocks, _ = _stats(emu)
+    launches, blocks, _ = emu_stats(emu)
     # per schedule: the partial pass (3 queries x 97 segments), then the merge on one block
     assert launches == 2 * len(SCHEDULES) and blocks == (q * 97 + 1) * len(SCHEDULES), (launches, blocks)
     _check_topk(args, vals, idx, k)
@@ -158,7 +152,7 @@ def test_blocks_walk_several_tiles(emu, monkeypatch):
 
     ctypes.CDLL(emu.__emulation_path__).wm_emu_reset_stats()
     got = _under_all(emu, lambda: fwd_bwd(A.avsl_distance))
-    launches, blocks, _ = _stats(emu)
+    launches, blocks, _ = emu_stats(emu)
     # per schedule: forward 3 blocks, backward 3 blocks, its reduction 1 block
     assert launches == 3 * len(SCHEDULES) and blocks == 7 * len(SCHEDULES), (launches, blocks)
     want = fwd_bwd(ref.avsl_distance)
@@ -187,6 +181,6 @@ def test_topk_partial_walks_several_tiles(emu_so, tmp_path, monkeypatch, smem, w
     assert (ws > 0) == (where == "global")
     ctypes.CDLL(mod.__emulation_path__).wm_emu_reset_stats()
     vals, idx = _under_all(mod, lambda: A.avsl_topk(*args, 10.0, k))
-    launches, blocks, _ = _stats(mod)
+    launches, blocks, _ = emu_stats(mod)
     assert launches == 2 * len(SCHEDULES) and blocks == (2 + 3) * len(SCHEDULES), (launches, blocks)
     _check_topk(args, vals, idx, k)

@@ -26,7 +26,7 @@ from whymatch.ops import reference as ref
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cuda_emulation import build as emu_build  # noqa: E402
-from helpers import emulated_marks, emulated_module_path  # noqa: E402
+from helpers import bits, emu_stats, emulated_marks, emulated_module_path  # noqa: E402
 
 pytestmark = emulated_marks()
 
@@ -43,15 +43,8 @@ def emu(emu_so):
     return emu_build.load(emu_so)
 
 
-def _stats(mod) -> tuple[int, int, int]:
-    out = (ctypes.c_ulonglong * 3)()
-    ctypes.CDLL(mod.__emulation_path__).wm_emu_stats(out)
-    return tuple(out)
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().contiguous().reshape(-1)
-    return t.view(torch.uint8) if t.numel() else t
 
 
 def run(mod, fn, schedules=SCHEDULES, expect_kernels=True):
@@ -62,13 +55,13 @@ def run(mod, fn, schedules=SCHEDULES, expect_kernels=True):
     try:
         for sch in schedules:
             os.environ["WHYMATCH_EMU_SCHEDULE"] = sch
-            before = _stats(mod)[0]
+            before = emu_stats(mod)[0]
             with _ext.emulate_cuda_on_cpu(mod):
                 out = fn()
             single = isinstance(out, torch.Tensor)
             outs.append((out,) if single else tuple(out))
             outs[-1] = tuple(o for o in outs[-1] if o is not None)
-            launched = _stats(mod)[0] - before
+            launched = emu_stats(mod)[0] - before
             if expect_kernels and any(o.numel() for o in outs[-1]):
                 assert launched > 0, "no kernel ran in the emulation"
     finally:
@@ -78,7 +71,7 @@ def run(mod, fn, schedules=SCHEDULES, expect_kernels=True):
             os.environ["WHYMATCH_EMU_SCHEDULE"] = old
     for sch, o in zip(schedules[1:], outs[1:]):
         for a, b in zip(outs[0], o):
-            assert a.shape == b.shape and torch.equal(_bits(a), _bits(b)), \
+            assert a.shape == b.shape and torch.equal(bits(a), bits(b)), \
                 f"schedule {schedules[0]} and {sch} disagree: a race between the threads of a block"
     return outs[0][0] if single else outs[0]
 
@@ -243,7 +236,7 @@ def test_avsl_hats_placement(emu_so, tmp_path, gen, smem, where, monkeypatch):
     ctypes.CDLL(mod.__emulation_path__).wm_emu_reset_stats()
     d = run(mod, lambda: A.avsl_distance(qs, gs, rq, rg, links, coef, bias, 10.0))
     vals, idx = run(mod, lambda: A.avsl_topk(qs, gs, rq, rg, links, coef, bias, 10.0, 7))
-    max_dyn = _stats(mod)[2]
+    max_dyn = emu_stats(mod)[2]
     if where == "global":
         assert ws_fwd > 0 and max_dyn <= 2048  # hats in the workspace
     else:
@@ -260,7 +253,7 @@ def test_avsl_default_hats_in_shared_memory(emu, gen):
     ctypes.CDLL(emu.__emulation_path__).wm_emu_reset_stats()
     qs, gs, rq, rg, links, coef, bias = _avsl_inputs(sizes, q, g, gen)
     d = run(emu, lambda: A.avsl_distance(qs, gs, rq, rg, links, coef, bias, 10.0))
-    assert 0 < _stats(emu)[2] <= 48 * 1024
+    assert 0 < emu_stats(emu)[2] <= 48 * 1024
     close(d, ref.avsl_distance(qs, gs, rq, rg, links, coef, bias, 10.0), torch.float32, scale=50)
 
 

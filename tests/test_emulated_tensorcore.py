@@ -24,7 +24,7 @@ from whymatch.ops import reference as ref
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cuda_emulation import build as emu_build  # noqa: E402
-from helpers import emulated_marks, emulated_module_path  # noqa: E402
+from helpers import emulated_marks, emulated_module_path, random_avsl_inputs  # noqa: E402
 
 pytestmark = emulated_marks()
 
@@ -75,15 +75,6 @@ def _run(mod, path: str, fn, schedules=("forward", "reverse")):
     return outs[0] if len(outs[0]) > 1 else outs[0][0]
 
 
-def _inputs(sizes, q, g, gen, link_topk=4):
-    qs = [torch.randn(q, r, generator=gen) for r in sizes]
-    gs = [torch.randn(g, r, generator=gen) for r in sizes]
-    rq = [torch.rand(q, r, generator=gen) for r in sizes]
-    rg = [torch.rand(g, r, generator=gen) for r in sizes]
-    links = [ref.avsl_link_star(torch.randn(a, b, generator=gen), link_topk) for a, b in zip(sizes[:-1], sizes[1:])]
-    coef = [1 + 0.1 * torch.randn(r, generator=gen) for r in sizes]
-    bias = [0.1 * torch.randn(r, generator=gen) for r in sizes]
-    return qs, gs, rq, rg, links, coef, bias
 
 
 def _bound(simt_err: float, want: torch.Tensor) -> float:
@@ -100,7 +91,7 @@ CASES = [([40, 24, 33], 3, 70, 4), ([17], 2, 65, 4), ([20, 48, 16], 1, 129, 4), 
 
 @pytest.mark.parametrize("sizes,q,g,link_topk", CASES)
 def test_tensorcore_distance_within_simt_bound(emu, gen, tc_calls, sizes, q, g, link_topk):
-    x = _inputs(sizes, q, g, gen, link_topk)
+    x = random_avsl_inputs(sizes, q, g, gen, link_topk)
     want = ref.avsl_distance_float64(*x, 10.0)
     got = _run(emu, "tensorcore", lambda: A.avsl_distance(*x, 10.0))
     assert len(tc_calls) == 2  # both schedules ran the tensor-core kernel
@@ -115,7 +106,7 @@ def test_tensorcore_distance_within_simt_bound(emu, gen, tc_calls, sizes, q, g, 
                                                       ([12, 8], 1, 66, 66, False)])
 def test_tensorcore_topk(emu, gen, tc_calls, sizes, q, g, k, exclude_self):
     # k = 50 >= R = 40 nodes; k = G (every gallery item, Q = 1); exclude_self over a 40-item set
-    x = list(_inputs(sizes, q, g, gen))
+    x = list(random_avsl_inputs(sizes, q, g, gen))
     if exclude_self:
         x[0], x[2] = x[1], x[3]
     vals, idx = _run(emu, "tensorcore", lambda: A.avsl_topk(*x, 10.0, k, exclude_self=exclude_self))
@@ -137,7 +128,7 @@ def test_tensorcore_topk(emu, gen, tc_calls, sizes, q, g, k, exclude_self):
 def test_tensorcore_topk_ties_lower_index_first(emu, gen):
     # gallery items repeated: equal distances, bit for bit (the same row computation); the lower index wins
     sizes = [20, 12]
-    qs, gs, rq, rg, links, coef, bias = _inputs(sizes, 2, 30, gen)
+    qs, gs, rq, rg, links, coef, bias = random_avsl_inputs(sizes, 2, 30, gen)
     rep = torch.arange(30) % 10  # items j and j + 10, j + 20 are copies
     gs, rg = [t[rep] for t in gs], [t[rep] for t in rg]
     vals, idx = _run(emu, "tensorcore", lambda: A.avsl_topk(qs, gs, rq, rg, links, coef, bias, 10.0, 7))
@@ -151,21 +142,21 @@ def test_tensorcore_topk_ties_lower_index_first(emu, gen):
 
 def test_tensorcore_zero_sizes(emu, gen):
     sizes = [16, 8]
-    x = _inputs(sizes, 0, 5, gen)
+    x = random_avsl_inputs(sizes, 0, 5, gen)
     d = _run(emu, "tensorcore", lambda: A.avsl_distance(*x, 10.0))
     assert d.shape == (0, 5)
     v, i = _run(emu, "tensorcore", lambda: A.avsl_topk(*x, 10.0, 3))
     assert v.shape == (0, 3) and i.shape == (0, 3)
-    y = _inputs(sizes, 4, 0, gen)
+    y = random_avsl_inputs(sizes, 4, 0, gen)
     assert _run(emu, "tensorcore", lambda: A.avsl_distance(*y, 10.0)).shape == (4, 0)
 
 
 def test_tensorcore_refuses_what_it_cannot_run(emu, gen):
-    x = _inputs([8, 4], 2, 3, gen)
+    x = random_avsl_inputs([8, 4], 2, 3, gen)
     x64 = (*x[:5], [c.double() for c in x[5]], [b.double() for b in x[6]])
     with pytest.raises(ValueError, match="WHYMATCH_AVSL_GPU_PATH=tensorcore needs float32"):
         _run(emu, "tensorcore", lambda: A.avsl_distance(*x64, 10.0), schedules=("forward",))
-    big = _inputs([520], 1, 2, gen)
+    big = random_avsl_inputs([520], 1, 2, gen)
     with pytest.raises(ValueError, match="at most 512 nodes"):
         _run(emu, "tensorcore", lambda: A.avsl_distance(*big, 10.0), schedules=("forward",))
 
@@ -174,7 +165,7 @@ def test_tensorcore_refuses_what_it_cannot_run(emu, gen):
 def test_tensorcore_one_block_walks_every_tile(emu, gen, monkeypatch, topk):
     # the grid capped at one block (an emulation hook): the barriers between one block's tiles matter
     monkeypatch.setenv("WHYMATCH_EMU_TC_MAX_BLOCKS", "1")
-    x = _inputs([20, 36], 9, 40, gen)
+    x = random_avsl_inputs([20, 36], 9, 40, gen)
     d = ref.avsl_distance_float64(*x, 10.0)
     simt = _run(emu, "simt", lambda: A.avsl_distance(*x, 10.0), schedules=("forward",))
     bound = _bound((simt.double() - d).abs().max().item(), d)
