@@ -64,7 +64,7 @@ METRICS: dict[str, MetricInfo] = {
     "pointing": MetricInfo("Peak on key object", "↑", "the map's highest pixel lies on the ground-truth key object"),
     "pointing_acc": MetricInfo("Pointing game", "↑", "share of maps whose highest pixel lies on the ground-truth "
                                "key object (chance row: the key object's share of the image)"),
-    "mass_on_key": MetricInfo("Mass on key object", "↑", "share of the map's mass (after subtracting its minimum) "
+    "mass_on_key": MetricInfo("Mass on key object", "↑", "share of the map's positive mass (zero = no effect) "
                               "inside the key object (chance row: the key object's share of the image)"),
     "sec_per_query": MetricInfo("Seconds per query", "↓", "wall time of the method for one query and all its "
                                 "references (this machine, this run)"),
