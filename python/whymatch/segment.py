@@ -83,7 +83,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .ops import _validate as V
+from . import _checks as V
 from .similarity import SimilarityModel
 
 __all__ = ["one_shot", "attention_cue", "init_mask", "threshold_cue", "center_box", "grabcut", "iou",

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import _validate as V
+from . import _checks as V
 
 __all__ = ["SimilarityModel", "pairwise_similarity"]
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..io import FileFormatError, atomic_torch_save
-from ..ops import _validate as V
+from .. import _checks as V
 from ..train import checkpoint as C
 from ..train.trainer import BEST, CheckpointedLoop, _describe_module, _model_settings, _seed_of
 from .cache import SaliencyCache

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..ops import _validate as V
+from .. import _checks as V
 from ._local import LocalImageDataset, check_root, find_base, parse_int, read_lines
 
 __all__ = ["AwA2"]

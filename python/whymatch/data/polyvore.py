@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..ops import _validate as V
+from .. import _checks as V
 from ._local import LocalImageDataset, check_root, find_base, read_json
 
 __all__ = ["PolyvoreOutfits", "DEFAULT_ATTRIBUTES_FILE"]

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..ops import _validate as V
+from .. import _checks as V
 from ._local import LocalImageDataset, check_root, find_base, parse_int, read_lines
 from .transforms import eval_transform, train_transform
 

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..ops import _validate as V
+from .. import _checks as V
 
 __all__ = [
     "SHAPES", "COLOURS", "COLOUR_RGB", "PATTERNS", "SIZES", "KEY_SIZES", "DISTRACTOR_SIZES", "BACKGROUNDS",

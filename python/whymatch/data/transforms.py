@@ -16,7 +16,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..io import pil_to_rgb, pil_to_tensor  # pil_to_tensor re-exported: whymatch.data.pil_to_tensor
-from ..ops import _validate as V
+from .. import _checks as V
 
 __all__ = ["ResizeCrop", "train_transform", "eval_transform", "pil_to_tensor"]
 

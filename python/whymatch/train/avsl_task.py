@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..ops import _validate as V
+from .. import _checks as V
 from ..similarity import SimilarityModel
 from .tasks import BACKBONES, DATASETS, TrainConfig, build_data, prepare_run, schedule_kwargs, task_config
 from .trainer import Trainer

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from ..ops import _validate as V
+from .. import _checks as V
 
 __all__ = ["PKSampler"]
 

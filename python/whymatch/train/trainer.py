@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..io import FileFormatError, atomic_torch_save, atomic_write_text, load_torch_file
-from ..ops import _validate as V
+from .. import _checks as V
 from ..similarity import SimilarityModel
 from . import checkpoint as C
 from .sampler import PKSampler
