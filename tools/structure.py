@@ -199,6 +199,7 @@ def sccs(nodes: set[str], edges: dict[str, set[str]]) -> list[list[str]]:
 
 def longest_functions(files: dict[str, Path], n: int = 10) -> list[dict]:
     rows = []
+    top = ROOT if all(p.is_relative_to(ROOT) for p in files.values()) else None
     for path in sorted(set(files.values())):
         tree = ast.parse(path.read_text(), filename=str(path))
 
@@ -206,7 +207,7 @@ def longest_functions(files: dict[str, Path], n: int = 10) -> list[dict]:
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     name = f"{prefix}{child.name}"
-                    rows.append({"name": name, "file": str(path.relative_to(ROOT)), "line": child.lineno,
+                    rows.append({"name": name, "file": str(path.relative_to(top) if top else path), "line": child.lineno,
                                  "lines": child.end_lineno - child.lineno + 1})
                     walk(child, f"{name}.")
                 elif isinstance(child, ast.ClassDef):

@@ -90,3 +90,20 @@ def choice(name: str, v: object, options: Sequence[str]) -> str:
     if v not in options:
         raise ValueError(f"{name} must be one of {', '.join(repr(o) for o in options)}, got {v!r}")
     return v  # type: ignore[return-value]
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message as one line: its first paragraph, newlines escaped, at most 500 characters."""
+    text = str(exc).strip()
+    if isinstance(exc, KeyError) and len(exc.args) == 1:
+        text = f"missing key {exc.args[0]!r}"
+    if not text:
+        return type(exc).__name__
+    text = printable(text.split("\n\n", 1)[0].strip().replace("\n", " "))
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (\\r, \\x1b...): a file name cannot split the line or drive the
+    terminal."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)

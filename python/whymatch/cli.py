@@ -10,49 +10,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import os
 import sys
 from pathlib import Path
 
+from ._checks import first_line as _first_line, printable as _printable
 from ._version import __version__
-
-
-def _factory(spec: str, option: str = "--model"):
-    """The callable that 'package.module:factory' names (the module is imported; the factory is not called)."""
-    if ":" not in spec:
-        raise ValueError(f"{option} must look like 'package.module:factory', got {spec!r}")
-    mod_name, fn_name = spec.split(":", 1)
-    try:
-        mod = importlib.import_module(mod_name)
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 (ImportError, or whatever the module does on import)
-        raise ValueError(f"{option}: cannot import module {mod_name!r}: {type(exc).__name__}: "
-                         f"{_first_line(exc)}") from None
-    factory = getattr(mod, fn_name, None)
-    if not callable(factory):
-        raise ValueError(f"{option}: module {mod_name!r} has no callable {fn_name!r}")
-    return factory
-
-
-def _load_user_model(spec: str, option: str = "--model"):
-    """'package.module:factory' -> SimilarityModel (a plain nn.Module is wrapped with cosine similarity); errors
-    name ``option``."""
-    import torch
-
-    from .similarity import SimilarityModel
-
-    factory = _factory(spec, option)
-    try:
-        model = factory()
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 (the user's factory: any failure is theirs, named)
-        raise ValueError(f"{option}: {spec}() raised {type(exc).__name__}: {_first_line(exc)}") from None
-    if isinstance(model, SimilarityModel):
-        return model
-    if isinstance(model, torch.nn.Module):
-        return SimilarityModel(model.eval())
-    raise ValueError(f"{option}: {spec} must return a whymatch.SimilarityModel or a torch.nn.Module, "
-                     f"got {type(model).__name__}")
+from .models.loading import factory as _factory, load_user_model as _load_user_model
 
 
 def _settings(args):
@@ -855,23 +820,6 @@ def _check_train_run(cfg) -> None:
                              f"more than the {cfg.n_train} training images (--n-train)")
         _check_memory(n * 3 * side * side, f"ShapesWorld with {n} images of {side} x {side}",
                       "lower --n-train / --n-test or --image-size")
-
-def _first_line(exc: BaseException) -> str:
-    """An exception's message as one line: its first paragraph, newlines escaped, at most 500 characters."""
-    text = str(exc).strip()
-    if isinstance(exc, KeyError) and len(exc.args) == 1:
-        text = f"missing key {exc.args[0]!r}"
-    if not text:
-        return type(exc).__name__
-    text = _printable(text.split("\n\n", 1)[0].strip().replace("\n", " "))
-    return text if len(text) <= 500 else text[:497] + "..."
-
-
-def _printable(text: str) -> str:
-    """``text`` with control characters escaped (\\r, \\x1b...): a file name cannot split the line or drive the
-    terminal."""
-    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
-
 
 def _check_explain_settings(args, size: int, methods: tuple[str, ...]) -> None:
     """Option combinations of `whymatch explain` that only the image side decides, checked before any work."""

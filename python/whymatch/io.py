@@ -17,7 +17,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -676,3 +676,37 @@ def read_json_file(path: str | os.PathLike, what: str = "file", *,
         raise FileFormatError(f"cannot read {what} {p}: not valid JSON ({_first_line(exc)})") from None
     _require_keys(obj, required_keys, f"{what} {p}", "a JSON object")
     return obj
+
+
+# State dicts read from a file (a checkpoint, the shipped weights): the checks every loader shares.
+
+
+def check_tensor_dict(what: str, value: object, *, finite: bool = True) -> dict[str, Tensor]:
+    """A dict of name -> tensor (a state dict); with ``finite``, floating tensors hold no NaN or Inf."""
+    if not isinstance(value, dict):
+        raise FileFormatError(f"{what} must be a dict of tensors (a state dict), got {type(value).__name__}")
+    for k, v in value.items():
+        if not isinstance(k, str) or not isinstance(v, Tensor):
+            raise FileFormatError(f"{what} must map names to tensors, got {k!r}: {type(v).__name__}")
+        if finite and (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
+            raise FileFormatError(f"{what} holds non-finite values in {k!r}")
+    return value
+
+
+def check_tensors_match(what: str, saved: Mapping[str, Tensor], mine: Mapping[str, Tensor], hint: str = "") -> None:
+    """The saved state dict has exactly this run's entries with the same shapes (a ValueError naming the first
+    difference otherwise; ``hint`` says what usually causes it)."""
+    missing = [k for k in mine if k not in saved]
+    extra = [k for k in saved if k not in mine]
+    tail = f" ({hint})" if hint else ""
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"lacks {', '.join(map(repr, missing[:3]))}{' ...' if len(missing) > 3 else ''}")
+        if extra:
+            parts.append(f"has unknown {', '.join(map(repr, extra[:3]))}{' ...' if len(extra) > 3 else ''}")
+        raise ValueError(f"{what} does not match this run's: it {' and '.join(parts)}{tail}")
+    for k, t in mine.items():
+        if tuple(saved[k].shape) != tuple(t.shape):
+            raise ValueError(f"{what} does not match this run's: {k!r} has shape {tuple(saved[k].shape)} in the "
+                             f"file, {tuple(t.shape)} here{tail}")

@@ -243,9 +243,9 @@ def _load_similarity(cfg: SANEConfig, device: torch.device):
 
         sim = load_default_model(device)
     else:
-        from ..cli import _load_user_model
+        from ..models.loading import load_user_model
 
-        sim = _load_user_model(cfg.similarity).to(device)
+        sim = load_user_model(cfg.similarity).to(device)
     if device.type == "cpu" and sim.autocast is None:
         sim.channels_last = True  # 1.5x faster CPU convolutions for the RISE passes
         sim.embedder.to(memory_format=torch.channels_last)

@@ -121,8 +121,7 @@ def load_default_model(device: str | torch.device = "cpu") -> SimilarityModel:
         FileNotFoundError: the weights file is missing (it is written by
             ``python scripts/train_shapesworld.py``).
     """
-    from ..io import FileFormatError, load_torch_file
-    from ..train.checkpoint import check_tensor_dict, check_tensors_match
+    from ..io import FileFormatError, check_tensor_dict, check_tensors_match, load_torch_file
 
     embedder = ShapesCNN()
     with open_shipped(WEIGHTS_RESOURCE, "ShapesWorld model weights", TRAIN_SCRIPT) as path:
