@@ -6,6 +6,7 @@
 #include "bindings_common.h"
 #include "bindings_avsl.h"
 #include "bindings_avsl_tc.h"
+#include "bindings_avsl_fused.h"
 #include "bindings_avsl_cam.h"
 #include "bindings_mining.h"
 
@@ -79,6 +80,15 @@ PYBIND11_MODULE(_C_cuda, m) {
   whymatch::bind_avsl_tc_ops(
       m, [as_stream](const whymatch::AvslParams& p, uintptr_t s) { whymatch::avsl_tc_distance_cuda(p, as_stream(s)); },
       [as_stream](const whymatch::AvslParams& p, uintptr_t s) { whymatch::avsl_tc_topk_cuda(p, as_stream(s)); });
+  whymatch::bind_avsl_fused_ops(
+      m,
+      [as_stream](const whymatch::AvslFusedParams& p, uintptr_t s) {
+        whymatch::avsl_fused_prologue_cuda(p, as_stream(s));
+      },
+      [as_stream](const whymatch::AvslFusedParams& p, uintptr_t s) { whymatch::avsl_fused_blend_cuda(p, as_stream(s)); },
+      [as_stream](const whymatch::AvslFusedParams& p, uintptr_t s) {
+        whymatch::avsl_fused_epilogue_cuda(p, as_stream(s));
+      });
   m.attr("cuda_architectures") = WHYMATCH_CUDA_ARCHS;
   m.attr("cuda_compiler_version") = WHYMATCH_CUDA_VERSION;
   m.def("device_info", &device_info, "Devices visible to the CUDA runtime linked into this module.");

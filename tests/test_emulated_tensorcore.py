@@ -11,24 +11,21 @@ exact. Every case also runs two thread schedules, compared bit for bit.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from whymatch.ops import _ext
 from whymatch.ops import avsl as A
 from whymatch.ops import reference as ref
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cuda_emulation import build as emu_build  # noqa: E402
+from cuda_emulation.avsl_paths import bound as _bound, run_path as _run  # noqa: E402
 from helpers import emulated_marks, emulated_module_path, random_avsl_inputs  # noqa: E402
 
 pytestmark = emulated_marks()
-
-EPS32 = torch.finfo(torch.float32).eps
 
 
 @pytest.fixture(scope="session")
@@ -48,38 +45,6 @@ def tc_calls(monkeypatch):
 
     monkeypatch.setattr(A, "_tc_launch", counting)
     return calls
-
-
-def _run(mod, path: str, fn, schedules=("forward", "reverse")):
-    """fn() with WHYMATCH_AVSL_GPU_PATH=path through the emulated module under each schedule; the
-    outputs must agree bit for bit. Returns the first."""
-    outs = []
-    saved = {k: os.environ.get(k) for k in ("WHYMATCH_AVSL_GPU_PATH", "WHYMATCH_EMU_SCHEDULE")}
-    try:
-        os.environ["WHYMATCH_AVSL_GPU_PATH"] = path
-        for sch in schedules:
-            os.environ["WHYMATCH_EMU_SCHEDULE"] = sch
-            with _ext.emulate_cuda_on_cpu(mod):
-                out = fn()
-            outs.append(out if isinstance(out, tuple) else (out,))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    for o in outs[1:]:
-        for a, b in zip(outs[0], o):
-            assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.view(torch.int32), b.view(torch.int32))), \
-                "two schedules disagree: a race between the threads of a block"
-    return outs[0] if len(outs[0]) > 1 else outs[0][0]
-
-
-
-
-def _bound(simt_err: float, want: torch.Tensor) -> float:
-    floor = 4 * EPS32 * (want.abs().max().item() if want.numel() else 0.0)
-    return max(2 * simt_err, floor)
 
 
 # ragged node counts (not multiples of 16), 1-3 levels, a gallery that ends inside a 64-pair tile,

@@ -61,6 +61,8 @@ TESTS = {
     "tests/test_emulated_barriers.py": {"*": ["avsl_distance_cuda.cu"]},
     # the tensor-core tests also run the SIMT kernel, for their error bound
     "tests/test_emulated_tensorcore.py": {"*": ["avsl_tensorcore_cuda.cu", "avsl_distance_cuda.cu"]},
+    # the fused cuBLAS-path tests also run the SIMT kernel, for their error bound
+    "tests/test_emulated_avsl_fused.py": {"*": ["avsl_fused_cuda.cu", "avsl_distance_cuda.cu"]},
     "tests/test_emulated_checks.py": {"*": []},  # the emulation's self-tests (selftest.cu), no csrc kernel
 }
 

@@ -409,7 +409,8 @@ TC_MIN_PAIRS = 1 << 20        # below: the SIMT kernel (launch and split-links o
 TC_MIN_TOPK_QUERIES = 264     # top-k runs one block per query: 2 per SM of an H100 / H200 (132 SMs)
 CUBLAS_MIN_PAIRS = 1 << 20    # and below: the SIMT kernel (one launch, no intermediates)
 CUBLAS_MIN_DENSITY = 0.3      # link* density above which dense cuBLAS beats the sparse SIMT kernel (model)
-CUBLAS_CHUNK_BYTES = 1 << 30  # the cuBLAS path's intermediates per query chunk
+CUBLAS_CHUNK_BYTES = 1 << 30  # the cuBLAS path's intermediates per chunk
+FUSED_CHUNK_QUERIES = 1024    # the fused cuBLAS path's queries per chunk (blocks of its top-k epilogue)
 
 
 def gpu_path(q: int, g: int, sizes: list[int], dtype: torch.dtype, *, topk: bool = False,
@@ -500,11 +501,86 @@ def _query_chunk(g: int, sizes: list[int], budget: int = CUBLAS_CHUNK_BYTES) -> 
     return max(1, budget // max(1, 6 * g * max(sizes) * 4))
 
 
+def _fused_chunk(q: int, g: int, sizes: list[int], budget: int = CUBLAS_CHUNK_BYTES) -> tuple[int, int]:
+    """(queries, gallery items) per chunk of the fused cuBLAS path: its two (pairs, R_max) float32
+    buffers within ``budget``, at most FUSED_CHUNK_QUERIES queries (the top-k epilogue runs one block
+    per query: 1,024 blocks fill an H100's 132 SMs), the rest of the budget in gallery items."""
+    pairs = max(1, budget // (2 * max(sizes) * 4))
+    nq = max(1, min(q, FUSED_CHUNK_QUERIES, pairs))
+    return nq, max(1, min(g, pairs // nq))
+
+
+def _fused_cublas(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma, k=None, exclude_self=False, *,
+                  chunk: tuple[int, int] | None = None):
+    """The cuBLAS path with fused kernels (csrc/avsl/avsl_fused.h): per chunk of queries x gallery
+    items, ``avsl_fused_prologue`` writes hat_0, each level's hat_{l-1} @ link*_{l-1} is one torch.mm
+    (cuBLAS SGEMM on CUDA, float32: allow_tf32 is False for matmul by default) into a second buffer,
+    ``avsl_fused_blend`` turns it into hat_l in place (levels 0 < l < L-1) and ``avsl_fused_epilogue``
+    blends, sums and writes the distances or folds them into each query's running top-k (gallery
+    chunks in increasing order). Memory: two (pairs, R_max) float32 buffers per chunk + the output."""
+    op = "avsl_topk" if k is not None else "avsl_distance"
+    q, g, nlev = qe.shape[0], ge.shape[0], len(sizes)
+    dev = qe.device
+    if k is None:
+        out = _ext.empty(op, "the output", (q, g), dtype=qe.dtype, device=dev)
+        values = indices = None
+    else:
+        out = None
+        values = _ext.empty(op, "values", (q, k), dtype=qe.dtype, device=dev)
+        indices = _ext.empty(op, "indices", (q, k), dtype=torch.int64, device=dev)
+    if q * g == 0:
+        return out if k is None else (values, indices)
+    nq, ng = chunk or _fused_chunk(q, g, sizes)
+    opt = (lambda t: _ext.buf(t) if t.numel() else _ext.no_buf())
+    ins = [_ext.buf(qe), _ext.buf(ge), opt(rq), opt(rg), opt(coef), opt(bias)]
+    rmax = max(sizes)
+    bufs = [_ext.empty(op, "the cuBLAS path's chunk buffers", (nq * ng * rmax,), dtype=qe.dtype, device=dev)
+            for _ in range(2 if nlev > 1 else 0)]
+    mats, pos = [], 0
+    for lv in range(1, nlev):
+        rp, r = sizes[lv - 1], sizes[lv]
+        mats.append(links[pos:pos + rp * r].view(rp, r))
+        pos += rp * r
+    sz, last = list(sizes), nlev - 1
+    tail = ([_ext.buf(out), _ext.no_buf(), _ext.no_buf()] if k is None
+            else [_ext.no_buf(), _ext.buf(values), _ext.buf(indices)])
+    with _ext.device_guard(qe):
+        stream = _ext.extra_arg(qe)
+        for a in range(0, q, nq):
+            cq = min(nq, q - a)
+            for b in range(0, g, ng):  # increasing: the top-k epilogue's running lists rely on it
+                cg = min(ng, g - b)
+                pairs = cq * cg
+                hat = _ext.no_buf()
+                if nlev > 1:
+                    x = bufs[0][:pairs * sizes[0]]
+                    mod.avsl_fused_prologue(*ins, _ext.buf(x), q, g, sz, a, cq, b, cg, stream)
+                    for lv in range(1, nlev):
+                        y = bufs[lv % 2][:pairs * sizes[lv]]
+                        torch.mm(x.view(pairs, sizes[lv - 1]), mats[lv - 1], out=y.view(pairs, sizes[lv]))
+                        if lv < last:
+                            mod.avsl_fused_blend(*ins, _ext.buf(y), q, g, sz, lv, float(gamma), a, cq, b, cg, stream)
+                        x = y
+                    hat = _ext.buf(x)
+                mod.avsl_fused_epilogue(*ins, hat, *tail, q, g, sz, last, float(gamma), a, cq, b, cg,
+                                        int(k or 0), bool(exclude_self), stream)
+    return out if k is None else (values, indices)
+
+
+def _cublas_launch(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma, k=None, exclude_self=False):
+    """The cuBLAS path: fused kernels around torch.mm when the module has them, else torch ops."""
+    if hasattr(mod, "avsl_fused_epilogue"):
+        return _fused_cublas(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma, k, exclude_self)
+    if k is None:
+        return cublas_distance(qe, ge, rq, rg, links, coef, bias, sizes, gamma)
+    return cublas_topk(qe, ge, rq, rg, links, coef, bias, sizes, gamma, k, exclude_self)
+
+
 def cublas_distance(qe, ge, rq, rg, links, coef, bias, sizes, gamma, *, chunk: int | None = None) -> Tensor:
-    """The cuBLAS path on the packed form (module docstring): (Q, G) distances, computed in query
-    chunks whose hat (chunk x G, R_{l-1}) @ link*_{l-1} is one torch.matmul (cuBLAS on CUDA, in
-    float32: torch's default allow_tf32=False for matmul), prologue and epilogue as torch ops
-    (not fused kernels). Memory O(chunk x G x R_max), CUBLAS_CHUNK_BYTES by default."""
+    """The cuBLAS path on the packed form (module docstring) in torch ops only (the form of a module
+    built before the fused kernels, and the spec of :func:`_fused_cublas`): (Q, G) distances,
+    computed in query chunks whose hat (chunk x G, R_{l-1}) @ link*_{l-1} is one torch.matmul,
+    prologue and epilogue as torch ops. Memory O(chunk x G x R_max), CUBLAS_CHUNK_BYTES by default."""
     q, g = qe.shape[0], ge.shape[0]
     step = chunk or _query_chunk(g, sizes)
     out = qe.new_empty(q, g)
@@ -551,7 +627,7 @@ def _avsl_distance(qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor
     if path == "tensorcore":
         return _tc_launch(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma)
     if path == "cublas":
-        return cublas_distance(qe, ge, rq, rg, links, coef, bias, sizes, gamma)
+        return _cublas_launch(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma)
     out = _ext.empty("avsl_distance", "the output", (q, g), dtype=qe.dtype, device=qe.device)
     keep, ptrs = _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes)
     with _ext.device_guard(qe):  # the workspace size depends on the device's shared-memory limit
@@ -626,7 +702,7 @@ def _avsl_topk(qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor, co
     if path == "tensorcore":
         return _tc_launch(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma, k=k, exclude_self=exclude_self)
     if path == "cublas":
-        return cublas_topk(qe, ge, rq, rg, links, coef, bias, sizes, gamma, k, exclude_self)
+        return _cublas_launch(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma, k, exclude_self)
     values = _ext.empty("avsl_topk", "values", (q, k), dtype=qe.dtype, device=qe.device)
     indices = _ext.empty("avsl_topk", "indices", (q, k), dtype=torch.int64, device=qe.device)
     keep, ptrs = _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes)
