@@ -10,7 +10,8 @@ class under the similarity model being explained) are computed once into a
 
 Published schedule: Adam, learning rate 5e-4 decayed as lr * 0.985^epoch, lambda 5e-3.
 
-:class:`AttributeTrainer` gives the guarantees of :class:`whymatch.train.Trainer`:
+:class:`AttributeTrainer` runs the loop of :class:`whymatch.train.loop.CheckpointedLoop` (as
+:class:`whymatch.train.Trainer` does), with its guarantees:
 an atomic checkpoint after every epoch with everything needed to resume exactly (on the CPU,
 2 epochs straight == 1 epoch + resume + 1 epoch, bit for bit: randomness is re-seeded from
 (seed, epoch, rank) at every epoch), best.pt kept by validation mAP, metrics.jsonl, a tqdm bar
@@ -21,10 +22,8 @@ DistributedSampler does), and autocast only on CUDA.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +35,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..io import FileFormatError, atomic_torch_save
 from .. import _checks as V
 from ..train import checkpoint as C
-from ..train.trainer import BEST, CheckpointedLoop, _describe_module, _model_settings, _seed_of
+from ..train.distributed import all_gather_shares, default_device, dist_info, shares
+from ..train.loop import CheckpointedLoop, _describe_module, _model_settings, _seed_of
 from .cache import SaliencyCache
 from .losses import AttributeLoss
 from .model import ATTRIBUTE_BACKBONES, AttributeModel, attribute_model_state, build_attribute_model
@@ -253,13 +253,6 @@ def _load_similarity(cfg: SANEConfig, device: torch.device):
 
 
 # ------------------------------------------------------------------ trainer
-def _dist_info() -> tuple[bool, int, int]:
-    import torch.distributed as dist
-
-    on = dist.is_available() and dist.is_initialized()
-    return on, (dist.get_rank() if on else 0), (dist.get_world_size() if on else 1)
-
-
 class AttributeTrainer(CheckpointedLoop):
     """Train an :class:`AttributeModel` with :class:`AttributeLoss` (and cached saliency maps).
 
@@ -300,10 +293,8 @@ class AttributeTrainer(CheckpointedLoop):
                 raise TypeError(f"cache must be a SaliencyCache, got {type(cache).__name__}")
             if len(cache) != len(train_set):
                 raise ValueError(f"cache must have one row per train_set item ({len(train_set)}), got {len(cache)}")
-        self.distributed, self.rank, self.world = _dist_info()
-        if device is None:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.distributed, self.rank, self.world = dist_info()
+        self.device = default_device(device)
         self.out_dir = Path(out_dir)
         self.epochs = V.positive_int("epochs", epochs)
         self.batch_size = V.positive_int("batch_size", batch_size)
@@ -334,7 +325,7 @@ class AttributeTrainer(CheckpointedLoop):
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict] = []
-        self.best_map = -math.inf
+        self.best_score = -math.inf  # the best validation mAP (best_map)
         self.last_epoch_indices: Tensor = torch.empty(0, dtype=torch.long)
 
     # ------------------------------------------------------------ state
@@ -401,75 +392,54 @@ class AttributeTrainer(CheckpointedLoop):
             return torch.autocast("cuda", dtype=self.amp_dtype)
         return contextlib.nullcontext()
 
-    def train_epoch(self) -> dict[str, float]:
-        """One epoch (self.epoch); returns the mean loss parts over the epoch (all ranks)."""
-        e = self.epoch
-        torch.manual_seed(_seed_of(self.seed, e, self.rank, 1))
-        gen = torch.Generator().manual_seed(_seed_of(self.seed, e, self.rank, 2))
-        batches = self.epoch_indices(e)
+    log_digits = 5
+
+    @property
+    def train_module(self) -> nn.Module:
+        return self.net
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        batches = self.epoch_indices(epoch)
         self.last_epoch_indices = torch.cat(batches)
-        loader = DataLoader(self.train_set, batch_sampler=[b.tolist() for b in batches],
-                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
-        self.net.train()
-        sums = {"total": 0.0, "huber": 0.0, "matching": 0.0, "localization": 0.0}
-        it = loader
-        bar = None
-        if self.show_progress and self.rank == 0:
-            from tqdm.auto import tqdm
+        return [b.tolist() for b in batches]
 
-            bar = tqdm(loader, desc=f"epoch {e + 1}/{self.epochs}", unit="batch", leave=False)
-            it = bar
-        for images, attrs, index, *more in it:
-            x = images.to(self.device, non_blocking=True)
-            am = more[0].to(self.device, non_blocking=True) if more else None
-            y = attrs.to(self.device, non_blocking=True)
-            sal = valid = None
-            if self.cache is not None:
-                sal, valid = self.cache.batch(index)
-                sal, valid = sal.to(self.device, non_blocking=True), valid.to(self.device)
-            if self.flip:
-                f = (torch.rand(x.shape[0], generator=gen) < 0.5).to(self.device)
-                x = torch.where(f[:, None, None, None], x.flip(-1), x)
-                if sal is not None:
-                    sal = torch.where(f[:, None, None, None], sal.flip(-1), sal)
-                if am is not None:
-                    am = torch.where(f[:, None, None, None], am.flip(-1), am)
-            with self._autocast():
-                out = self.net(x)
-            parts = self.loss(out, y, sal, valid, am)
-            self.check_finite_loss(parts["total"], self.epoch)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(parts["total"]).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.global_step += 1
-            for k in sums:
-                sums[k] += float(parts[k].detach())
-            if bar is not None:
-                bar.set_postfix({k: f"{float(v.detach()):.3g}" for k, v in parts.items()})
-        if bar is not None:
-            bar.close()
-        self.scheduler.step()
-        keys = sorted(sums)
-        vals = torch.tensor([sums[k] for k in keys] + [float(len(batches))], dtype=torch.float64)
-        if self.distributed:
-            import torch.distributed as dist
+    def train_step(self, batch, generator: torch.Generator) -> tuple[dict[str, float], dict[str, str]]:
+        images, attrs, index, *more = batch
+        x = images.to(self.device, non_blocking=True)
+        am = more[0].to(self.device, non_blocking=True) if more else None
+        y = attrs.to(self.device, non_blocking=True)
+        sal = valid = None
+        if self.cache is not None:
+            sal, valid = self.cache.batch(index)
+            sal, valid = sal.to(self.device, non_blocking=True), valid.to(self.device)
+        if self.flip:
+            f = (torch.rand(x.shape[0], generator=generator) < 0.5).to(self.device)
+            x = torch.where(f[:, None, None, None], x.flip(-1), x)
+            if sal is not None:
+                sal = torch.where(f[:, None, None, None], sal.flip(-1), sal)
+            if am is not None:
+                am = torch.where(f[:, None, None, None], am.flip(-1), am)
+        with self._autocast():
+            out = self.net(x)
+        parts = self.loss(out, y, sal, valid, am)
+        self.check_finite_loss(parts["total"], self.epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(parts["total"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.global_step += 1
+        return ({k: float(parts[k].detach()) for k in ("total", "huber", "matching", "localization")},
+                {k: f"{float(v.detach()):.3g}" for k, v in parts.items()})
 
-            for buf in self.model.buffers():  # DDP broadcasts buffers at each forward; the last update is local
-                dist.broadcast(buf, 0)
-            vals = vals.to(self.device)
-            dist.all_reduce(vals)
-            vals = vals.cpu()
-        n = max(1.0, float(vals[-1]))
-        return {k: float(v) / n for k, v in zip(keys, vals[:-1].tolist())}
+    def end_epoch(self) -> None:
+        self.scheduler.step()  # lr * lr_decay^epoch
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
     def predict(self, dataset: Dataset) -> tuple[Tensor, Tensor, Tensor]:
         """(confidences (N, A), logits (N, A) float32, attributes (N, A) bool) of a data set, eval
         mode, on the CPU; under torch.distributed each rank embeds a share and all get everything."""
-        n = len(dataset)
-        parts = torch.tensor_split(torch.arange(n), self.world)
+        parts = shares(len(dataset), self.world)
         mine = parts[self.rank]
         self.model.eval()
         a = self.model.n_attributes
@@ -486,14 +456,7 @@ class AttributeTrainer(CheckpointedLoop):
         lg = torch.cat(logit) if logit else torch.empty(0, a, device=self.device)
         lb = torch.cat(lab).bool() if lab else torch.empty(0, a, dtype=torch.bool, device=self.device)
         if self.distributed:
-            import torch.distributed as dist
-
-            size = max(len(p) for p in parts)
-            packed = torch.zeros(size, 3 * a, device=self.device)
-            packed[:c.shape[0]] = torch.cat([c, lg, lb.float()], dim=1)
-            gathered = [torch.empty_like(packed) for _ in range(self.world)]
-            dist.all_gather(gathered, packed)
-            full = torch.cat([g[:len(p)] for g, p in zip(gathered, parts)])
+            full = all_gather_shares(torch.cat([c, lg, lb.float()], dim=1), [len(p) for p in parts], 0.0)
             c, lg, lb = full[:, :a], full[:, a:2 * a], full[:, 2 * a:] > 0.5
         return c.cpu(), lg.cpu(), lb.cpu()
 
@@ -511,47 +474,26 @@ class AttributeTrainer(CheckpointedLoop):
         return {"map": m, "map_logits": m_logits,
                 "ap": {n: (None if math.isnan(v) else v) for n, v in zip(names, ap.tolist())}}
 
-    # ------------------------------------------------------------ the loop
-    def fit(self, resume: bool = False, *, overwrite: bool = False, stop_after: int | None = None) -> list[dict]:
-        """Train until ``epochs`` (or ``stop_after`` more epochs in this call); returns the history.
+    # ------------------------------------------------------------ validation in the loop
+    @property
+    def best_map(self) -> float:
+        """The best validation mAP so far (-inf before any validation); best.pt holds that epoch's model."""
+        return self.best_score
 
-        Args:
-            resume: continue from out_dir/checkpoint.pt (an error when there is none, when it is not a
-                whymatch checkpoint, or when the settings differ from the stored ones outside
-                :data:`whymatch.train.checkpoint.RESUMABLE`, each named).
-            overwrite: replace the run already in out_dir; without it such a directory is refused.
-            stop_after: return after this many epochs (the next ``fit(resume=True)`` continues).
-        """
-        self.start_run(resume, overwrite)
-        done = 0
-        while self.epoch < self.epochs and (stop_after is None or done < stop_after):
-            lr = self.optimizer.param_groups[0]["lr"]
-            t0 = time.perf_counter()
-            means = self.train_epoch()
-            self.epoch += 1
-            done += 1
-            rec = {"epoch": self.epoch, "step": self.global_step, "lr": lr, **means,
-                   "train_time_s": time.perf_counter() - t0}
-            if self.val_set is not None:
-                t1 = time.perf_counter()
-                ev = self.evaluate()
-                rec.update({"map": ev["map"], "map_logits": ev["map_logits"],
-                            "eval_time_s": time.perf_counter() - t1})
-                m = -math.inf if math.isnan(ev["map"]) else ev["map"]
-                if m > self.best_map:
-                    self.best_map = m
-                    if self.rank == 0:
-                        atomic_torch_save(self.model_state(epoch=self.epoch, map=m, ap=ev["ap"], train=self.config),
-                                          self.out_dir / BEST)
-            self.history.append(rec)
-            self.save_checkpoint()
-            if self.rank == 0 and self.show_progress:
-                print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
-        if self.distributed:
-            import torch.distributed as dist
+    @best_map.setter
+    def best_map(self, value: float) -> None:
+        self.best_score = value
 
-            dist.barrier()
-        return self.history
+    def validation_set(self) -> Dataset | None:
+        return self.val_set
+
+    def validate(self) -> tuple[dict, float]:
+        ev = self.evaluate()
+        self._best_ap = ev["ap"]
+        return {"map": ev["map"], "map_logits": ev["map_logits"]}, -math.inf if math.isnan(ev["map"]) else ev["map"]
+
+    def best_state(self, score: float) -> dict:
+        return self.model_state(epoch=self.epoch, map=score, ap=self._best_ap, train=self.config)
 
 
 # ------------------------------------------------------------------ task
@@ -580,11 +522,8 @@ def train_sane(cfg: SANEConfig) -> AttributeTrainer:
     if cfg.resume:
         C.check_resume_config(out / "checkpoint.pt", config)
     train, val, info = build_sane_data(cfg)
-    _, rank, _ = _dist_info()
-    if cfg.device is None:
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
+    _, rank, _ = dist_info()
+    device = default_device(cfg.device)
     cache = None
     if cfg.lam > 0:
         sim = _load_similarity(cfg, device)

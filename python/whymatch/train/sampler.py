@@ -10,19 +10,16 @@ from torch import Tensor
 from torch.utils.data import Sampler
 
 from .. import _checks as V
+from .distributed import dist_info
 
 __all__ = ["PKSampler"]
 
 
 def _dist_info(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
     if num_replicas is None or rank is None:
-        import torch.distributed as dist
-
-        initialized = dist.is_available() and dist.is_initialized()
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if initialized else 1
-        if rank is None:
-            rank = dist.get_rank() if initialized else 0
+        _, my_rank, world = dist_info()
+        num_replicas = world if num_replicas is None else num_replicas
+        rank = my_rank if rank is None else rank
     V.positive_int("num_replicas", num_replicas)
     V.positive_int("rank", rank, minimum=0)
     if rank >= num_replicas:

@@ -1,6 +1,7 @@
-"""A reusable metric-learning training loop with exact resume, DDP, mixed precision and Recall@K evaluation.
+"""The metric-learning trainer: P x K batches, parameter groups and schedules, Recall@K evaluation.
 
-The guarantees every whymatch trainer (similarity mining, AVSL, SANE) gets from :class:`Trainer`:
+:class:`Trainer` runs the loop every whymatch trainer (similarity mining, AVSL, SANE) shares,
+:class:`whymatch.train.loop.CheckpointedLoop`, with these guarantees:
 
 - a checkpoint after every epoch, written atomically (temporary file + os.replace):
   model, loss (ProxyAnchor proxies and any other loss state), optimizer, scheduler,
@@ -35,10 +36,8 @@ the learning rate ``loss_lr`` unless a :class:`ParamGroup` claims them.
 from __future__ import annotations
 
 import bisect
-import json
 import math
 import os
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,18 +46,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..io import FileFormatError, atomic_torch_save, atomic_write_text, load_torch_file
 from .. import _checks as V
+from ..io import FileFormatError
 from ..similarity import SimilarityModel
 from . import checkpoint as C
+from .distributed import all_gather_shares, default_device, dist_info, shares
+from .loop import BEST, CHECKPOINT, METRICS_LOG, CheckpointedLoop, _describe_module, _model_settings
 from .sampler import PKSampler
 
 __all__ = ["Trainer", "ParamGroup", "assign_param_groups", "SCHEDULERS", "random_flip", "CHECKPOINT", "BEST",
            "METRICS_LOG"]
 
-CHECKPOINT = "checkpoint.pt"
-BEST = "best.pt"
-METRICS_LOG = "metrics.jsonl"
 _FORMAT = 2  # 2: the trainer's own settings are stored beside the task config
 #: The learning-rate schedules of :class:`Trainer` (all per optimizer step).
 SCHEDULERS = ("cosine", "step", "none")
@@ -171,14 +169,6 @@ def random_flip(images: Tensor, generator: torch.Generator) -> Tensor:
     return out
 
 
-def _seed_of(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across runs and platforms)."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) + 0x632BE59BD9B4E019 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
 class _Step(nn.Module):
     """Model + loss as one module, so DDP sees (and all-reduces) the loss's parameters too,
     and every forward of the embedder inside the loss happens inside one DDP forward."""
@@ -205,195 +195,6 @@ def _total_and_parts(out: object) -> tuple[Tensor, dict[str, float]]:
                         f"got {type(out).__name__}")
     parts = out.parts() if hasattr(out, "parts") else {"loss": float(total.detach())}
     return total, parts
-
-
-def _describe_module(module: nn.Module) -> list[str]:
-    """Each submodule's class and settings ('name: Class(extra_repr)'), independent of the device: what
-    makes two modules of the same state dict layout behave differently (a loss's margins, a mode)."""
-    out = []
-    for name, m in module.named_modules():
-        if isinstance(m, (nn.ParameterList, nn.ParameterDict)):
-            continue
-        out.append(f"{name or '.'}: {type(m).__module__}.{type(m).__qualname__}({m.extra_repr()})")
-    return out
-
-
-def _model_settings(model: nn.Module) -> dict:
-    """The model's class and a digest of its architecture (every submodule's class and settings)."""
-    import hashlib
-
-    digest = hashlib.sha256("\n".join(_describe_module(model)).encode()).hexdigest()[:16]
-    return {"model_class": f"{type(model).__module__}.{type(model).__qualname__}", "model_architecture": digest}
-
-
-class CheckpointedLoop:
-    """Checkpoint files of a training loop: the part the metric-learning and attribute trainers share.
-
-    A subclass has ``out_dir``, ``rank``, ``distributed``, ``device``, ``history``, ``model``,
-    ``optimizer``, ``scheduler``, ``scaler`` (:meth:`setup_precision`), ``epoch``, ``global_step``
-    and its own ``state_dict`` / ``load_state_dict``; the latter calls :meth:`restore_loop_state`
-    for the shared entries.
-    """
-
-    def setup_precision(self, amp: str) -> torch.dtype | None:
-        """The autocast dtype for ``amp`` ('auto': bf16 on CUDA where supported, else fp16; 'bf16',
-        'fp16'; 'none', and always on the CPU: None), and ``self.scaler`` (a GradScaler, enabled for fp16)."""
-        dtype = None
-        if self.device.type == "cuda" and amp != "none":
-            bf16 = amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported())
-            dtype = torch.bfloat16 if bf16 else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-        return dtype
-
-    def wrap_distributed(self, module: nn.Module) -> nn.Module:
-        """``module`` under DistributedDataParallel when torch.distributed is initialized (``self.distributed``)."""
-        if not self.distributed:
-            return module
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-
-    def loop_state(self) -> dict:
-        """The checkpoint entries every loop has (what :meth:`restore_loop_state` loads)."""
-        return {
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "history": self.history,
-        }
-
-    def run_settings(self) -> dict:
-        """The loop's own settings (JSON-able): written to config.json and stored in the checkpoint as
-        'settings', compared on resume (see :data:`whymatch.train.checkpoint.RESUMABLE`)."""
-        raise NotImplementedError
-
-    def check_loop_state(self, state: dict, checkpoint_format: int) -> None:
-        """Check every entry of a checkpoint before anything is loaded (see :mod:`whymatch.train.checkpoint`).
-
-        Raises:
-            FileFormatError: an entry is missing or of the wrong type / layout / value.
-            ValueError: the stored settings or model differ from this run's (each difference named).
-        """
-        if not isinstance(state, dict):
-            raise FileFormatError(f"must hold a dict, got {type(state).__name__}")
-        if state.get("format") != checkpoint_format:
-            raise FileFormatError(f"checkpoint format {state.get('format')!r} is not {checkpoint_format} (written by "
-                                  f"another whymatch version, or not a whymatch checkpoint)")
-        required = ("epoch", "global_step", "model", "optimizer", "scheduler", "scaler", "rng", "history", "config",
-                    "settings")
-        missing = [k for k in required if k not in state]
-        if missing:
-            raise FileFormatError(f"lacks the entries {', '.join(map(repr, missing))}")
-        for key in ("config", "settings"):
-            if not isinstance(state[key], dict):
-                raise FileFormatError(f"entry {key!r} must be a dict, got {type(state[key]).__name__}")
-        diffs = C.setting_differences(state["settings"], self.run_settings()) + \
-            C.setting_differences(state["config"], self.config)
-        if diffs:
-            raise C.resume_mismatch("the checkpoint", diffs)
-        epoch = C.check_int("entry 'epoch'", state["epoch"])
-        C.check_int("entry 'global_step'", state["global_step"])
-        C.check_tensors_match("the checkpoint's model", C.check_tensor_dict("entry 'model'", state["model"]),
-                              self.model.state_dict(), "a changed backbone, embedding dim or architecture")
-        C.check_optimizer_state("entry 'optimizer'", state["optimizer"], self.optimizer)
-        C.check_same_structure("entry 'scheduler'", state["scheduler"], self.scheduler.state_dict())
-        C.check_same_structure("entry 'scaler'", state["scaler"], self.scaler.state_dict())
-        C.check_rng_state("entry 'rng'", state["rng"])
-        C.check_history("entry 'history'", state["history"], epoch)
-
-    def restore_loop_state(self, state: dict) -> None:
-        """Load the model, optimizer, scheduler, grad scaler, counters, history and torch RNG of a checkpoint."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.epoch = int(state["epoch"])
-        self.global_step = int(state["global_step"])
-        self.history = list(state["history"])
-        torch.set_rng_state(state["rng"]["torch"])
-
-    def check_finite_loss(self, total: Tensor, epoch: int) -> None:
-        """Stop, naming the step, when the loss is NaN or infinite on any rank (an update would turn every
-        weight into NaN and training would go on silently). Under DDP the ranks agree first, so all of them
-        raise together instead of some waiting in the gradient all-reduce. Costs no extra sync: the loss
-        parts are read on the host at every step anyway."""
-        bad = not math.isfinite(float(total.detach()))
-        if self.distributed:
-            import torch.distributed as dist
-
-            flag = torch.tensor([1.0 if bad else 0.0], device=total.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            bad = bool(flag.item() > 0)
-        if bad:
-            raise FloatingPointError(f"the training loss is not finite (NaN or Inf) at epoch {epoch + 1}, step "
-                                     f"{self.global_step + 1} (on some rank): lower the learning rate or check the "
-                                     f"data and the model; the last checkpoint ({self.out_dir / CHECKPOINT}) is "
-                                     f"intact")
-
-    def save_checkpoint(self) -> Path:
-        """Write out_dir/checkpoint.pt (and metrics.jsonl) atomically; rank 0 only (other ranks no-op)."""
-        path = self.out_dir / CHECKPOINT
-        if self.rank == 0:
-            atomic_torch_save(self.state_dict(), path)
-            atomic_write_text(self.out_dir / METRICS_LOG, "".join(json.dumps(h) + "\n" for h in self.history))
-        return path
-
-    def load_checkpoint(self, path: str | os.PathLike | None = None) -> None:
-        """Resume from ``path`` (default out_dir/checkpoint.pt).
-
-        The file is read with ``weights_only=True`` (tensors and plain containers, never code) and
-        checked entry by entry before anything is loaded (:meth:`check_loop_state`).
-
-        Raises:
-            FileNotFoundError: no file at the path.
-            FileFormatError: refused, truncated, empty, not a checkpoint, or an entry of the wrong type or layout.
-            ValueError: the run's settings or model differ from the checkpoint's (named).
-            Every message is one line naming the path.
-        """
-        p = Path(path) if path is not None else self.out_dir / CHECKPOINT
-        if not p.is_file():
-            raise FileNotFoundError(f"no checkpoint to resume from at {p}" + (" (a directory)" if p.is_dir() else ""))
-        state = load_torch_file(p, "checkpoint", map_location="cpu")
-        try:
-            self.load_state_dict(state)
-        except FileFormatError as exc:
-            raise FileFormatError(f"checkpoint {p}: {exc}") from None
-        except ValueError as exc:
-            msg = str(exc).replace("cannot resume from the checkpoint", f"cannot resume from {p}")
-            raise ValueError(msg if str(p) in msg else f"checkpoint {p}: {msg}") from None
-        except (RuntimeError, KeyError, TypeError, IndexError, AttributeError) as exc:
-            from ..io import _first_line
-
-            raise FileFormatError(f"cannot resume from checkpoint {p}: {_first_line(exc)}") from None
-
-    def start_run(self, resume: bool, overwrite: bool) -> None:
-        """The start of ``fit``: refuse to overwrite another run, load the checkpoint when resuming, and
-        (rank 0) write config.json and, after a resume, metrics.jsonl from the checkpoint's history."""
-        if not isinstance(resume, bool) or not isinstance(overwrite, bool):
-            raise TypeError(f"resume and overwrite must be bools, got {resume!r} and {overwrite!r}")
-        own = getattr(self, "_own_run", False)  # this object wrote the files: fit() again continues it
-        if resume or not own:
-            C.check_run_dir(self.out_dir, resume=resume, overwrite=overwrite)
-        if resume:
-            self.load_checkpoint()
-        if self.distributed:  # every rank has looked at out_dir before rank 0 writes to it
-            import torch.distributed as dist
-
-            dist.barrier()
-        if self.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            if overwrite and not own:
-                C.clear_run_files(self.out_dir)
-            if resume:
-                atomic_write_text(self.out_dir / METRICS_LOG, "".join(json.dumps(h) + "\n" for h in self.history))
-            cfg = {**self.run_settings(), **self.config}
-            atomic_write_text(self.out_dir / "config.json", json.dumps(cfg, indent=2, default=str) + "\n")
-        self._own_run = True
 
 
 class Trainer(CheckpointedLoop):
@@ -485,17 +286,8 @@ class Trainer(CheckpointedLoop):
         for name, ds in (("train_set", train_set), ("test_set", test_set)):
             if ds is not None and not isinstance(getattr(ds, "labels", None), Tensor):
                 raise TypeError(f"{name} must have a .labels (N,) int tensor")
-        import torch.distributed as dist
-
-        self.distributed = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if self.distributed else 0
-        self.world = dist.get_world_size() if self.distributed else 1
-        if device is None:
-            if torch.cuda.is_available():
-                device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            else:
-                device = "cpu"
-        self.device = torch.device(device)
+        self.distributed, self.rank, self.world = dist_info()
+        self.device = default_device(device)
         self.out_dir = Path(out_dir)
         self.epochs = V.positive_int("epochs", epochs)
         self.lr = V.real("lr", lr, low=0)
@@ -684,74 +476,49 @@ class Trainer(CheckpointedLoop):
         labels = torch.as_tensor(labels).cpu()
         return torch.searchsorted(self.classes, labels).to(self.device)
 
-    def train_epoch(self) -> dict[str, float]:
-        """One epoch (self.epoch); returns the mean of the loss parts over the epoch (all ranks)."""
-        e = self.epoch
-        torch.manual_seed(_seed_of(self.seed, e, self.rank, 1))
-        gen = torch.Generator().manual_seed(_seed_of(self.seed, e, self.rank, 2))
-        self.sampler.set_epoch(e)
-        batches = list(iter(self.sampler))
-        self.last_epoch_batches = batches
-        loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda")
-        self.step_module.train()
-        sums: dict[str, float] = {}
-        it = loader
-        bar = None
-        if self.show_progress and self.rank == 0:
-            from tqdm.auto import tqdm
+    @property
+    def train_module(self) -> nn.Module:
+        return self.step_module
 
-            bar = tqdm(loader, desc=f"epoch {e + 1}/{self.epochs}", unit="batch", leave=False)
-            it = bar
-        for images, labels in it:
-            x = self._to_input(images)
-            if self.augment is not None:
-                x = self.augment(x, gen)
-            y = self._map_labels(labels)
-            out = self.step_module(x, y)
-            total, parts = _total_and_parts(out)
-            self.check_finite_loss(total, e)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(total).backward()
-            if e < self.freeze_epochs:  # frozen groups: no update, no AdamW state (see freeze_groups)
-                for p in self._frozen_params:
-                    p.grad = None
-            if self.grad_clip is not None:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(list(self.model.parameters()) + list(self.loss.parameters()),
-                                               self.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            self.global_step += 1
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            if bar is not None:
-                bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items() if k != "n_tuples"})
-        if bar is not None:
-            bar.close()
-        if self.distributed:  # DDP broadcasts buffers at each forward; the last step's updates are local
-            import torch.distributed as dist
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        self.sampler.set_epoch(epoch)
+        self.last_epoch_batches = list(iter(self.sampler))
+        return self.last_epoch_batches
 
-            for buf in self.step_module.module.buffers():
-                dist.broadcast(buf, 0)
-        keys = sorted(sums)
-        vals = torch.tensor([sums[k] for k in keys] + [float(len(batches))], dtype=torch.float64)
-        if self.distributed:
-            import torch.distributed as dist
+    def train_step(self, batch, generator: torch.Generator) -> tuple[dict[str, float], dict[str, str]]:
+        images, labels = batch
+        x = self._to_input(images)
+        if self.augment is not None:
+            x = self.augment(x, generator)
+        y = self._map_labels(labels)
+        out = self.step_module(x, y)
+        total, parts = _total_and_parts(out)
+        self.check_finite_loss(total, self.epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.epoch < self.freeze_epochs:  # frozen groups: no update, no AdamW state (see freeze_groups)
+            for p in self._frozen_params:
+                p.grad = None
+        if self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(list(self.model.parameters()) + list(self.loss.parameters()),
+                                           self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.global_step += 1
+        return parts, {k: f"{v:.4f}" for k, v in parts.items() if k != "n_tuples"}
 
-            vals = vals.to(self.device)
-            dist.all_reduce(vals)
-            vals = vals.cpu()
-        n = max(1.0, float(vals[-1]))
-        return {k: float(v) / n for k, v in zip(keys, vals[:-1].tolist())}
+    def lr_record(self, lr_before: list[float]) -> dict:
+        """The rates the epoch's last step left (the schedule is per step): the first group's and each group's."""
+        return {"lr": self.optimizer.param_groups[0]["lr"],
+                **{f"lr_{n}": g["lr"] for n, g in zip(self.group_names, self.optimizer.param_groups)}}
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
     def embed(self, dataset: Dataset) -> tuple[Tensor, Tensor]:
         """Embeddings (N, D) float32 and labels (N,) of a data set, in eval mode, gathered over ranks."""
-        n = len(dataset)
-        parts = torch.tensor_split(torch.arange(n), self.world)
+        parts = shares(len(dataset), self.world)
         mine = parts[self.rank]
         self.model.eval()
         loader = DataLoader(Subset(dataset, mine.tolist()), batch_size=self.eval_batch_size, shuffle=False,
@@ -767,26 +534,12 @@ class Trainer(CheckpointedLoop):
             return emb, lab
         import torch.distributed as dist
 
-        if dim is None:  # an empty share: learn the dimension from the others
-            d = torch.tensor([0], device=self.device)
-        else:
-            d = torch.tensor([dim], device=self.device)
+        d = torch.tensor([0 if dim is None else dim], device=self.device)  # an empty share learns it from the others
         dist.all_reduce(d, op=dist.ReduceOp.MAX)
-        dim = int(d)
         if emb is None:
-            emb = torch.empty(0, dim, device=self.device)
-        size = max(len(p) for p in parts)
-        pad_e = torch.zeros(size, dim, device=self.device)
-        pad_e[:emb.shape[0]] = emb
-        pad_l = torch.full((size,), -1, dtype=torch.long, device=self.device)
-        pad_l[:lab.shape[0]] = lab
-        all_e = [torch.empty_like(pad_e) for _ in range(self.world)]
-        all_l = [torch.empty_like(pad_l) for _ in range(self.world)]
-        dist.all_gather(all_e, pad_e)
-        dist.all_gather(all_l, pad_l)
-        emb = torch.cat([e[:len(p)] for e, p in zip(all_e, parts)])
-        lab = torch.cat([lab_[:len(p)] for lab_, p in zip(all_l, parts)])
-        return emb, lab
+            emb = torch.empty(0, int(d), device=self.device)
+        sizes = [len(p) for p in parts]
+        return all_gather_shares(emb, sizes, 0.0), all_gather_shares(lab.long(), sizes, -1)
 
     def evaluate(self, dataset: Dataset | None = None) -> dict[str, float]:
         """Recall@K (``eval_k``) on a held-out set (default the test_set), keys 'recall@K'."""
@@ -800,49 +553,23 @@ class Trainer(CheckpointedLoop):
         res = ev.get_accuracy(emb, lab, shard=self.distributed)
         return {k: v for k, v in res.items() if k.startswith("recall@")}
 
-    # ------------------------------------------------------------ the loop
-    def fit(self, resume: bool = False, *, overwrite: bool = False, stop_after: int | None = None) -> list[dict]:
-        """Train until ``epochs`` (or ``stop_after`` more epochs in this call); returns the history.
+    # ------------------------------------------------------------ validation in the loop
+    @property
+    def best_recall_at_1(self) -> float:
+        """The best Recall@1 so far (-inf before any evaluation); best.pt holds that epoch's model."""
+        return self.best_score
 
-        Args:
-            resume: continue from out_dir/checkpoint.pt (an error when there is none, when it is not a
-                whymatch checkpoint, or when this trainer's settings differ from the stored ones outside
-                :data:`~whymatch.train.checkpoint.RESUMABLE`: see the class docstring).
-            overwrite: replace the run already in out_dir (its checkpoint.pt, best.pt, model.pt,
-                metrics.jsonl and config.json); without it such a directory is refused. Not with ``resume``.
-            stop_after: return after this many epochs even if ``epochs`` is not reached
-                (the next ``fit(resume=True)`` continues; used to test resuming).
-        """
-        self.start_run(resume, overwrite)
-        done = 0
-        while self.epoch < self.epochs and (stop_after is None or done < stop_after):
-            t0 = time.perf_counter()
-            means = self.train_epoch()
-            t_train = time.perf_counter() - t0
-            self.epoch += 1
-            done += 1
-            rec = {"epoch": self.epoch, "step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],
-                   **{f"lr_{n}": g["lr"] for n, g in zip(self.group_names, self.optimizer.param_groups)},
-                   **means, "train_time_s": t_train}
-            if self.test_set is not None:
-                t1 = time.perf_counter()
-                rec.update({k: (None if isinstance(v, float) and math.isnan(v) else v)
-                            for k, v in self.evaluate().items()})
-                rec["eval_time_s"] = time.perf_counter() - t1
-                r1 = rec.get("recall@1")
-                r1 = -math.inf if r1 is None else r1
-                if r1 > self.best_recall_at_1:
-                    self.best_recall_at_1 = r1
-                    if self.rank == 0:
-                        atomic_torch_save({"model": self.model.state_dict(), "epoch": self.epoch,
-                                            "recall@1": r1, "config": self.config}, self.out_dir / BEST)
-            self.history.append(rec)
-            self.save_checkpoint()
-            if self.rank == 0 and self.show_progress:
-                shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}
-                print(json.dumps(shown), flush=True)
-        if self.distributed:
-            import torch.distributed as dist
+    @best_recall_at_1.setter
+    def best_recall_at_1(self, value: float) -> None:
+        self.best_score = value
 
-            dist.barrier()
-        return self.history
+    def validation_set(self) -> Dataset | None:
+        return self.test_set
+
+    def validate(self) -> tuple[dict, float]:
+        entries = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.evaluate().items()}
+        r1 = entries.get("recall@1")
+        return entries, -math.inf if r1 is None else r1
+
+    def best_state(self, score: float) -> dict:
+        return {"model": self.model.state_dict(), "epoch": self.epoch, "recall@1": score, "config": self.config}
