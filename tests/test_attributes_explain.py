@@ -159,7 +159,7 @@ def test_phi_grid_has_one_triple_per_direction():
 
 
 @pytest.mark.parametrize("kw, err, match", [
-    (dict(phi=(1, 1)), ValueError, "phi must be three numbers"),
+    (dict(phi=(1, 1)), ValueError, "phi must be three or four numbers"),
     (dict(phi=(0, 0, 0)), ValueError, "at least one positive"),
     (dict(phi=(1, -1, 0)), ValueError, "phi2"),
     (dict(tcav=torch.zeros(3)), ValueError, r"tcav must have shape \(4\)"),

@@ -15,6 +15,21 @@ default) and ranks the attributes i of an attribute explanation model by (Eq. 4)
 - TCAV_i: a prior over attributes, the TCAV score of attribute i for the similarity model
   (:class:`whymatch.attributes.tcav.TCAV`), the same for every pair.
 
+Eq. 4's terms say how likely the query has attribute i and where it is, not how much THIS pair's
+similarity relies on it. whymatch adds an optional fourth term, a per-pair concept sensitivity
+(TCAV's directional derivative taken at the pair, :class:`whymatch.attributes.tcav.PairSensitivity`):
+
+    e_i = phi1 * a_i + phi2 * cos(m_q, n_i) + phi3 * TCAV_i + phi4 * g_i * S_i(q, r)
+
+- S_i(q, r) = s(f(q), f(r)) - s(f(q) + d_i, f(r)): the drop in similarity when the query's
+  embedding moves along attribute i's removal direction d_i (from TCAV's CAVs, or, where the data
+  set can re-render an image with one attribute changed, from measured counterfactual changes);
+- g_i = a_i / max_k a_k, the query's relative confidence in attribute i (``gate='query'``), or the
+  smaller of the query's and the reference's (``gate='pair'``: the attribute must be on both):
+  a direction that removes an attribute the query does not have means nothing.
+
+With three weights phi (or phi4 = 0) the ranking is the paper's Eq. 4.
+
 The weights phi are chosen by :meth:`SANE.fit_phi` on held-out pairs against the attribute
 deletion metric (:func:`whymatch.metrics.attributes.attribute_insertion_deletion`), as the paper
 does. The explanation keeps the three terms, so a user sees why an attribute ranked first, and
@@ -23,6 +38,7 @@ the query's most likely attribute, which often differs from the one that explain
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,53 +58,65 @@ __all__ = ["AttributeTerms", "AttributeExplanation", "SANE", "rank_scores", "phi
 
 @dataclass
 class AttributeTerms:
-    """The three terms of Eq. 4 for P pairs (each (P, A) float32).
+    """The terms of Eq. 4 for P pairs (each (P, A) float32), plus the per-pair sensitivity.
 
     Attributes:
         confidence: a, the attribute model's confidences for each query.
         map_match: cos(m_q, n), agreement of each pair's saliency map with every activation map.
         tcav: the TCAV prior, broadcast to (P, A) (zeros when no prior was given).
+        sensitivity: g * S, the gated per-pair concept sensitivity (zeros when SANE has none).
     """
 
     confidence: Tensor
     map_match: Tensor
     tcav: Tensor
+    sensitivity: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.sensitivity is None:
+            self.sensitivity = torch.zeros_like(self.confidence)
 
     def __len__(self) -> int:
         return self.confidence.shape[0]
 
     def __getitem__(self, index) -> AttributeTerms:
-        return AttributeTerms(self.confidence[index], self.map_match[index], self.tcav[index])
+        return AttributeTerms(self.confidence[index], self.map_match[index], self.tcav[index],
+                              self.sensitivity[index])  # type: ignore[index]
 
 
 def rank_scores(terms: AttributeTerms, phi: Sequence[float]) -> Tensor:
-    """e = phi1 * a + phi2 * cos(m_q, n) + phi3 * TCAV (SANE Eq. 4): (P, A) float32."""
-    p1, p2, p3 = _check_phi(phi)
-    return p1 * terms.confidence + p2 * terms.map_match + p3 * terms.tcav
+    """e = phi1 * a + phi2 * cos(m_q, n) + phi3 * TCAV [+ phi4 * g * S] (SANE Eq. 4): (P, A) float32."""
+    ph = _check_phi(phi)
+    e = ph[0] * terms.confidence + ph[1] * terms.map_match + ph[2] * terms.tcav
+    if len(ph) == 4 and ph[3]:
+        e = e + ph[3] * terms.sensitivity
+    return e
 
 
-def _check_phi(phi: object) -> tuple[float, float, float]:
+def _check_phi(phi: object) -> tuple[float, ...]:
     try:
         vals = tuple(float(v) for v in phi)  # type: ignore[union-attr]
     except TypeError:
-        raise TypeError(f"phi must be three numbers (phi1, phi2, phi3), got {phi!r}") from None
-    if len(vals) != 3:
-        raise ValueError(f"phi must be three numbers (phi1, phi2, phi3), got {len(vals)}: {vals}")
-    for name, v in zip(("phi1", "phi2", "phi3"), vals):
+        raise TypeError(f"phi must be three or four numbers (phi1, phi2, phi3[, phi4]), got {phi!r}") from None
+    if len(vals) not in (3, 4):
+        raise ValueError(f"phi must be three or four numbers (phi1, phi2, phi3[, phi4]), got {len(vals)}: {vals}")
+    for name, v in zip(("phi1", "phi2", "phi3", "phi4"), vals):
         V.real(name, v, low=0.0)
     if not any(vals):
         raise ValueError(f"phi must have at least one positive weight, got {vals}")
     return vals  # type: ignore[return-value]
 
 
-def phi_grid(values: Sequence[float] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)) -> list[tuple[float, float, float]]:
-    """Every (phi1, phi2, phi3) from ``values``^3 except all zeros, one per direction.
+def phi_grid(values: Sequence[float] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0), n: int = 3) -> list[tuple[float, ...]]:
+    """Every phi from ``values``^n (n = 3, or 4 with the sensitivity weight) except all zeros, one per direction.
 
-    Scaling all three weights does not change a ranking, so triples that are multiples of
-    another are dropped (the one with the largest weight 1 is kept when it exists).
+    Scaling all weights does not change a ranking, so tuples that are multiples of
+    another are dropped (the first one met is kept).
     """
+    if n not in (3, 4):
+        raise ValueError(f"n must be 3 or 4 (the number of weights), got {n!r}")
     seen, out = set(), []
-    for t in itertools.product(values, repeat=3):
+    for t in itertools.product(values, repeat=n):
         if max(t) <= 0:
             continue
         key = tuple(round(v / max(t), 6) for v in t)
@@ -106,7 +134,7 @@ class AttributeExplanation:
     Attributes:
         saliency: (P, H, W) float32 saliency map of each query for its reference (signed, unnormalized).
         scores: (P, A) e of Eq. 4.
-        terms: the three terms (:class:`AttributeTerms`).
+        terms: the terms (:class:`AttributeTerms`).
         phi: the weights used.
         attribute_names: A names.
         similarity: (P,) similarity of each pair.
@@ -115,7 +143,7 @@ class AttributeExplanation:
     saliency: Tensor
     scores: Tensor
     terms: AttributeTerms
-    phi: tuple[float, float, float]
+    phi: tuple[float, ...]
     attribute_names: tuple[str, ...]
     similarity: Tensor
     order: Tensor = field(init=False)
@@ -148,7 +176,8 @@ class AttributeExplanation:
             rows.append({"attribute": self.attribute_names[j], "index": j, "score": float(self.scores[pair, j]),
                          "confidence": float(self.terms.confidence[pair, j]),
                          "map_match": float(self.terms.map_match[pair, j]),
-                         "tcav": float(self.terms.tcav[pair, j])})
+                         "tcav": float(self.terms.tcav[pair, j]),
+                         "sensitivity": float(self.terms.sensitivity[pair, j])})  # type: ignore[index]
         return rows
 
 
@@ -163,7 +192,8 @@ class SANE:
             or None (no prior; phi3 then has no effect).
         saliency: an explainer with ``.attribute(query, references) -> (K, H, W)``; default
             ``RISE(sim, n_masks=2000, grid=8, p=0.5, seed=0)``.
-        phi: (phi1, phi2, phi3) of Eq. 4 (default equal weights; fit them with :meth:`fit_phi`).
+        phi: (phi1, phi2, phi3) of Eq. 4, or four weights with phi4 for the per-pair sensitivity
+            (default equal weights; fit them with :meth:`fit_phi`).
         normalize: how saliency and activation maps are normalized before the cosine: 'softmax'
             (spatial softmax, the attribute model's training default) or 'l1'.
         temperature: softmax temperature of the saliency maps (activation maps: 1), as in
@@ -173,11 +203,16 @@ class SANE:
         saliency_scale: 'none' (maps as given) or 'max' (each map divided by its largest absolute
             value before the softmax, so the temperature means the same for any explainer; the
             shipped ShapesWorld settings use it).
+        sensitivity: optional :class:`~whymatch.attributes.tcav.PairSensitivity` over ``sim``'s
+            embeddings: the per-pair term g * S (module docstring); None: that term is 0.
+        gate: 'query' (g_i = a_i / max a of the query) or 'pair' (the smaller of the query's and the
+            reference's relative confidences).
     """
 
     def __init__(self, sim: SimilarityModel, attribute_model: AttributeModel, tcav: Tensor | None = None, *,
                  saliency: object = None, phi: Sequence[float] = (1.0, 1.0, 1.0), normalize: str = "softmax",
-                 temperature: float = 0.05, batch_size: int = 64, saliency_scale: str = "none") -> None:
+                 temperature: float = 0.05, batch_size: int = 64, saliency_scale: str = "none",
+                 sensitivity: object = None, gate: str = "query") -> None:
         self.sim = _common.check_model(sim)
         if not isinstance(attribute_model, AttributeModel):
             raise TypeError(f"attribute_model must be a whymatch AttributeModel, got {type(attribute_model).__name__}")
@@ -203,6 +238,12 @@ class SANE:
         self.temperature = V.real("temperature", temperature, low=0.0, open_low=True)
         self.batch_size = V.positive_int("batch_size", batch_size)
         self.saliency_scale = V.choice("saliency_scale", saliency_scale, ("none", "max"))
+        from .tcav import PairSensitivity
+
+        if sensitivity is not None and not isinstance(sensitivity, PairSensitivity):
+            raise TypeError(f"sensitivity must be a PairSensitivity or None, got {type(sensitivity).__name__}")
+        self.sensitivity = sensitivity
+        self.gate = V.choice("gate", gate, ("query", "pair"))
 
     @property
     def attribute_names(self) -> tuple[str, ...]:
@@ -210,12 +251,16 @@ class SANE:
 
     # ------------------------------------------------------------ terms
     @torch.no_grad()
-    def terms(self, queries: Tensor, saliency: Tensor) -> AttributeTerms:
-        """Eq. 4's three terms for P (query, saliency map) pairs.
+    def terms(self, queries: Tensor, saliency: Tensor, references: Tensor | None = None, *,
+              condition: object = None) -> AttributeTerms:
+        """Eq. 4's terms for P (query, saliency map) pairs.
 
         Args:
             queries: (P, C, H, W) query images (the attribute model's input space, as given to ``sim``).
             saliency: (P, Hs, Ws) saliency maps of the queries.
+            references: (P, C, H, W) reference images; needed for the per-pair sensitivity term
+                (when SANE has ``sensitivity``), ignored otherwise.
+            condition: passed to a conditional similarity (sensitivity term only).
 
         Returns:
             :class:`AttributeTerms` with (P, A) tensors on the CPU.
@@ -250,7 +295,41 @@ class SANE:
         confidence = torch.cat(conf) if conf else torch.zeros(0, a)
         map_match = torch.cat(match) if match else torch.zeros(0, a)
         prior = self.tcav if self.tcav is not None else torch.zeros(a)
-        return AttributeTerms(confidence, map_match, prior.expand(p, a).clone())
+        sens = None
+        if self.sensitivity is not None:
+            if references is None:
+                raise ValueError("references must be given: this SANE has a per-pair sensitivity term")
+            references = self.sim.check_images("references", references)
+            if references.shape[0] != p:
+                raise ValueError(f"references must hold one image per query ({p}), got {references.shape[0]}")
+            sens = self._sensitivity(queries, references, confidence, condition)
+        return AttributeTerms(confidence, map_match, prior.expand(p, a).clone(), sens)
+
+    def _sensitivity(self, queries: Tensor, references: Tensor, confidence: Tensor, condition: object) -> Tensor:
+        """g * S (P, A): the gated per-pair concept sensitivity (module docstring)."""
+        sim = self.sim
+        with torch.no_grad():
+            eq = sim.embed(queries, self.batch_size).float()
+            er = sim.embed(references, self.batch_size).float()
+        sens = self.sensitivity
+        if condition is not None:                      # a conditional similarity: the pair's own condition
+            sens = copy.copy(sens)
+            sens._tcav = copy.copy(sens._tcav)  # type: ignore[union-attr]
+            sens._tcav._sim = lambda a, b: sim.pairwise(a, b, condition)  # type: ignore[union-attr]
+        s = sens.sensitivities(eq, er).float().cpu()  # type: ignore[union-attr]
+        gate = _relative(confidence)
+        if self.gate == "pair":
+            model = self.attribute_model
+            was = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    cr = torch.cat([model(references[i:i + self.batch_size].to(model.device)).confidences.float().cpu()
+                                    for i in range(0, references.shape[0], self.batch_size)])
+            finally:
+                model.train(was)
+            gate = torch.minimum(gate, _relative(cr))
+        return gate * s
 
     # ------------------------------------------------------------ explain
     def explain(self, query: Tensor, references: Tensor, *, condition: object = None) -> AttributeExplanation:
@@ -310,7 +389,7 @@ class SANE:
         return self._assemble(queries, references, saliency, condition)
 
     def _assemble(self, queries: Tensor, references: Tensor, saliency: Tensor, condition: object) -> AttributeExplanation:
-        terms = self.terms(queries, saliency)
+        terms = self.terms(queries, saliency, references, condition=condition)
         sim = self.sim
         with torch.no_grad():
             eq = sim.embed(queries, self.batch_size)
@@ -322,7 +401,7 @@ class SANE:
 
     # ------------------------------------------------------------ phi
     def fit_phi(self, terms: AttributeTerms, evaluate: Callable[[Tensor], float], *,
-                grid: Sequence[tuple[float, float, float]] | None = None) -> tuple[tuple[float, float, float], list[dict]]:
+                grid: Sequence[Sequence[float]] | None = None) -> tuple[tuple[float, ...], list[dict]]:
         """Choose phi by grid search on held-out pairs and keep it (``self.phi``).
 
         Args:
@@ -330,7 +409,8 @@ class SANE:
             evaluate: ``evaluate(chosen (P,) int64) -> float``, higher is better; SANE uses the mean
                 attribute deletion score of the chosen attributes
                 (:func:`whymatch.metrics.attributes.attribute_insertion_deletion`).
-            grid: candidate weights (default :func:`phi_grid`).
+            grid: candidate weights (default :func:`phi_grid`: three weights, or four when this SANE
+                has a per-pair sensitivity term).
 
         Returns:
             (best phi, every candidate's {"phi", "value"}); ties keep the earlier candidate.
@@ -341,7 +421,8 @@ class SANE:
             raise ValueError("terms must hold at least one held-out pair, got 0")
         if not callable(evaluate):
             raise TypeError(f"evaluate must be callable, got {type(evaluate).__name__}")
-        candidates = [_check_phi(c) for c in (phi_grid() if grid is None else grid)]
+        default = phi_grid(n=4 if self.sensitivity is not None else 3) if grid is None else grid
+        candidates = [_check_phi(c) for c in default]
         if not candidates:
             raise ValueError("grid must hold at least one candidate")
         cache: dict[tuple, float] = {}
@@ -359,3 +440,9 @@ class SANE:
             raise ValueError("evaluate returned NaN for every candidate phi")
         self.phi = best
         return best, table
+
+
+def _relative(confidence: Tensor) -> Tensor:
+    """a / max_k a_k per row (0 where a row is all zeros)."""
+    mx = confidence.amax(1, keepdim=True)
+    return torch.where(mx > 0, confidence / mx.clamp_min(1e-30), torch.zeros_like(confidence))

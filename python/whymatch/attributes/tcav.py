@@ -61,7 +61,7 @@ from torch import Tensor
 from ..ops import _validate as V
 from ..similarity import SimilarityModel, pairwise_similarity
 
-__all__ = ["TCAV", "TCAVSignificance"]
+__all__ = ["TCAV", "TCAVSignificance", "PairSensitivity"]
 
 _KINDS = ("cosine", "dot", "neg_l2")
 _FLOATS = (*V.FLOAT_DTYPES, torch.float64)
@@ -653,3 +653,180 @@ class TCAV:
         if sim is None:
             raise ValueError("similarity must be given: the saved TCAV used a callable similarity, which is not saved")
         return cls(similarity=sim, device=device, **cfg).load_state_dict(state)  # type: ignore[arg-type]
+
+
+# ====================================================================== per-pair sensitivity
+_SENS_MODES = ("finite", "gradient")
+
+
+class PairSensitivity:
+    """Per-pair concept sensitivity: how much THIS pair's similarity relies on each attribute.
+
+    TCAV's idea (a derivative of the model's output along a concept direction) taken to one pair
+    (query q, reference r) of embeddings f(q), f(r) instead of a population of triplets. Each
+    attribute j has a *removal direction* d_j (D,) in embedding space: where the query's embedding
+    goes when the query loses attribute j. The sensitivity of pair (q, r) to j is the drop in
+    similarity along it:
+
+        finite   (default):  S_j(q, r) = s(f(q), f(r)) - s(f(q) + d_j, f(r))
+        gradient:            S_j(q, r) = -grad_{f(q)} s(f(q), f(r)) . d_j
+
+    (the gradient form is the first-order limit of the finite one; both in similarity units,
+    positive when losing j hurts the match). An attribute the query does not have has no meaningful
+    removal direction: :class:`~whymatch.attributes.explain.SANE` gates S_j by the attribute model's
+    confidence that the query (and, for a shared attribute, the reference) has j.
+
+    Where the directions come from (the data they need):
+        - :meth:`from_cavs` (any data set with attribute labels): d_j = -step * v_j, the TCAV concept
+          activation vector v_j (unit normal of a linear probe, :class:`TCAV`) scaled by ``step``
+          (similarity-model units; a global direction, the same for every query).
+        - :meth:`from_counterfactuals` (a data set that can re-render an image with one attribute
+          changed, e.g. ``ShapesWorld.counterfactual``; its own supervision, like per-object labels):
+          the measured embedding changes f(x') - f(x) of N training images x, each with attribute
+          j changed to its alternative values (mean over the alternatives). With ``k=None`` d_j is
+          the mean over all training images (a "counterfactual CAV", with its magnitude); with an
+          int ``k`` it is *local*: the mean over the k training images nearest to the query (cosine
+          of embeddings) among those whose change of j was measured, so d_j depends on the query.
+
+    Args:
+        similarity: as in :class:`TCAV`: 'cosine', 'dot', 'neg_l2', a row-wise callable, or a
+            SimilarityModel (its ``.pairwise``).
+        mode: 'finite' or 'gradient'.
+    """
+
+    def __init__(self, *, similarity: str | Callable[[Tensor, Tensor], Tensor] | SimilarityModel = "cosine",
+                 mode: str = "finite") -> None:
+        self._tcav = TCAV(similarity=similarity)       # row-wise similarity of embeddings
+        self.mode = V.choice("mode", mode, _SENS_MODES)
+        self.directions: Tensor | None = None          # (A, D) global directions
+        self.bank: Tensor | None = None                # (N, A, D) per-training-image changes (NaN: not measured)
+        self.bank_keys: Tensor | None = None           # (N, D) unit embeddings of the training images
+        self.k: int | None = None
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_cavs(cls, cavs: Tensor, *, step: float = 1.0, similarity: object = "cosine",
+                  mode: str = "finite") -> PairSensitivity:
+        """Directions d_j = -step * v_j from TCAV's (A, D) unit CAVs (``TCAV(...).fit(...).cavs``).
+
+        A zero CAV (an attribute TCAV could not fit) gives a zero direction, so S_j = 0.
+        """
+        c = V.finite("cavs", V.tensor("cavs", cavs, ndim=2, dtypes=_FLOATS, nonempty=True))
+        step = V.real("step", step, low=0.0, open_low=True)
+        out = cls(similarity=similarity, mode=mode)  # type: ignore[arg-type]
+        out.directions = (-step * c.detach()).clone()
+        return out
+
+    @classmethod
+    def from_counterfactuals(cls, embeddings: Tensor, changed: Tensor, source: Tensor, attribute: Tensor,
+                             n_attributes: int, *, k: int | None = None, similarity: object = "cosine",
+                             mode: str = "finite") -> PairSensitivity:
+        """Directions from measured counterfactual embedding changes.
+
+        Args:
+            embeddings: (N, D) embeddings f(x) of N training images.
+            changed: (M, D) embeddings f(x') of M counterfactual renders.
+            source: (M,) int64, the training image each render was made from (index into embeddings).
+            attribute: (M,) int64, the attribute (in [0, n_attributes)) that the render removed.
+            n_attributes: A.
+            k: None: one global direction per attribute (mean over all its changes); an int: local
+                directions, the mean over the k nearest training images (see the class docstring).
+
+        Returns:
+            A PairSensitivity.
+        """
+        x = _embeddings("embeddings", embeddings)
+        c = _embeddings("changed", changed, device=x.device)
+        if c.shape[1] != x.shape[1]:
+            raise ValueError(f"changed must have D = {x.shape[1]} columns like embeddings, got {c.shape[1]}")
+        n, m = x.shape[0], c.shape[0]
+        a = V.positive_int("n_attributes", n_attributes)
+        idx = []
+        for name, t, hi in (("source", source, n), ("attribute", attribute, a)):
+            t = V.tensor(name, torch.as_tensor(t), ndim=1)
+            if t.is_floating_point() or t.dtype == torch.bool:
+                raise TypeError(f"{name} must hold integer indices, got {t.dtype}")
+            if t.shape[0] != m:
+                raise ValueError(f"{name} must have one entry per row of changed ({m}), got {t.shape[0]}")
+            if m and (int(t.min()) < 0 or int(t.max()) >= hi):
+                raise ValueError(f"{name} must hold indices in [0, {hi}), got [{int(t.min())}, {int(t.max())}]")
+            idx.append(t.long().to(x.device))
+        src, att = idx
+        if k is not None:
+            k = V.positive_int("k", k)
+        d = x.shape[1]
+        delta = c.to(x.dtype) - x[src]
+        flat = src * a + att                                      # one cell per (image, attribute)
+        sums = torch.zeros(n * a, d, device=x.device, dtype=x.dtype).index_add_(0, flat, delta)
+        cnt = torch.zeros(n * a, device=x.device, dtype=x.dtype).index_add_(0, flat,
+                                                                            torch.ones(m, device=x.device, dtype=x.dtype))
+        bank = (sums / cnt.clamp_min(1)[:, None]).reshape(n, a, d)
+        bank = torch.where((cnt > 0).reshape(n, a, 1), bank, torch.full_like(bank, float("nan")))
+        out = cls(similarity=similarity, mode=mode)  # type: ignore[arg-type]
+        have = ~torch.isnan(bank[..., 0])                          # (N, A)
+        glob = torch.nan_to_num(bank).sum(0) / have.sum(0).clamp_min(1)[:, None]
+        out.directions = glob
+        if k is not None:
+            out.bank, out.bank_keys, out.k = bank, F.normalize(x, dim=1), k
+        return out
+
+    # ------------------------------------------------------------------ use
+    def _require(self) -> Tensor:
+        if self.directions is None:
+            raise RuntimeError("this PairSensitivity has no directions: build it with from_cavs() or "
+                               "from_counterfactuals()")
+        return self.directions
+
+    def directions_for(self, queries: Tensor) -> Tensor:
+        """(P, A, D) removal directions for P query embeddings (the global ones repeated when k is None)."""
+        glob = self._require()
+        q = _embeddings("queries", queries)
+        if q.shape[1] != glob.shape[1]:
+            raise ValueError(f"queries must have D = {glob.shape[1]} columns, got {q.shape[1]}")
+        glob = glob.to(q.device)
+        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        glob = glob.to(dt)
+        if self.bank is None:
+            return glob[None].expand(q.shape[0], -1, -1)
+        bank = self.bank.to(device=q.device, dtype=dt)
+        keys = self.bank_keys.to(device=q.device, dtype=dt)  # type: ignore[union-attr]
+        sims = F.normalize(q.to(dt), dim=1) @ keys.T                        # (P, N)
+        have = ~torch.isnan(bank[..., 0])                                    # (N, A)
+        out = glob[None].repeat(q.shape[0], 1, 1)
+        for j in range(bank.shape[1]):
+            rows = have[:, j].nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            kk = min(self.k, rows.numel())  # type: ignore[type-var]
+            nn_idx = rows[sims[:, rows].topk(kk, dim=1).indices]            # (P, kk)
+            out[:, j] = bank[nn_idx, j].mean(1)
+        return out
+
+    def sensitivities(self, queries: Tensor, references: Tensor) -> Tensor:
+        """S (P, A) for P pairs of embeddings (queries[i], references[i]); see the class docstring.
+
+        Float64 when the queries are float64, else float32, on the queries' device.
+        """
+        q = _embeddings("queries", queries)
+        r = _embeddings("references", references, device=q.device)
+        if r.shape != q.shape:
+            raise ValueError(f"references must have the queries' shape {tuple(q.shape)}, got {tuple(r.shape)}")
+        d = self.directions_for(q)                                           # (P, A, D)
+        p, a = d.shape[:2]
+        if p == 0:
+            return torch.zeros(0, a, device=q.device, dtype=d.dtype)
+        dt = d.dtype
+        q, r = q.to(dt), r.to(dt)
+        rowwise = self._tcav._rowwise
+        if self.mode == "gradient":
+            qq = q.detach().requires_grad_(True)
+            with torch.enable_grad():
+                s = rowwise(qq, r.detach())
+                (g,) = torch.autograd.grad(s.sum(), qq, allow_unused=True)
+            g = torch.zeros_like(q) if g is None else g
+            return -(d @ g[:, :, None])[..., 0]
+        with torch.no_grad():
+            base = rowwise(q, r)                                             # (P,)
+            moved = (q[:, None, :] + d).reshape(p * a, -1)
+            s = rowwise(moved, r[:, None, :].expand(p, a, -1).reshape(p * a, -1)).reshape(p, a)
+        return base[:, None] - s
