@@ -42,6 +42,7 @@ from torch.utils.data import Dataset
 from ..io import FileFormatError, atomic_write, atomic_write_text, read_json_file
 from ..ops import _validate as V
 from ..similarity import SimilarityModel
+from ..train.distributed import barrier as _barrier, dist_info as _dist
 
 __all__ = ["SaliencyCache", "SaliencyCacheError", "MANIFEST"]
 
@@ -90,20 +91,6 @@ def _describe(fn: object) -> str:
     if isinstance(fn, str):
         return fn
     return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
-
-
-def _dist() -> tuple[bool, int, int]:
-    import torch.distributed as dist
-
-    on = dist.is_available() and dist.is_initialized()
-    return on, (dist.get_rank() if on else 0), (dist.get_world_size() if on else 1)
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _seed_for(seed: int, index: int) -> int:
