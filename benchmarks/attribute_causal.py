@@ -15,25 +15,33 @@ Protocol (nothing is tuned on test):
 - The shipped ShapesWorld similarity model is explained.
 - Attribute models are trained on images of 48 of the 60 training classes; the other 12
   training classes are VALIDATION classes: their pairs tune the attribute-model settings
-  (localization weight mu, saliency-matching weight lambda and temperature) and choose phi.
-  Test pairs come from the 60 unseen test classes and are scored once.
+  (localization weight mu, saliency-matching weight lambda and temperature), the per-pair
+  sensitivity's settings (neighbours k, gate) and choose phi. Test pairs come from the 60
+  unseen test classes and are scored once.
 - Attribute model (SANE's head on a conv trunk): the trunk is the similarity model's own
   ShapesCNN trunk, frozen (pretrained, as SANE's ImageNet ResNet-50 is); the 3x3 head is
-  trained with SANE's loss on cached trunk features, 3 seeds. Labels are image-level (the union
-  over all objects, what a data set without per-object labels gets); the "sane" model adds the
-  per-object localization term (``localization_loss``: each present attribute's map is pulled
-  towards the masks of the objects that have it) and saliency matching (lambda).
+  trained with SANE's loss on cached trunk features, 3 seeds. The plain model (the classifier
+  and "sane_no_matching" rows) has image-level labels (the union over all objects, what a data set
+  without per-object labels gets); the SANE models have key-object labels and the per-object
+  localization term towards the key object's mask (``labels='key'``) plus saliency matching (lambda).
+- Per-pair sensitivity (the fourth term, ``whymatch.attributes.tcav.PairSensitivity``): removal
+  directions from counterfactual renders of training-class images (``--n-cf`` images of the 48
+  fit classes, every object, every alternative value): local (the k nearest training images,
+  "sane"), global ("sane_cf_global"), or TCAV's label-fitted CAVs on key-object labels
+  ("sane_cav", what a data set without counterfactuals gets), gated by the attribute model's
+  confidence.
 - Saliency: SimilarityAttention (gradient attention, one backward pass per pair) by default:
   RISE at SANE's 2000 masks per pair does not fit the time budget on 2 shared cores
   (``--saliency rise --n-masks N`` switches). Maps are divided by their maximum before the
   softmax (temperature in those units).
-- phi (Eq. 4 weights) is chosen on the validation pairs by the causal criterion (top1_causal,
-  ties broken by causal deletion); the phi that the paper's criterion (image-swap deletion on
-  the same validation pairs) chooses is reported beside it ("sane_paper_phi").
+- phi (Eq. 4 weights, four with the sensitivity) is chosen on the validation pairs by the causal
+  criterion (top1_causal, ties broken by causal deletion); the phi that the paper's criterion
+  (image-swap deletion on the same validation pairs) chooses is reported beside it.
 
-Rows: random (uniform over the 18 attributes), tcav (argmax of the TCAV prior), attribute_classifier
-(the plain model's most confident attribute), sane_no_matching (the plain model with all three
-terms), sane (the localized model, all three terms), sane_paper_phi.
+Expensive, deterministic steps (causal ground truth of the validation and test pairs, the
+counterfactual renders of the training images, trunk features) are cached under ``--cache-dir``
+(default ``benchmarks/.work/attribute_causal``), keyed by their settings and the similarity model's
+weights, so a rerun skips them.
 
 Usage::
 
@@ -44,6 +52,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -59,7 +68,7 @@ import common as C  # noqa: E402
 from whymatch.attributes import AttributeLoss, build_attribute_model  # noqa: E402
 from whymatch.attributes.explain import SANE, phi_grid, rank_scores  # noqa: E402
 from whymatch.attributes.model import AttributeOutput, attribute_model_state  # noqa: E402
-from whymatch.attributes.tcav import TCAV  # noqa: E402
+from whymatch.attributes.tcav import TCAV, PairSensitivity  # noqa: E402
 from whymatch.data import ShapesWorld  # noqa: E402
 from whymatch.data.shapesworld import ATTRIBUTE_NAMES, TRAIN_CLASSES  # noqa: E402
 from whymatch.metrics.attributes import (  # noqa: E402
@@ -72,18 +81,95 @@ from whymatch.metrics.attributes import (  # noqa: E402
 from whymatch.models import load_default_model  # noqa: E402
 
 A = len(ATTRIBUTE_NAMES)
+KINDS = ("shape", "colour", "pattern", "size")
 VAL_CLASSES = tuple(TRAIN_CLASSES[i] for i in range(0, len(TRAIN_CLASSES), 5))          # 12 classes
 FIT_CLASSES = tuple(c for c in TRAIN_CLASSES if c not in VAL_CLASSES)                    # 48 classes
 ROWS = {
     "random": "random attribute",
     "tcav": "TCAV alone",
     "attribute_classifier": "attribute classifier (image-level labels, no matching)",
-    "sane_no_matching": "SANE w/o map matching (plain model, a + cos + TCAV)",
-    "sane": "SANE (localized model, a + cos + TCAV; phi by the causal criterion)",
-    "sane_paper_phi": "SANE, phi by the paper's criterion (image-swap deletion)",
+    "sane_no_matching": "SANE Eq. 4 w/o map matching (plain model, a + cos + TCAV)",
+    "sane_eq4": "SANE Eq. 4 (key-object model, a + cos + TCAV; phi by the causal criterion)",
+    "sane_eq4_paper_phi": "SANE Eq. 4, phi by the paper's criterion (image-swap deletion)",
+    "sensitivity_alone": "per-pair sensitivity alone (local counterfactual directions, gated)",
+    "sane_cav": "SANE + per-pair sensitivity along label-fitted CAVs (key-object labels)",
+    "sane_cf_global": "SANE + per-pair sensitivity, global counterfactual CAVs",
+    "sane": "SANE + per-pair sensitivity, local counterfactual directions (shipped default)",
+    "sane_paper_phi": "SANE + per-pair sensitivity (local), phi by the paper's criterion",
 }
+SENS_ROWS = ("sane_cav", "sane_cf_global", "sane", "sane_paper_phi", "sensitivity_alone")
+PHI4_VALUES = (0.0, 0.25, 1.0, 4.0, 16.0)
 
 
+# ------------------------------------------------------------------ cache
+class Cache:
+    """torch.save files under a folder, named by a step and a hash of everything the step depends on."""
+
+    def __init__(self, root: Path | None, fingerprint: str) -> None:
+        self.root, self.fingerprint = root, fingerprint
+        self.hits: list[str] = []
+
+    def get(self, name: str, params: dict, fn):
+        if self.root is None:
+            return fn()
+        key = hashlib.sha1(json.dumps([self.fingerprint, params], sort_keys=True, default=str).encode()).hexdigest()
+        path = self.root / f"{name}-{key[:16]}.pt"
+        if path.is_file():
+            self.hits.append(name)
+            return torch.load(path, weights_only=True)
+        out = fn()
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(out, tmp)
+        tmp.replace(path)
+        return out
+
+
+def model_fingerprint(sim) -> str:
+    h = hashlib.sha1()
+    for k, v in sorted(sim.embedder.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def counterfactual_bank(sim, ds, n: int) -> dict:
+    """Every object's every attribute changed to each alternative in the first n images of ``ds``:
+    embeddings (n, D), changed (M, D), source (M,), attribute (M,) (the attribute the render removed),
+    key (M,) bool (the key object was changed)."""
+    emb, changed, source, attribute, key = [], [], [], [], []
+    with torch.no_grad():
+        for i in range(n):
+            smp = ds.sample(i)
+            images = [smp.image]
+            for k, o in enumerate(smp.objects):
+                for kind in KINDS:
+                    j = ATTRIBUTE_NAMES.index(f"{kind}:{getattr(o, kind)}")
+                    for v in ds.alternatives(i, k, kind):
+                        images.append(ds.counterfactual(i, k, kind, v).image)
+                        source.append(i)
+                        attribute.append(j)
+                        key.append(k == 0)
+            e = sim.embed(torch.stack(images), 256).float().cpu()
+            emb.append(e[0])
+            changed.append(e[1:])
+    return {"embeddings": torch.stack(emb), "changed": torch.cat(changed), "source": torch.tensor(source),
+            "attribute": torch.tensor(attribute), "key": torch.tensor(key)}
+
+
+def bank_rows(bank: dict) -> torch.Tensor:
+    """Which renders make the removal directions: an attribute of the key object is removed by changing
+    the key object (the object a match relies on); an attribute only distractors have, by changing them."""
+    n = bank["embeddings"].shape[0]
+    on_key = torch.zeros(n, A, dtype=torch.bool)
+    on_key[bank["source"][bank["key"]], bank["attribute"][bank["key"]]] = True
+    return bank["key"] | ~on_key[bank["source"], bank["attribute"]]
+
+
+def sensitivity_from_bank(sim, bank: dict, k):
+    keep = bank_rows(bank)
+    return PairSensitivity.from_counterfactuals(bank["embeddings"], bank["changed"][keep], bank["source"][keep],
+                                                bank["attribute"][keep], A, k=k, similarity=sim)
 # ------------------------------------------------------------------ pieces
 def attribute_model_from_similarity(sim):
     """A 'shapes' AttributeModel whose trunk is the similarity model's ShapesCNN trunk, frozen."""
@@ -170,10 +256,12 @@ def summarize(per_seed: list[dict[str, torch.Tensor]]) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=300, help="scored test pairs (unseen classes)")
-    ap.add_argument("--val-pairs", type=int, default=80, help="validation pairs (held-out training classes)")
+    ap.add_argument("--val-pairs", type=int, default=120, help="validation pairs (held-out training classes)")
     ap.add_argument("--n-test", type=int, default=600, help="test images (pairs and the image-swap database)")
     ap.add_argument("--n-val", type=int, default=400, help="validation-class images")
     ap.add_argument("--n-train", type=int, default=800, help="attribute-model training images (48 classes)")
+    ap.add_argument("--n-cf", type=int, default=400,
+                    help="training images whose counterfactual renders give the sensitivity's directions")
     ap.add_argument("--epochs", type=int, default=10, help="epochs of the attribute head")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--saliency", choices=("attention", "rise"), default="attention")
@@ -181,8 +269,16 @@ def main(argv=None) -> int:
     ap.add_argument("--mu-grid", type=float, nargs="+", default=[0.3, 1.0])
     ap.add_argument("--lam-grid", type=float, nargs="+", default=[0.0, 0.05])
     ap.add_argument("--temperature-grid", type=float, nargs="+", default=[0.1, 0.5])
+    ap.add_argument("--k-grid", type=int, nargs="+", default=[5, 10, 20, 40],
+                    help="neighbours of the local counterfactual directions (tuned on validation)")
+    ap.add_argument("--cav-steps", type=float, nargs="+", default=[0.5, 1.0, 2.0],
+                    help="step along a label-fitted CAV, in embedding units (tuned on validation)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache-dir", type=Path, default=C.REPO / "benchmarks" / ".work" / "attribute_causal")
+    ap.add_argument("--no-cache", action="store_true")
+    ap.add_argument("--stop-after-cache", action="store_true",
+                    help="compute the cached steps (causal truth, counterfactual renders) and stop")
     ap.add_argument("--write-shipped", action="store_true",
                     help="write the seed-0 'sane' attribute model and its phi to the package's shipped files")
     ap.add_argument("--ship-from", type=Path, default=None,
@@ -194,6 +290,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.pairs, args.val_pairs, args.n_test, args.n_val, args.n_train, args.epochs = 16, 12, 120, 96, 192, 3
         args.seeds, args.mu_grid, args.lam_grid, args.temperature_grid = 2, [1.0], [0.0, 0.5], [0.5]
+        args.n_cf, args.k_grid, args.cav_steps = 24, [5], [1.0]
     torch.set_num_threads(args.threads)
     machine = C.machine_info("cpu")
     load_start = C.system_load()
@@ -210,19 +307,45 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- data
     t0 = time.perf_counter()
     sim = load_default_model()
+    cache = Cache(None if args.no_cache else args.cache_dir, model_fingerprint(sim))
     fit = ShapesWorld("train", args.n_train, 96, seed=args.seed + 11, classes=FIT_CLASSES)
     val = ShapesWorld("train", args.n_val, 96, seed=args.seed + 12, classes=VAL_CLASSES)
     test = ShapesWorld("test", args.n_test, 96, seed=args.seed + 13)
-    imgs = {name: ds.images() for name, ds in (("fit", fit), ("val", val), ("test", test))}
-    attrs = {name: torch.stack([ds.attributes(i, "all") for i in range(len(ds))])
-             for name, ds in (("fit", fit), ("val", val), ("test", test))}
-    key_attrs = {name: torch.stack([ds.attributes(i, "key") for i in range(len(ds))])
-                 for name, ds in (("val", val), ("test", test))}
+    dsets = {"fit": fit, "val": val, "test": test}
+    pairs = {"val": val.pairs(args.val_pairs, 1, seed=args.seed), "test": test.pairs(args.pairs, 1, seed=args.seed)}
+
+    # ---------------------------------------------------------------- cached: causal truth, counterfactual bank
+    effects = {}
+    for name in ("val", "test"):
+        ds = dsets[name]
+        q, r = pairs[name].query, pairs[name].references[:, 0]
+
+        def truth(ds=ds, q=q, r=r):
+            e = causal_attribute_effects(sim, ds, q, sim.embed(ds.images(r), 256))
+            return {"effects": e.effects, "base": e.base, "n_renders": e.n_renders}
+
+        t0c = time.perf_counter()
+        effects[name] = cache.get(f"truth_{name}", {"split": ds.split, "n": len(ds), "seed": ds.seed,
+                                                    "classes": list(ds.classes), "pairs": len(q),
+                                                    "pair_seed": args.seed}, truth)
+        tick("causal_ground_truth", t0c)
+    t0c = time.perf_counter()
+    bank = cache.get("counterfactual_bank", {"n": len(fit), "seed": fit.seed, "classes": list(fit.classes),
+                                             "n_cf": args.n_cf},
+                     lambda: counterfactual_bank(sim, fit, min(args.n_cf, len(fit))))
+    tick("counterfactual_bank", t0c)
+    if args.stop_after_cache:
+        print(f"cached under {args.cache_dir} (hits: {cache.hits})")
+        return 0
+
+    imgs = {name: ds.images() for name, ds in dsets.items()}
+    attrs = {name: torch.stack([ds.attributes(i, "all") for i in range(len(ds))]) for name, ds in dsets.items()}
+    key_attrs = {name: torch.stack([ds.attributes(i, "key") for i in range(len(ds))]) for name, ds in dsets.items()}
     emb = {name: sim.embed(x, 256) for name, x in imgs.items()}
     base_model = attribute_model_from_similarity(sim)
     feats = {name: trunk_features(base_model, x) for name, x in imgs.items()}
     h = feats["fit"].shape[-1]
-    fit_masks = torch.stack([fit.attribute_masks(i, "all", h) for i in range(len(fit))])
+    fit_masks = torch.stack([fit.attribute_masks(i, "key", h) for i in range(len(fit))])
     tick("data_embeddings_features", t0)
 
     # TCAV prior: CAVs on the training images, scores on validation triplets (no test labels)
@@ -231,26 +354,22 @@ def main(argv=None) -> int:
                                                                                                   attrs["fit"])
     a, p, n = TCAV.triplets(emb["val"], val.labels, seed=args.seed, similarity=sim)
     tcav_scores = tcav.scores(emb["val"][a], emb["val"][p], emb["val"][n])
+    key_cavs = TCAV(similarity=sim, hinge=False, seed=args.seed).fit(emb["fit"], key_attrs["fit"]).cavs
     tick("tcav", t0)
 
-    # ---------------------------------------------------------------- pairs, saliency, causal truth
+    # ---------------------------------------------------------------- saliency
     if args.saliency == "attention":
         from whymatch.saliency import SimilarityAttention
         explainer = SimilarityAttention(sim, "layer4")
     else:
         from whymatch.saliency import RISE
         explainer = RISE(sim, n_masks=args.n_masks, grid=8, p=0.5, batch_size=250, seed=args.seed)
-    pairs = {"val": val.pairs(args.val_pairs, 1, seed=args.seed), "test": test.pairs(args.pairs, 1, seed=args.seed)}
-    dsets = {"val": val, "test": test}
-    sal, effects, truth_shared = {}, {}, {}
+    sal, truth_shared = {}, {}
     for name in ("val", "test"):
         q, r = pairs[name].query, pairs[name].references[:, 0]
         t0 = time.perf_counter()
         sal[name] = saliency_maps(explainer, imgs[name][q], imgs[name][r])
         tick("saliency_pairs", t0)
-        t0 = time.perf_counter()
-        effects[name] = causal_attribute_effects(sim, dsets[name], q, emb[name][r])
-        tick("causal_ground_truth", t0)
         truth_shared[name] = key_attrs[name][q] & key_attrs[name][r]
     # training saliency (for lambda): each fit image against its most similar other image of its class
     t0 = time.perf_counter()
@@ -263,54 +382,103 @@ def main(argv=None) -> int:
 
     def score(name, chosen, with_swap=True):
         q, r = pairs[name].query, pairs[name].references[:, 0]
+        eff = effects[name]["effects"]
         res = {"top1_shared": truth_shared[name].gather(1, chosen[:, None])[:, 0].float(),
-               "top1_causal": causal_top1(chosen, effects[name]),
-               "causal_deletion": causal_attribute_deletion(chosen, effects[name])}
+               "top1_causal": causal_top1(chosen, eff),
+               "causal_deletion": causal_attribute_deletion(chosen, eff)}
         if with_swap:
             sw = attribute_insertion_deletion(emb[name][q], emb[name][r], chosen, attrs[name][q], emb[name],
                                               attrs[name], similarity=sim, query_index=q, reference_index=r)
             res["swap_deletion"] = sw.deletion
         return res
 
+    # sensitivity objects (deterministic: the same for every seed)
+    t0 = time.perf_counter()
+    sens_local = {k: sensitivity_from_bank(sim, bank, k) for k in args.k_grid}
+    sens_global = sensitivity_from_bank(sim, bank, None)
+    sens_cav = {st: PairSensitivity.from_cavs(key_cavs, step=st, similarity=sim) for st in args.cav_steps}
+    raw = {}        # raw (ungated) sensitivities per (variant, split): computed once
+    for name in ("val", "test"):
+        q, r = pairs[name].query, pairs[name].references[:, 0]
+        eq, er = emb[name][q], emb[name][r]
+        for k, s in sens_local.items():
+            raw[("local", k, name)] = s.sensitivities(eq, er).float()
+        raw[("global", None, name)] = sens_global.sensitivities(eq, er).float()
+        for st, s in sens_cav.items():
+            raw[("cav", st, name)] = s.sensitivities(eq, er).float()
+    tick("sensitivities", t0)
+
     def terms_of(model, name, temperature):
         sane = SANE(sim, model, tcav_scores, saliency=explainer, temperature=temperature, saliency_scale="max")
         return sane, sane.terms(imgs[name][pairs[name].query], sal[name])
 
-    def fit_phi(sane, terms, criterion):
+    def confidences(model, x):
+        with torch.no_grad():
+            return torch.cat([model(x[i:i + 256]).confidences.float() for i in range(0, len(x), 256)])
+
+    def gated(terms, conf_ref, variant, name, gate):
+        g = relative(terms.confidence)
+        if gate == "pair":
+            g = torch.minimum(g, relative(conf_ref))
+        t = type(terms)(terms.confidence, terms.map_match, terms.tcav, g * raw[variant + (name,)])
+        return t
+
+    def fit_phi(sane, terms, criterion, n_weights=3):
+        grid = phi_grid(n=3) if n_weights == 3 else phi_grid(PHI4_VALUES, n=4)
         if criterion == "causal":
-            return sane.fit_phi(terms, lambda c: causal_fit_value(c, effects["val"]))
-        return sane.fit_phi(terms, lambda c: float(torch.nanmean(score("val", c)["swap_deletion"])))
+            return sane.fit_phi(terms, lambda c: causal_fit_value(c, effects["val"]["effects"]), grid=grid)
+        return sane.fit_phi(terms, lambda c: float(torch.nanmean(score("val", c)["swap_deletion"])), grid=grid)
+
+    def val_value(terms, phi):
+        sc = score("val", rank_scores(terms, phi).argmax(1), with_swap=False)
+        return {k: float(torch.nanmean(v)) for k, v in sc.items()}
 
     # ---------------------------------------------------------------- tuning on validation (seed 0)
     t0 = time.perf_counter()
-    tuning = []
+    tuning, sens_tuning = [], []
     heads: dict[tuple, torch.Tensor] = {}
     for mu in args.mu_grid:
         for lam in args.lam_grid:
             for temp in args.temperature_grid:
                 key = (mu, lam, temp if lam > 0 else None)      # lambda 0: the temperature only enters Eq. 4
                 if key not in heads:
-                    heads[key] = train_head(base_model, feats["fit"], attrs["fit"], masks=fit_masks,
+                    heads[key] = train_head(base_model, feats["fit"], key_attrs["fit"], masks=fit_masks,
                                             saliency=fit_sal, lam=lam, mu=mu, temperature=temp, seed=args.seed,
                                             epochs=args.epochs)
-                w = heads[key]
-                sane, terms = terms_of(with_head(base_model, w), "val", temp)
-                phi, table = fit_phi(sane, terms, "causal")
-                chosen = rank_scores(terms, phi).argmax(1)
-                sc = score("val", chosen, with_swap=False)
-                tuning.append({"mu": mu, "lam": lam, "temperature": temp, "phi": phi,
-                               **{k: float(torch.nanmean(v)) for k, v in sc.items()}})
+                model = with_head(base_model, heads[key])
+                sane, terms = terms_of(model, "val", temp)
+                phi, _ = fit_phi(sane, terms, "causal")
+                tuning.append({"mu": mu, "lam": lam, "temperature": temp, "phi": phi, **val_value(terms, phi)})
                 print(json.dumps(tuning[-1]), flush=True)
     best = max(tuning, key=lambda t: (t["top1_causal"], t["top1_shared"]))
+    # sensitivity settings (variant, k or step, gate) on the chosen model
+    key = (best["mu"], best["lam"], best["temperature"] if best["lam"] > 0 else None)
+    model = with_head(base_model, heads[key])
+    sane, terms = terms_of(model, "val", best["temperature"])
+    conf_ref = confidences(model, imgs["val"][pairs["val"].references[:, 0]])
+    variants = [("local", k) for k in args.k_grid] + [("global", None)] + [("cav", st) for st in args.cav_steps]
+    for variant in variants:
+        for gate in ("query", "pair"):
+            t4 = gated(terms, conf_ref, variant, "val", gate)
+            phi, _ = fit_phi(sane, t4, "causal", 4)
+            sens_tuning.append({"variant": variant[0], "param": variant[1], "gate": gate, "phi": phi,
+                                **val_value(t4, phi)})
+            print(json.dumps(sens_tuning[-1]), flush=True)
+
+    def best_of(kind):
+        rows = [t for t in sens_tuning if t["variant"] == kind]
+        return max(rows, key=lambda t: (t["top1_causal"], t["causal_deletion"]))
+    chosen_sens = {kind: best_of(kind) for kind in ("local", "global", "cav")}
     tick("tuning", t0)
 
     # ---------------------------------------------------------------- 3 seeds, scored on test
     per_seed = {k: [] for k in ROWS}
-    phis: dict[str, list] = {"sane_no_matching": [], "sane": [], "sane_paper_phi": []}
+    phis: dict[str, list] = {k: [] for k in ROWS if k.startswith("sane") or k == "sensitivity_alone"}
     maps_info: dict[str, list] = {"plain": [], "sane": []}
     shipped = None
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(args.seed)
+    tq, tr = pairs["test"].query, pairs["test"].references[:, 0]
     for s in range(args.seeds):
         seed = args.seed + s
         per_seed["random"].append(score("test", torch.randint(0, A, (args.pairs,), generator=g)))
@@ -320,43 +488,55 @@ def main(argv=None) -> int:
         w_plain = train_head(base_model, feats["fit"], attrs["fit"], masks=None, saliency=None, lam=0.0, mu=0.0,
                              temperature=best["temperature"], seed=seed, epochs=args.epochs)
         plain = with_head(base_model, w_plain)
-        with torch.no_grad():
-            conf = torch.cat([plain(imgs["test"][i:i + 256]).confidences for i in range(0, args.n_test, 256)])
-        maps_info["plain"].append(mean_average_precision(conf, attrs["test"])[0])
+        maps_info["plain"].append(mean_average_precision(confidences(plain, imgs["test"]), attrs["test"])[0])
         sane, terms_val = terms_of(plain, "val", best["temperature"])
         _, terms_test = terms_of(plain, "test", best["temperature"])
         per_seed["attribute_classifier"].append(score("test", terms_test.confidence.argmax(1)))
         phi, _ = fit_phi(sane, terms_val, "causal")
         phis["sane_no_matching"].append(phi)
         per_seed["sane_no_matching"].append(score("test", rank_scores(terms_test, phi).argmax(1)))
-        # SANE: localized + matching model with the validation-chosen settings
-        w = train_head(base_model, feats["fit"], attrs["fit"], masks=fit_masks, saliency=fit_sal, lam=best["lam"],
-                       mu=best["mu"], temperature=best["temperature"], seed=seed, epochs=args.epochs)
+        # SANE: key-object localized (+ matching) model with the validation-chosen settings
+        w = train_head(base_model, feats["fit"], key_attrs["fit"], masks=fit_masks, saliency=fit_sal,
+                       lam=best["lam"], mu=best["mu"], temperature=best["temperature"], seed=seed,
+                       epochs=args.epochs)
         model = with_head(base_model, w)
-        with torch.no_grad():
-            conf = torch.cat([model(imgs["test"][i:i + 256]).confidences for i in range(0, args.n_test, 256)])
-        maps_info["sane"].append(mean_average_precision(conf, attrs["test"])[0])
+        maps_info["sane"].append(mean_average_precision(confidences(model, imgs["test"]), key_attrs["test"])[0])
         sane, terms_val = terms_of(model, "val", best["temperature"])
         _, terms_test = terms_of(model, "test", best["temperature"])
-        phi, _ = fit_phi(sane, terms_val, "causal")
-        phis["sane"].append(phi)
-        per_seed["sane"].append(score("test", rank_scores(terms_test, phi).argmax(1)))
-        phi_p, _ = fit_phi(sane, terms_val, "paper")
-        phis["sane_paper_phi"].append(phi_p)
-        per_seed["sane_paper_phi"].append(score("test", rank_scores(terms_test, phi_p).argmax(1)))
-        if s == 0:
-            shipped = (w.clone(), phi)
+        for row, crit in (("sane_eq4", "causal"), ("sane_eq4_paper_phi", "paper")):
+            phi, _ = fit_phi(sane, terms_val, crit)
+            phis[row].append(phi)
+            per_seed[row].append(score("test", rank_scores(terms_test, phi).argmax(1)))
+        cref = {"val": confidences(model, imgs["val"][pairs["val"].references[:, 0]]),
+                "test": confidences(model, imgs["test"][tr])}
+        for row, kind, crit in (("sane_cav", "cav", "causal"), ("sane_cf_global", "global", "causal"),
+                                ("sane", "local", "causal"), ("sane_paper_phi", "local", "paper")):
+            cs = chosen_sens[kind]
+            variant = (kind, cs["param"])
+            tv = gated(terms_val, cref["val"], variant, "val", cs["gate"])
+            tt = gated(terms_test, cref["test"], variant, "test", cs["gate"])
+            phi, _ = fit_phi(sane, tv, crit, 4)
+            phis[row].append(phi)
+            per_seed[row].append(score("test", rank_scores(tt, phi).argmax(1)))
+            if row == "sane":
+                alone = (0.0, 0.0, 0.0, 1.0)
+                phis["sensitivity_alone"].append(alone)
+                per_seed["sensitivity_alone"].append(score("test", rank_scores(tt, alone).argmax(1)))
+                if s == 0:
+                    shipped = (w.clone(), phi)
     tick("train_and_score_seeds", t0)
 
     methods = {k: summarize(v) for k, v in per_seed.items()}
-    for k in ("sane_no_matching", "sane", "sane_paper_phi"):
-        methods[k]["phi_per_seed"] = [list(p) for p in phis[k]]
+    for k, v in phis.items():
+        methods[k]["phi_per_seed"] = [list(p) for p in v]
     methods["attribute_classifier"]["model_map"] = float(torch.tensor(maps_info["plain"]).mean())
     methods["sane_no_matching"]["model_map"] = methods["attribute_classifier"]["model_map"]
-    for k in ("sane", "sane_paper_phi"):
-        methods[k]["model_map"] = float(torch.tensor(maps_info["sane"]).mean())
-    eff = effects["test"]
-    top = eff.top
+    for k in ROWS:
+        if k.startswith("sane") and k != "sane_no_matching":
+            methods[k]["model_map"] = float(torch.tensor(maps_info["sane"]).mean())
+    eff = effects["test"]["effects"]
+    filled = torch.nan_to_num(eff, nan=-float("inf"))
+    top = torch.where(torch.isinf(filled.amax(1)), torch.full((eff.shape[0],), -1), filled.argmax(1))
     kinds = {}
     for t in top.tolist():
         kind = ATTRIBUTE_NAMES[t].split(":")[0] if t >= 0 else "none"
@@ -368,15 +548,18 @@ def main(argv=None) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "validation_classes": list(VAL_CLASSES),
         "tuning": tuning,
+        "sensitivity_tuning": sens_tuning,
         "chosen_settings": {k: best[k] for k in ("mu", "lam", "temperature")},
+        "chosen_sensitivity": {k: {"param": v["param"], "gate": v["gate"]} for k, v in chosen_sens.items()},
         "causal_truth": {
-            "test_pairs": int(len(top)), "renders_per_pair": eff.n_renders / max(1, len(top)),
-            "top_is_key_attribute": float(key_attrs["test"][pairs["test"].query].gather(
-                1, top.clamp(min=0)[:, None]).float().mean()),
+            "test_pairs": int(len(top)), "renders_per_pair": effects["test"]["n_renders"] / max(1, len(top)),
+            "top_is_key_attribute": float(key_attrs["test"][tq].gather(1, top.clamp(min=0)[:, None]).float().mean()),
             "top_kind_counts": kinds,
-            "mean_drop_of_top": float(torch.nan_to_num(eff.effects, nan=-1).amax(1).mean()),
-            "base_similarity": float(eff.base.mean()),
+            "mean_drop_of_top": float(torch.nan_to_num(eff, nan=-1).amax(1).mean()),
+            "base_similarity": float(effects["test"]["base"].mean()),
         },
+        "counterfactual_bank": {"images": int(bank["embeddings"].shape[0]), "renders": int(bank["changed"].shape[0])},
+        "cache_hits": cache.hits,
         "chance_top1_shared": float(truth_shared["test"].float().mean()),
         "tcav_scores": dict(zip(ATTRIBUTE_NAMES, [float(x) for x in tcav_scores])),
         "timings_s": timings,
@@ -390,6 +573,11 @@ def main(argv=None) -> int:
         write_shipped(base_model, shipped, data)
     print(markdown(data))
     return 0
+
+
+def relative(conf: torch.Tensor) -> torch.Tensor:
+    mx = conf.amax(1, keepdim=True)
+    return torch.where(mx > 0, conf / mx.clamp_min(1e-30), torch.zeros_like(conf))
 
 
 def ship_from(args) -> int:

@@ -70,8 +70,9 @@ class SANEConfig:
         similarity: the similarity model explained: None = the shipped ShapesWorld model
             (shapesworld only), or 'package.module:factory' returning a SimilarityModel.
         image_size: ShapesWorld image side (default 96, the shipped similarity model's).
-        n_train, n_val: ShapesWorld images (train split classes for training; the disjoint
-            test split classes for validation: new combinations of seen attribute values).
+        n_train, n_val: ShapesWorld images (48 train-split classes for training, ``FIT_CLASSES``;
+            the other 12 train-split classes, ``VALIDATION_CLASSES``, for validation and best.pt:
+            the test-split classes are never seen).
         labels: ShapesWorld attribute labels: 'all' (image-level, the union over every object,
             distractors included: what a data set without per-object labels, AwA2 or Polyvore,
             always gets) or 'key' (the key object's attributes only: key-object-aware supervision).
@@ -174,7 +175,8 @@ def build_sane_data(cfg: SANEConfig) -> tuple[AttributeImages, AttributeImages, 
     """(train set, validation set, info) for ``cfg.data``.
 
     ShapesWorld: attributes = ``ShapesWorld.attributes(i, which='all')`` (18, every object),
-    images rendered once into uint8 tensors; training on the train-split classes, validation on
+    images rendered once into uint8 tensors; training on ``FIT_CLASSES`` (48 train-split classes),
+    validation (and so best.pt) on ``VALIDATION_CLASSES`` (the 12 held-out train-split classes), never on
     the (disjoint) test-split classes. AwA2 / Polyvore Outfits: the 'train' and 'test' splits
     of the loaders in ``whymatch.data.awa2`` / ``whymatch.data.polyvore``.
     """
@@ -186,8 +188,11 @@ def build_sane_data(cfg: SANEConfig) -> tuple[AttributeImages, AttributeImages, 
 
         size = cfg.image_size or 96
         out = []
-        for split, n in (("train", cfg.n_train), ("test", cfg.n_val)):
-            ds = ShapesWorld(split, n, size, seed=cfg.seed)
+        from ..data.shapesworld import FIT_CLASSES, VALIDATION_CLASSES
+
+        # the two sets draw from different seeds: same-split samples of one seed share their layouts
+        for classes, n, sd in ((FIT_CLASSES, cfg.n_train, cfg.seed), (VALIDATION_CLASSES, cfg.n_val, cfg.seed + 1)):
+            ds = ShapesWorld("train", n, size, seed=sd, classes=classes)
             which = V.choice("labels", cfg.labels, ("all", "key"))
             attrs = torch.stack([ds.attributes(i, which=which) for i in range(len(ds))])
             imgs = ds.images(dtype=torch.uint8, show_progress=cfg.show_progress)

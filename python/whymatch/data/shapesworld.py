@@ -43,7 +43,7 @@ from .. import _checks as V
 
 __all__ = [
     "SHAPES", "COLOURS", "COLOUR_RGB", "PATTERNS", "SIZES", "KEY_SIZES", "DISTRACTOR_SIZES", "BACKGROUNDS",
-    "ATTRIBUTE_NAMES", "N_CLASSES", "TRAIN_CLASSES", "TEST_CLASSES",
+    "ATTRIBUTE_NAMES", "N_CLASSES", "TRAIN_CLASSES", "TEST_CLASSES", "VALIDATION_CLASSES", "FIT_CLASSES",
     "class_id", "class_attributes", "split_classes",
     "ObjectInfo", "ShapesSample", "PairSet", "ShapesWorld",
 ]
@@ -135,6 +135,10 @@ def _make_split() -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 TRAIN_CLASSES, TEST_CLASSES = _make_split()
+#: 12 of the 60 training classes (every fifth) held out for validation: choose settings on them,
+#: never on ``TEST_CLASSES``; ``FIT_CLASSES`` are the other 48, for fitting.
+VALIDATION_CLASSES: tuple[int, ...] = TRAIN_CLASSES[::5]
+FIT_CLASSES: tuple[int, ...] = tuple(c for c in TRAIN_CLASSES if c not in VALIDATION_CLASSES)
 
 
 def split_classes(split: str) -> tuple[int, ...]:
