@@ -10,9 +10,13 @@ k = 128 nonzeros per column (the published topk 128), per-query top-k 128 (REFER
 Paths:
 * ``simt``: the sparse SIMT kernel (csrc/avsl/avsl_distance_cuda.cu), top-k variant.
 * ``tensorcore``: the fused dense 3xTF32 kernel (csrc/avsl/avsl_tensorcore_cuda.cu).
-* ``cublas``: ``whymatch.ops.avsl.cublas_topk``: per query chunk, torch ops for the prologue and
-  epilogue and torch.matmul (cuBLAS SGEMM, float32) for hat @ link*. The published slicing runs
-  the same torch ops (plus a full sort), so its model is this one's.
+* ``cublas``: ``whymatch.ops.avsl.cublas_topk`` (the torch-op form, WHYMATCH_AVSL_CUBLAS_FUSED=0):
+  per query chunk, torch ops for the prologue and epilogue and torch.matmul (cuBLAS SGEMM,
+  float32) for hat @ link*. The published slicing runs the same torch ops (plus a full sort), so
+  its model is this one's.
+* ``cublas_fused``: the cuBLAS path as it runs with the compiled module: the same SGEMMs, and the
+  fused kernels of csrc/avsl/avsl_fused_cuda.cu around them (prologue, in-place blend, epilogue with
+  the running top-k): pairs x R crosses HBM 2 L + 2 (L - 2) times instead of 3 + 25 (L - 1) + 1.
 
 Method: each path's kernel is compiled with nvcc for ``--arch`` with CMakeLists.txt's flags and
 disassembled (nvdisasm, as benchmarks/sass_counts.py); the instruction mix of each loop body
@@ -69,6 +73,18 @@ ASSUMPTIONS = {
     "hbm_efficiency": 0.8,
     "sgemm_efficiency": 0.8,
     "sgemm_why": "cuBLAS float32 SGEMM on M >> K = N = 512 reaches ~80% of the FP32 (non-tensor) peak",
+    "fused_io": "the fused cuBLAS path's intermediates (two chunk buffers of 1 GiB together, default "
+                "CUBLAS_CHUNK_BYTES) do not fit the 50 MB L2: every pass over pairs x R is counted at HBM, "
+                "cuBLAS's operand read and output write included; the gallery and reliability rows the fused "
+                "kernels read (8 B per element: ge, rg; qe, rq rows stay in L1) are counted at L2",
+    "fused_overlap": "the cuBLAS path's kernels run one after another on one stream: its time is the sum of "
+                     "the SGEMMs' max(FP32, HBM) and each fused kernel's max(HBM, L2, issue)",
+    "fused_topk_serial": "the top-k epilogue's insertion runs on one thread per query: per candidate, one pass "
+                         "of its loop body's static instructions (one warp instruction each) is counted; the "
+                         "warps of a block wait at the barrier meanwhile (not overlapped: added to the time)",
+    "fused_topk_latency_factor": 4,
+    "fused_topk_latency_why": "1,024 inserting threads (one per query of a chunk) are ~2 warps per scheduler: too few "
+                              "to hide the dependent-issue latency; counted at 1/4 of the issue rate",
     "gallery_from_l2": "the blocks walk the gallery in the same order at the same pace: the gallery tile's "
                        "embeddings and reliabilities (16 items x 2,560 floats) are read from HBM once per "
                        "wave of 132 blocks (4 queries each), from L2 by the others; the 4 queries' rows from L1",
@@ -190,6 +206,39 @@ def cublas_model() -> dict:
             "sgemm_flops": 2.0 * Q * G * (L - 1) * R * R}
 
 
+def cublas_fused_model(k: dict, cu: Path) -> dict:
+    """The cuBLAS path with the fused kernels: SGEMMs as cublas_model, the kernels around them from their SASS."""
+    Q, G, L, R = SOP["Q"], SOP["G"], SOP["levels"], SOP["R"]
+    pairs, pr = Q * G, Q * G * R
+    topk_fn = k["topk"]["fn"]
+    pro = loop_mix(k["prologue"]["fn"], cu, "for (int64_t c = lane; c < p.R; c += 32) h[c] = fused_value(r, 0, 0.f, c, 0.f);",
+                   r"^ST")
+    blend = loop_mix(k["blend"]["fn"], cu,
+                     "for (int64_t c = lane; c < p.R; c += 32) h[c] = fused_value(r, p.level, p.gamma, c, h[c]);", r"^ST")
+    epi = loop_mix(topk_fn, cu, "s += fused_value(r, p.level, p.gamma, c, a ? a[c] : 0.f);", r"^FADD")
+    ins = loop_mix(topk_fn, cu, "if (cnt == p.k && !avsl_before(v, j, ld[p.k - 1], lj[p.k - 1])) continue;", r".")
+    it = R / 32  # column iterations per pair and level (a warp per pair, lanes over the columns)
+    # per pair: prologue (level 0), blend (levels 1 .. L-2), epilogue (level L-1); the loops are unrolled
+    # by the compiler (anchors: stores / adds per iteration of the unrolled body)
+    warp_pro = pairs * it * pro["instructions"] / max(1, pro["anchors"])
+    warp_blend = pairs * (L - 2) * it * blend["instructions"] / max(1, blend["anchors"])
+    warp_epi = pairs * it * epi["instructions"] / max(1, epi["anchors"])
+    warp_ins = pairs * ins["instructions"]  # one thread per query: one warp instruction per instruction
+    transfers = {"prologue_write": 1, "gemm_read_write": 2 * (L - 1), "blend_read_write": 2 * (L - 2),
+                 "epilogue_read": 1}
+    kernel_transfers = transfers["prologue_write"] + transfers["blend_read_write"] + transfers["epilogue_read"]
+    unfused = cublas_model()["transfers_of_pairs_x_R"]
+    fused_total = sum(transfers.values())
+    return {"prologue_loop": pro, "blend_loop": blend, "epilogue_loop": epi, "topk_insert_loop": ins,
+            "warp_instructions": {"prologue": warp_pro, "blend": warp_blend, "epilogue": warp_epi, "topk_insert": warp_ins},
+            "transfers_of_pairs_x_R": transfers, "transfers_total": fused_total,
+            "hbm_bytes_gemm": pr * 4 * transfers["gemm_read_write"], "hbm_bytes_kernels": pr * 4 * kernel_transfers,
+            "hbm_bytes": pr * 4 * fused_total, "l2_bytes_kernels": pr * (4 + 8 * (L - 1)),
+            "bytes_saved_by_fusion": pr * 4 * (unfused - fused_total), "unfused_transfers": unfused,
+            "sgemm_flops": 2.0 * Q * G * (L - 1) * R * R,
+            "registers": {n: k[n]["registers"] for n in ("prologue", "blend", "epilogue_distance", "topk")}}
+
+
 def predict(path: str, m: dict, dev: dict) -> dict:
     a = ASSUMPTIONS
     issue_rate = dev["sms"] * 4 * dev["boost_ghz"] * 1e9 * a["issue_efficiency"]
@@ -199,6 +248,21 @@ def predict(path: str, m: dict, dev: dict) -> dict:
         t["issue"] = m["warp_instructions"] / issue_rate
         t["l2"] = m["l2_bytes"] / (dev["l2_tbs"] * 1e12 * a["l2_efficiency"])
         t["hbm"] = m["hbm_bytes"] / (dev["hbm_tbs"] * 1e12 * a["hbm_efficiency"])
+    elif path == "cublas_fused":
+        hbm = dev["hbm_tbs"] * 1e12 * a["hbm_efficiency"]
+        w = m["warp_instructions"]
+        r = {"sgemm_fp32": m["sgemm_flops"] / (dev["fp32_tflops"] * 1e12 * a["sgemm_efficiency"]),
+             "sgemm_hbm": m["hbm_bytes_gemm"] / hbm, "kernels_hbm": m["hbm_bytes_kernels"] / hbm,
+             "kernels_l2": m["l2_bytes_kernels"] / (dev["l2_tbs"] * 1e12 * a["l2_efficiency"]),
+             "kernels_issue": (w["prologue"] + w["blend"] + w["epilogue"]) / issue_rate,
+             "topk_insert_issue": w["topk_insert"] * a["fused_topk_latency_factor"] / issue_rate}
+        # one stream: the SGEMMs (max of their FLOPs and their own HBM traffic), then the fused kernels
+        # (max of their resources), then the serial insertion, one after another
+        t = {"sgemm": max(r["sgemm_fp32"], r["sgemm_hbm"]),
+             "fused_kernels": max(r["kernels_hbm"], r["kernels_l2"], r["kernels_issue"]),
+             "topk_insert": r["topk_insert_issue"]}
+        return {"seconds": sum(t.values()), "components_s": t, "resources_s": r, "bound": max(t, key=t.get),
+                "no_overlap_s": sum(r.values())}
     elif path == "simt":
         t["issue"] = m["warp_instructions"] / issue_rate
         t["fp32"] = m["fp32_flops"] / (dev["fp32_tflops"] * 1e12)
@@ -233,12 +297,14 @@ def accuracy() -> dict:
          [1 + 0.1 * torch.randn(r, generator=gen) for r in sizes], [0.1 * torch.randn(r, generator=gen) for r in sizes])
     want = ref.avsl_distance_float64(*x, 10.0)
     out = {"problem": {"sizes": sizes, "Q": q, "G": g, "link_k": 24, "max_distance": want.abs().max().item()}}
-    for path in ("simt", "tensorcore", "cublas"):
-        os.environ["WHYMATCH_AVSL_GPU_PATH"] = path
+    for path, fused in (("simt", "1"), ("tensorcore", "1"), ("cublas_fused", "1"), ("cublas", "0")):
+        os.environ["WHYMATCH_AVSL_GPU_PATH"] = path.split("_")[0]
+        os.environ["WHYMATCH_AVSL_CUBLAS_FUSED"] = fused
         with _ext.emulate_cuda_on_cpu(mod):
             d = A.avsl_distance(*x, 10.0)
         out[f"{path}_max_abs_error"] = (d.double() - want).abs().max().item()
     os.environ.pop("WHYMATCH_AVSL_GPU_PATH", None)
+    os.environ.pop("WHYMATCH_AVSL_CUBLAS_FUSED", None)
 
     def tf32(t):  # round to nearest, ties away (cvt.rna.tf32.f32), as emu_wmma.h
         b = t.float().contiguous().view(torch.int32).to(torch.int64)
@@ -284,7 +350,7 @@ def write_md(path: Path, res: dict) -> None:
       "every time below is a prediction. Written by `python benchmarks/avsl_sop_model.py`.\n")
     w("| path | bound by | H100 (s) | H200 (s) | no-overlap sum, H100 (s) |")
     w("|---|---|---|---|---|")
-    for p in ("simt", "tensorcore", "cublas"):
+    for p in ("simt", "tensorcore", "cublas", "cublas_fused"):
         h1, h2 = res["predictions"]["h100"][p], res["predictions"]["h200"][p]
         w(f"| {p} | {h1['bound']} | {h1['seconds']:.1f} | {h2['seconds']:.1f} | {h1['no_overlap_s']:.1f} |")
     w("")
@@ -294,6 +360,26 @@ def write_md(path: Path, res: dict) -> None:
     w(f"Sensitivity: with L2 at 7 TB/s (the top of the reported range) the H100 tensor-core prediction is "
       f"{sens['seconds']:.1f} s, bound by {sens['bound']}. Resource times of the tensor-core path on the H100: "
       + ", ".join(f"{k} {v:.1f} s" for k, v in res["predictions"]["h100"]["tensorcore"]["components_s"].items()) + ".\n")
+    w("Tensor-core prediction on the H100 against its two guessed figures (L2 bandwidth 5.5 TB/s +-20 %, "
+      "mma.sync efficiency 0.4-0.7; seconds, bound):\n")
+    grid = res["sensitivity"]["h100_tensorcore_grid"]
+    effs = sorted({g["mma_sync_efficiency"] for g in grid})
+    w("| L2 (TB/s) | " + " | ".join(f"mma eff {e}" for e in effs) + " |")
+    w("|---|" + "---|" * len(effs))
+    for l2 in sorted({g["l2_tbs"] for g in grid}):
+        row = {g["mma_sync_efficiency"]: g for g in grid if g["l2_tbs"] == l2}
+        w(f"| {l2:.1f} | " + " | ".join(f"{row[e]['seconds']:.1f} ({row[e]['bound']})" for e in effs) + " |")
+    n_ok = sum(g["seconds"] < 60 for g in grid)
+    w(f"\n{n_ok} of {len(grid)} corners are under 60 s; the worst is "
+      f"{max(g['seconds'] for g in grid):.1f} s.\n")
+    f = res["paths"]["cublas_fused"]
+    fp = res["predictions"]["h100"]["cublas_fused"]
+    w(f"Fused cuBLAS path: pairs x R crosses HBM {f['transfers_total']} times "
+      f"({', '.join(f'{k} {v}' for k, v in f['transfers_of_pairs_x_R'].items())}) instead of the torch ops' "
+      f"{f['unfused_transfers']}: {f['bytes_saved_by_fusion']:.3g} bytes saved at SOP size. H100 resource times: "
+      + ", ".join(f"{k} {v:.1f} s" for k, v in fp["resources_s"].items())
+      + f". Size rule: the SIMT kernel's prediction reaches the fused cuBLAS path's at a link* density of "
+      f"{res['size_rule']['h100_simt_equals_cublas_fused_at_link_density']}.\n")
     w("## Work per path\n")
     t, m, c = res["paths"]["tensorcore"], res["paths"]["simt"], res["paths"]["cublas"]
     w("| path | FLOPs | bytes | warp instructions | registers |")
@@ -304,13 +390,21 @@ def write_md(path: Path, res: dict) -> None:
       f"{t['l2_bytes']:.3g} L2, {t['hbm_bytes']:.3g} HBM | {t['warp_instructions']:.3g} | {t['registers']} |")
     w(f"| cublas | {c['sgemm_flops']:.3g} (SGEMM, dense) | {c['hbm_bytes']:.3g} HBM ({c['transfers_of_pairs_x_R']} "
       f"passes over pairs x R) | cuBLAS SASS is closed | - |")
+    fw = sum(f["warp_instructions"].values())
+    w(f"| cublas_fused | {f['sgemm_flops']:.3g} (SGEMM, dense) | {f['hbm_bytes']:.3g} HBM ({f['transfers_total']} "
+      f"passes), {f['l2_bytes_kernels']:.3g} L2 (gallery rows) | {fw:.3g} in the fused kernels (SGEMM closed) | "
+      + ", ".join(f"{k} {v}" for k, v in f["registers"].items()) + " |")
     w("")
     w("## SASS instruction mix (static, per loop iteration)\n")
     w("| kernel loop | instructions | top opcodes | HMMA |")
     w("|---|---|---|---|")
     for name, lp in (("tensorcore K step (8 of K, 4 x 4 tiles, 3 products)", t["k_loop"]),
                      ("tensorcore epilogue", t["epilogue_loop"]), ("tensorcore prologue", t["prologue_loop"]),
-                     ("tensorcore row sum", t["row_sum_loop"]), ("simt sparse link loop", m["link_loop"]),
+                     ("tensorcore row sum", t["row_sum_loop"]), ("fused prologue (per unrolled body)", f["prologue_loop"]),
+                     ("fused blend (per unrolled body)", f["blend_loop"]),
+                     ("fused epilogue, top-k kernel's pair sum", f["epilogue_loop"]),
+                     ("fused top-k insertion (thread 0, per candidate)", f["topk_insert_loop"]),
+                     ("simt sparse link loop", m["link_loop"]),
                      ("simt column loop", m["column_loop"])):
         top = ", ".join(f"{k} {v}" for k, v in list(lp["mix"].items())[:8])
         w(f"| {name} | {lp['instructions']} | {top} | {lp['hmma'] or '-'} |")
@@ -322,8 +416,10 @@ def write_md(path: Path, res: dict) -> None:
           f"(datasheet); L2 {d['l2_tbs']} TB/s (assumed).")
     for k, v in ASSUMPTIONS.items():
         w(f"- {k}: {v}")
-    w("- Time of a fused path = the largest resource time (roofline: the resources overlap); the cuBLAS path "
-      "runs its kernels one after another: the sum.")
+    w("- Time of a fused path = the largest resource time (roofline: the resources overlap); the cuBLAS paths "
+      "run their kernels one after another: the sum (for cublas_fused: see fused_overlap).")
+    w("- Fusion cannot make the cuBLAS path reach the tensor-core kernel: its SGEMMs alone run on the FP32 "
+      "pipe (float32 accuracy; TF32 cuBLAS would be 1xTF32, an error of ~5e-5, see the accuracy table).")
     if "accuracy" in res:
         a = res["accuracy"]
         w("\n## Accuracy of the split (emulated kernels and simulated splits, against float64)\n")
@@ -345,9 +441,14 @@ def main(argv=None) -> int:
     tools = {"nvcc": sc.find_nvcc(), "nvdisasm": sc.find_tool("nvdisasm"), "cuobjdump": sc.find_tool("cuobjdump")}
     opts, defs = sc.cmake_cuda_flags((ROOT / "CMakeLists.txt").read_text())
     tc_cu, simt_cu = ROOT / "csrc/avsl/avsl_tensorcore_cuda.cu", ROOT / "csrc/avsl/avsl_distance_cuda.cu"
+    fused_cu = ROOT / "csrc/avsl/avsl_fused_cuda.cu"
     with tempfile.TemporaryDirectory() as d:
         tck = compile_sass(tc_cu, args.arch, tools, opts + defs, Path(d))
         smk = compile_sass(simt_cu, args.arch, tools, opts + defs, Path(d))
+        fk = compile_sass(fused_cu, args.arch, tools, opts + defs, Path(d))
+    fused_kernels = {n: next(v for key, v in fk.items() if f"avsl_fused_{n}_kernel" in key)
+                     for n in ("prologue", "blend", "topk")}
+    fused_kernels["epilogue_distance"] = next(v for key, v in fk.items() if "avsl_fused_distance_kernel" in key)
     tc = tensorcore_model(next(v for k, v in tck.items() if "avsl_tc_topk_kernel" in k), tc_cu)
     # the float32 top-k kernel with the hats in shared memory (the default at R = 512)
     cands = sorted(k for k in smk if "avsl_topk_partial_kernel<f32" in k)
@@ -355,7 +456,8 @@ def main(argv=None) -> int:
     simt = simt_model(smk[pick[0]], simt_cu)
     simt["kernel"] = pick[0]
     cub = cublas_model()
-    paths = {"simt": simt, "tensorcore": tc, "cublas": cub}
+    fused = cublas_fused_model(fused_kernels, fused_cu)
+    paths = {"simt": simt, "tensorcore": tc, "cublas": cub, "cublas_fused": fused}
     preds = {dev: {p: predict(p, paths[p], DEVICES[dev]) for p in paths} for dev in DEVICES}
     nvcc_v = subprocess.run([tools["nvcc"], "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     res = {"sop": SOP, "arch": args.arch, "toolchain": {"nvcc": nvcc_v}, "devices": DEVICES, "assumptions": ASSUMPTIONS,
@@ -364,6 +466,33 @@ def main(argv=None) -> int:
     # sensitivity to the one non-vendor figure: L2 bandwidth at the top of the reported range
     hi = dict(DEVICES["h100"], l2_tbs=7.0)
     res["sensitivity"] = {"h100_tensorcore_l2_7tbs": predict("tensorcore", tc, hi)}
+    # the two guessed figures of the tensor-core prediction: L2 bandwidth +-20 %, mma.sync efficiency 0.4-0.7
+    grid = []
+    for l2 in (0.8, 1.0, 1.2):
+        for eff in (0.4, 0.5, 0.6, 0.7):
+            saved = ASSUMPTIONS["mma_sync_efficiency"]
+            ASSUMPTIONS["mma_sync_efficiency"] = eff
+            try:
+                r = predict("tensorcore", tc, dict(DEVICES["h100"], l2_tbs=DEVICES["h100"]["l2_tbs"] * l2))
+            finally:
+                ASSUMPTIONS["mma_sync_efficiency"] = saved
+            grid.append({"l2_tbs": DEVICES["h100"]["l2_tbs"] * l2, "mma_sync_efficiency": eff,
+                         "seconds": r["seconds"], "bound": r["bound"]})
+    res["sensitivity"]["h100_tensorcore_grid"] = grid
+    # the size rule's density threshold: the link* density at which the sparse SIMT kernel's prediction
+    # reaches the fused cuBLAS path's (the SIMT kernel's work grows with the nonzeros, cuBLAS's does not)
+    t_fused = preds["h100"]["cublas_fused"]["seconds"]
+    saved_k, cross = SOP["link_k"], None
+    try:
+        for kk in range(1, SOP["R"] + 1):
+            SOP["link_k"] = kk
+            if predict("simt", simt_model(smk[pick[0]], simt_cu), DEVICES["h100"])["seconds"] >= t_fused:
+                cross = kk / SOP["R"]
+                break
+    finally:
+        SOP["link_k"] = saved_k
+    res["size_rule"] = {"h100_simt_equals_cublas_fused_at_link_density": cross,
+                        "h100_cublas_fused_seconds": t_fused}
     if not args.no_accuracy:
         res["accuracy"] = accuracy()
     stem = Path(args.stem)

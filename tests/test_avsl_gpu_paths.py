@@ -1,6 +1,7 @@
-"""The AVSL GPU paths' Python side on CPU tensors: the cuBLAS path (chunked hat @ link* through
-torch.matmul, prologue and epilogue as torch ops) against the float64 reference, and the size rule
-that chooses between the SIMT kernel, the tensor-core kernel and the cuBLAS path."""
+"""The AVSL GPU paths' Python side on CPU tensors: the cuBLAS path's torch-op form (chunked hat @
+link* through torch.matmul, prologue and epilogue as torch ops; its fused kernels are tested under
+emulation in test_emulated_avsl_fused.py) against the float64 reference, and the size rule that
+chooses between the SIMT kernel, the tensor-core kernel and the cuBLAS path."""
 from __future__ import annotations
 
 import sys
@@ -76,13 +77,18 @@ def test_gpu_path_rule(monkeypatch):
     # more nodes than the tensor-core kernel takes: the dense cuBLAS path when link* is dense enough,
     # else the sparse SIMT kernel (its time grows with the nonzeros)
     assert A.gpu_path(60502, 60502, [1024] * 3, f32, link_density=1.0, **sop) == "cublas"
-    assert A.gpu_path(60502, 60502, [1024] * 3, f32, link_density=0.125, **sop) == "simt"
+    assert A.gpu_path(60502, 60502, [1024] * 3, f32, link_density=0.125, fused=False, **sop) == "simt"
+    # with the fused kernels the cuBLAS path wins from a lower density (its passes over pairs x R: 8, not 54)
+    assert A.gpu_path(60502, 60502, [1024] * 3, f32, link_density=0.125, **sop) == "cublas"
+    assert A.gpu_path(60502, 60502, [1024] * 3, f32, link_density=0.05, **sop) == "simt"
     assert A.gpu_path(100, 100, [1024] * 3, f32, link_density=1.0, **sop) == "simt"
     # no sm_80, or too little shared memory (an sm_86 has 99 KiB): no tensor-core path
     assert A.gpu_path(60502, 60502, [512] * 3, f32, capability=(7, 5), smem_optin=227 * 1024,
                       tc_smem=132352, link_density=0.5) == "cublas"
     assert A.gpu_path(60502, 60502, [512] * 3, f32, capability=(8, 6), smem_optin=99 * 1024,
-                      tc_smem=132352, link_density=0.25) == "simt"
+                      tc_smem=132352, link_density=0.25, fused=False) == "simt"
+    assert A.gpu_path(60502, 60502, [512] * 3, f32, capability=(8, 6), smem_optin=99 * 1024,
+                      tc_smem=132352, link_density=0.25) == "cublas"
     monkeypatch.setenv("WHYMATCH_AVSL_GPU_PATH", "cublas")
     assert A.gpu_path(10, 10, [8], f32, **sop) == "cublas"
     monkeypatch.setenv("WHYMATCH_AVSL_GPU_PATH", "tensorcore")

@@ -143,3 +143,17 @@ def test_fused_entries_check_chunks_and_buffers(emu, gen):
     with pytest.raises(ValueError, match="k must be in"):
         emu.avsl_fused_epilogue(*b, (hat.data_ptr(), hat.numel() * 4), (0, 0), (out.data_ptr(), 60), (0, 0), 3, 5,
                                 sz, 1, 10.0, 0, 3, 0, 5, 6, False, 0)
+
+
+def test_unfused_variant_on_request(emu, gen, fused, monkeypatch):
+    # WHYMATCH_AVSL_CUBLAS_FUSED=0: the torch-op form of the path (gpu_suite.sh measures both); same function
+    x = random_avsl_inputs([12, 20], 3, 30, gen)
+    monkeypatch.setenv("WHYMATCH_AVSL_CUBLAS_FUSED", "0")
+    plain = run_path(emu, "cublas", lambda: A.avsl_distance(*x, 10.0), schedules=("forward",))
+    assert fused["calls"] == 0
+    monkeypatch.delenv("WHYMATCH_AVSL_CUBLAS_FUSED")
+    got = run_path(emu, "cublas", lambda: A.avsl_distance(*x, 10.0), schedules=("forward",))
+    assert fused["calls"] == 1
+    want = ref.avsl_distance_float64(*x, 10.0)
+    tol = _simt_bound(emu, x, want)
+    assert (plain.double() - want).abs().max().item() <= tol and (got.double() - want).abs().max().item() <= tol

@@ -1,9 +1,8 @@
 // The fused kernels around the cuBLAS GEMMs of the AVSL cuBLAS path; see avsl/avsl_fused.h.
 //
-// prologue, blend: one thread per (pair, column) element, grid-stride; coalesced along the columns
-// (a pair's columns are contiguous in hat, qe and ge rows).
-// epilogue, distances: one warp per pair (lane: columns lane, lane + 32, ...), a butterfly sum, lane 0
-// writes d_ij. epilogue, top-k: one block of 256 threads per query of the chunk; the chunk's gallery in
+// prologue, blend, epilogue of the distances: one warp per pair (grid-stride over the warps), lane:
+// columns lane, lane + 32, ... (coalesced: a pair's columns are contiguous in hat, qe, ge, rq, rg);
+// the epilogue sums with a butterfly and lane 0 writes d_ij. epilogue, top-k: one block of 256 threads per query of the chunk; the chunk's gallery in
 // tiles of 64 pairs, each warp 8 pairs of a tile into shared memory; after a barrier thread 0
 // inserts the tile's candidates in index order into the query's sorted output rows, a second
 // barrier before the next tile overwrites the shared distances.
@@ -20,42 +19,56 @@ constexpr int kFusedThreads = 256;
 constexpr int kFusedTile = 64;  // the top-k epilogue's pairs per tile
 constexpr int64_t kFusedMaxBlocks = 1 << 16;
 
-// The level's value hat_l[c] of pair (i, j) from the GEMM output a = A_l[c] (level 0: delta_0[c]).
-__device__ __forceinline__ float fused_value(const AvslFusedParams& p, int64_t i, int64_t j, int64_t c, float a) {
-  const float d = __ldg(p.qe + i * p.S + p.off + c) - __ldg(p.ge + j * p.S + p.off + c);
+// Pair (i, j)'s rows of the level's columns, for fused_value.
+struct PairRows {
+  const float *qe, *ge, *rq, *rg, *coef, *bias;
+};
+
+__device__ __forceinline__ PairRows pair_rows(const AvslFusedParams& p, int64_t i, int64_t j) {
+  return {p.qe + i * p.S + p.off, p.ge + j * p.S + p.off, p.rq + i * p.S1 + p.o1, p.rg + j * p.S1 + p.o1,
+          p.coef + p.o1, p.bias + p.o1};
+}
+
+// The level's value hat_l[c] of a pair from the GEMM output a = A_l[c] (level 0: delta_0[c], a unused).
+__device__ __forceinline__ float fused_value(const PairRows& r, int level, float gamma, int64_t c, float a) {
+  const float d = __ldg(r.qe + c) - __ldg(r.ge + c);
   const float delta = d * d;
-  if (p.level == 0) return delta;
-  const int64_t cc = p.o1 + c;
-  const float z = p.gamma * (__ldg(p.rq + i * p.S1 + cc) * __ldg(p.rg + j * p.S1 + cc) * __ldg(p.coef + cc) +
-                             __ldg(p.bias + cc));
+  if (level == 0) return delta;
+  const float z = gamma * (__ldg(r.rq + c) * __ldg(r.rg + c) * __ldg(r.coef + c) + __ldg(r.bias + c));
   const float pr = 1.f / (1.f + expf(-z));
   return delta * pr + a * (1.f - pr);
 }
 
+// One warp per pair of the chunk (grid-stride over the warps), lanes over the columns (coalesced).
+__device__ __forceinline__ int64_t first_warp() {
+  return blockIdx.x * static_cast<int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5);
+}
+__device__ __forceinline__ int64_t total_warps() { return static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5); }
+
 __global__ void avsl_fused_prologue_kernel(AvslFusedParams p) {
-  const int64_t n = p.nq * p.ng * p.R;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = e % p.R, m = e / p.R;
-    p.hat[e] = fused_value(p, p.q0 + m / p.ng, p.g0 + m % p.ng, c, 0.f);
+  const int lane = threadIdx.x & 31;
+  for (int64_t m = first_warp(); m < p.nq * p.ng; m += total_warps()) {
+    const PairRows r = pair_rows(p, p.q0 + m / p.ng, p.g0 + m % p.ng);
+    float* h = p.hat + m * p.R;
+    for (int64_t c = lane; c < p.R; c += 32) h[c] = fused_value(r, 0, 0.f, c, 0.f);
   }
 }
 
 __global__ void avsl_fused_blend_kernel(AvslFusedParams p) {
-  const int64_t n = p.nq * p.ng * p.R;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = e % p.R, m = e / p.R;
-    p.hat[e] = fused_value(p, p.q0 + m / p.ng, p.g0 + m % p.ng, c, p.hat[e]);
+  const int lane = threadIdx.x & 31;
+  for (int64_t m = first_warp(); m < p.nq * p.ng; m += total_warps()) {
+    const PairRows r = pair_rows(p, p.q0 + m / p.ng, p.g0 + m % p.ng);
+    float* h = p.hat + m * p.R;
+    for (int64_t c = lane; c < p.R; c += 32) h[c] = fused_value(r, p.level, p.gamma, c, h[c]);
   }
 }
 
 // d_ij of the chunk's pair m, in every lane of the calling warp (all 32 lanes call it).
 __device__ __forceinline__ float fused_pair(const AvslFusedParams& p, int64_t m, int lane) {
-  const int64_t i = p.q0 + m / p.ng, j = p.g0 + m % p.ng;
+  const PairRows r = pair_rows(p, p.q0 + m / p.ng, p.g0 + m % p.ng);
   const float* a = p.hat ? p.hat + m * p.R : nullptr;
   float s = 0.f;
-  for (int64_t c = lane; c < p.R; c += 32) s += fused_value(p, i, j, c, a ? a[c] : 0.f);
+  for (int64_t c = lane; c < p.R; c += 32) s += fused_value(r, p.level, p.gamma, c, a ? a[c] : 0.f);
   // butterfly: x + y == y + x, so every lane ends with the same bits
   for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
   return s;
@@ -63,9 +76,7 @@ __device__ __forceinline__ float fused_pair(const AvslFusedParams& p, int64_t m,
 
 __global__ void avsl_fused_distance_kernel(AvslFusedParams p) {
   const int lane = threadIdx.x & 31;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
-  for (int64_t m = blockIdx.x * static_cast<int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5); m < p.nq * p.ng;
-       m += warps) {
+  for (int64_t m = first_warp(); m < p.nq * p.ng; m += total_warps()) {
     const float d = fused_pair(p, m, lane);
     if (lane == 0) p.out[(p.q0 + m / p.ng) * p.G + p.g0 + m % p.ng] = d;
   }
@@ -123,9 +134,10 @@ void check_fused(const AvslFusedParams& p, const char* op) {
   WM_CHECK(p.level == 0 || (p.rq && p.rg && p.coef && p.bias), op << ": null reliability/coef/bias pointer");
 }
 
-unsigned elementwise_blocks(int64_t n) {
-  return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(1, (n + kFusedThreads - 1) / kFusedThreads),
-                                                 kFusedMaxBlocks));
+// Blocks of the warp-per-pair kernels: one warp per pair, at most kFusedMaxBlocks.
+unsigned pair_blocks(int64_t pairs) {
+  const int64_t warps = kFusedThreads / 32;
+  return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(1, (pairs + warps - 1) / warps), kFusedMaxBlocks));
 }
 
 }  // namespace
@@ -136,7 +148,7 @@ void avsl_fused_prologue_cuda(const AvslFusedParams& p, void* stream) {
   if (p.nq * p.ng == 0) return;
   WM_CHECK(p.hat, "avsl_fused_prologue: null hat pointer");
   WM_CUDA_CHECK_PENDING("avsl_fused_prologue");
-  avsl_fused_prologue_kernel<<<elementwise_blocks(p.nq * p.ng * p.R), kFusedThreads, 0,
+  avsl_fused_prologue_kernel<<<pair_blocks(p.nq * p.ng), kFusedThreads, 0,
                                static_cast<cudaStream_t>(stream)>>>(p);
   WM_CUDA_LAUNCH_CHECK();
 }
@@ -147,7 +159,7 @@ void avsl_fused_blend_cuda(const AvslFusedParams& p, void* stream) {
   if (p.nq * p.ng == 0) return;
   WM_CHECK(p.hat, "avsl_fused_blend: null hat pointer");
   WM_CUDA_CHECK_PENDING("avsl_fused_blend");
-  avsl_fused_blend_kernel<<<elementwise_blocks(p.nq * p.ng * p.R), kFusedThreads, 0,
+  avsl_fused_blend_kernel<<<pair_blocks(p.nq * p.ng), kFusedThreads, 0,
                             static_cast<cudaStream_t>(stream)>>>(p);
   WM_CUDA_LAUNCH_CHECK();
 }
@@ -170,10 +182,7 @@ void avsl_fused_epilogue_cuda(const AvslFusedParams& p, void* stream) {
     avsl_fused_topk_kernel<<<static_cast<unsigned>(std::min<int64_t>(p.nq, kFusedMaxBlocks)), kFusedThreads, 0,
                              st>>>(p);
   } else {
-    const int64_t warps = kFusedThreads / 32;
-    const unsigned blocks =
-        static_cast<unsigned>(std::min<int64_t>((p.nq * p.ng + warps - 1) / warps, kFusedMaxBlocks));
-    avsl_fused_distance_kernel<<<blocks, kFusedThreads, 0, st>>>(p);
+    avsl_fused_distance_kernel<<<pair_blocks(p.nq * p.ng), kFusedThreads, 0, st>>>(p);
   }
   WM_CUDA_LAUNCH_CHECK();
 }

@@ -408,14 +408,15 @@ TC_MAX_NODES = 512            # the tensor-core kernel's accumulators cover 512 
 TC_MIN_PAIRS = 1 << 20        # below: the SIMT kernel (launch and split-links overhead, few tiles)
 TC_MIN_TOPK_QUERIES = 264     # top-k runs one block per query: 2 per SM of an H100 / H200 (132 SMs)
 CUBLAS_MIN_PAIRS = 1 << 20    # and below: the SIMT kernel (one launch, no intermediates)
-CUBLAS_MIN_DENSITY = 0.3      # link* density above which dense cuBLAS beats the sparse SIMT kernel (model)
+CUBLAS_MIN_DENSITY = 0.3      # link* density above which dense cuBLAS beats the sparse SIMT kernel (model),
+CUBLAS_FUSED_MIN_DENSITY = 0.08  # torch-op cuBLAS path / with the fused kernels (avsl_sop_model: 0.26-0.28 / 0.07)
 CUBLAS_CHUNK_BYTES = 1 << 30  # the cuBLAS path's intermediates per chunk
 FUSED_CHUNK_QUERIES = 1024    # the fused cuBLAS path's queries per chunk (blocks of its top-k epilogue)
 
 
 def gpu_path(q: int, g: int, sizes: list[int], dtype: torch.dtype, *, topk: bool = False,
              capability: tuple[int, int] = (9, 0), smem_optin: int = 227 * 1024, tc_smem: int = 0,
-             link_density: float = 0.0) -> str:
+             link_density: float = 0.0, fused: bool = True) -> str:
     """Which GPU path computes the AVSL distance (or top-k) of Q x G pairs; the rule, in order:
 
     1. ``WHYMATCH_AVSL_GPU_PATH=simt|tensorcore|cublas`` forces a path (benchmarks, tests); a forced
@@ -424,11 +425,13 @@ def gpu_path(q: int, g: int, sizes: list[int], dtype: torch.dtype, *, topk: bool
     2. float64: ``simt`` (the only exact-dtype path).
     3. ``tensorcore`` (fused, 3xTF32) when it can run and there is enough work: Q x G >= 2^20 pairs
        and, for top-k (one block per query), Q >= 264.
-    4. ``cublas`` (chunked dense hat @ link* through torch.matmul) when the tensor-core kernel cannot
+    4. ``cublas`` (chunked dense hat @ link* through torch.mm, with the fused prologue / blend /
+       epilogue kernels when ``fused``, i.e. the module has them) when the tensor-core kernel cannot
        run, Q x G >= 2^20 and link* is dense enough (``link_density``, its fraction of nonzero
-       entries, >= 0.3): the SIMT kernel's time grows with the nonzeros, the cuBLAS path's does not;
-       benchmarks/results/avsl_sop_model.md has them level at a density of about 0.26-0.28 on an
-       H100 (SIMT 200-210 s at 0.25, the published k = 128 of 512; cuBLAS path 223 s).
+       entries): >= 0.08 with the fused kernels, >= 0.3 without. The SIMT kernel's time grows with the
+       nonzeros, the cuBLAS path's does not; benchmarks/results/avsl_sop_model.md has them level at a
+       density of about 0.07 with the fused kernels (SIMT 211 s at 0.25, the published k = 128 of 512;
+       fused cuBLAS path 84 s, SGEMM-bound) and about 0.26-0.28 without (torch-op cuBLAS path 223 s).
     5. ``simt`` otherwise.
     The thresholds come from the performance model, not from a GPU measurement (none was lent).
     """
@@ -451,7 +454,7 @@ def gpu_path(q: int, g: int, sizes: list[int], dtype: torch.dtype, *, topk: bool
         return "simt"
     if tc_ok and q * g >= TC_MIN_PAIRS and (not topk or q >= TC_MIN_TOPK_QUERIES):
         return "tensorcore"
-    if q * g >= CUBLAS_MIN_PAIRS and link_density >= CUBLAS_MIN_DENSITY:
+    if q * g >= CUBLAS_MIN_PAIRS and link_density >= (CUBLAS_FUSED_MIN_DENSITY if fused else CUBLAS_MIN_DENSITY):
         return "cublas"
     return "simt"
 
@@ -472,7 +475,7 @@ def _device_path(mod, qe: Tensor, q: int, g: int, sizes: list[int], topk: bool, 
             q, g, sizes, qe.dtype, topk=topk, capability=cap, smem_optin=optin, tc_smem=tc_smem) != "tensorcore":
         density = float((links != 0).sum()) / links.numel()  # a sync; the SIMT launch syncs anyway
     return gpu_path(q, g, sizes, qe.dtype, topk=topk, capability=cap, smem_optin=optin, tc_smem=tc_smem,
-                    link_density=density)
+                    link_density=density, fused=_fused_available(mod))
 
 
 def _tc_launch(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma, k=None, exclude_self=False):
@@ -567,9 +570,17 @@ def _fused_cublas(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma, k=None, 
     return out if k is None else (values, indices)
 
 
+def _fused_available(mod) -> bool:
+    """Whether the cuBLAS path runs the fused kernels: the module has them and
+    ``WHYMATCH_AVSL_CUBLAS_FUSED`` is not 0 (benchmarks/gpu_suite.sh measures both forms)."""
+    import os
+
+    return hasattr(mod, "avsl_fused_epilogue") and os.environ.get("WHYMATCH_AVSL_CUBLAS_FUSED", "1").strip() != "0"
+
+
 def _cublas_launch(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma, k=None, exclude_self=False):
-    """The cuBLAS path: fused kernels around torch.mm when the module has them, else torch ops."""
-    if hasattr(mod, "avsl_fused_epilogue"):
+    """The cuBLAS path: fused kernels around torch.mm (see _fused_available), else torch ops."""
+    if _fused_available(mod):
         return _fused_cublas(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma, k, exclude_self)
     if k is None:
         return cublas_distance(qe, ge, rq, rg, links, coef, bias, sizes, gamma)
