@@ -13,10 +13,13 @@ inline CpuIsa detect_cpu_isa() {
   CpuIsa best = CpuIsa::kBase;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
+  // F16C (half-precision conversions, the perturbation kernels' float16 outputs) comes with every
+  // CPU that has AVX2 and FMA; it is checked all the same
+  const bool f16c = __builtin_cpu_supports("f16c");
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq"))
+      __builtin_cpu_supports("avx512dq") && f16c)
     best = CpuIsa::kAvx512;
-  else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+  else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)
     best = CpuIsa::kAvx2;
 #endif
   if (const char* env = std::getenv("WHYMATCH_CPU_ISA")) {

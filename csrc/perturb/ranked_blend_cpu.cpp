@@ -1,30 +1,45 @@
 #include "perturb/ranked_blend.h"
 
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
 
 #include "common/parallel.h"
+#include "perturb/blend_cpu.h"
 
 namespace whymatch {
 namespace {
 
-template <typename T>
+// One (pair, step) at a time: the per-pixel choice (rank < count) is computed once into an
+// all-ones / all-zeros mask of the element width, then every channel plane is a flat bitwise
+// select (exact for any value, NaN included), streamed to memory when the output is large.
+// U: the unsigned integer of T's width.
+template <typename T, typename U>
 void ranked_blend_impl(const RankedBlendParams& p, int num_threads) {
-  const T* first = static_cast<const T*>(p.first);
-  const T* second = static_cast<const T*>(p.second);
-  T* out = static_cast<T*>(p.out);
+  static_assert(sizeof(T) == sizeof(U), "U must have T's width");
+  const U* first = static_cast<const U*>(p.first);
+  const U* second = static_cast<const U*>(p.second);
+  U* out = static_cast<U*>(p.out);
+  const bool stream = blend::use_stream(p.b * p.t * p.c * p.hw * static_cast<int64_t>(sizeof(T)));
+  const blend::SelectFn<U> select = blend::pick_select<U>();
+  const blend::KeepFn<U> keep_of = blend::pick_keep<U>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p.c * p.hw));  // ~32K elements a chunk
   parallel_for(p.b * p.t, num_threads, grain, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<U> kept;  // kept between calls by the pool's persistent threads
+    std::vector<U> local;
+    std::vector<U>& buf = p.hw > (int64_t(1) << 21) / int64_t(sizeof(U)) ? local : kept;  // 2 MiB at most kept
+    if (static_cast<int64_t>(buf.size()) < p.hw) buf.resize(static_cast<size_t>(p.hw));
+    U* keep = buf.data();
     for (int64_t bt = begin; bt < end; ++bt) {
       const int64_t b = bt / p.t, t = bt % p.t;
-      const int64_t cnt = p.counts[t];
-      const int64_t* rank = p.rank + b * p.hw;
+      keep_of(keep, p.rank + b * p.hw, p.counts[t], p.hw);
       for (int64_t c = 0; c < p.c; ++c) {
-        const T* f = first + (b * p.c + c) * p.hw;
-        const T* s = second + (b * p.c + c) * p.hw;
-        T* o = out + (bt * p.c + c) * p.hw;
-        for (int64_t i = 0; i < p.hw; ++i) o[i] = rank[i] < cnt ? f[i] : s[i];
+        const int64_t src = (b * p.c + c) * p.hw;
+        select(out + (bt * p.c + c) * p.hw, keep, first + src, second + src, p.hw, stream);
       }
     }
+    blend::fence(stream);
   });
 }
 
@@ -33,7 +48,10 @@ void ranked_blend_impl(const RankedBlendParams& p, int num_threads) {
 void ranked_blend_cpu(const RankedBlendParams& p, int num_threads) {
   check_ranked_blend(p);
   if (p.b * p.t * p.c * p.hw == 0) return;
-  WM_DISPATCH_FLOAT_HOST(p.dtype, "ranked_blend", [&] { ranked_blend_impl<scalar_t>(p, num_threads); });
+  WM_DISPATCH_FLOAT_HOST(p.dtype, "ranked_blend", [&] {
+    using U = std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint16_t>;
+    ranked_blend_impl<scalar_t, U>(p, num_threads);
+  });
 }
 
 }  // namespace whymatch

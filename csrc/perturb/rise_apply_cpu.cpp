@@ -4,51 +4,93 @@
 #include <vector>
 
 #include "common/parallel.h"
+#include "perturb/blend_cpu.h"
 #include "perturb/rise_grid_cpu.h"
 
 namespace whymatch {
 
 namespace {
 
+// A per-thread scratch buffer kept between calls (the pool's threads persist), so that a chunk
+// does not allocate (and page-fault) its mask buffer again; requests above kKeepFloats use `local`.
+float* scratch(std::vector<float>& local, int64_t n) {
+  constexpr int64_t kKeepFloats = int64_t(1) << 20;  // 4 MiB per thread at most
+  thread_local std::vector<float> kept;
+  if (n > kKeepFloats) {
+    local.resize(static_cast<size_t>(n));
+    return local.data();
+  }
+  if (static_cast<int64_t>(kept.size()) < n) kept.resize(static_cast<size_t>(n));
+  return kept.data();
+}
+
+// Mask n is built a row at a time (two loads and a lerp per pixel from the rows of its grid
+// interpolated horizontally) into a buffer that stays in L1, then blended into the output with
+// blend::pick_mix: for NCHW the row of each channel plane (C output streams, each contiguous over
+// the mask), for channels_last the row's pixels x channels in one pass, the mask repeated per
+// channel and image/baseline transposed to HWC once per call. (Building the whole H x W mask first
+// and then writing each plane in one pass measured the same, with a buffer in L2 instead of L1.)
 template <typename T>
 void rise_apply_impl(const RiseApplyParams& p, int num_threads) {
   const RiseCanvas cv(p.h, p.w, p.s);
   // every shift before any write: its values index the canvas tables
   for (int64_t n = 0; n < p.n; ++n) cv.check_shift(n, p.shifts[2 * n], p.shifts[2 * n + 1], "rise_apply");
   T* out = static_cast<T*>(p.out);
-  const int64_t hw = p.h * p.w;
+  const int64_t hw = p.h * p.w, chw = p.c * hw;
+  const bool stream = blend::use_stream(p.n * chw * static_cast<int64_t>(sizeof(T)));
+  const blend::MixFn<T> mix = blend::pick_mix<T>();
+  const blend::LerpFn lerp = blend::pick_lerp();
+  // RiseCanvas::mask_row at the kernels' instruction set: the mask at canvas row Y, columns dx .. dx + w - 1
+  const auto mask_row = [&](const float* hrows, int64_t Y, int64_t dx, float* o) {
+    const Lerp& l = cv.ty[Y];
+    lerp(o, hrows + l.i0 * cv.up_w + dx, hrows + l.i1 * cv.up_w + dx, 1.f - l.l, l.l, p.w);
+  };
+
+  std::vector<float> im_hwc, bl_hwc;
+  if (p.channels_last && p.c > 1) {
+    im_hwc.resize(static_cast<size_t>(chw));
+    bl_hwc.resize(static_cast<size_t>(chw));
+    for (int64_t c = 0; c < p.c; ++c)
+      for (int64_t i = 0; i < hw; ++i) {
+        im_hwc[i * p.c + c] = p.image[c * hw + i];
+        bl_hwc[i * p.c + c] = p.baseline[c * hw + i];
+      }
+  }
+  const float* im_rows = im_hwc.empty() ? p.image : im_hwc.data();  // (H, W, C) when channels_last
+  const float* bl_rows = bl_hwc.empty() ? p.baseline : bl_hwc.data();
 
   // at least ~32K output elements per chunk: a tiny batch is not worth waking the pool for
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p.c * hw));
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, chw));
   parallel_for(p.n, num_threads, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> hrows(p.s * cv.up_w), mrow(p.w);
+    const int64_t hrows_n = p.s * cv.up_w;
+    const int64_t mask_n = p.w * (1 + p.c);
+    std::vector<float> local;
+    float* hrows = scratch(local, hrows_n + mask_n);
+    float* mask = hrows + hrows_n;
     for (int64_t n = begin; n < end; ++n) {
       const int64_t dy = p.shifts[2 * n], dx = p.shifts[2 * n + 1];
-      cv.horizontal_rows(p.grids + n * p.s * p.s, hrows.data());
-      for (int64_t y = 0; y < p.h; ++y) {
-        cv.mask_row(hrows.data(), y + dy, dx, p.w, mrow.data());
-        if (p.channels_last) {
-          T* o = out + (n * hw + y * p.w) * p.c;
-          for (int64_t x = 0; x < p.w; ++x) {
-            const float m = mrow[x];
-            for (int64_t c = 0; c < p.c; ++c) {
-              const int64_t src = c * hw + y * p.w + x;
-              o[x * p.c + c] = from_float<T>(m * p.image[src] + (1.f - m) * p.baseline[src]);
-            }
-          }
-        } else {
-          for (int64_t c = 0; c < p.c; ++c) {
-            T* o = out + ((n * p.c + c) * p.h + y) * p.w;
-            const float* im = p.image + c * hw + y * p.w;
-            const float* bl = p.baseline + c * hw + y * p.w;
-            for (int64_t x = 0; x < p.w; ++x) {
-              const float m = mrow[x];
-              o[x] = from_float<T>(m * im[x] + (1.f - m) * bl[x]);
-            }
-          }
+      cv.horizontal_rows(p.grids + n * p.s * p.s, hrows);
+      if (!p.channels_last) {
+        for (int64_t y = 0; y < p.h; ++y) {  // the mask row stays in L1 for the C output rows
+          mask_row(hrows, y + dy, dx, mask);
+          const int64_t row = y * p.w;
+          for (int64_t c = 0; c < p.c; ++c)
+            mix(out + n * chw + c * hw + row, mask, p.image + c * hw + row, p.baseline + c * hw + row, p.w, stream);
+        }
+      } else {
+        float* mrow = mask;
+        float* mexp = p.c > 1 ? mask + p.w : mask;  // the row's mask repeated per channel
+        const int64_t row = p.w * p.c;
+        for (int64_t y = 0; y < p.h; ++y) {
+          mask_row(hrows, y + dy, dx, mrow);
+          if (p.c > 1)
+            for (int64_t x = 0; x < p.w; ++x)
+              for (int64_t c = 0; c < p.c; ++c) mexp[x * p.c + c] = mrow[x];
+          mix(out + n * chw + y * row, mexp, im_rows + y * row, bl_rows + y * row, row, stream);
         }
       }
     }
+    blend::fence(stream);
   });
 }
 

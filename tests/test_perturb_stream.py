@@ -1,0 +1,137 @@
+"""The perturbation kernels' vector paths (csrc/perturb/blend_cpu.h) against the reference: streaming
+(non-temporal) stores forced on and off, rows whose length is not a multiple of the vector width,
+outputs whose address is not 32- or 64-byte aligned (out= slices at every element offset), every
+output dtype and channels_last, and each instruction set (AVX-512, AVX2, baseline) in a fresh process."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import whymatch.ops as ops
+from whymatch.ops import reference as ref
+
+from helpers import TOL
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+NEVER = str(1 << 62)  # WHYMATCH_STREAM_MIN_BYTES: no output is that large
+
+
+def _rise_inputs(n, c, h, w, s, gen):
+    grids = torch.rand(n, s, s, generator=gen)  # not binary: every lerp weight shows
+    ch, cw = math.ceil(h / s), math.ceil(w / s)
+    shifts = torch.stack([torch.randint(0, ch, (n,), generator=gen), torch.randint(0, cw, (n,), generator=gen)], 1)
+    image = torch.rand(c, h, w, generator=gen) * 4 - 2
+    base = torch.rand(c, h, w, generator=gen)
+    return grids, shifts, image, base
+
+
+def _offset_out(n, c, h, w, dtype, offset, channels_last):
+    """An (n, c, h, w) view into a NaN-filled flat buffer, starting `offset` elements in (so its
+    address is offset * itemsize bytes past an aligned one), and the buffer."""
+    flat = torch.full((offset + n * c * h * w + 7,), float("nan"), dtype=dtype)
+    if channels_last:
+        strides = (h * w * c, 1, w * c, c)
+    else:
+        strides = (c * h * w, h * w, w, 1)
+    return flat.as_strided((n, c, h, w), strides, offset), flat
+
+
+@pytest.mark.parametrize("stream", ["0", NEVER])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(3, 3, 7, 37, 4), (2, 1, 5, 16, 3), (2, 3, 3, 67, 5), (4, 2, 9, 1, 2)])
+def test_rise_apply_unaligned_out_every_offset(stream, dtype, channels_last, shape, gen, monkeypatch):
+    monkeypatch.setenv("WHYMATCH_STREAM_MIN_BYTES", stream)
+    n, c, h, w, s = shape
+    grids, shifts, image, base = _rise_inputs(n, c, h, w, s, gen)
+    want = ref.rise_apply(grids, shifts, image, base, dtype, channels_last)
+    for offset in (0, 1, 3, 5, 8, 13, 16, 31):  # 32 half/bf16 or 16 floats fill one 64-byte line
+        out, flat = _offset_out(n, c, h, w, dtype, offset, channels_last)
+        got = ops.rise_apply(grids, shifts, image, base, channels_last=channels_last, out=out)
+        assert got.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
+        used = n * c * h * w
+        assert flat[:offset].float().isnan().all() and flat[offset + used:].float().isnan().all(), offset
+
+
+@pytest.mark.parametrize("stream", ["0", NEVER])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hw", [(5, 7), (4, 16), (3, 43), (1, 1)])
+def test_ranked_blend_vector_paths_exact(stream, dtype, hw, gen, monkeypatch):
+    """Odd plane sizes put every (pair, step, channel) plane of the output at another alignment."""
+    monkeypatch.setenv("WHYMATCH_STREAM_MIN_BYTES", stream)
+    b, c, t = 3, 3, 6
+    h, w = hw
+    first = (torch.rand(b, c, h, w, generator=gen) * 10).to(dtype)
+    second = (torch.rand(b, c, h, w, generator=gen) - 5).to(dtype)
+    first[0, 0, 0, 0] = float("nan")  # a bitwise select copies NaN as it is
+    rank = torch.stack([torch.randperm(h * w, generator=gen) for _ in range(b)])
+    counts = torch.tensor([0, h * w, 1, (h * w) // 2, h * w + 5, 3])
+    got = ops.ranked_blend(first, second, rank, counts)
+    want = ref.ranked_blend(first, second, rank, counts)
+    assert torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       want.view(torch.int16 if dtype != torch.float32 else torch.int32))
+    # inputs that are offset slices (unaligned loads)
+    f2 = torch.cat([torch.zeros(1, dtype=dtype), first.flatten()])[1:].view_as(first)
+    assert torch.equal(ops.ranked_blend(f2, second, rank, counts).float().nan_to_num(7.0), want.float().nan_to_num(7.0))
+
+
+def test_stream_threshold_env_is_read_per_call(gen, monkeypatch):
+    """Bad values are ignored (the 4 MiB default); results do not depend on the setting."""
+    grids, shifts, image, base = _rise_inputs(3, 3, 11, 21, 4, gen)
+    outs = []
+    for v in ("0", NEVER, "not-a-number", "-5", ""):
+        monkeypatch.setenv("WHYMATCH_STREAM_MIN_BYTES", v)
+        outs.append(ops.rise_apply(grids, shifts, image, base))
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], rtol=0, atol=0)
+
+
+_ISA_SCRIPT = textwrap.dedent(r"""
+    import math, torch, whymatch
+    import whymatch.ops as ops
+    from whymatch.ops import reference as ref
+    print("isa", whymatch.build_info()["cpu_isa"])
+    g = torch.Generator().manual_seed(3)
+    TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+    for n, c, h, w, s in ((3, 3, 7, 37, 4), (2, 1, 5, 16, 3), (2, 3, 3, 67, 5)):
+        grids = torch.rand(n, s, s, generator=g)
+        shifts = torch.stack([torch.randint(0, math.ceil(h / s), (n,), generator=g),
+                              torch.randint(0, math.ceil(w / s), (n,), generator=g)], 1)
+        image, base = torch.rand(c, h, w, generator=g) * 4 - 2, torch.rand(c, h, w, generator=g)
+        for dt in TOL:
+            for cl in (False, True):
+                want = ref.rise_apply(grids, shifts, image, base, dt, cl).float()
+                for off in (0, 1, 5, 13):
+                    flat = torch.full((off + n * c * h * w,), float("nan"), dtype=dt)
+                    st = (h * w * c, 1, w * c, c) if cl else (c * h * w, h * w, w, 1)
+                    out = flat.as_strided((n, c, h, w), st, off)
+                    ops.rise_apply(grids, shifts, image, base, channels_last=cl, out=out)
+                    torch.testing.assert_close(out.float(), want, rtol=TOL[dt], atol=TOL[dt])
+    for dt in TOL:
+        first, second = torch.rand(2, 3, 5, 7, generator=g).to(dt), torch.rand(2, 3, 5, 7, generator=g).to(dt)
+        rank = torch.stack([torch.randperm(35, generator=g) for _ in range(2)])
+        counts = torch.tensor([0, 35, 9, 17])
+        assert torch.equal(ops.ranked_blend(first, second, rank, counts), ref.ranked_blend(first, second, rank, counts))
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+def test_every_isa_path_streaming(isa):
+    """The narrower instruction-set paths (chosen once per process: WHYMATCH_CPU_ISA caps it) with
+    streaming stores forced on; the best path this CPU has runs in this process (the tests above).
+    A cap above what the CPU has runs the best path it has."""
+    env = dict(os.environ, WHYMATCH_CPU_ISA=isa, WHYMATCH_STREAM_MIN_BYTES="0")
+    p = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().endswith("ok"), p.stdout
+    if isa == "base":
+        assert "isa base" in p.stdout
