@@ -36,7 +36,7 @@ from ..io import FileFormatError, atomic_torch_save
 from .. import _checks as V
 from ..train import checkpoint as C
 from ..train.distributed import all_gather_shares, default_device, dist_info, shares
-from ..train.loop import CheckpointedLoop, _describe_module, _model_settings, _seed_of
+from ..train.loop import CheckpointedLoop, _describe_module, _model_settings, _seed_of, best_score_alias
 from .cache import SaliencyCache
 from .losses import AttributeLoss
 from .model import ATTRIBUTE_BACKBONES, AttributeModel, attribute_model_state, build_attribute_model
@@ -480,14 +480,8 @@ class AttributeTrainer(CheckpointedLoop):
                 "ap": {n: (None if math.isnan(v) else v) for n, v in zip(names, ap.tolist())}}
 
     # ------------------------------------------------------------ validation in the loop
-    @property
-    def best_map(self) -> float:
-        """The best validation mAP so far (-inf before any validation); best.pt holds that epoch's model."""
-        return self.best_score
-
-    @best_map.setter
-    def best_map(self, value: float) -> None:
-        self.best_score = value
+    best_map = best_score_alias("The best validation mAP so far (-inf before any validation);"
+                                 " best.pt holds that epoch's model.")
 
     def validation_set(self) -> Dataset | None:
         return self.val_set

@@ -17,7 +17,6 @@ loss's betas); the published code trains coef, bias and the proxies together as 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import _checks as V
 from ..similarity import SimilarityModel
-from .tasks import BACKBONES, DATASETS, TrainConfig, build_data, prepare_run, schedule_kwargs, task_config
+from .tasks import BACKBONES, DATASETS, TrainConfig, build_data, prepare_run, run_task, task_config
 from .trainer import Trainer
 
 __all__ = ["AVSLConfig", "AVSLTrainer", "build_avsl_model", "train_avsl", "avsl_recall_at_k", "AVSL_GROUPS",
@@ -288,8 +287,6 @@ def train_avsl(cfg: AVSLConfig) -> AVSLTrainer:
     at ``loss_lr``; with them, the groups of :data:`AVSL_GROUPS` each at their own rate.
     """
     from ..avsl import AVSLLoss
-    from ..io import atomic_torch_save
-    from .trainer import random_flip
 
     if cfg.recipe is not None:
         V.choice("recipe", cfg.recipe, AVSL_RECIPES)
@@ -307,12 +304,4 @@ def train_avsl(cfg: AVSLConfig) -> AVSLTrainer:
     loss = AVSLLoss(n_classes, len(model.embedder.levels), cfg.embedding_dim, loss=cfg.loss,
                     weights=cfg.level_weights, use_proxy=cfg.use_proxy, neg_margin=cfg.neg_margin,
                     overall_neg_margin=cfg.overall_neg_margin)
-    trainer = AVSLTrainer(model, loss, train, out_dir=cfg.out, test_set=test, epochs=cfg.epochs, batch_p=cfg.batch_p,
-                          batch_k=cfg.batch_k, lr=cfg.lr, loss_lr=cfg.loss_lr, weight_decay=cfg.weight_decay,
-                          **schedule_kwargs(cfg, AVSL_GROUPS, model, loss), device=cfg.device, seed=cfg.seed,
-                          augment=random_flip if cfg.flip else None, batches_per_epoch=cfg.batches_per_epoch,
-                          num_workers=cfg.num_workers, show_progress=cfg.show_progress, config=config)
-    trainer.fit(resume=cfg.resume, overwrite=cfg.overwrite, stop_after=cfg.stop_after)
-    if trainer.rank == 0:
-        atomic_torch_save(model.embedder.state_dict(), Path(cfg.out) / "model.pt")
-    return trainer
+    return run_task(AVSLTrainer, cfg, model, loss, train, test, AVSL_GROUPS, config, stop_after=cfg.stop_after)

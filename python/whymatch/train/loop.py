@@ -71,6 +71,11 @@ def _model_settings(model: nn.Module) -> dict:
     return {"model_class": f"{type(model).__module__}.{type(model).__qualname__}", "model_architecture": digest}
 
 
+def best_score_alias(doc: str) -> property:
+    """``best_score`` under a trainer's own name (``best_recall_at_1``, ``best_map``), read and written."""
+    return property(lambda self: self.best_score, lambda self, value: setattr(self, "best_score", value), doc=doc)
+
+
 class CheckpointedLoop:
     """The training loop and its checkpoint files, shared by the metric-learning, AVSL and attribute
     trainers (see the module docstring for what a subclass sets and defines).

@@ -218,6 +218,26 @@ def schedule_kwargs(cfg: TrainConfig, layout: Mapping[str, Sequence[str]], model
                 freeze_epochs=cfg.freeze_epochs, freeze_groups=freeze)
 
 
+def run_task(trainer_cls: type, cfg: TrainConfig, model: SimilarityModel, loss: nn.Module, train: Dataset,
+             test: Dataset | None, layout: Mapping[str, Sequence[str]], config: Mapping, *,
+             stop_after: int | None = None):
+    """Build ``trainer_cls`` (a :class:`~whymatch.train.trainer.Trainer`) from the config, ``fit`` it (resuming
+    and overwriting as ``cfg`` says) and write out/model.pt (the embedder's state dict) on rank 0; returns
+    the trainer. The one way every metric-learning task (mining, AVSL) runs."""
+    from ..io import atomic_torch_save
+    from .trainer import random_flip
+
+    trainer = trainer_cls(model, loss, train, out_dir=cfg.out, test_set=test, epochs=cfg.epochs, batch_p=cfg.batch_p,
+                          batch_k=cfg.batch_k, lr=cfg.lr, loss_lr=cfg.loss_lr, weight_decay=cfg.weight_decay,
+                          **schedule_kwargs(cfg, layout, model, loss), device=cfg.device, seed=cfg.seed,
+                          augment=random_flip if cfg.flip else None, batches_per_epoch=cfg.batches_per_epoch,
+                          num_workers=cfg.num_workers, show_progress=cfg.show_progress, config=dict(config))
+    trainer.fit(resume=cfg.resume, overwrite=cfg.overwrite, stop_after=stop_after)
+    if trainer.rank == 0:
+        atomic_torch_save(model.embedder.state_dict(), Path(cfg.out) / "model.pt")
+    return trainer
+
+
 def mining_group_layout(backbone: str) -> dict[str, tuple[str, ...]]:
     """The parameter groups of ``whymatch train mining``: 'backbone' (the trunk), 'head' (the
     linear embedding) and 'loss' (e.g. ProxyAnchor's proxies), by name prefix."""
@@ -293,8 +313,7 @@ def train_mining(cfg: MiningConfig):
     model.pt (the embedder's state dict) on rank 0.
     """
     from ..mining import SimilarityMiningLoss
-    from ..io import atomic_torch_save
-    from .trainer import Trainer, random_flip
+    from .trainer import Trainer
 
     config = task_config(cfg)
     prepare_run(cfg, config)
@@ -306,13 +325,4 @@ def train_mining(cfg: MiningConfig):
     metric = build_metric_loss(cfg.loss, n_classes, cfg.embedding_dim)
     loss = SimilarityMiningLoss(cfg.mode, cfg.alpha, cfg.beta, metric, cfg.gamma if cfg.mining else 0.0,
                                 target_layers=layer)
-    trainer = Trainer(model, loss, train, out_dir=cfg.out, test_set=test, epochs=cfg.epochs, batch_p=cfg.batch_p,
-                      batch_k=cfg.batch_k, lr=cfg.lr, loss_lr=cfg.loss_lr, weight_decay=cfg.weight_decay,
-                      **schedule_kwargs(cfg, mining_group_layout(cfg.backbone), model, loss),
-                      device=cfg.device, seed=cfg.seed,
-                      augment=random_flip if cfg.flip else None, batches_per_epoch=cfg.batches_per_epoch,
-                      num_workers=cfg.num_workers, show_progress=cfg.show_progress, config=config)
-    trainer.fit(resume=cfg.resume, overwrite=cfg.overwrite)
-    if trainer.rank == 0:
-        atomic_torch_save(model.embedder.state_dict(), Path(cfg.out) / "model.pt")
-    return trainer
+    return run_task(Trainer, cfg, model, loss, train, test, mining_group_layout(cfg.backbone), config)

@@ -51,7 +51,8 @@ from ..io import FileFormatError
 from ..similarity import SimilarityModel
 from . import checkpoint as C
 from .distributed import all_gather_shares, default_device, dist_info, shares
-from .loop import BEST, CHECKPOINT, METRICS_LOG, CheckpointedLoop, _describe_module, _model_settings
+from .loop import (BEST, CHECKPOINT, METRICS_LOG, CheckpointedLoop, _describe_module, _model_settings,
+                   best_score_alias)
 from .sampler import PKSampler
 
 __all__ = ["Trainer", "ParamGroup", "assign_param_groups", "SCHEDULERS", "random_flip", "CHECKPOINT", "BEST",
@@ -554,14 +555,8 @@ class Trainer(CheckpointedLoop):
         return {k: v for k, v in res.items() if k.startswith("recall@")}
 
     # ------------------------------------------------------------ validation in the loop
-    @property
-    def best_recall_at_1(self) -> float:
-        """The best Recall@1 so far (-inf before any evaluation); best.pt holds that epoch's model."""
-        return self.best_score
-
-    @best_recall_at_1.setter
-    def best_recall_at_1(self, value: float) -> None:
-        self.best_score = value
+    best_recall_at_1 = best_score_alias("The best Recall@1 so far (-inf before any evaluation);"
+                                         " best.pt holds that epoch's model.")
 
     def validation_set(self) -> Dataset | None:
         return self.test_set
