@@ -1,6 +1,6 @@
 """Low-shot segmentation on ShapesWorld: similarity attention + GrabCut (Zheng et al. 3.3) against baselines.
 
-Protocol (whymatch.segment.evaluate_shapesworld): ``--queries`` test-split images
+Protocol (benchmarks/segment_eval.py, evaluate_shapesworld): ``--queries`` test-split images
 (ShapesWorld seed ``--seed``, 3000 samples), each with one support image of the
 same class and, for 2-way, one negative support of another class, drawn with
 ``pairs(n, 1, n_negatives=1, seed=--seed)``. The shipped ShapesWorld model,
@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import common as C  # noqa: E402
+import segment_eval as E  # noqa: E402
 from whymatch import segment  # noqa: E402
 from whymatch.models import load_default_model  # noqa: E402
 from whymatch.saliency import SimilarityAttention  # noqa: E402
@@ -101,8 +102,8 @@ def main() -> None:
     sim = load_default_model(device)
     sa = SimilarityAttention(sim, "layer4", mode="siamese")
     # warm-up outside the timed evaluation: thread pools, allocator, OpenCV's first call
-    segment.evaluate_shapesworld(sim, 2, seed=args.seed + 1, attention=sa, iterations=args.iterations)
-    res = segment.evaluate_shapesworld(sim, args.queries, seed=args.seed, attention=sa, iterations=args.iterations)
+    E.evaluate_shapesworld(sim, 2, seed=args.seed + 1, attention=sa, iterations=args.iterations)
+    res = E.evaluate_shapesworld(sim, args.queries, seed=args.seed, attention=sa, iterations=args.iterations)
     total = time.perf_counter() - t0
     n = args.queries
     methods = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,9 +240,12 @@ def test_shipped_model_default_attention_and_batched_cue(shapes):
 
 
 def test_evaluate_shapesworld_runs(shapes):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import segment_eval as E  # the benchmark harness (benchmarks/segment_eval.py)
+
     sim, _ = shapes
-    res = S.evaluate_shapesworld(sim, 3, n_samples=300, seed=2, methods=("one_way", "all_foreground"))
+    res = E.evaluate_shapesworld(sim, 3, n_samples=300, seed=2, methods=("one_way", "all_foreground"))
     assert res["iou"]["one_way"].shape == (3,)
     assert torch.allclose(res["iou"]["all_foreground"], res["key_area"])
     with pytest.raises(ValueError, match="methods must be among"):
-        S.evaluate_shapesworld(sim, 3, methods=("magic",))
+        E.evaluate_shapesworld(sim, 3, methods=("magic",))
