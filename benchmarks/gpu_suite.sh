@@ -26,7 +26,10 @@
 #   avsl_sop_cuda.{log,json,md}  AVSL time to Recall@{1,10,100}, 60,502 x 60,502 (SOP-shaped
 #                    synthetic data) vs the sliced baseline (stopped at a time budget, extrapolated)
 #   avsl_sop_tensorcore.{log,json,md} / avsl_sop_cublas.{log,json,md}  step sop_paths: the two AVSL
-#                    GPU paths forced at SOP scale (the first beside the sliced baseline)
+#                    GPU paths forced at SOP scale (the first beside the sliced baseline; the cuBLAS
+#                    path with its fused prologue / blend / epilogue kernels)
+#   avsl_sop_cublas_torch.{log,json,md}  step sop_cublas_torch: the cuBLAS path's torch-op form
+#                    (WHYMATCH_AVSL_CUBLAS_FUSED=0), to measure what the fused kernels save
 #
 # Environment knobs: PYTHON (default python3), WHYMATCH_CUDA_ARCHITECTURES
 # (default 90), BUILD_TIMEOUT / TEST_TIMEOUT / BENCH_TIMEOUT in seconds
@@ -118,7 +121,8 @@ if [ $BUILD_RC -ne 0 ] || { [ $KERNELS_RC -ne 0 ] && [ "$DRY" != "1" ]; }; then
   exit 1
 fi
 
-# STEPS: which of tests,rise,saliency,softmask,recall,avsl,sop,sop_paths to run (default: all but sop_paths). With the
+# STEPS: which of tests,rise,saliency,softmask,recall,avsl,sop,sop_paths,sop_cublas_torch to run (default: all but
+# sop_paths and sop_cublas_torch). With the
 # device tool's 10-minute limit per call, run the suite in back-to-back calls (the machine stays
 # warm and keeps the build). By the caps, four calls (each under 600 s, plus a few seconds of
 # this script's checks):
@@ -236,7 +240,8 @@ if want sop; then
 fi
 
 # ---------------------------------------------------------------- 9. AVSL GPU paths at SOP scale (issue 19)
-# The tensor-core path (fused 3xTF32 kernel) and the cuBLAS path (chunked torch.matmul) forced with
+# The tensor-core path (fused 3xTF32 kernel) and the cuBLAS path (chunked torch.mm between the fused
+# prologue / blend / epilogue kernels of csrc/avsl/avsl_fused_cuda.cu) forced with
 # WHYMATCH_AVSL_GPU_PATH, each through avsl_sop.py's whymatch variant (60,502 x 60,502, 3 x 512
 # nodes, k = 128), the tensor-core run beside the published slicing (sliced_torch, time budget,
 # extrapolated). Predictions: benchmarks/results/avsl_sop_model.md. Cap 560 s (one device call):
@@ -262,6 +267,27 @@ if want sop_paths; then
     --stem "$OUT/avsl_sop_cublas" $SP_CB_ARGS
   SOP_RC=$((SOP_RC | STEP_RC))
   for f in avsl_sop_tensorcore avsl_sop_cublas; do [ -f "$OUT/$f.md" ] && cat "$OUT/$f.md" >> "$SUITE_LOG"; done
+fi
+
+# ---------------------------------------------------------------- 10. the cuBLAS path without its fused kernels
+# The same forced cuBLAS run with WHYMATCH_AVSL_CUBLAS_FUSED=0 (prologue and epilogue as torch ops,
+# 54 passes over pairs x R instead of 8; model: 223 s against the fused form's 84 s on an H100),
+# so that avsl_sop_cublas.md / avsl_sop_cublas_torch.md give the fusion's measured gain. Cap 270 s;
+# a run that times out still logs its probe's estimate. Not in the default STEPS:
+# SKIP_BUILD=1 STEPS=sop_cublas_torch.
+if want sop_cublas_torch; then
+  SCT_DEV=cuda
+  SCT_ARGS="${SCT_ARGS:---variants whymatch --timeout 250}"
+  if [ "$DRY" = "1" ]; then
+    SCT_DEV=cpu
+    SCT_ARGS="--n 1000 --classes 200 --nodes 64 --link-k 16 --variants whymatch --timeout 60"
+  fi
+  # shellcheck disable=SC2086
+  run_step "avsl sop cublas torch ops" "${SCT_TIMEOUT:-270}" avsl_sop_cublas_torch \
+    env WHYMATCH_AVSL_GPU_PATH=cublas WHYMATCH_AVSL_CUBLAS_FUSED=0 "$PY" benchmarks/avsl_sop.py --device "$SCT_DEV" \
+    --stem "$OUT/avsl_sop_cublas_torch" $SCT_ARGS
+  SOP_RC=$((SOP_RC | STEP_RC))
+  [ -f "$OUT/avsl_sop_cublas_torch.md" ] && cat "$OUT/avsl_sop_cublas_torch.md" >> "$SUITE_LOG"
 fi
 
 log "done in $((SECONDS - START)) s (steps $STEPS): build $BUILD_RC, tests $TEST_RC, rise $BENCH_RC, saliency table $SAL_RC, soft mask $SM_RC, recall $RC_RC, avsl $AV_RC, sop $SOP_RC"

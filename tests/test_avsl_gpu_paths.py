@@ -14,7 +14,7 @@ from whymatch.ops import avsl as A
 from whymatch.ops import reference as ref
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import random_avsl_inputs  # noqa: E402
+from helpers import devices, random_avsl_inputs  # noqa: E402
 
 
 def _packed(sizes, q, g, gen, link_topk=4):
@@ -107,3 +107,21 @@ def test_cpu_ops_ignore_the_gpu_path(gen, monkeypatch):
     x, _ = _packed([8, 4], 3, 5, gen)
     d = A.avsl_distance(*x, 10.0)
     assert not called and d.shape == (3, 5)
+
+
+@pytest.mark.parametrize("device", [d for d in devices() if d != "cpu"] or
+                         [pytest.param("cuda", marks=pytest.mark.skip(reason="cuda not in WHYMATCH_TEST_DEVICES"))])
+@pytest.mark.parametrize("path,fused", [("simt", "1"), ("tensorcore", "1"), ("cublas", "1"), ("cublas", "0")])
+def test_gpu_paths_on_a_device(gen, monkeypatch, device, path, fused):
+    # every GPU path forced on a real device (gpu_suite.sh's tests step), distances and top-k against float64
+    monkeypatch.setenv("WHYMATCH_AVSL_GPU_PATH", path)
+    monkeypatch.setenv("WHYMATCH_AVSL_CUBLAS_FUSED", fused)
+    x = random_avsl_inputs([40, 24, 33], 70, 150, gen)
+    want = ref.avsl_distance_float64(*x, 10.0)
+    xd = [[t.to(device) for t in part] for part in x]
+    got = A.avsl_distance(*xd, 10.0).cpu()
+    assert (got.double() - want).abs().max().item() <= _simt_like_bound(want, [40, 24, 33])
+    vals, idx = A.avsl_topk(*xd, 10.0, 20)
+    assert (vals.cpu().double() - torch.sort(want, dim=1).values[:, :20]).abs().max().item() <= \
+        _simt_like_bound(want, [40, 24, 33])
+    assert (want.gather(1, idx.cpu()) - vals.cpu().double()).abs().max().item() <= _simt_like_bound(want, [40, 24, 33])
