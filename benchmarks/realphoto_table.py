@@ -32,6 +32,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import ast
+import math
 import json
 import sys
 import time
@@ -49,42 +51,78 @@ from whymatch.saliency import (LIME, RISE, ConstantMapWarning, EmbeddingGradCAM,
                                SimilarityAttention, SlidingWindow, constant_maps)
 
 
-def methods(n_masks: int, n_samples: int, mask_iter: int, mask_kw: dict | None = None) -> dict:
+def methods(n_masks: int, n_samples: int, mask_iter: int | None, mask_kw: dict | None = None) -> dict:
     """The methods of the table with their defaults (and the old defaults where they changed)."""
-    mask_kw = mask_kw or {}
+    mask_kw = dict(mask_kw or {})
+    if mask_iter is not None:
+        mask_kw["n_iter"] = mask_iter
     return {
         "rise": lambda sim: RISE(sim, n_masks=n_masks, seed=0),
         "rise_uncentred": lambda sim: RISE(sim, n_masks=n_masks, seed=0, normalize="rise"),
         "sliding_window": lambda sim: SlidingWindow(sim),
         "lime": lambda sim: LIME(sim, n_samples, segments="slic"),
-        "mask": lambda sim: Mask(sim, n_iter=mask_iter, **mask_kw),
-        "mask_sane": lambda sim: Mask(sim, preset="sane", n_iter=mask_iter),
+        "mask": lambda sim: Mask(sim, **mask_kw),
+        "mask_sane": lambda sim: Mask(sim, preset="sane", **({"n_iter": mask_iter} if mask_iter else {})),
         "attention": lambda sim: SimilarityAttention(sim),
         "gradcam": lambda sim: EmbeddingGradCAM(sim),
     }
 
 
-def sweep_methods(n_masks: int, mask_iter: int) -> dict:
-    """Candidate settings compared on the validation split."""
-    out = {}
-    for norm in ("centered", "sane", "rise"):
-        for grid in (6, 8):
-            out[f"rise_{norm}_s{grid}"] = (lambda n, g: lambda sim: RISE(sim, n_masks=n_masks, grid=g, seed=0,
-                                                                       normalize=n))(norm, grid)
-    for l1 in (0.01, 0.1, 0.3):
-        for pert in ("median", "blur"):
-            out[f"mask_l1={l1}_{pert}"] = (lambda a, p: lambda sim: Mask(sim, preset="sane", n_iter=mask_iter,
-                                                                          l1_coeff=a, perturbation=p))(l1, pert)
-    for name, layer in (("features", "features"), ("bn1", "net._bn1"), ("head_conv", "net._conv_head"),
-                        ("block15", "net._blocks.15"), ("block12", "net._blocks.12")):
-        out[f"attention_{name}"] = (lambda L: lambda sim: SimilarityAttention(sim, L))(layer)
-        out[f"gradcam_{name}"] = (lambda L: lambda sim: EmbeddingGradCAM(sim, L))(layer)
-    return out
+#: candidate settings of ``--sweep`` (validation split); see the docstrings of the explainers for the winners
+SWEEP = [
+    "rise+grid=4", "rise+grid=6", "rise+grid=8", "rise+grid=6+p=0.3",
+    "sliding_window", "sliding_window+window=16+stride=4", "sliding_window+window=40+stride=10",
+    "lime+n_segments=25", "lime+n_segments=50", "lime+n_segments=100",
+    "mask+l1_coeff=0.05", "mask+l1_coeff=0.2", "mask+l1_coeff=0.5", "mask+l1_coeff=0.2+perturbation='median'",
+]
+
+
+def _value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def spec_method(spec: str, n_masks: int, n_samples: int, mask_iter: int | None):
+    """A candidate setting written ``method+key=value+...`` (e.g. ``rise+grid=4+p=0.3``), for ``--sweep``."""
+    name, *args = spec.split("+")
+    kw = {}
+    for a in args:
+        k, eq, v = a.partition("=")
+        if not eq:
+            raise SystemExit(f"--methods: {spec!r}: expected key=value after '+', got {a!r}")
+        kw[k] = _value(v)
+    makers = {
+        "rise": lambda sim: RISE(sim, **{"n_masks": n_masks, "seed": 0, **kw}),
+        "sliding_window": lambda sim: SlidingWindow(sim, **kw),
+        "lime": lambda sim: LIME(sim, **{"n_samples": n_samples, "segments": "slic", **kw}),
+        "mask": lambda sim: Mask(sim, **{**({"n_iter": mask_iter} if mask_iter else {}), **kw}),
+        "attention": lambda sim: SimilarityAttention(sim, **kw),
+        "gradcam": lambda sim: EmbeddingGradCAM(sim, **kw),
+    }
+    if name not in makers:
+        raise SystemExit(f"--methods: {spec!r}: unknown method {name!r}; choose from {list(makers)}")
+    return makers[name]
 
 
 def explain(make, sim, pairs, device) -> tuple[torch.Tensor, list[float], int]:
     exp = make(sim)
     maps, secs, n_const = [], [], 0
+    if isinstance(exp, Mask):
+        # Mask optimizes many pairs in one batch (one mask per pair, one forward+backward per step for all);
+        # each pair's mask gets its own pair's gradient, so this equals explaining the pairs one at a time
+        # (only the noise draws differ). Seconds per pair = the batch's time / the number of pairs.
+        q = torch.stack([p.query for p in pairs]).to(device)
+        r = torch.stack([p.reference for p in pairs]).to(device)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConstantMapWarning)
+            m = exp.attribute_pairs(q, r)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        secs = [(time.perf_counter() - t0) / len(pairs)] * len(pairs)
+        return m.float().cpu(), secs, int(constant_maps(m).sum())
     for p in pairs:
         q, r = p.query.to(device), p.reference.to(device)[None]
         t0 = time.perf_counter()
@@ -105,10 +143,16 @@ def score(sim, pairs, maps, device, n_steps: int) -> dict:
     q = torch.stack([p.query for p in pairs]).to(device)
     r = torch.stack([p.reference for p in pairs]).to(device)
     cd = metrics.insertion_deletion(sim, q, r, maps.to(device), n_steps=n_steps, batch_size=128)
-    return {"pointing": float(metrics.pointing_game(maps, masks).float().mean()),
-            "mass": float(metrics.mass_on_mask(maps, masks).mean()),
-            "insertion": 100 * float(cd.insertion.auc.mean()), "deletion": 100 * float(cd.deletion.auc.mean()),
-            "per_pair_pointing": metrics.pointing_game(maps, masks).int().tolist()}
+    per = {"pointing": metrics.pointing_game(maps, masks).float(), "mass": metrics.mass_on_mask(maps, masks).float(),
+           "insertion": 100 * cd.insertion.auc.float().cpu(), "deletion": 100 * cd.deletion.auc.float().cpu()}
+    out = {}
+    for k, v in per.items():
+        out[k] = float(v.mean())
+        # standard error of the mean over the pairs (sample std / sqrt(n))
+        out[f"{k}_se"] = float(v.std(unbiased=True) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+        out[f"per_pair_{k}"] = [round(float(x), 4) for x in v]
+    out["per_pair_pointing"] = per["pointing"].int().tolist()
+    return out
 
 
 def main() -> None:
@@ -117,37 +161,57 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=None, help="pairs (default 16; 4 with --quick)")
     ap.add_argument("--size", type=int, default=112, help="image side in pixels")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--methods", default="all", help="comma-separated names, or all")
+    ap.add_argument("--methods", default="all",
+                    help="comma-separated names, or all; with --sweep, candidate settings written "
+                         "method+key=value+... (e.g. rise+grid=4+p=0.3,mask+l1_coeff=0.1)")
     ap.add_argument("--n-masks", type=int, default=None, help="RISE masks (default 1000; 300 with --quick)")
     ap.add_argument("--n-samples", type=int, default=None, help="LIME samples (default 500; 200 with --quick)")
-    ap.add_argument("--mask-iter", type=int, default=None, help="Mask steps (default: its own; 60 with --quick)")
+    ap.add_argument("--mask-iter", type=int, default=None, help="Mask steps (default: its preset's; 60 with --quick)")
     ap.add_argument("--mask-l1", type=float, default=None, help="Mask's l1_coeff (default: its preset's)")
     ap.add_argument("--mask-perturbation", default=None, help="Mask's perturbation (default: its preset's)")
     ap.add_argument("--steps", type=int, default=50, help="insertion/deletion steps")
     ap.add_argument("--quick", action="store_true", help="4 pairs, cheap settings, results to /tmp")
     ap.add_argument("--sweep", action="store_true", help="compare candidate settings (validation split)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: on a loaded 2-core machine one thread ran the model "
+                         "3x faster than two, 30 vs 92 ms per 112 px image)")
+    ap.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                    help="keep the model in contiguous (NCHW) memory format (default: channels-last)")
     ap.add_argument("--pairs-cache", default=None, help="folder to keep the built pairs in (and read them from)")
     ap.add_argument("--stem", default=None, help="results path without extension")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of methods not run now from <stem>.json (same split, pairs, size)")
+    ap.add_argument("--merge", default=None,
+                    help="comma-separated result stems (same split, pairs, size, seed), e.g. of runs made side by "
+                         "side: their rows are added to this run's (with --methods none, only merged)")
     a = ap.parse_args()
     split = a.split or ("val" if a.sweep else "test")
     n_pairs = a.pairs or (4 if a.quick else 16)
     n_masks = a.n_masks or (300 if a.quick else 1000)
     n_samples = a.n_samples or (200 if a.quick else 500)
-    mask_iter = a.mask_iter or (60 if a.quick else 300)
+    mask_iter = a.mask_iter or (60 if a.quick else None)
     stem = a.stem or ("/tmp/realphoto_quick" if a.quick else
                       str(C.RESULTS / ("realphoto_sweep" if a.sweep else "realphoto_table")))
     device = torch.device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     machine = C.machine_info(device)
 
     from whymatch.models.efficientnet import efficientnet_lite0_similarity
 
     sim = efficientnet_lite0_similarity(device)
-    table = sweep_methods(n_masks, mask_iter) if a.sweep else methods(n_masks, n_samples, mask_iter, {
+    if a.channels_last:
+        # the same model and weights in channels-last memory format: ~1.5-2x faster convolutions on a CPU,
+        # embeddings equal to ~1e-5
+        sim.embedder.to(memory_format=torch.channels_last)
+    table = methods(n_masks, n_samples, mask_iter, {
         k: v for k, v in (("l1_coeff", a.mask_l1), ("perturbation", a.mask_perturbation)) if v is not None})
-    names = list(table) if a.methods == "all" else [m for m in a.methods.split(",") if m]
+    if a.sweep:
+        names = SWEEP if a.methods == "all" else [m for m in a.methods.split(",") if m]
+        table = {m: spec_method(m, n_masks, n_samples, mask_iter) for m in names}
+    else:
+        names = list(table) if a.methods == "all" else [m for m in a.methods.split(",") if m and m != "none"]
     unknown = [m for m in names if m not in table]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {list(table)}")
@@ -157,17 +221,57 @@ def main() -> None:
     with torch.no_grad():
         q = torch.stack([p.query for p in pairs]).to(device)
         r = torch.stack([p.reference for p in pairs]).to(device)
-        pair_sim = sim.pairwise(sim(q), sim(r)).diagonal().cpu()
+        fq, fr = sim(q), sim(r)
+        pair_sim = sim.pairwise(fq, fr).diagonal().cpu()
+        # SimilarityAttention's Siamese weight w = 1 - |f1 - f2| on unit embeddings (Zheng et al.): how far
+        # from uniform is it? (cos(w, 1) = 1: w weighs every dimension alike, so the map ignores the reference)
+        nq, nr = torch.nn.functional.normalize(fq.float(), dim=1), torch.nn.functional.normalize(fr.float(), dim=1)
+        w = 1 - (nq - nr).abs()
+        w_stats = {"min": float(w.min()), "max": float(w.max()),
+                   "cos_with_uniform": float(torch.nn.functional.cosine_similarity(w, torch.ones_like(w)).mean()),
+                   "embedding_dim": int(w.shape[1]), "mean_abs_entry": float(nq.abs().mean())}
     gen = torch.Generator().manual_seed(a.seed)
     rand = score(sim, pairs, torch.rand(len(pairs), a.size, a.size, generator=gen), device, a.steps)
-    chance = float(metrics.chance_level(masks).mean())
+    chance_per = metrics.chance_level(masks).float()
+    chance = float(chance_per.mean())
+    chance_se = float(chance_per.std(unbiased=True) / math.sqrt(len(chance_per))) if len(chance_per) > 1 else 0.0
     previous = None  # read once: this run rewrites the file after every method
     if a.append and Path(stem).with_suffix(".json").exists():
         previous = json.loads(Path(stem).with_suffix(".json").read_text())
+    for other in (a.merge.split(",") if a.merge else []):
+        old = json.loads(Path(other).with_suffix(".json").read_text())
+        if (old["split"], old["pairs"], old["size"], old["seed"]) != (split, n_pairs, a.size, a.seed):
+            raise SystemExit(f"--merge: {other} holds other pairs ({old['split']}, {old['pairs']} pairs, "
+                             f"{old['size']} px, seed {old['seed']}); expected {split}, {n_pairs}, {a.size}, {a.seed}")
+        if previous is None:
+            previous = old
+        else:
+            previous = {**previous, "methods": {**previous["methods"], **old["methods"]},
+                        "commands": previous.get("commands", [previous["command"]])
+                        + old.get("commands", [old["command"]]),
+                        "total_seconds": max(previous["total_seconds"], old["total_seconds"]),
+                        "settings": {**old["settings"], **previous["settings"]}}
+
+    def notes(rows: dict) -> str:
+        out = []
+        if any(n.startswith("attention") for n in rows):
+            out.append(
+                f"- attention (SimilarityAttention, Siamese): its weight w = 1 - |f1 - f2| on unit embeddings of "
+                f"{w_stats['embedding_dim']} dimensions (mean |entry| {w_stats['mean_abs_entry']:.3f}) lies in "
+                f"[{w_stats['min']:.3f}, {w_stats['max']:.3f}] on these pairs, cos(w, uniform) = "
+                f"{w_stats['cos_with_uniform']:.4f}: it weighs every dimension almost alike, so the map is the "
+                "Grad-CAM of the query's own embedding mass and hardly depends on the reference (the paper's "
+                "weight, kept; EmbeddingGradCAM is the gradient method that follows the similarity).")
+        if any(n.startswith("gradcam") or n.startswith("attention") for n in rows) and a.size < 224:
+            out.append(f"- the gradient methods' last map is {a.size // 32} x {a.size // 32} at {a.size} px: "
+                       "use them at 224 px.")
+        return ("\nNotes:\n" + "\n".join(out) + "\n") if out else ""
 
     def write(rows: dict, final: bool):
         total = time.perf_counter() - t_all
         rows = dict(rows)
+        missing = [n for n in names if n not in rows]
+        mask_steps = mask_iter or "its preset's"
         commands = [" ".join(sys.argv)]
         if previous is not None:
             old = previous
@@ -176,30 +280,54 @@ def main() -> None:
             rows = {**{k: v for k, v in old["methods"].items() if k not in rows}, **rows}
             commands = old.get("commands", [old["command"]]) + commands
             total += old["total_seconds"]
-        data = {"benchmark": "realphoto_table", "split": split, "pairs": n_pairs, "size": a.size, "seed": a.seed,
+        data = {"benchmark": "realphoto_table", "channels_last": a.channels_last, "threads": torch.get_num_threads(), "missing": missing, "split": split, "pairs": n_pairs, "size": a.size, "seed": a.seed,
                 "model": "EfficientNet-lite0 (ImageNet), cosine", "device": str(device),
-                "settings": {"rise_n_masks": n_masks, "lime_n_samples": n_samples, "mask_n_iter": mask_iter,
+                "settings": {"rise_n_masks": n_masks, "lime_n_samples": n_samples, "mask_n_iter": mask_iter or "preset",
                              "causal_steps": a.steps},
                 "pair_similarity": {"mean": float(pair_sim.mean()), "min": float(pair_sim.min()),
                                     "max": float(pair_sim.max())},
-                "chance": {"pointing": chance, "mass": chance, "insertion": rand["insertion"],
-                           "deletion": rand["deletion"]},
-                "shared_objects": [p.shared for p in pairs],
+                "chance": {"pointing": chance, "mass": chance, "pointing_se": chance_se,
+                           "insertion": rand["insertion"], "deletion": rand["deletion"],
+                           "insertion_se": rand["insertion_se"], "deletion_se": rand["deletion_se"],
+                           "random_map": {k: rand[k] for k in ("pointing", "pointing_se", "mass", "mass_se")}},
+                "shared_objects": [p.shared for p in pairs], "attention_weight": w_stats,
                 "methods": rows, "total_seconds": total, "command": " ".join(sys.argv), "commands": commands,
                 "machine": machine, "load_at_end": C.system_load()}
         head = ["method", "pointing", "mass on object", "insertion", "deletion", "s / pair", "constant maps"]
-        body = [[n, f"{v['pointing']:.2f}", f"{v['mass']:.3f}", f"{v['insertion']:.1f}", f"{v['deletion']:.1f}",
+
+        def pm(v, k, digits):
+            se = v.get(f"{k}_se")
+            return f"{v[k]:.{digits}f}" + ("" if se is None or math.isnan(se) else f" ± {se:.{digits}f}")
+
+        def label(n, v):
+            b = v.get("budget")
+            if not b:
+                return n
+            base = n.split("+")[0]
+            extra = {"rise": f"{b['n_masks']} masks", "lime": f"{b['n_samples']} samples",
+                     "mask": f"{b['mask_n_iter']} steps"}.get(base.replace("_uncentred", "").replace("_sane", ""))
+            return f"{n} ({extra})" if extra else n
+
+        body = [[label(n, v), pm(v, "pointing", 2), pm(v, "mass", 3), pm(v, "insertion", 1), pm(v, "deletion", 1),
                  f"{v['seconds_per_pair']:.2f}", v["constant_maps"]] for n, v in rows.items()]
-        body.append(["chance (random map)", f"{chance:.2f}", f"{chance:.3f}", f"{rand['insertion']:.1f}",
-                     f"{rand['deletion']:.1f}", "", ""])
+        body.append(["chance", f"{chance:.2f} ± {chance_se:.2f}", f"{chance:.3f} ± {chance_se:.3f}",
+                     pm(rand, "insertion", 1), pm(rand, "deletion", 1), "", ""])
+        body.append(["random map", pm(rand, "pointing", 2), pm(rand, "mass", 3), "", "", "", ""])
         md = (f"# Saliency on real photos ({split} split, {n_pairs} pairs, {a.size} px, EfficientNet-lite0)\n\n"
               + "".join(f"`{c}`\n" for c in commands)
-              + f"on {device}: {total:.0f} s in all. {C.load_note(data)}"
+              + f"on {device} ({torch.get_num_threads()} thread(s)): {total:.0f} s in all. {C.load_note(data)}"
               f"Pair similarity (cosine) {data['pair_similarity']['mean']:.2f} "
               f"({data['pair_similarity']['min']:.2f}-{data['pair_similarity']['max']:.2f}). RISE {n_masks} masks, "
-              f"LIME {n_samples} samples (SLIC), Mask {mask_iter} steps, insertion/deletion {a.steps} steps.\n"
+              f"LIME {n_samples} samples (SLIC), Mask {mask_steps} steps, insertion/deletion {a.steps} steps.\n"
               "Pointing and mass: higher is better, chance = the shared object's share of the image. "
-              "Insertion higher, deletion lower is better; chance = a random map.\n\n" + C.md_table(head, body) + "\n")
+              "Insertion higher, deletion lower is better; chance = a random map. "
+              "± = standard error of the mean over the pairs. "
+              + ("Model in channels-last memory format (same weights and embeddings, faster on a CPU). "
+                 if a.channels_last else "")
+              + ("Mask optimizes all pairs in one batch; its s / pair is the batch's time / pairs.\n\n")
+              + C.md_table(head, body) + "\n"
+              + (f"\n**Not measured (run stopped before them):** {', '.join(missing)}.\n" if missing else "")
+              + notes(rows))
         data["complete"] = final and len(rows) >= len(names)
         return C.write_results(stem, data, md), md
 
@@ -207,7 +335,9 @@ def main() -> None:
     for name in names:
         maps, secs, n_const = explain(table[name], sim, pairs, device)
         res = score(sim, pairs, maps, device, a.steps)
-        res.update(seconds_per_pair=sum(secs) / len(secs), constant_maps=n_const)
+        res.update(seconds_per_pair=sum(secs) / len(secs), constant_maps=n_const,
+                   budget={"n_masks": n_masks, "n_samples": n_samples, "mask_n_iter": mask_iter or "preset"},
+                   threads=torch.get_num_threads(), load_after=C.system_load())
         rows[name] = res
         print(f"{name:24s} pointing {res['pointing']:.2f} mass {res['mass']:.3f} ins {res['insertion']:.1f} "
               f"del {res['deletion']:.1f} {res['seconds_per_pair']:.2f} s/pair const {n_const}", flush=True)
