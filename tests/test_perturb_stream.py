@@ -135,3 +135,70 @@ def test_every_isa_path_streaming(isa):
     assert p.stdout.strip().endswith("ok"), p.stdout
     if isa == "base":
         assert "isa base" in p.stdout
+
+
+def _public_calls(gen):
+    grids, shifts, image, base = _rise_inputs(5, 3, 9, 11, 4, gen)
+    scores = torch.randn(5, 2, generator=gen)
+    first, second = torch.rand(2, 3, 4, 5, generator=gen), torch.rand(2, 3, 4, 5, generator=gen)
+    rank = torch.stack([torch.randperm(20, generator=gen) for _ in range(2)])
+    return {
+        "rise_apply": lambda: ops.rise_apply(grids, shifts, image, base),
+        "rise_apply_bf16_cl": lambda: ops.rise_apply(grids, shifts, image, 0.25, dtype=torch.bfloat16,
+                                                      channels_last=True),
+        "rise_apply_out": lambda: ops.rise_apply(grids, shifts, image, base, out=torch.empty(5, 3, 9, 11)),
+        "rise_saliency": lambda: ops.rise_saliency(grids, shifts, scores, (9, 11)),
+        "ranked_blend": lambda: ops.ranked_blend(first, second, rank, torch.tensor([0, 7, 20])),
+    }
+
+
+@pytest.mark.parametrize("name", list(_public_calls(torch.Generator().manual_seed(0))))
+def test_direct_cpu_launch_equals_the_registered_op(name, monkeypatch):
+    """The public functions launch the CPU kernel themselves in plain eager mode (no dispatcher cost);
+    the result is the registered op's, bit for bit, and under a dispatch mode the op is what runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from whymatch.ops import _ext
+
+    call = _public_calls(torch.Generator().manual_seed(1))[name]
+    direct = call()
+    monkeypatch.setattr(_ext, "direct_cpu", False)
+    via_op = call()
+    assert direct.dtype == via_op.dtype and direct.stride() == via_op.stride()
+    assert torch.equal(direct, via_op)
+    monkeypatch.setattr(_ext, "direct_cpu", True)
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as rec:
+        call()
+    if name != "rise_saliency":  # (its tiny case takes the grouped pure-torch path)
+        assert any(n.startswith("whymatch.") for n in rec.names), rec.names
+
+
+def test_direct_out_write_bumps_the_version_counter(gen):
+    grids, shifts, image, base = _rise_inputs(2, 3, 6, 6, 3, gen)
+    out = torch.empty(2, 3, 6, 6)
+    v = out._version
+    ops.rise_apply(grids, shifts, image, base, out=out)
+    assert out._version > v
+
+
+def test_inputs_that_need_grad_go_through_the_registered_op(gen):
+    """The fast route is for plain eager calls only: an input that requires grad (or a functorch
+    transform) takes the registered op, whatever it decides."""
+    from whymatch.ops import _ext
+
+    grids, shifts, image, base = _rise_inputs(2, 3, 6, 6, 3, gen)
+    assert _ext.eager_cpu(grids, shifts, image, base)
+    assert not _ext.eager_cpu(grids, shifts, image.requires_grad_(), base)
+    with torch.no_grad():
+        assert _ext.eager_cpu(grids, shifts, image, base)
+    assert torch.func.vmap(lambda g: torch.tensor(float(_ext.eager_cpu(g))))(grids).sum() == 0

@@ -113,6 +113,34 @@ def module_for(device: torch.device, op: str) -> ModuleType | None:
     return mod
 
 
+#: False sends every public call through the dispatcher (for benchmarks/contention_cpu.py's per-layer
+#: times and the tests that compare both routes).
+direct_cpu = True
+
+
+def eager_cpu(*tensors: torch.Tensor) -> bool:
+    """Whether a public op function may launch its CPU kernel itself, skipping the torch.library
+    dispatcher (tens of microseconds a call: the custom op's autograd and ADInplaceOrView layers,
+    schema defaults, redispatch) for exactly what the registered op would run.
+
+    True only in plain eager mode on plain CPU tensors: no torch.compile tracing, no Python dispatch or
+    torch-function mode (FakeTensorMode, a recorder, ...), no functorch transform (vmap, grad,
+    functionalize), no profiler (which should see the op), no input that needs a gradient (the
+    registered op decides what that means), no emulated CUDA module, and the compiled CPU module
+    present. Everything else goes through ``torch.ops.whymatch.*``. The public functions check their
+    arguments before asking, so the kernel gets what the registered op's own checks guarantee.
+    """
+    if not direct_cpu or _emulated_cuda is not None or torch._C._len_torch_dispatch_stack() or \
+            torch._C._functorch.maybe_current_level() is not None or torch._C._autograd._profiler_enabled() or \
+            torch._C._is_torch_function_mode_enabled() or torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if type(t) is not torch.Tensor or t.device.type != "cpu" or (grad and t.requires_grad):
+            return False
+    return cpu_module() is not None
+
+
 _num_threads: int | None = None  # None: torch.get_num_threads() at each call
 
 
@@ -148,7 +176,10 @@ def ptr(t: torch.Tensor) -> int:
 def buf(t: torch.Tensor) -> tuple[int, int]:
     """A tensor as the compiled entries take a buffer: (address, bytes). The entries check the
     bytes against what the kernel will touch; t must be dense (contiguous or channels_last)."""
-    if t.numel() == 0:
+    n = t.numel()
+    if n and t.is_contiguous():  # the common case first: it is called for every buffer of every launch
+        return (t.data_ptr(), n * t.element_size())
+    if n == 0:
         return (0, 0)
     dense = t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
     if not dense:

@@ -70,9 +70,13 @@ def _launch_rise_apply(mod, grids: Tensor, shifts: Tensor, image: Tensor, baseli
     n, s, _ = grids.shape
     c, h, w = image.shape
     channels_last = out.dim() == 4 and out.numel() > 0 and not out.is_contiguous()
+    args = (_ext.buf(grids), _ext.buf(shifts), _ext.buf(image), _ext.buf(baseline), _ext.buf(out),
+            n, c, h, w, s, _ext.DTYPE_CODES[out.dtype], channels_last, _ext.extra_arg(image))
+    if image.device.type == "cpu":  # (no device to make current: the guard's cost is saved on tiny calls)
+        mod.rise_apply(*args)
+        return
     with _ext.device_guard(image):
-        mod.rise_apply(_ext.buf(grids), _ext.buf(shifts), _ext.buf(image), _ext.buf(baseline), _ext.buf(out),
-                       n, c, h, w, s, _ext.DTYPE_CODES[out.dtype], channels_last, _ext.extra_arg(image))
+        mod.rise_apply(*args)
 
 
 def _rise_apply_dtype(op: str, dtype: object) -> torch.dtype:
@@ -156,6 +160,12 @@ def _rise_saliency(grids: Tensor, shifts: Tensor, scores: Tensor, height: int, w
         _check_shift_values("rise_saliency: shifts", shifts, (height, width), s)
     if mod is None:
         return ref.rise_saliency(grids, shifts, scores, (height, width))
+    return _launch_rise_saliency(mod, grids, shifts, scores, height, width)
+
+
+def _launch_rise_saliency(mod, grids: Tensor, shifts: Tensor, scores: Tensor, height: int, width: int) -> Tensor:
+    n, s, _ = grids.shape
+    k = scores.shape[1]
     out = _ext.empty("rise_saliency", "the output", (k, height, width), dtype=torch.float32, device=scores.device)
     with _ext.device_guard(scores):
         mod.rise_saliency(_ext.buf(grids), _ext.buf(shifts), _ext.buf(scores), _ext.buf(out), n, k, height, width,
@@ -189,6 +199,12 @@ def _ranked_blend(first: Tensor, second: Tensor, rank: Tensor, counts: Tensor) -
     mod = _ext.module_for(first.device, "ranked_blend")
     if mod is None:
         return ref.ranked_blend(first, second, rank, counts)
+    return _launch_ranked_blend(mod, first, second, rank, counts)
+
+
+def _launch_ranked_blend(mod, first: Tensor, second: Tensor, rank: Tensor, counts: Tensor) -> Tensor:
+    b, c, h, w = first.shape
+    t = counts.shape[0]
     out = _ext.empty("ranked_blend", "the output", (b, t, c, h, w), dtype=first.dtype, device=first.device)
     with _ext.device_guard(first):
         mod.ranked_blend(_ext.buf(first), _ext.buf(second), _ext.buf(rank), _ext.buf(counts), _ext.buf(out),
@@ -206,6 +222,13 @@ def _(first, second, rank, counts):
 # public functions
 # ---------------------------------------------------------------------------
 
+def _direct_cpu_module(op: str, *tensors: Tensor):
+    """The compiled CPU module when the public function may launch ``op``'s CPU kernel itself (plain
+    eager CPU tensors, see _ext.eager_cpu; its arguments already checked and converted as the
+    registered op requires), else None: go through torch.ops.whymatch.*."""
+    return _ext.module_for(tensors[0].device, op) if _ext.eager_cpu(*tensors) else None
+
+
 def _check_grids_shifts(grids: object, shifts: object, size: tuple[int, int],
                         device: torch.device | None = None) -> tuple[Tensor, Tensor]:
     grids = V.tensor("grids", grids, ndim=3, dtypes=V.FLOAT_DTYPES, device=device)
@@ -214,7 +237,8 @@ def _check_grids_shifts(grids: object, shifts: object, size: tuple[int, int],
     V.maybe_finite("grids", grids)
     n, s, _ = grids.shape
     shifts = V.tensor("shifts", shifts, ndim=2, dtypes=(torch.int64, torch.int32), device=grids.device)
-    V.shape("shifts", shifts, (n, 2))
+    if shifts.shape != (n, 2):  # (the generic check only to word the error: this runs on every call)
+        V.shape("shifts", shifts, (n, 2))
     # the shift values are range-checked once, by the CPU kernel (before it writes anything) or by the
     # registered op where no compiled CPU kernel runs (CUDA, the reference fallback): not here, which
     # would cost a few tensor ops per call
@@ -262,19 +286,32 @@ def rise_apply(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor | 
     image, baseline = image.float().contiguous(), baseline.float().contiguous()
     if out is not None:
         V.tensor("out", out, ndim=4, dtypes=tuple(_ext.DTYPE_CODES), device=image.device)
-        V.shape("out", out, (grids.shape[0], c, h, w))
+        if out.shape != (grids.shape[0], c, h, w):
+            V.shape("out", out, (grids.shape[0], c, h, w))
         if dtype is not None and out.dtype != dtype:
             raise ValueError(f"dtype must match out.dtype ({out.dtype}), got {dtype}")
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         if not out.is_contiguous(memory_format=fmt):
             want = "channels_last" if channels_last else "contiguous"
             raise ValueError(f"out must be {want} (channels_last={bool(channels_last)}), got strides {out.stride()}")
-        torch.ops.whymatch.rise_apply_out(grids, shifts, image, baseline, out)
+        mod = _direct_cpu_module("rise_apply", grids, shifts, image, baseline, out)
+        if mod is None:
+            torch.ops.whymatch.rise_apply_out(grids, shifts, image, baseline, out)
+        else:  # what the registered op runs on the CPU, without the dispatcher's per-call cost
+            _launch_rise_apply(mod, grids, shifts, image, baseline, out)
+            torch.autograd.graph.increment_version(out)  # as the op's in-place write would
         return out
     dtype = image_dtype if dtype is None else dtype
     if dtype not in _ext.DTYPE_CODES:
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    return torch.ops.whymatch.rise_apply(grids, shifts, image, baseline, dtype, bool(channels_last))
+    mod = _direct_cpu_module("rise_apply", grids, shifts, image, baseline)
+    if mod is None:
+        return torch.ops.whymatch.rise_apply(grids, shifts, image, baseline, dtype, bool(channels_last))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = _ext.empty("rise_apply", "the output", (grids.shape[0], c, h, w), dtype=dtype, device=image.device,
+                     memory_format=fmt)
+    _launch_rise_apply(mod, grids, shifts, image, baseline, out)
+    return out
 
 
 def _upsample_matrix(n_in: int, n_out: int, device: torch.device) -> Tensor:
@@ -371,7 +408,12 @@ def rise_saliency(grids: Tensor, shifts: Tensor, scores: Tensor, size: tuple[int
     if _grouped_is_cheaper(grids.shape[0], scores.shape[1], grids.shape[1], (h, w)):
         _check_shift_values("shifts", shifts, (h, w), grids.shape[1])
         return _rise_saliency_grouped(grids, shifts, scores, (h, w))
-    return torch.ops.whymatch.rise_saliency(grids, shifts, scores.float().contiguous(), int(size[0]), int(size[1]))
+    scores = scores.float().contiguous()
+    mod = _direct_cpu_module("rise_saliency", grids, shifts, scores)
+    if mod is None:
+        return torch.ops.whymatch.rise_saliency(grids, shifts, scores, h, w)
+    _ext.check_size("rise_saliency", "the output", (scores.shape[1], h, w), torch.float32, scores.device)
+    return _launch_rise_saliency(mod, grids, shifts, scores, h, w)
 
 
 def ranked_blend(first: Tensor, second: Tensor, rank: Tensor, counts: Tensor) -> Tensor:
@@ -396,5 +438,10 @@ def ranked_blend(first: Tensor, second: Tensor, rank: Tensor, counts: Tensor) ->
     rank = V.tensor("rank", rank, ndim=2, dtypes=(torch.int64, torch.int32), device=first.device)
     V.shape("rank", rank, (b, h * w))
     counts = V.tensor("counts", counts, ndim=1, dtypes=(torch.int64, torch.int32), device=first.device)
-    return torch.ops.whymatch.ranked_blend(first.contiguous(), second.contiguous(), rank.long().contiguous(),
-                                           counts.long().contiguous())
+    V.maybe_finite("first", first)
+    V.maybe_finite("second", second)
+    first, second, rank, counts = first.contiguous(), second.contiguous(), rank.long().contiguous(), counts.long().contiguous()
+    mod = _direct_cpu_module("ranked_blend", first, second, rank, counts)
+    if mod is None:
+        return torch.ops.whymatch.ranked_blend(first, second, rank, counts)
+    return _launch_ranked_blend(mod, first, second, rank, counts)
