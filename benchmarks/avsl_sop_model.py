@@ -211,10 +211,11 @@ def cublas_fused_model(k: dict, cu: Path) -> dict:
     Q, G, L, R = SOP["Q"], SOP["G"], SOP["levels"], SOP["R"]
     pairs, pr = Q * G, Q * G * R
     topk_fn = k["topk"]["fn"]
-    pro = loop_mix(k["prologue"]["fn"], cu, "for (int64_t c = lane; c < p.R; c += 32) h[c] = fused_value(r, 0, 0.f, c, 0.f);",
-                   r"^ST")
+    pro = loop_mix(k["prologue"]["fn"], cu,
+                   "for (int64_t c = lane; c < p.R; c += 32) h[c] = fused_value(r, 0, 0.f, c, 0.f);", r"^ST")
     blend = loop_mix(k["blend"]["fn"], cu,
-                     "for (int64_t c = lane; c < p.R; c += 32) h[c] = fused_value(r, p.level, p.gamma, c, h[c]);", r"^ST")
+                     "for (int64_t c = lane; c < p.R; c += 32) h[c] = fused_value(r, p.level, p.gamma, c, h[c]);",
+                     r"^ST")
     epi = loop_mix(topk_fn, cu, "s += fused_value(r, p.level, p.gamma, c, a ? a[c] : 0.f);", r"^FADD")
     ins = loop_mix(topk_fn, cu, "if (cnt == p.k && !avsl_before(v, j, ld[p.k - 1], lj[p.k - 1])) continue;", r".")
     it = R / 32  # column iterations per pair and level (a warp per pair, lanes over the columns)
@@ -230,7 +231,8 @@ def cublas_fused_model(k: dict, cu: Path) -> dict:
     unfused = cublas_model()["transfers_of_pairs_x_R"]
     fused_total = sum(transfers.values())
     return {"prologue_loop": pro, "blend_loop": blend, "epilogue_loop": epi, "topk_insert_loop": ins,
-            "warp_instructions": {"prologue": warp_pro, "blend": warp_blend, "epilogue": warp_epi, "topk_insert": warp_ins},
+            "warp_instructions": {"prologue": warp_pro, "blend": warp_blend, "epilogue": warp_epi,
+                                  "topk_insert": warp_ins},
             "transfers_of_pairs_x_R": transfers, "transfers_total": fused_total,
             "hbm_bytes_gemm": pr * 4 * transfers["gemm_read_write"], "hbm_bytes_kernels": pr * 4 * kernel_transfers,
             "hbm_bytes": pr * 4 * fused_total, "l2_bytes_kernels": pr * (4 + 8 * (L - 1)),
@@ -405,7 +407,8 @@ def write_md(path: Path, res: dict) -> None:
     w("|---|---|---|---|")
     for name, lp in (("tensorcore K step (8 of K, 4 x 4 tiles, 3 products)", t["k_loop"]),
                      ("tensorcore epilogue", t["epilogue_loop"]), ("tensorcore prologue", t["prologue_loop"]),
-                     ("tensorcore row sum", t["row_sum_loop"]), ("fused prologue (per unrolled body)", f["prologue_loop"]),
+                     ("tensorcore row sum", t["row_sum_loop"]),
+                     ("fused prologue (per unrolled body)", f["prologue_loop"]),
                      ("fused blend (per unrolled body)", f["blend_loop"]),
                      ("fused epilogue, top-k kernel's pair sum", f["epilogue_loop"]),
                      ("fused top-k insertion (thread 0, per candidate)", f["topk_insert_loop"]),

@@ -2,10 +2,10 @@
 //
 // prologue, blend, epilogue of the distances: one warp per pair (grid-stride over the warps), lane:
 // columns lane, lane + 32, ... (coalesced: a pair's columns are contiguous in hat, qe, ge, rq, rg);
-// the epilogue sums with a butterfly and lane 0 writes d_ij. epilogue, top-k: one block of 256 threads per query of the chunk; the chunk's gallery in
-// tiles of 64 pairs, each warp 8 pairs of a tile into shared memory; after a barrier thread 0
-// inserts the tile's candidates in index order into the query's sorted output rows, a second
-// barrier before the next tile overwrites the shared distances.
+// the epilogue sums with a butterfly and lane 0 writes d_ij. Top-k epilogue: a block of 256 threads
+// per query of the chunk, its gallery in tiles of 64 pairs (8 per warp) into shared memory; after a
+// barrier thread 0 inserts the tile's candidates in index order into the query's sorted output
+// rows; a second barrier before the next tile overwrites the shared distances.
 #include <algorithm>
 
 #include "avsl/avsl_distance.h"

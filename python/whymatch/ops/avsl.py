@@ -14,7 +14,8 @@ The public functions validate their arguments and compute; the definitions are i
 kernels (``whymatch::avsl_distance``, ``whymatch::avsl_distance_backward`` and
 ``whymatch::avsl_topk``, registered with torch.library; see ``csrc/avsl/avsl_distance.h``)
 that never form a pairs x nodes tensor; without the compiled kernels they fall back to the
-reference.
+reference. On a GPU they choose between three paths (:func:`gpu_path`); the cuBLAS path runs
+torch.mm between the fused kernels of ``csrc/avsl/avsl_fused.h`` (:func:`_fused_cublas`).
 
 Packed form handed to the ops (built by :func:`_pack`, in the compute dtype: float64 when a
 coef or bias of a level >= 1 is float64, else float32):
