@@ -291,27 +291,8 @@ class Trainer(CheckpointedLoop):
         self.device = default_device(device)
         self.out_dir = Path(out_dir)
         self.epochs = V.positive_int("epochs", epochs)
-        self.lr = V.real("lr", lr, low=0)
-        self.loss_lr = self.lr * 100 if loss_lr is None else V.real("loss_lr", loss_lr, low=0)
-        self.weight_decay = V.real("weight_decay", weight_decay, low=0)
-        self.scheduler_kind = V.choice("scheduler", scheduler, SCHEDULERS)
-        self.milestones = self._check_milestones(milestones)
-        if self.milestones and self.scheduler_kind != "step":
-            raise ValueError(f"milestones {list(self.milestones)} need scheduler='step', got "
-                             f"scheduler={self.scheduler_kind!r}")
-        self.lr_decay = V.real("lr_decay", lr_decay, low=0, high=1, open_low=True)
-        warmup_steps = V.positive_int("warmup_steps", warmup_steps, minimum=0)
-        self.warmup_epochs = V.positive_int("warmup_epochs", warmup_epochs, minimum=0)
-        if warmup_steps and self.warmup_epochs:
-            raise ValueError(f"give warmup_steps or warmup_epochs, not both (got {warmup_steps} and "
-                             f"{self.warmup_epochs})")
-        self.freeze_epochs = V.positive_int("freeze_epochs", freeze_epochs, minimum=0)
-        if isinstance(freeze_groups, str):
-            freeze_groups = (freeze_groups,)
-        self.freeze_groups = tuple(freeze_groups)
-        if self.freeze_epochs and not self.freeze_groups:
-            raise ValueError(f"freeze_epochs={self.freeze_epochs} needs freeze_groups (the names of the groups "
-                             f"to freeze)")
+        warmup_steps = self._set_schedule(lr, loss_lr, weight_decay, scheduler, milestones, lr_decay, warmup_steps,
+                                          warmup_epochs, freeze_epochs, freeze_groups)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.seed = seed
@@ -344,6 +325,43 @@ class Trainer(CheckpointedLoop):
             self.model.channels_last = True
         self.model.autocast = self.setup_precision(self.amp)
 
+        self._build_optimizer(param_groups)
+        self.step_module = self.wrap_distributed(self.step_module)
+        self.epoch = 0
+        self.global_step = 0
+        self.history: list[dict] = []
+        self.best_recall_at_1 = -math.inf
+        self.last_epoch_batches: list[list[int]] = []
+
+    def _set_schedule(self, lr, loss_lr, weight_decay, scheduler, milestones, lr_decay, warmup_steps, warmup_epochs,
+                      freeze_epochs, freeze_groups) -> int:
+        """Check and keep the learning rates, schedule, warm-up and freezing (the arguments of ``__init__``);
+        returns the checked ``warmup_steps``."""
+        self.lr = V.real("lr", lr, low=0)
+        self.loss_lr = self.lr * 100 if loss_lr is None else V.real("loss_lr", loss_lr, low=0)
+        self.weight_decay = V.real("weight_decay", weight_decay, low=0)
+        self.scheduler_kind = V.choice("scheduler", scheduler, SCHEDULERS)
+        self.milestones = self._check_milestones(milestones)
+        if self.milestones and self.scheduler_kind != "step":
+            raise ValueError(f"milestones {list(self.milestones)} need scheduler='step', got "
+                             f"scheduler={self.scheduler_kind!r}")
+        self.lr_decay = V.real("lr_decay", lr_decay, low=0, high=1, open_low=True)
+        warmup_steps = V.positive_int("warmup_steps", warmup_steps, minimum=0)
+        self.warmup_epochs = V.positive_int("warmup_epochs", warmup_epochs, minimum=0)
+        if warmup_steps and self.warmup_epochs:
+            raise ValueError(f"give warmup_steps or warmup_epochs, not both (got {warmup_steps} and "
+                             f"{self.warmup_epochs})")
+        self.freeze_epochs = V.positive_int("freeze_epochs", freeze_epochs, minimum=0)
+        if isinstance(freeze_groups, str):
+            freeze_groups = (freeze_groups,)
+        self.freeze_groups = tuple(freeze_groups)
+        if self.freeze_epochs and not self.freeze_groups:
+            raise ValueError(f"freeze_epochs={self.freeze_epochs} needs freeze_groups (the names of the groups "
+                             f"to freeze)")
+        return warmup_steps
+
+    def _build_optimizer(self, param_groups: Sequence[ParamGroup]) -> None:
+        """The model + loss module (``step_module``), its parameter groups, AdamW and the per-step schedule."""
         self.step_module: nn.Module = _Step(self.model, self.loss)
         self.param_groups = tuple(param_groups)
         groups = assign_param_groups(
@@ -362,13 +380,6 @@ class Trainer(CheckpointedLoop):
             weight_decay=self.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, [(lambda step, i=i: self._lr_factor(step, i)) for i in range(len(groups))])
-
-        self.step_module = self.wrap_distributed(self.step_module)
-        self.epoch = 0
-        self.global_step = 0
-        self.history: list[dict] = []
-        self.best_recall_at_1 = -math.inf
-        self.last_epoch_batches: list[list[int]] = []
 
     # ------------------------------------------------------------ schedule
     @staticmethod
