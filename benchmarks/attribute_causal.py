@@ -380,16 +380,23 @@ def main(argv=None) -> int:
     fit_sal = saliency_maps(explainer, imgs["fit"], imgs["fit"][nearest]) if max(args.lam_grid) > 0 else None
     tick("saliency_training", t0)
 
-    def score(name, chosen, with_swap=True):
+    # the paper's image-swap deletion of every (pair, attribute), once: a choice is then a lookup
+    t0 = time.perf_counter()
+    swap = {}
+    for name in ("val", "test"):
         q, r = pairs[name].query, pairs[name].references[:, 0]
+        swap[name] = torch.stack([attribute_insertion_deletion(
+            emb[name][q], emb[name][r], torch.full((len(q),), j), attrs[name][q], emb[name], attrs[name],
+            similarity=sim, query_index=q, reference_index=r).deletion.float() for j in range(A)], 1)
+    tick("swap_deletion_table", t0)
+
+    def score(name, chosen, with_swap=True):
         eff = effects[name]["effects"]
         res = {"top1_shared": truth_shared[name].gather(1, chosen[:, None])[:, 0].float(),
                "top1_causal": causal_top1(chosen, eff),
                "causal_deletion": causal_attribute_deletion(chosen, eff)}
         if with_swap:
-            sw = attribute_insertion_deletion(emb[name][q], emb[name][r], chosen, attrs[name][q], emb[name],
-                                              attrs[name], similarity=sim, query_index=q, reference_index=r)
-            res["swap_deletion"] = sw.deletion
+            res["swap_deletion"] = swap[name].gather(1, chosen[:, None])[:, 0]
         return res
 
     # sensitivity objects (deterministic: the same for every seed)
@@ -507,6 +514,8 @@ def main(argv=None) -> int:
             phi, _ = fit_phi(sane, terms_val, crit)
             phis[row].append(phi)
             per_seed[row].append(score("test", rank_scores(terms_test, phi).argmax(1)))
+            if s == 0 and row == "sane_eq4":
+                shipped = (w.clone(), phi)      # the shipped files hold Eq. 4 (three weights), see write_shipped
         cref = {"val": confidences(model, imgs["val"][pairs["val"].references[:, 0]]),
                 "test": confidences(model, imgs["test"][tr])}
         for row, kind, crit in (("sane_cav", "cav", "causal"), ("sane_cf_global", "global", "causal"),
@@ -522,8 +531,6 @@ def main(argv=None) -> int:
                 alone = (0.0, 0.0, 0.0, 1.0)
                 phis["sensitivity_alone"].append(alone)
                 per_seed["sensitivity_alone"].append(score("test", rank_scores(tt, alone).argmax(1)))
-                if s == 0:
-                    shipped = (w.clone(), phi)
     tick("train_and_score_seeds", t0)
 
     methods = {k: summarize(v) for k, v in per_seed.items()}
@@ -586,14 +593,14 @@ def ship_from(args) -> int:
     data = json.loads(args.ship_from.read_text())
     best = data["chosen_settings"]
     st = data["settings"]
-    phi = tuple(data["methods"]["sane"]["phi_per_seed"][0])
+    phi = tuple(data["methods"]["sane_eq4"]["phi_per_seed"][0])
     sim = load_default_model()
     fit = ShapesWorld("train", st["n_train"], 96, seed=st["seed"] + 11, classes=FIT_CLASSES)
     x = fit.images()
-    attrs = torch.stack([fit.attributes(i, "all") for i in range(len(fit))])
+    attrs = torch.stack([fit.attributes(i, "key") for i in range(len(fit))])
     base_model = attribute_model_from_similarity(sim)
     feats = trunk_features(base_model, x)
-    masks = torch.stack([fit.attribute_masks(i, "all", feats.shape[-1]) for i in range(len(fit))])
+    masks = torch.stack([fit.attribute_masks(i, "key", feats.shape[-1]) for i in range(len(fit))])
     fit_sal = None
     if best["lam"] > 0:
         from whymatch.saliency import SimilarityAttention
@@ -610,14 +617,15 @@ def ship_from(args) -> int:
 
 
 def write_shipped(base_model, shipped, data) -> None:
-    """The seed-0 'sane' attribute model and its validation-chosen phi as the package's shipped files."""
+    """The seed-0 key-object attribute model and its validation-chosen Eq. 4 phi ('sane_eq4') as the package's
+    shipped files. The per-pair sensitivity term is not shipped: its directions need counterfactual renders."""
     from whymatch.attributes.model import default_attribute_weights_path
     from whymatch.io import atomic_torch_save, atomic_write_text
 
     w, phi = shipped
     model = with_head(base_model, w)
     wpath = default_attribute_weights_path()
-    atomic_torch_save(attribute_model_state(model, source="benchmarks/attribute_causal.py (seed 0, 'sane')",
+    atomic_torch_save(attribute_model_state(model, source="benchmarks/attribute_causal.py (seed 0, 'sane_eq4')",
                                             settings=data["chosen_settings"]), wpath)
     atomic_write_text(wpath.with_name("shapesworld_sane.json"), json.dumps({
         "phi": list(phi), "temperature": data["chosen_settings"]["temperature"],
@@ -656,7 +664,10 @@ def markdown(data: dict) -> str:
         f"settings chosen on {s['val_pairs']} pairs of 12 held-out training classes (phi_selected_on: "
         f"{data['phi_selected_on']}). {s['seeds']} seeds for every trained model (head of SANE's attribute "
         f"network on the similarity model's frozen ShapesCNN trunk, {s['epochs']} epochs on {s['n_train']} "
-        f"images of 48 training classes, image-level labels). Saliency: {s['saliency']}. "
+        f"images of 48 training classes; image-level labels for the classifier, key-object labels and "
+        f"localization for the SANE models). Saliency: {s['saliency']}. Per-pair sensitivity directions from "
+        f"{data['counterfactual_bank']['renders']} counterfactual renders of {data['counterfactual_bank']['images']} "
+        f"training images. "
         "Values are means over seeds ± standard error over pairs (per-seed values in the JSON).",
         "",
         C.md_table(["method", "model mAP", "top-1 shared ↑", "top-1 causal ↑", "causal deletion ↑",
@@ -674,6 +685,18 @@ def markdown(data: dict) -> str:
         C.md_table(["mu", "lambda", "temperature", "val top-1 causal", "val top-1 shared", "val causal deletion"],
                    [[f"{t['mu']:g}", f"{t['lam']:g}", f"{t['temperature']:g}", f"{t['top1_causal']:.3f}",
                      f"{t['top1_shared']:.3f}", f"{t['causal_deletion']:.3f}"] for t in tun]),
+        "",
+        "Per-pair sensitivity settings on validation (the chosen attribute model; phi with four weights "
+        "fitted on the same validation pairs), best first:",
+        "",
+        C.md_table(["directions", "k / step", "gate", "phi", "val top-1 causal", "val top-1 shared",
+                    "val causal deletion"],
+                   [[t["variant"], "—" if t["param"] is None else f"{t['param']:g}", t["gate"],
+                     "(" + ", ".join(f"{v:g}" for v in t["phi"]) + ")", f"{t['top1_causal']:.3f}",
+                     f"{t['top1_shared']:.3f}", f"{t['causal_deletion']:.3f}"]
+                    for t in sorted(data["sensitivity_tuning"], key=lambda t: -t["top1_causal"])]),
+        "",
+        f"Chosen: {data['chosen_sensitivity']}. Cached steps reused: {data['cache_hits'] or 'none'}.",
         "",
         "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in data["timings_s"].items()) + ".",
         "",
