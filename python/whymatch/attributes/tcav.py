@@ -679,7 +679,9 @@ class PairSensitivity:
     Where the directions come from (the data they need):
         - :meth:`from_cavs` (any data set with attribute labels): d_j = -step * v_j, the TCAV concept
           activation vector v_j (unit normal of a linear probe, :class:`TCAV`) scaled by ``step``
-          (similarity-model units; a global direction, the same for every query).
+          (similarity-model units; a global direction, the same for every query). This is what a
+          data set WITHOUT counterfactuals (AwA2, Polyvore Outfits) gets; fit the CAVs on
+          key-object or per-object labels where the data set has them.
         - :meth:`from_counterfactuals` (a data set that can re-render an image with one attribute
           changed, e.g. ``ShapesWorld.counterfactual``; its own supervision, like per-object labels):
           the measured embedding changes f(x') - f(x) of N training images x, each with attribute
@@ -757,9 +759,9 @@ class PairSensitivity:
         d = x.shape[1]
         delta = c.to(x.dtype) - x[src]
         flat = src * a + att                                      # one cell per (image, attribute)
+        ones = torch.ones(m, device=x.device, dtype=x.dtype)
         sums = torch.zeros(n * a, d, device=x.device, dtype=x.dtype).index_add_(0, flat, delta)
-        cnt = torch.zeros(n * a, device=x.device, dtype=x.dtype).index_add_(0, flat,
-                                                                            torch.ones(m, device=x.device, dtype=x.dtype))
+        cnt = torch.zeros(n * a, device=x.device, dtype=x.dtype).index_add_(0, flat, ones)
         bank = (sums / cnt.clamp_min(1)[:, None]).reshape(n, a, d)
         bank = torch.where((cnt > 0).reshape(n, a, 1), bank, torch.full_like(bank, float("nan")))
         out = cls(similarity=similarity, mode=mode)  # type: ignore[arg-type]
