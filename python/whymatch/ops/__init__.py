@@ -37,6 +37,9 @@ from ._validate import check_finite_enabled, set_check_finite
 from .avsl import avsl_distance, avsl_topk, cam_correlation, cam_reliability, cam_statistics, link_star
 from .mining import soft_mask
 from .perturb import ranked_blend, rise_apply, rise_saliency
+from ._lazy_dynamo import defer_dynamo_import as _defer_dynamo_import
+
+_defer_dynamo_import()  # the first op call no longer imports torch._dynamo (1-8 s): see _lazy_dynamo
 
 __all__ = ["reference", "set_check_finite", "check_finite_enabled", "OutputTooLargeError", "set_num_threads", "get_num_threads", "rise_apply", "rise_saliency", "ranked_blend", "soft_mask", "cam_reliability",
            "cam_correlation", "cam_statistics", "link_star", "avsl_distance", "avsl_topk"]
