@@ -62,5 +62,9 @@ class EfficientNetLite0Embedder(nn.Module):
 
 
 def efficientnet_lite0_similarity(device: str | torch.device = "cpu") -> SimilarityModel:
-    """SimilarityModel: cosine similarity of EfficientNet-lite0 ImageNet features (images in [0, 1], 224 px)."""
-    return SimilarityModel(EfficientNetLite0Embedder().eval().to(device), "cosine")
+    """SimilarityModel: cosine similarity of EfficientNet-lite0 ImageNet features (images in [0, 1], 224 px).
+
+    On a CPU its batches go channels_last (oneDNN's native layout): 1.6x less CPU time per image at batch 32
+    and half the system time of a RISE run (benchmarks/explain_cpu.py); embeddings agree to ~1e-5."""
+    dev = torch.device(device)
+    return SimilarityModel(EfficientNetLite0Embedder().eval().to(dev), "cosine", channels_last=dev.type == "cpu")
