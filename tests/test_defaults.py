@@ -80,7 +80,8 @@ def test_estimate_counts_the_passes_of_each_method():
     est = jobs.estimate_job(sim, torch.rand(3, *size), 3, ["rise", "attention"], s, n_queries=2)
     assert est.per_image > 0
     assert est.per_method["rise"] == pytest.approx(403 * est.per_image)
-    assert est.total == pytest.approx((sum(est.per_method.values()) + est.scoring) * 2)
+    assert est.total == pytest.approx((sum(est.per_method.values()) + est.scoring) * 2 + est.checks)
+    assert est.checks == pytest.approx(((3 + 1) + (3 + 1 + 3)) * est.per_image * 2)
     assert "rise ~" in est.describe() and "2 queries" in est.describe()
 
 

@@ -112,13 +112,41 @@ def _methods(choice: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux /proc; None elsewhere): the interpreter and imports before
+    the command's own work."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _phase_line(startup: float | None, phases: dict[str, float], t0: float) -> str:
+    """'time: start-up 1.9 s, model 0.8 s, ...; total 14.2 s': where a command's wall time went."""
+    import time
+
+    parts = ([f"start-up (interpreter and imports) {startup:.1f} s"] if startup is not None else []) + \
+        [f"{k} {v:.1f} s" for k, v in phases.items()]
+    total = time.perf_counter() - t0 + (startup or 0.0)
+    return f"time: {', '.join(parts)}; total {total:.1f} s"
+
+
 def cmd_explain(args) -> int:
+    import time
+
+    t0 = time.perf_counter()
+    startup = _process_age()
     import torch
 
     from .io import load_image
     from .jobs import explain_sets, summarize, write
     from .viz import format_table
 
+    phases: dict[str, float] = {}
     if args.model and args.pretrained:
         raise ValueError("give either --model or --pretrained, not both")
     device = _resolve_device(args.device)
@@ -129,11 +157,13 @@ def cmd_explain(args) -> int:
     # nothing is loaded before it is checked: the output directory, then every image's header, then the model
     _check_report_out(args.out)
     _check_images([args.query, *args.references])
+    t = time.perf_counter()
     sim = _load_model(args, device)
     # Read every image before anything is written, so a bad file leaves no output behind.
     query = load_image(args.query, size=(size, size))
     refs = torch.stack([load_image(r, size=(size, size)) for r in args.references])
     dev = sim.device
+    phases["model and images"] = time.perf_counter() - t
     s = _settings(args)
     if chosen:
         s.n_steps = _CPU_SCORE_STEPS()
@@ -143,14 +173,19 @@ def cmd_explain(args) -> int:
     if not args.quiet:
         from .jobs import estimate_job
 
+        t = time.perf_counter()
         estimate = estimate_job(sim, query.to(dev), len(args.references), methods, s)
+        phases["estimate"] = time.perf_counter() - t
         print(f"on {dev}: {estimate.describe()}")
     sets = explain_sets(sim, [(Path(args.query).name, query.to(dev), refs.to(dev), None)], methods, s, print,
-                        estimate=estimate)
+                        estimate=estimate, timings=phases)
     summary = summarize(sets, methods)
+    t = time.perf_counter()
     index = write(args.out, sets, methods, summary, f"whymatch explain: {Path(args.query).name}")
+    phases["report"] = time.perf_counter() - t
     print(format_table(summary))
     print(f"report: {index}")
+    print(_phase_line(startup, phases, t0))
     return 0
 
 

@@ -83,25 +83,33 @@ class ExplainedSet:
 def explain_sets(sim: SimilarityModel, sets: Sequence[tuple[str, Tensor, Tensor, Tensor | None]],
                  methods: Sequence[str], settings: JobSettings,
                  log: Callable[[str], None] = lambda _m: None, *,
-                 estimate: JobEstimate | None = None) -> list[ExplainedSet]:
+                 estimate: JobEstimate | None = None, timings: dict[str, float] | None = None) -> list[ExplainedSet]:
     """Explain each (name, query, references, key_mask) with every method, then score every map.
 
     With ``estimate`` (:func:`estimate_job`): one progress bar over the whole job, counted in the estimated
     seconds of each (query, method) step and of the scoring, so that its ETA corrects itself with the
-    measured rate.
+    measured rate. ``timings``, a dict, receives the wall seconds of each phase: 'checks', each method
+    (all queries) and 'scoring'.
     """
+    timings = {} if timings is None else timings
+    t_checks = time.perf_counter()
     explainers = {m: make_explainer(m, sim, settings) for m in methods}
-    # cheap checks of every (set, method) first, so that a bad input, target layer or model fails in
-    # seconds, not after minutes of the other methods' work
-    for name, query, refs, _ in sets:
-        for m, ex in explainers.items():
-            try:
-                ex.check(query, refs)
-            except ValueError as e:
-                raise ValueError(f"{m} on {name}: {e}") from e
     bar = _job_bar(estimate, len(sets))
     out = []
     try:
+        # cheap checks of every (set, method) first, so that a bad input, target layer or model fails in
+        # seconds, not after minutes of the other methods' work
+        if bar is not None:
+            bar.set_postfix_str("checks")
+        for name, query, refs, _ in sets:
+            for m, ex in explainers.items():
+                try:
+                    ex.check(query, refs)
+                except ValueError as e:
+                    raise ValueError(f"{m} on {name}: {e}") from e
+        timings["checks"] = time.perf_counter() - t_checks
+        if bar is not None:
+            bar.update(estimate.checks)
         for name, query, refs, key_mask in sets:
             maps, secs = {}, {}
             for m, ex in explainers.items():
@@ -110,6 +118,7 @@ def explain_sets(sim: SimilarityModel, sets: Sequence[tuple[str, Tensor, Tensor,
                 t0 = time.perf_counter()
                 maps[m] = ex.attribute(query, refs)
                 secs[m] = time.perf_counter() - t0
+                timings[m] = timings.get(m, 0.0) + secs[m]
                 if bar is not None:
                     bar.update(estimate.per_method[m])
             e_q, e_r = sim.embed(query[None]), sim.embed(refs)
@@ -119,7 +128,9 @@ def explain_sets(sim: SimilarityModel, sets: Sequence[tuple[str, Tensor, Tensor,
             log(f"  {name}: " + ", ".join(f"{m} {secs[m]:.2f}s" for m in methods))
         if bar is not None:
             bar.set_postfix_str("scoring (insertion/deletion)")
+        t_score = time.perf_counter()
         _score(sim, out, methods, settings)
+        timings["scoring"] = time.perf_counter() - t_score
         if bar is not None:
             bar.update(estimate.scoring * len(sets))
     finally:
@@ -158,21 +169,25 @@ class JobEstimate:
         per_method: method -> estimated seconds for one query against its K references.
         scoring: estimated seconds of the insertion/deletion scoring of one query (all methods).
         n_queries: queries in the job.
+        checks: estimated seconds of the cheap checks before the work (one forward pass of each query and its
+            references per method, a forward and backward pass of one image per gradient method).
     """
 
     per_image: float
     per_method: dict[str, float]
     scoring: float
     n_queries: int
+    checks: float = 0.0
 
     @property
     def total(self) -> float:
-        return (sum(self.per_method.values()) + self.scoring) * self.n_queries
+        return (sum(self.per_method.values()) + self.scoring) * self.n_queries + self.checks
 
     def describe(self) -> str:
         parts = ", ".join(f"{m} ~{_secs(v)}" for m, v in self.per_method.items())
         return (f"estimated time: {_secs(self.total)} for {self.n_queries} quer{'y' if self.n_queries == 1 else 'ies'} "
-                f"(per query: {parts}, scoring ~{_secs(self.scoring)}; from one forward batch timed now: "
+                f"(checks ~{_secs(self.checks)}; per query: {parts}, scoring ~{_secs(self.scoring)}; from one "
+                f"forward batch timed now: "
                 f"{self.per_image * 1e3:.1f} ms per image)")
 
 
@@ -180,12 +195,12 @@ def _secs(v: float) -> str:
     return f"{v:.1f} s" if v < 100 else f"{v / 60:.1f} min"
 
 
-def forward_cost(sim: SimilarityModel, image: Tensor, batch: int = 32) -> float:
+def forward_cost(sim: SimilarityModel, image: Tensor, batch: int = 16) -> float:
     """Seconds per image of the model's forward pass on a batch of ``batch`` copies of ``image`` (timed after
-    one untimed pass of the same batch, so that first-call costs stay out)."""
+    one untimed pass of 2 images, so that first-call costs stay out)."""
     x = image[None].expand(batch, -1, -1, -1).contiguous()
     with torch.no_grad():
-        sim.embed(x)
+        sim.embed(x[:2])
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
         t0 = time.perf_counter()
@@ -216,11 +231,12 @@ def estimate_job(sim: SimilarityModel, query: Tensor, k: int, methods: Sequence[
                  n_queries: int = 1) -> JobEstimate:
     """How long ``methods`` will take for ``n_queries`` queries of K = ``k`` references like ``query``,
     from one timed forward batch (a guide: LIME's superpixels and the optimizers' own work are not counted)."""
-    per = forward_cost(sim, query, max(1, min(32, s.batch_size)))
+    per = forward_cost(sim, query, max(1, min(16, s.batch_size)))
     size = tuple(query.shape[-2:])
     per_method = {m: method_passes(m, sim, s, size, k) * per for m in methods}
     scoring = len(methods) * 2 * (s.n_steps + 1) * k * per
-    return JobEstimate(per, per_method, scoring, n_queries)
+    checks = sum((k + 1) + (3 if m in ("attention", "gradcam") else 0) for m in methods) * per * n_queries
+    return JobEstimate(per, per_method, scoring, n_queries, checks)
 
 
 def _job_bar(estimate: JobEstimate | None, n_sets: int):
@@ -229,7 +245,7 @@ def _job_bar(estimate: JobEstimate | None, n_sets: int):
         return None
     from tqdm.auto import tqdm
 
-    total = (sum(estimate.per_method.values()) + estimate.scoring) * n_sets
+    total = (sum(estimate.per_method.values()) + estimate.scoring) * n_sets + estimate.checks
     return tqdm(total=total, desc="whymatch", dynamic_ncols=True, disable=None,  # None: on a terminal only
                 bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}{postfix}]")
 
