@@ -128,16 +128,33 @@ def rise_stime(n: int) -> list[dict]:
     return rows
 
 
+def _stime_md(res: dict, n: int) -> list[str]:
+    return [f"System time of one RISE run ({n} masks, 224 px, batch 50, K = 3, EfficientNet-lite0), each layout in "
+            "a fresh process without the CLI's glibc tuning, one after the other:\n",
+            C.md_table(["model batches", "wall", "user", "system", "minor page faults"],
+                       [[r["layout"], f"{r['wall_s']:.1f} s", f"{r['user_s']:.1f} s", f"{r['system_s']:.1f} s",
+                         r["minor_faults"]] for r in res["rise_stime"]]), ""]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--args", default="", help="extra options for `whymatch explain` (default: none)")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment of the command")
     ap.add_argument("--stime", type=int, default=0, metavar="N",
                     help="also measure RISE's system time over N masks, contiguous vs channels_last (0: skip)")
+    ap.add_argument("--skip-explain", action="store_true", help="only the --stime measurement")
     ap.add_argument("--stem", default=str(Path(__file__).resolve().parent / "results" / "explain_cpu"))
     a = ap.parse_args(argv)
     env = dict(kv.split("=", 1) for kv in a.env)
     info = C.machine_info("cpu")
+    if a.skip_explain and not a.stime:
+        ap.error("--skip-explain needs --stime N")
+    if a.skip_explain:
+        res = {"machine": info, "rise_stime": rise_stime(a.stime), "load_at_end": C.system_load()}
+        md = ["# RISE's system time on the CPU\n", *_stime_md(res, a.stime), C.load_note(res)]
+        js, mdp = C.write_results(a.stem, res, "\n".join(md))
+        print(f"explain_cpu: RISE system time {[round(r['system_s'], 1) for r in res['rise_stime']]}; wrote {js}")
+        return 0
     res = {"machine": info, **run_explain(shlex.split(a.args), env), "load_at_end": C.system_load()}
     if a.stime:
         res["rise_stime"] = rise_stime(a.stime)
@@ -157,11 +174,7 @@ def main(argv=None) -> int:
                      [[k, f"{v:.1f}", f"{v / res['wall_s']:.0%}"] for k, v in ph.items()]
                      + [["(total the command counted)", f"{res['phases_total_s'] or 0:.1f}", ""]]), ""]
     if a.stime:
-        md += [f"System time of one RISE run ({a.stime} masks, 224 px, batch 50, K = 3, EfficientNet-lite0), each "
-               "layout in a fresh process without the CLI's glibc tuning:\n",
-               C.md_table(["model batches", "wall", "user", "system", "minor page faults"],
-                          [[r["layout"], f"{r['wall_s']:.1f} s", f"{r['user_s']:.1f} s", f"{r['system_s']:.1f} s",
-                            r["minor_faults"]] for r in res["rise_stime"]]), ""]
+        md += _stime_md(res, a.stime)
     md.append(C.load_note(res))
     js, mdp = C.write_results(a.stem, res, "\n".join(md))
     print(f"explain_cpu: {res['wall_s']:.1f} s wall ({', '.join(f'{k} {v:.1f}' for k, v in ph.items())}); "

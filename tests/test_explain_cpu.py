@@ -141,3 +141,23 @@ def test_reused_buffer_gives_the_maps_of_fresh_batches_bit_for_bit():
         grids, shifts, scores = _rise_by_hand(sim, q, refs, 70, 16, 3)
         want = ops.rise_saliency(grids, shifts, scores, (24, 20)) / (70 * 0.5)
         assert torch.equal(maps, want)
+
+
+def test_search_explain_says_up_front_how_long_it_will_take(tmp_path, capsys):
+    from whymatch import cli
+
+    gal = tmp_path / "gallery"
+    gal.mkdir()
+    for i in range(5):
+        _png(gal / f"im{i}.png", i)
+    index = tmp_path / "g.faiss"
+    argv = ["search-explain", str(gal / "im2.png"), "--gallery", str(gal), "--index", str(index), "-k", "3",
+            "--model", "toy_models:tiny_cnn", "--size", "32", "--n-masks", "32", "--device", "cpu"]
+    assert cli.main([*argv, "--out", str(tmp_path / "a")]) == 0
+    est = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("estimated time:"))
+    assert "embed 5 gallery images" in est and "explain 3 results with rise" in est and "ms per image" in est
+    assert cli.main([*argv, "--out", str(tmp_path / "b")]) == 0  # the saved index is reused: nothing to embed
+    est = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("estimated time:"))
+    assert "embed 0 gallery images" in est and "(index reused)" in est
+    assert cli.main([*argv, "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    assert "estimated time" not in capsys.readouterr().out

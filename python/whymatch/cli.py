@@ -271,6 +271,8 @@ def cmd_search_explain(args) -> int:
     sim = _load_model(args, device)
     query = load_image(args.query, size=(size, size))
     bars = not args.quiet and sys.stderr.isatty()  # progress bars on a terminal
+    if not args.quiet:
+        print(_search_estimate(args, sim, query, len(source), n_masks))
     gallery, _built = GalleryIndex.open(args.index, sim, source, rebuild=args.rebuild_index,
                                        batch_size=args.batch_size, show_progress=bars, image_size=size, log=print)
     result = explain_search(sim, query, gallery, source, args.k, method=args.method, n_masks=n_masks,
@@ -285,6 +287,22 @@ def cmd_search_explain(args) -> int:
           f"{f', {n_masks} masks' if args.method == 'rise' else ''}) {t['explain']:.2f} s")
     print(f"report: {index}")
     return 0
+
+
+def _search_estimate(args, sim, query, n_gallery: int, n_masks: int) -> str:
+    """search-explain's up-front estimate: embedding the gallery (unless --index will be reused) and explaining
+    the k results, from one forward batch timed now (a guide: a stale index is rebuilt, loading is not counted)."""
+    from .jobs import _secs, forward_cost
+
+    per = forward_cost(sim, query.to(sim.device), max(1, min(16, args.batch_size)))
+    reuse = args.index is not None and Path(args.index).is_file() and not args.rebuild_index
+    n_embed = 0 if reuse else n_gallery
+    k = min(args.k, n_gallery)
+    passes = n_masks + k if args.method == "rise" else 3.0 * (k + 1)
+    embed, explain = n_embed * per, passes * per
+    return (f"estimated time: {_secs(embed + explain)} (embed {n_embed} gallery images ~{_secs(embed)}"
+            f"{' (index reused)' if reuse else ''}, explain {k} results with {args.method} ~{_secs(explain)}; "
+            f"from one forward batch timed now: {per * 1e3:.1f} ms per image)")
 
 
 def _check_index_path(path: str) -> None:
