@@ -51,15 +51,17 @@ from whymatch.saliency import (LIME, RISE, ConstantMapWarning, EmbeddingGradCAM,
                                SimilarityAttention, SlidingWindow, constant_maps)
 
 
-def methods(n_masks: int, n_samples: int, mask_iter: int | None, mask_kw: dict | None = None) -> dict:
+def methods(n_masks: int, n_samples: int, mask_iter: int | None, mask_kw: dict | None = None,
+            sw_kw: dict | None = None) -> dict:
     """The methods of the table with their defaults (and the old defaults where they changed)."""
     mask_kw = dict(mask_kw or {})
+    sw_kw = dict(sw_kw or {})
     if mask_iter is not None:
         mask_kw["n_iter"] = mask_iter
     return {
         "rise": lambda sim: RISE(sim, n_masks=n_masks, seed=0),
         "rise_uncentred": lambda sim: RISE(sim, n_masks=n_masks, seed=0, normalize="rise"),
-        "sliding_window": lambda sim: SlidingWindow(sim),
+        "sliding_window": lambda sim: SlidingWindow(sim, **sw_kw),
         "lime": lambda sim: LIME(sim, n_samples, segments="slic"),
         "mask": lambda sim: Mask(sim, **mask_kw),
         "mask_sane": lambda sim: Mask(sim, preset="sane", **({"n_iter": mask_iter} if mask_iter else {})),
@@ -159,7 +161,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--split", choices=P.SPLITS, default=None, help="default: test (val with --sweep)")
     ap.add_argument("--pairs", type=int, default=None, help="pairs (default 16; 4 with --quick)")
-    ap.add_argument("--size", type=int, default=112, help="image side in pixels")
+    ap.add_argument("--size", type=int, default=224, help="image side in pixels (the model's own; the gradient methods need it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default="all",
                     help="comma-separated names, or all; with --sweep, candidate settings written "
@@ -169,6 +171,8 @@ def main() -> None:
     ap.add_argument("--mask-iter", type=int, default=None, help="Mask steps (default: its preset's; 60 with --quick)")
     ap.add_argument("--mask-l1", type=float, default=None, help="Mask's l1_coeff (default: its preset's)")
     ap.add_argument("--mask-perturbation", default=None, help="Mask's perturbation (default: its preset's)")
+    ap.add_argument("--window-stride", type=int, default=None,
+                    help="SlidingWindow's stride in pixels (default: its own, a quarter of its window)")
     ap.add_argument("--steps", type=int, default=50, help="insertion/deletion steps")
     ap.add_argument("--quick", action="store_true", help="4 pairs, cheap settings, results to /tmp")
     ap.add_argument("--sweep", action="store_true", help="compare candidate settings (validation split)")
@@ -206,7 +210,8 @@ def main() -> None:
         # embeddings equal to ~1e-5
         sim.embedder.to(memory_format=torch.channels_last)
     table = methods(n_masks, n_samples, mask_iter, {
-        k: v for k, v in (("l1_coeff", a.mask_l1), ("perturbation", a.mask_perturbation)) if v is not None})
+        k: v for k, v in (("l1_coeff", a.mask_l1), ("perturbation", a.mask_perturbation)) if v is not None},
+        {"stride": a.window_stride} if a.window_stride else None)
     if a.sweep:
         names = SWEEP if a.methods == "all" else [m for m in a.methods.split(",") if m]
         table = {m: spec_method(m, n_masks, n_samples, mask_iter) for m in names}
@@ -305,7 +310,8 @@ def main() -> None:
                 return n
             base = n.split("+")[0]
             extra = {"rise": f"{b['n_masks']} masks", "lime": f"{b['n_samples']} samples",
-                     "mask": f"{b['mask_n_iter']} steps"}.get(base.replace("_uncentred", "").replace("_sane", ""))
+                     "mask": f"{b['mask_n_iter']} steps",
+                     "sliding_window": f"stride {b.get('window_stride', 'default')}"}.get(base.replace("_uncentred", "").replace("_sane", ""))
             return f"{n} ({extra})" if extra else n
 
         body = [[label(n, v), pm(v, "pointing", 2), pm(v, "mass", 3), pm(v, "insertion", 1), pm(v, "deletion", 1),
@@ -336,7 +342,8 @@ def main() -> None:
         maps, secs, n_const = explain(table[name], sim, pairs, device)
         res = score(sim, pairs, maps, device, a.steps)
         res.update(seconds_per_pair=sum(secs) / len(secs), constant_maps=n_const,
-                   budget={"n_masks": n_masks, "n_samples": n_samples, "mask_n_iter": mask_iter or "preset"},
+                   budget={"n_masks": n_masks, "n_samples": n_samples, "mask_n_iter": mask_iter or "preset",
+                           "window_stride": a.window_stride or "default"},
                    threads=torch.get_num_threads(), load_after=C.system_load())
         rows[name] = res
         print(f"{name:24s} pointing {res['pointing']:.2f} mass {res['mass']:.3f} ins {res['insertion']:.1f} "

@@ -74,6 +74,8 @@ def test_the_floor_model_never_drops_below_one_half():
 
 DEFAULTS = {
     "rise": lambda sim: RISE(sim, n_masks=400, grid=4, batch_size=200, seed=0),
+    # the default grid (6, chosen on the real-photo validation split) on this 32 px image: 5-6 px cells
+    "rise_default_grid": lambda sim: RISE(sim, n_masks=400, batch_size=200, seed=0),
     "sliding_window": lambda sim: SlidingWindow(sim),
     "lime": lambda sim: LIME(sim, 300, segments="grid", n_segments=16, seed=0),
     "mask": lambda sim: Mask(sim, n_iter=80, mask_size=8, seed=0),
@@ -88,6 +90,24 @@ def test_default_maps_point_at_the_planted_object_despite_the_high_floor(method)
     # centred maps: the positive mass on the object is well above its share of the image (1/16)
     share = float(mask.float().mean())
     assert float(mass_on_mask(maps, mask)[0]) > 3 * share, method
+
+
+def test_mask_real_preset_deletes_only_what_matters_where_sane_deletes_more():
+    """'real' (the default, L1 weight 1.0 from the validation sweep) against SANE's 0.01: on the floor model
+    both find the object, but SANE's weight lets the deletion spread over the image, 'real' keeps it small."""
+    sim, q, r, mask = planted_pair()
+    kw = dict(n_iter=80, mask_size=8, seed=0)
+    real = Mask(sim, **kw)
+    assert real.preset == "real" and real.l1_coeff > 10 * Mask(sim, preset="sane").l1_coeff
+    m_real = real.attribute(q, r)
+    m_sane = Mask(sim, preset="sane", **kw).attribute(q, r)
+    assert not bool(constant_maps(m_real)[0])
+    assert bool(pointing_game(m_real, mask)[0])
+    outside = ~mask
+    # the deletion outside the shared object: smaller with 'real'
+    assert float(m_real[outside].mean()) < float(m_sane[outside].mean())
+    share = float(mask.float().mean())
+    assert float(mass_on_mask(m_real, mask)[0]) > max(3 * share, float(mass_on_mask(m_sane, mask)[0]))
 
 
 def test_uncentred_rise_carries_the_mask_density_not_the_object():
