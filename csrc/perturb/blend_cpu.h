@@ -113,9 +113,11 @@ WM_BLEND_AVX512 inline void mix_avx512(float* o, const float* m, const float* a,
                                         _mm512_maskz_loadu_ps(k, b)));
       i = h;
     }
+#pragma GCC unroll 4
     for (; i + 16 <= n; i += 16)
       _mm512_stream_ps(o + i, mix16(_mm512_loadu_ps(m + i), _mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i)));
   } else {
+#pragma GCC unroll 4
     for (; i + 16 <= n; i += 16)
       _mm512_storeu_ps(o + i, mix16(_mm512_loadu_ps(m + i), _mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i)));
   }
@@ -238,6 +240,7 @@ WM_BLEND_AVX512 inline void select_avx512(U* o, const U* keep, const U* f, const
   const int64_t h = stream ? head_elems(o, 64, n) : 0;
   select_scalar(o, keep, f, s, h, false);
   int64_t i = h;
+#pragma GCC unroll 4
   for (; i + L <= n; i += L) {
     const __m512i v = _mm512_ternarylogic_epi32(_mm512_loadu_si512(keep + i), _mm512_loadu_si512(f + i),
                                                 _mm512_loadu_si512(s + i), 0xCA);  // keep ? f : s, bitwise

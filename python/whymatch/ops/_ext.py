@@ -130,14 +130,20 @@ def eager_cpu(*tensors: torch.Tensor) -> bool:
     present. Everything else goes through ``torch.ops.whymatch.*``. The public functions check their
     arguments before asking, so the kernel gets what the registered op's own checks guarantee.
     """
-    if not direct_cpu or _emulated_cuda is not None or torch._C._len_torch_dispatch_stack() or \
-            torch._C._functorch.maybe_current_level() is not None or torch._C._autograd._profiler_enabled() or \
-            torch._C._is_torch_function_mode_enabled() or torch.compiler.is_compiling():
+    if not direct_cpu or torch.compiler.is_compiling() or _emulated_cuda is not None:
         return False
-    grad = torch.is_grad_enabled()
+    if torch._C._len_torch_dispatch_stack() or torch._C._functorch.maybe_current_level() is not None or \
+            torch._C._is_torch_function_mode_enabled() or torch._C._autograd._profiler_enabled():
+        return False
+    if tensors[0].device.type != "cpu":  # (the public functions checked that all are on one device)
+        return False
     for t in tensors:
-        if type(t) is not torch.Tensor or t.device.type != "cpu" or (grad and t.requires_grad):
+        if type(t) is not torch.Tensor:
             return False
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t.requires_grad:
+                return False
     return cpu_module() is not None
 
 

@@ -229,12 +229,32 @@ def _direct_cpu_module(op: str, *tensors: Tensor):
     return _ext.module_for(tensors[0].device, op) if _ext.eager_cpu(*tensors) else None
 
 
+_constant_cache: tuple | None = None  # ((shape, value, device), tensor): the last constant baseline
+
+
+def _constant_image(shape: tuple[int, int, int], value: float, device: torch.device) -> Tensor:
+    """torch.full(shape, value) for a number baseline, the last one kept (a loop over batches asks for
+    the same one every call; the kernels only read it, and it never leaves this module)."""
+    global _constant_cache
+    if torch.compiler.is_compiling():
+        return torch.full(shape, value, device=device)
+    key = (shape, value.hex(), device)  # (hex: -0.0 is not 0.0)
+    cached = _constant_cache
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    t = torch.full(shape, value, device=device)
+    if t.numel() <= (1 << 22):  # keep at most 16 MiB
+        _constant_cache = (key, t)
+    return t
+
+
 def _check_grids_shifts(grids: object, shifts: object, size: tuple[int, int],
-                        device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+                        device: torch.device | None = None, scan: bool | None = None) -> tuple[Tensor, Tensor]:
     grids = V.tensor("grids", grids, ndim=3, dtypes=V.FLOAT_DTYPES, device=device)
     if grids.shape[1] != grids.shape[2] or grids.shape[1] < 1:
         raise ValueError(f"grids must have shape (N, s, s) with s >= 1, got {tuple(grids.shape)}")
-    V.maybe_finite("grids", grids)
+    if scan is None or scan:
+        V.maybe_finite("grids", grids)
     n, s, _ = grids.shape
     shifts = V.tensor("shifts", shifts, ndim=2, dtypes=(torch.int64, torch.int32), device=grids.device)
     if shifts.shape != (n, 2):  # (the generic check only to word the error: this runs on every call)
@@ -269,19 +289,22 @@ def rise_apply(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor | 
         (N, C, H, W) tensor of ``dtype`` on the image's device (``out`` when given).
     """
     image = V.tensor("image", image, ndim=3, dtypes=V.FLOAT_DTYPES)
-    V.maybe_finite("image", image)
+    scan = V.check_finite_enabled()  # (read once: the opt-in scans of the data)
+    if scan:
+        V.maybe_finite("image", image)
     c, h, w = image.shape
-    grids, shifts = _check_grids_shifts(grids, shifts, (h, w), image.device)
+    grids, shifts = _check_grids_shifts(grids, shifts, (h, w), image.device, scan)
     if isinstance(baseline, torch.Tensor):
         V.tensor("baseline", baseline, dtypes=V.FLOAT_DTYPES, device=image.device)
         try:
             baseline = baseline.expand(c, h, w)
         except RuntimeError:
             raise ValueError(f"baseline must broadcast to the image shape {(c, h, w)}, got {tuple(baseline.shape)}") from None
-        V.maybe_finite("baseline", baseline)
+        if scan:
+            V.maybe_finite("baseline", baseline)
     else:
         V.real("baseline", baseline)
-        baseline = torch.full((c, h, w), float(baseline), device=image.device)
+        baseline = _constant_image((c, h, w), float(baseline), image.device)
     image_dtype = image.dtype  # the default output dtype (before the float32 copy the kernels read)
     image, baseline = image.float().contiguous(), baseline.float().contiguous()
     if out is not None:
