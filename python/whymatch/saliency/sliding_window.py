@@ -90,7 +90,9 @@ class SlidingWindow(_common.Explainer):
     Args:
         sim: the SimilarityModel to explain.
         window: window side in pixels (int or (h, w)); default: a quarter of the
-            image side (about 6% of the area), chosen per call.
+            image side (about 6% of the area), chosen per call. Not changed by the real-photo
+            validation sweep (``benchmarks/realphoto_table.py --sweep``): its window and stride
+            candidates were not reached in the time the shared machine allowed.
         stride: step in pixels (int or (h, w)); default window // 4.
         padding: how far the window canvas reaches beyond each border; default window // 4.
         baseline: what occluded pixels become: a number, 'mean' or a tensor.
