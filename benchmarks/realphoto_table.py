@@ -70,6 +70,9 @@ def methods(n_masks: int, n_samples: int, mask_iter: int | None, mask_kw: dict |
     }
 
 
+#: the rows a complete table has
+EXPECTED = ["rise", "sliding_window", "lime", "mask", "attention", "gradcam"]
+
 #: candidate settings of ``--sweep`` (validation split); see the docstrings of the explainers for the winners
 SWEEP = [
     "rise+grid=4", "rise+grid=6", "rise+grid=8", "rise+grid=6+p=0.3",
@@ -275,7 +278,7 @@ def main() -> None:
     def write(rows: dict, final: bool):
         total = time.perf_counter() - t_all
         rows = dict(rows)
-        missing = [n for n in names if n not in rows]
+        missing = [n for n in (names or ([] if a.sweep else EXPECTED)) if n not in rows]
         mask_steps = mask_iter or "its preset's"
         commands = [" ".join(sys.argv)]
         if previous is not None:
@@ -332,7 +335,7 @@ def main() -> None:
                  if a.channels_last else "")
               + ("Mask optimizes all pairs in one batch; its s / pair is the batch's time / pairs.\n\n")
               + C.md_table(head, body) + "\n"
-              + (f"\n**Not measured (run stopped before them):** {', '.join(missing)}.\n" if missing else "")
+              + (f"\n**Not measured (the run stopped before them, or they were not asked for):** {', '.join(missing)}.\n" if missing else "")
               + notes(rows))
         data["complete"] = final and len(rows) >= len(names)
         return C.write_results(stem, data, md), md
