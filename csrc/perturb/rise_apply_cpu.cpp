@@ -27,8 +27,9 @@ float* scratch(std::vector<float>& local, int64_t n) {
 // Mask n is built a row at a time (two loads and a lerp per pixel from the rows of its grid
 // interpolated horizontally) into a buffer that stays in L1, then blended into the output with
 // blend::pick_mix: for NCHW the row of each channel plane (C output streams, each contiguous over
-// the mask), for channels_last the row's pixels x channels in one pass, the mask repeated per
-// channel and image/baseline transposed to HWC once per call. (Building the whole H x W mask first
+// the mask), for channels_last the row's pixels x channels in one pass, the mask row computed
+// already repeated per channel (from the grid's interpolated rows repeated per channel, once per
+// mask) and image/baseline transposed to HWC once per call. (Building the whole H x W mask first
 // and then writing each plane in one pass measured the same, with a buffer in L2 instead of L1.)
 template <typename T>
 void rise_apply_impl(const RiseApplyParams& p, int num_threads) {
@@ -63,7 +64,8 @@ void rise_apply_impl(const RiseApplyParams& p, int num_threads) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, chw));
   parallel_for(p.n, num_threads, grain, [&](int64_t begin, int64_t end) {
     const int64_t hrows_n = p.s * cv.up_w;
-    const int64_t mask_n = p.w * (1 + p.c);
+    const bool expand = p.channels_last && p.c > 1;  // hrows repeated per channel: (s, up_w, C)
+    const int64_t mask_n = expand ? hrows_n * p.c + p.w * p.c : p.w;
     std::vector<float> local;
     float* hrows = scratch(local, hrows_n + mask_n);
     float* mask = hrows + hrows_n;
@@ -78,15 +80,22 @@ void rise_apply_impl(const RiseApplyParams& p, int num_threads) {
             mix(out + n * chw + c * hw + row, mask, p.image + c * hw + row, p.baseline + c * hw + row, p.w, stream);
         }
       } else {
-        float* mrow = mask;
-        float* mexp = p.c > 1 ? mask + p.w : mask;  // the row's mask repeated per channel
+        // each value of the grid's horizontally interpolated rows repeated per channel (once per mask,
+        // s x up_w x C values), so that a mask row repeated per channel is one vector lerp of W x C values
         const int64_t row = p.w * p.c;
+        const float* hr = hrows;
+        float* mrow = mask;
+        if (expand) {
+          float* hexp = mask;
+          mrow = mask + hrows_n * p.c;
+          for (int64_t i = 0; i < hrows_n; ++i)
+            for (int64_t c = 0; c < p.c; ++c) hexp[i * p.c + c] = hrows[i];
+          hr = hexp;
+        }
         for (int64_t y = 0; y < p.h; ++y) {
-          mask_row(hrows, y + dy, dx, mrow);
-          if (p.c > 1)
-            for (int64_t x = 0; x < p.w; ++x)
-              for (int64_t c = 0; c < p.c; ++c) mexp[x * p.c + c] = mrow[x];
-          mix(out + n * chw + y * row, mexp, im_rows + y * row, bl_rows + y * row, row, stream);
+          const Lerp& l = cv.ty[y + dy];
+          lerp(mrow, hr + (l.i0 * cv.up_w + dx) * p.c, hr + (l.i1 * cv.up_w + dx) * p.c, 1.f - l.l, l.l, row);
+          mix(out + n * chw + y * row, mrow, im_rows + y * row, bl_rows + y * row, row, stream);
         }
       }
     }
