@@ -278,7 +278,6 @@ def main() -> None:
     def write(rows: dict, final: bool):
         total = time.perf_counter() - t_all
         rows = dict(rows)
-        missing = [n for n in (names or ([] if a.sweep else EXPECTED)) if n not in rows]
         mask_steps = mask_iter or "its preset's"
         commands = [" ".join(sys.argv)]
         if previous is not None:
@@ -288,6 +287,7 @@ def main() -> None:
             rows = {**{k: v for k, v in old["methods"].items() if k not in rows}, **rows}
             commands = old.get("commands", [old["command"]]) + commands
             total += old["total_seconds"]
+        missing = [n for n in (names or ([] if a.sweep else EXPECTED)) if n not in rows]
         data = {"benchmark": "realphoto_table", "channels_last": a.channels_last, "threads": torch.get_num_threads(), "missing": missing, "split": split, "pairs": n_pairs, "size": a.size, "seed": a.seed,
                 "model": "EfficientNet-lite0 (ImageNet), cosine", "device": str(device),
                 "settings": {"rise_n_masks": n_masks, "lime_n_samples": n_samples, "mask_n_iter": mask_iter or "preset",
@@ -337,7 +337,7 @@ def main() -> None:
               + C.md_table(head, body) + "\n"
               + (f"\n**Not measured (the run stopped before them, or they were not asked for):** {', '.join(missing)}.\n" if missing else "")
               + notes(rows))
-        data["complete"] = final and len(rows) >= len(names)
+        data["complete"] = final and not missing
         return C.write_results(stem, data, md), md
 
     rows = {}
