@@ -161,3 +161,28 @@ def test_search_explain_says_up_front_how_long_it_will_take(tmp_path, capsys):
     assert "embed 0 gallery images" in est and "(index reused)" in est
     assert cli.main([*argv, "--out", str(tmp_path / "c"), "--quiet"]) == 0
     assert "estimated time" not in capsys.readouterr().out
+
+
+def test_checks_run_on_one_thread_and_the_count_is_restored(monkeypatch):
+    from whymatch import SimilarityModel, jobs
+    from whymatch.saliency import RISE
+
+    seen = []
+    orig = RISE.check
+
+    def spy(self, *a, **kw):
+        seen.append(torch.get_num_threads())
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(RISE, "check", spy)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten()).eval()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        s = jobs.JobSettings(n_masks=16, batch_size=16, n_steps=2)
+        jobs.explain_sets(SimilarityModel(net), [("a", torch.rand(3, 16, 16), torch.rand(2, 3, 16, 16), None)],
+                          ["rise"], s)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
