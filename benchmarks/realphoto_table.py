@@ -246,8 +246,11 @@ def main() -> None:
     previous = None  # read once: this run rewrites the file after every method
     if a.append and Path(stem).with_suffix(".json").exists():
         previous = json.loads(Path(stem).with_suffix(".json").read_text())
+    part_notes = []  # the load each merged run saw
     for other in (a.merge.split(",") if a.merge else []):
         old = json.loads(Path(other).with_suffix(".json").read_text())
+        part_notes.append(f"`{Path(other).name}` ({', '.join(old['methods'])}, {old['total_seconds']:.0f} s): "
+                          + C.load_note(old).strip())
         if (old["split"], old["pairs"], old["size"], old["seed"]) != (split, n_pairs, a.size, a.seed):
             raise SystemExit(f"--merge: {other} holds other pairs ({old['split']}, {old['pairs']} pairs, "
                              f"{old['size']} px, seed {old['seed']}); expected {split}, {n_pairs}, {a.size}, {a.seed}")
@@ -299,7 +302,7 @@ def main() -> None:
                            "insertion_se": rand["insertion_se"], "deletion_se": rand["deletion_se"],
                            "random_map": {k: rand[k] for k in ("pointing", "pointing_se", "mass", "mass_se")}},
                 "shared_objects": [p.shared for p in pairs], "attention_weight": w_stats,
-                "methods": rows, "total_seconds": total, "command": " ".join(sys.argv), "commands": commands,
+                "methods": rows, "total_seconds": total, "merged_parts": part_notes, "command": " ".join(sys.argv), "commands": commands,
                 "machine": machine, "load_at_end": C.system_load()}
         head = ["method", "pointing", "mass on object", "insertion", "deletion", "s / pair", "constant maps"]
 
@@ -325,7 +328,8 @@ def main() -> None:
         md = (f"# Saliency on real photos ({split} split, {n_pairs} pairs, {a.size} px, EfficientNet-lite0)\n\n"
               + "".join(f"`{c}`\n" for c in commands)
               + f"on {device} ({torch.get_num_threads()} thread(s)): {total:.0f} s in all. {C.load_note(data)}"
-              f"Pair similarity (cosine) {data['pair_similarity']['mean']:.2f} "
+              + ("".join(f"- merged {n}\n" for n in part_notes) if part_notes else "")
+              + f"Pair similarity (cosine) {data['pair_similarity']['mean']:.2f} "
               f"({data['pair_similarity']['min']:.2f}-{data['pair_similarity']['max']:.2f}). RISE {n_masks} masks, "
               f"LIME {n_samples} samples (SLIC), Mask {mask_steps} steps, insertion/deletion {a.steps} steps.\n"
               "Pointing and mass: higher is better, chance = the shared object's share of the image. "
