@@ -105,7 +105,9 @@ class Mask(_common.Explainer):
     ``benchmarks/realphoto_table.py --sweep`` (EfficientNet-lite0, cosine, 8 pairs at
     112 px, 100 steps, blur; ``results/realphoto_sweep_112.md``): pointing game 0.25 at
     0.05, 0.38 at 0.2, 0.50 at 0.5 and 0.50 at 1.0, where 1.0 put more of the map on
-    the shared object (mass 0.40 against 0.36) and had the higher insertion AUC; the
+    the shared object (mass 0.40 against 0.36) and had the higher insertion AUC (at 224 px
+    on 4 validation pairs and 40 steps, ``results/realphoto_sweep_224check.md``, 0.5 and 1.0
+    tie at pointing 0.25 and 0.2 points at none: too few pairs to separate them); the
     other settings (lr 0.1, TV 0.2 with beta 3, 14 x 14 mask, noise 0.05) are SANE's and
     were not swept (no time on the shared machine), nor were 300 against 100 steps.
     Expect a pointing game near 0.5 on real photos (chance ~0.1): it is the weakest of
