@@ -34,6 +34,8 @@ from __future__ import annotations
 import argparse
 import ast
 import math
+import re
+import shlex
 import json
 import sys
 import time
@@ -89,15 +91,21 @@ def _value(text: str):
         return text
 
 
-def spec_method(spec: str, n_masks: int, n_samples: int, mask_iter: int | None):
-    """A candidate setting written ``method+key=value+...`` (e.g. ``rise+grid=4+p=0.3``), for ``--sweep``."""
-    name, *args = spec.split("+")
+def spec_kw(spec: str) -> dict:
+    """The keyword arguments of a candidate setting ``method+key=value+...``."""
     kw = {}
-    for a in args:
+    for a in spec.split("+")[1:]:
         k, eq, v = a.partition("=")
         if not eq:
             raise SystemExit(f"--methods: {spec!r}: expected key=value after '+', got {a!r}")
         kw[k] = _value(v)
+    return kw
+
+
+def spec_method(spec: str, n_masks: int, n_samples: int, mask_iter: int | None):
+    """A candidate setting written ``method+key=value+...`` (e.g. ``rise+grid=4+p=0.3``), for ``--sweep``."""
+    name = spec.split("+")[0]
+    kw = spec_kw(spec)
     makers = {
         "rise": lambda sim: RISE(sim, **{"n_masks": n_masks, "seed": 0, **kw}),
         "sliding_window": lambda sim: SlidingWindow(sim, **kw),
@@ -160,6 +168,52 @@ def score(sim, pairs, maps, device, n_steps: int) -> dict:
     return out
 
 
+def concat_rows(stems: list[str], split: str, size: int, seed: int, offset: int, n_pairs: int) -> dict:
+    """Rows over the union of runs on consecutive pair ranges: their per-pair results joined in pair order.
+
+    The runs must cover pairs ``offset .. offset + n_pairs - 1`` of the same split, size and seed, each once; a
+    method is joined when every run has it, at the same budget.
+    """
+    parts = [(s, json.loads(Path(s).with_suffix(".json").read_text())) for s in stems]
+    parts.sort(key=lambda sd: sd[1].get("offset", 0))
+    pos = offset
+    for s, d in parts:
+        if (d["split"], d["size"], d["seed"]) != (split, size, seed):
+            raise SystemExit(f"--concat: {s} holds other pairs ({d['split']}, {d['size']} px, seed {d['seed']}); "
+                             f"expected {split}, {size} px, seed {seed}")
+        if d.get("offset", 0) != pos:
+            raise SystemExit(f"--concat: {s} starts at pair {d.get('offset', 0)}; expected {pos} (consecutive ranges)")
+        pos += d["pairs"]
+    if pos != offset + n_pairs:
+        raise SystemExit(f"--concat: the runs cover pairs {offset}-{pos - 1}; expected --pairs {pos - offset}, "
+                         f"got {n_pairs}")
+    rows = {}
+    for name in parts[0][1]["methods"]:
+        if not all(name in d["methods"] for _, d in parts):
+            continue
+        got = [(d["methods"][name], d["pairs"]) for _, d in parts]
+        budgets = {json.dumps(r.get("budget"), sort_keys=True) for r, _ in got}
+        if len(budgets) > 1:
+            raise SystemExit(f"--concat: row {name!r} has different budgets in the runs: {sorted(budgets)}")
+        res = {}
+        for k in ("pointing", "mass", "insertion", "deletion"):
+            v = torch.tensor([x for r, _ in got for x in r[f"per_pair_{k}"]], dtype=torch.float64)
+            res[k] = float(v.mean())
+            res[f"{k}_se"] = float(v.std(unbiased=True) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+            res[f"per_pair_{k}"] = [int(x) for x in v] if k == "pointing" else [round(float(x), 4) for x in v]
+        secs = [x for r, n in got for x in (r.get("per_pair_seconds") or [r["seconds_per_pair"]] * n)]
+        res.update(seconds_per_pair=sum(secs) / len(secs), per_pair_seconds=secs,
+                   constant_maps=sum(r["constant_maps"] for r, _ in got), budget=got[0][0].get("budget"),
+                   threads=got[0][0].get("threads"), joined_from=[s for s, _ in parts])
+        rows[name] = res
+    return {"split": split, "pairs": n_pairs, "size": size, "seed": seed, "offset": offset, "methods": rows,
+            "commands": [c for _, d in parts for c in d.get("commands", [d["command"]])], "command": "",
+            "total_seconds": sum(d["total_seconds"] for _, d in parts),
+            "part_notes": [f"`{Path(s).name}` (pairs {d.get('offset', 0)}-{d.get('offset', 0) + d['pairs'] - 1}, "
+                           f"{', '.join(d['methods'])}, {d['total_seconds']:.0f} s): " + C.load_note(d).strip()
+                           for s, d in parts]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--split", choices=P.SPLITS, default=None, help="default: test (val with --sweep)")
@@ -189,6 +243,16 @@ def main() -> None:
     ap.add_argument("--stem", default=None, help="results path without extension")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of methods not run now from <stem>.json (same split, pairs, size)")
+    ap.add_argument("--offset", type=int, default=0,
+                    help="skip the split's first OFFSET pairs: run on pairs OFFSET..OFFSET+PAIRS-1 (the pairs of a "
+                         "split are a fixed sequence, so --offset 16 --pairs 16 are the 16 pairs after the first 16)")
+    ap.add_argument("--concat", default=None,
+                    help="comma-separated result stems of runs on consecutive pair ranges (--offset) of the same "
+                         "split, size and seed; their per-pair results are joined into rows over all their pairs "
+                         "(with --methods none and --pairs = their total, only joined)")
+    ap.add_argument("--row-suffix", default="",
+                    help="appended to this run's row names (e.g. ' default budget'), so its rows sit next to rows "
+                         "of the same method at other budgets when merged")
     ap.add_argument("--merge", default=None,
                     help="comma-separated result stems (same split, pairs, size, seed), e.g. of runs made side by "
                          "side: their rows are added to this run's (with --methods none, only merged)")
@@ -224,7 +288,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {list(table)}")
     t_all = time.perf_counter()
-    pairs = P.make_pairs(split, n_pairs, a.size, seed=a.seed, cache=a.pairs_cache)
+    if a.offset < 0:
+        raise SystemExit(f"--offset: expected a count >= 0, got {a.offset}")
+    pairs = P.make_pairs(split, a.offset + n_pairs, a.size, seed=a.seed, cache=a.pairs_cache)[a.offset:]
     masks = torch.stack([p.query_mask for p in pairs])
     with torch.no_grad():
         q = torch.stack([p.query for p in pairs]).to(device)
@@ -251,9 +317,11 @@ def main() -> None:
         old = json.loads(Path(other).with_suffix(".json").read_text())
         part_notes.append(f"`{Path(other).name}` ({', '.join(old['methods'])}, {old['total_seconds']:.0f} s): "
                           + C.load_note(old).strip())
-        if (old["split"], old["pairs"], old["size"], old["seed"]) != (split, n_pairs, a.size, a.seed):
-            raise SystemExit(f"--merge: {other} holds other pairs ({old['split']}, {old['pairs']} pairs, "
-                             f"{old['size']} px, seed {old['seed']}); expected {split}, {n_pairs}, {a.size}, {a.seed}")
+        if (old["split"], old["pairs"], old["size"], old["seed"], old.get("offset", 0)) != \
+                (split, n_pairs, a.size, a.seed, a.offset):
+            raise SystemExit(f"--merge: {other} holds other pairs ({old['split']}, {old['pairs']} pairs from "
+                             f"{old.get('offset', 0)}, {old['size']} px, seed {old['seed']}); expected {split}, "
+                             f"{n_pairs} from {a.offset}, {a.size}, {a.seed}")
         if previous is None:
             previous = old
         else:
@@ -262,6 +330,15 @@ def main() -> None:
                         + old.get("commands", [old["command"]]),
                         "total_seconds": max(previous["total_seconds"], old["total_seconds"]),
                         "settings": {**old["settings"], **previous["settings"]}}
+    if a.concat:
+        joined = concat_rows([s for s in a.concat.split(",") if s], split, a.size, a.seed, a.offset, n_pairs)
+        part_notes += joined["part_notes"]
+        if previous is None:
+            previous = joined
+        else:
+            previous = {**previous, "methods": {**previous["methods"], **joined["methods"]},
+                        "commands": previous.get("commands", [previous["command"]]) + joined["commands"],
+                        "total_seconds": max(previous["total_seconds"], joined["total_seconds"])}
 
     def notes(rows: dict) -> str:
         out = []
@@ -282,16 +359,18 @@ def main() -> None:
         total = time.perf_counter() - t_all
         rows = dict(rows)
         mask_steps = mask_iter or "its preset's"
-        commands = [" ".join(sys.argv)]
+        commands = [shlex.join(sys.argv)]
         if previous is not None:
             old = previous
-            if (old["split"], old["pairs"], old["size"], old["seed"]) != (split, n_pairs, a.size, a.seed):
+            if (old["split"], old["pairs"], old["size"], old["seed"], old.get("offset", 0)) != \
+                    (split, n_pairs, a.size, a.seed, a.offset):
                 raise SystemExit("--append: the existing results are of other pairs; use another --stem")
             rows = {**{k: v for k, v in old["methods"].items() if k not in rows}, **rows}
             commands = old.get("commands", [old["command"]]) + commands
             total += old["total_seconds"]
-        missing = [n for n in (names or ([] if a.sweep else EXPECTED)) if n not in rows]
-        data = {"benchmark": "realphoto_table", "channels_last": a.channels_last, "threads": torch.get_num_threads(), "missing": missing, "split": split, "pairs": n_pairs, "size": a.size, "seed": a.seed,
+        missing = [n for n in (names or ([] if a.sweep else EXPECTED))
+                   if n not in rows and n + a.row_suffix not in rows]
+        data = {"benchmark": "realphoto_table", "channels_last": a.channels_last, "threads": torch.get_num_threads(), "missing": missing, "split": split, "pairs": n_pairs, "offset": a.offset, "size": a.size, "seed": a.seed,
                 "model": "EfficientNet-lite0 (ImageNet), cosine", "device": str(device),
                 "settings": {"rise_n_masks": n_masks, "lime_n_samples": n_samples, "mask_n_iter": mask_iter or "preset",
                              "causal_steps": a.steps},
@@ -302,7 +381,7 @@ def main() -> None:
                            "insertion_se": rand["insertion_se"], "deletion_se": rand["deletion_se"],
                            "random_map": {k: rand[k] for k in ("pointing", "pointing_se", "mass", "mass_se")}},
                 "shared_objects": [p.shared for p in pairs], "attention_weight": w_stats,
-                "methods": rows, "total_seconds": total, "merged_parts": part_notes, "command": " ".join(sys.argv), "commands": commands,
+                "methods": rows, "total_seconds": total, "merged_parts": part_notes, "command": shlex.join(sys.argv), "commands": commands,
                 "machine": machine, "load_at_end": C.system_load()}
         head = ["method", "pointing", "mass on object", "insertion", "deletion", "s / pair", "constant maps"]
 
@@ -314,7 +393,7 @@ def main() -> None:
             b = v.get("budget")
             if not b:
                 return n
-            base = n.split("+")[0]
+            base = re.match(r"[a-z_]*", n).group(0)
             extra = {"rise": f"{b['n_masks']} masks", "lime": f"{b['n_samples']} samples",
                      "mask": f"{b['mask_n_iter']} steps",
                      "sliding_window": f"stride {b.get('window_stride', 'default')}"}.get(base.replace("_uncentred", "").replace("_sane", ""))
@@ -325,13 +404,17 @@ def main() -> None:
         body.append(["chance", f"{chance:.2f} ± {chance_se:.2f}", f"{chance:.3f} ± {chance_se:.3f}",
                      pm(rand, "insertion", 1), pm(rand, "deletion", 1), "", ""])
         body.append(["random map", pm(rand, "pointing", 2), pm(rand, "mass", 3), "", "", "", ""])
-        md = (f"# Saliency on real photos ({split} split, {n_pairs} pairs, {a.size} px, EfficientNet-lite0)\n\n"
+        pairs_txt = f"{n_pairs} pairs" + (f" (pairs {a.offset}-{a.offset + n_pairs - 1} of the split)" if a.offset else "")
+        budgets = {json.dumps(v.get("budget"), sort_keys=True) for v in rows.values()}
+        settings_txt = ("Budgets as each row's label says (rows of other runs)" if len(budgets) > 1 or previous else
+                        f"RISE {n_masks} masks, LIME {n_samples} samples (SLIC), Mask {mask_steps} steps")
+        md = (f"# Saliency on real photos ({split} split, {pairs_txt}, {a.size} px, EfficientNet-lite0)\n\n"
               + "".join(f"`{c}`\n" for c in commands)
               + f"on {device} ({torch.get_num_threads()} thread(s)): {total:.0f} s in all. {C.load_note(data)}"
               + ("".join(f"- merged {n}\n" for n in part_notes) if part_notes else "")
               + f"Pair similarity (cosine) {data['pair_similarity']['mean']:.2f} "
-              f"({data['pair_similarity']['min']:.2f}-{data['pair_similarity']['max']:.2f}). RISE {n_masks} masks, "
-              f"LIME {n_samples} samples (SLIC), Mask {mask_steps} steps, insertion/deletion {a.steps} steps.\n"
+              f"({data['pair_similarity']['min']:.2f}-{data['pair_similarity']['max']:.2f}). {settings_txt}, "
+              f"insertion/deletion {a.steps} steps.\n"
               "Pointing and mass: higher is better, chance = the shared object's share of the image. "
               "Insertion higher, deletion lower is better; chance = a random map. "
               "± = standard error of the mean over the pairs. "
@@ -348,11 +431,17 @@ def main() -> None:
     for name in names:
         maps, secs, n_const = explain(table[name], sim, pairs, device)
         res = score(sim, pairs, maps, device, a.steps)
-        res.update(seconds_per_pair=sum(secs) / len(secs), constant_maps=n_const,
-                   budget={"n_masks": n_masks, "n_samples": n_samples, "mask_n_iter": mask_iter or "preset",
-                           "window_stride": a.window_stride or "default"},
+        budget = {"n_masks": n_masks, "n_samples": n_samples, "mask_n_iter": mask_iter or "preset",
+                  "window_stride": a.window_stride or "default"}
+        if a.sweep:  # a candidate's own settings (rise+n_masks=1000, sliding_window+stride=28) name its budget
+            kw = spec_kw(name)
+            budget.update({k: kw[k] for k in ("n_masks", "n_samples") if k in kw})
+            budget.update({"mask_n_iter": kw["n_iter"]} if "n_iter" in kw else {})
+            budget.update({"window_stride": kw["stride"]} if "stride" in kw else {})
+        res.update(seconds_per_pair=sum(secs) / len(secs), constant_maps=n_const, per_pair_seconds=secs,
+                   budget=budget,
                    threads=torch.get_num_threads(), load_after=C.system_load())
-        rows[name] = res
+        rows[name + a.row_suffix] = res
         print(f"{name:24s} pointing {res['pointing']:.2f} mass {res['mass']:.3f} ins {res['insertion']:.1f} "
               f"del {res['deletion']:.1f} {res['seconds_per_pair']:.2f} s/pair const {n_const}", flush=True)
         write(rows, final=False)  # an interrupted run keeps the methods done so far
