@@ -17,10 +17,12 @@ import torch
 from torch import Tensor
 
 from . import metrics
+from .saliency import registry as _registry
 from .similarity import SimilarityModel
 
-#: Every method the jobs know, in report order. Black-box methods first, then the gradient methods.
-METHODS = ("rise", "sliding", "lime", "mask", "attention", "gradcam")
+#: Every method the jobs know, in report order (black-box methods first, then the gradient methods): the
+#: names of :data:`whymatch.saliency.registry.EXPLAINERS`.
+METHODS = _registry.method_names()
 
 
 @dataclass
@@ -42,28 +44,11 @@ class JobSettings:
 
 
 def make_explainer(method: str, sim: SimilarityModel, s: JobSettings):
-    """The explainer for ``method`` configured from the job settings (all have ``attribute(query, refs)``)."""
-    from . import saliency
+    """The explainer for ``method`` configured from the job settings (all have ``attribute(query, refs)``).
 
-    if method == "rise":
-        impl = saliency.RISE(sim, n_masks=s.n_masks, grid=s.grid, p=s.p, batch_size=s.batch_size, seed=s.seed,
-                             fixed_reference=s.fixed_reference, show_progress=s.show_progress)
-    elif method == "sliding":
-        impl = saliency.SlidingWindow(sim, s.window, s.stride, batch_size=s.batch_size,
-                                      fixed_reference=s.fixed_reference, show_progress=s.show_progress)
-    elif method == "lime":
-        impl = saliency.LIME(sim, s.lime_samples, segments=s.lime_segments, batch_size=s.batch_size, seed=s.seed,
-                             show_progress=s.show_progress)
-    elif method == "mask":
-        impl = saliency.Mask(sim, n_iter=s.mask_iters, fixed_reference=s.fixed_reference, seed=s.seed,
-                             show_progress=s.show_progress)
-    elif method == "attention":
-        impl = saliency.SimilarityAttention(sim, s.target_layer, mode="siamese")
-    elif method == "gradcam":
-        impl = saliency.EmbeddingGradCAM(sim, s.target_layer)
-    else:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    return impl
+    Built by :mod:`whymatch.saliency.registry`: each method takes the settings its spec lists; a setting
+    left None gives the explainer's own default."""
+    return _registry.build(method, sim, s)
 
 
 @dataclass

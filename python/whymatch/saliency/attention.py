@@ -90,7 +90,8 @@ class SimilarityAttention(_cam.TargetLayers, _common.Explainer):
     comes out constant (e.g. all zero) gives a RuntimeWarning naming the layer.
 
     Args:
-        model: the SimilarityModel (or a bare embedding nn.Module, wrapped with cosine similarity).
+        sim: the SimilarityModel (or a bare embedding nn.Module, wrapped with cosine similarity).
+            ``model=`` (its old name) still works, with a DeprecationWarning.
         target_layers: a name relative to the embedder (e.g. 'layer4'), a module, or a list of
             them; None picks the last module that runs once per forward pass and outputs a feature
             map with more than one position that the gradient reaches (``.target_layer_names``
@@ -105,11 +106,23 @@ class SimilarityAttention(_cam.TargetLayers, _common.Explainer):
         m_a, m_p, m_n = sa.attribute_tuples(anchors, positives, negatives)   # each (B, H, W)
     """
 
-    def __init__(self, model: SimilarityModel | nn.Module, target_layers: object = None, mode: str = "siamese", *,
-                 batch_size: int = 64) -> None:
-        if isinstance(model, nn.Module) and not isinstance(model, SimilarityModel):
-            model = SimilarityModel(model)
-        self.sim = _common.check_model(model)
+    def __init__(self, sim: SimilarityModel | nn.Module | None = None, target_layers: object = None,
+                 mode: str = "siamese", *, batch_size: int = 64,
+                 model: SimilarityModel | nn.Module | None = None) -> None:
+        if model is not None:  # the first argument's name before every explainer took ``sim``
+            if sim is not None:
+                raise TypeError("give the model as sim (model is its old name), not both")
+            import warnings
+
+            warnings.warn("SimilarityAttention(model=...) is deprecated: the first argument is sim, as in every "
+                          "explainer", DeprecationWarning, stacklevel=2)
+            sim = model
+        if sim is None:
+            raise TypeError("SimilarityAttention() missing the similarity model: sim, a whymatch.SimilarityModel "
+                            "or an embedding nn.Module")
+        if isinstance(sim, nn.Module) and not isinstance(sim, SimilarityModel):
+            sim = SimilarityModel(sim)
+        self.sim = _common.check_model(sim)
         self.mode = V.choice("mode", mode, tuple(TUPLE_SIZES))
         self.batch_size = V.positive_int("batch_size", batch_size)
         self._layers = _cam.resolve_target_layers(self.sim, target_layers)
