@@ -112,3 +112,31 @@ def test_a_finished_run_is_kept_and_other_settings_are_refused(tmp_path):
         TinyLoop(tmp_path, epochs=2).fit()  # would overwrite the run
     with pytest.raises(ValueError, match="lr"):
         TinyLoop(tmp_path, epochs=2, lr=0.1).fit(resume=True)
+
+
+def test_fit_says_up_front_how_long_the_run_will_take(tmp_path, capsys):
+    loop = TinyLoop(tmp_path, epochs=3)
+    loop.show_progress = True
+    loop.fit()
+    err = capsys.readouterr().err
+    lines = [ln[ln.index("estimated"):] for ln in err.splitlines() if "estimated training time:" in ln]
+    assert len(lines) == 1 and err.count("estimated training time:") == 1, err  # once per fit, not per epoch
+    assert "for 3 epoch(s) of 6 batches" in lines[0] and "over the first 5" in lines[0]
+    clock = loop._clock
+    assert clock.batches == 18 and clock.epochs_left == 0 and clock.train_s > 0
+    assert clock.remaining(6, 6) == 0.0  # nothing left once every epoch has run
+
+
+def test_run_clock_counts_the_batches_and_validations_left():
+    from whymatch.train.loop import _RunClock
+
+    clock = _RunClock(epochs_left=2)
+    clock.batches, clock.train_s = 4, 2.0  # 0.5 s per batch
+    assert clock.remaining(10, 4) == pytest.approx(0.5 * (2 * 10 - 4))
+    clock.eval_s = 3.0
+    assert clock.remaining(10, 4) == pytest.approx(0.5 * 16 + 3.0 * 2)
+
+
+def test_a_quiet_fit_prints_no_estimate(tmp_path, capsys):
+    TinyLoop(tmp_path, epochs=1).fit()
+    assert "estimated training time" not in capsys.readouterr().err

@@ -71,6 +71,35 @@ def _model_settings(model: nn.Module) -> dict:
     return {"model_class": f"{type(model).__module__}.{type(model).__qualname__}", "model_architecture": digest}
 
 
+def _format_seconds(t: float) -> str:
+    t = max(0.0, float(t))
+    if t < 90:
+        return f"{t:.0f} s"
+    if t < 5400:
+        return f"{t / 60:.1f} min"
+    return f"{t / 3600:.1f} h"
+
+
+class _RunClock:
+    """The whole run's time: seconds per batch so far times the batches left, plus the validation time
+    per epoch once one validation has run. Feeds the up-front estimate and the run ETA on the bar."""
+
+    #: batches timed before the up-front estimate is printed (fewer when an epoch is shorter)
+    warmup = 5
+
+    def __init__(self, epochs_left: int) -> None:
+        self.epochs_left = epochs_left  # epochs still to train, the current one included
+        self.batches = 0
+        self.train_s = 0.0
+        self.eval_s: float | None = None
+        self.announced = False
+
+    def remaining(self, per_epoch: int, done_in_epoch: int) -> float:
+        left = max(0, self.epochs_left * per_epoch - done_in_epoch)
+        rate = self.train_s / max(1, self.batches)
+        return left * rate + (self.eval_s or 0.0) * self.epochs_left
+
+
 def best_score_alias(doc: str) -> property:
     """``best_score`` under a trainer's own name (``best_recall_at_1``, ``best_map``), read and written."""
     return property(lambda self: self.best_score, lambda self, value: setattr(self, "best_score", value), doc=doc)
@@ -300,10 +329,22 @@ class CheckpointedLoop:
         self.train_module.train()
         sums: dict[str, float] = {}
         it, bar = self._progress(loader, e)
+        clock = getattr(self, "_clock", None)
+        per_epoch, done_in_epoch = len(batches), 0
+        t_batch = time.perf_counter()
         for batch in it:
             parts, shown = self.train_step(batch, gen)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+            done_in_epoch += 1
+            if clock is not None:
+                now = time.perf_counter()
+                clock.train_s += now - t_batch
+                clock.batches += 1
+                t_batch = now
+                self._announce(clock, per_epoch, done_in_epoch)
+                if bar is not None:
+                    shown = {**shown, "run ETA": _format_seconds(clock.remaining(per_epoch, done_in_epoch))}
             if bar is not None:
                 bar.set_postfix(shown)
         if bar is not None:
@@ -317,6 +358,22 @@ class CheckpointedLoop:
             vals = all_reduce_sum(vals, self.device)
         n = max(1.0, float(vals[-1]))
         return {k: float(v) / n for k, v in zip(keys, vals[:-1].tolist())}
+
+    def _announce(self, clock: _RunClock, per_epoch: int, done_in_epoch: int) -> None:
+        """Once per fit, after the first few batches: how long the whole run will take (stderr, rank 0)."""
+        if clock.announced or clock.batches < min(clock.warmup, per_epoch):
+            return
+        clock.announced = True
+        if not (self.show_progress and self.rank == 0):
+            return
+        import sys
+
+        from tqdm.auto import tqdm
+
+        rate = clock.train_s / clock.batches
+        tqdm.write(f"estimated training time: {_format_seconds(clock.remaining(per_epoch, done_in_epoch))} for "
+              f"{clock.epochs_left} epoch(s) of {per_epoch} batches ({rate:.3g} s per batch over the first "
+              f"{clock.batches}; validation not counted until it has run once)", file=sys.stderr)
 
     # ------------------------------------------------------------ the loop
     def fit(self, resume: bool = False, *, overwrite: bool = False, stop_after: int | None = None) -> list[dict]:
@@ -333,6 +390,8 @@ class CheckpointedLoop:
         """
         self.start_run(resume, overwrite)
         done = 0
+        left = self.epochs - self.epoch
+        self._clock = _RunClock(left if stop_after is None else min(left, stop_after))
         while self.epoch < self.epochs and (stop_after is None or done < stop_after):
             lr_before = [g["lr"] for g in self.optimizer.param_groups]
             t0 = time.perf_counter()
@@ -340,6 +399,7 @@ class CheckpointedLoop:
             t_train = time.perf_counter() - t0
             self.epoch += 1
             done += 1
+            self._clock.epochs_left -= 1
             rec = {"epoch": self.epoch, "step": self.global_step, **self.lr_record(lr_before), **means,
                    "train_time_s": t_train}
             if self.validation_set() is not None:
@@ -347,6 +407,7 @@ class CheckpointedLoop:
                 entries, score = self.validate()
                 rec.update(entries)
                 rec["eval_time_s"] = time.perf_counter() - t1
+                self._clock.eval_s = rec["eval_time_s"]
                 if score > self.best_score:
                     self.best_score = score
                     if self.rank == 0:
