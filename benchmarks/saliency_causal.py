@@ -1,0 +1,510 @@
+"""Saliency on the same footing as SANE's attributes: agreement with causal object removal (issue 17, item 6).
+
+For each ShapesWorld pair (a query and a same-class reference, shipped model, cosine):
+
+- Causal ground truth (``whymatch.metrics.causal_objects.causal_object_effects``): every object of the
+  query is rendered away in turn (``ShapesWorld.render(i, hide=[k])``: the background shows, every
+  other pixel identical) and the drop in similarity is measured; the causal object drops it most.
+- A map names an object by two rules (``saliency_top_object``): 'mass', the object whose mask holds
+  the largest sum of the centred map (none when no sum is positive), and 'point', the object under
+  the map's maximum (none on the background). Agreement = the named object is the causal one.
+  Chance: a random object ('mass') or a random pixel ('point'); the "largest object" row names the
+  object with the most pixels, a prior any map could exploit here (the key object is always largest).
+- The pointing game on the key object, as in ``saliency_table.py``.
+
+Stages (each cached in ``<stem>.partial.json``, so an interrupted run resumes):
+
+1. ``validation``: pairs from ``VALIDATION_CLASSES`` (12 held-out training classes, never test
+   classes). Fixed-reference RISE: for each grid, one draw of ``--n-max`` masks is embedded once and
+   the maps for every N prefix and every normalization ('centered', 'sane', 'rise') are computed from
+   the same scores (checked against ``RISE.attribute`` on the first query). The setting with the best
+   validation pointing game is chosen (ties: fewer masks, then 'centered', then the grid nearest the
+   library default 6). Both-images RISE (SANE's 30 reference masks) is analysed on the same masks:
+   its normalizations, and each perturbed reference's own map against how much of the reference's key
+   object that reference mask kept.
+2. ``test``: every method once on the test pairs (test classes), RISE with the validation choice.
+
+Standard errors: over pairs, and over queries (each query's pairs share its image: the honest one).
+
+Usage::
+
+    nice -n 10 python benchmarks/saliency_causal.py            # writes benchmarks/results/saliency_causal.{json,md}
+    python benchmarks/saliency_causal.py --val-queries 2 --val-refs 2 --test-queries 2 --test-refs 2 \\
+        --grids 6 --n-list 50,100 --n-max 100 --stem /tmp/quick --fast
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import common as C  # noqa: E402
+from whymatch import metrics, ops, saliency  # noqa: E402
+from whymatch.data import ShapesWorld  # noqa: E402
+from whymatch.data.shapesworld import VALIDATION_CLASSES  # noqa: E402
+from whymatch.metrics import causal_objects as CO  # noqa: E402
+from whymatch.models import load_default_model  # noqa: E402
+
+P_KEEP = 0.5
+SEED = 0
+NORMALIZATIONS = ("centered", "sane", "rise")
+
+
+# ------------------------------------------------------------------ pairs and ground truth
+def load_pairs(split: str, n_queries: int, n_refs: int, sim) -> dict:
+    """Query/reference images, key masks, object masks and the causal object effects of every pair."""
+    if split == "validation":
+        ds = ShapesWorld("train", n_samples=50 * len(VALIDATION_CLASSES), seed=0, classes=VALIDATION_CLASSES)
+    else:
+        ds = ShapesWorld("test", n_samples=3000, seed=0)
+    ps = ds.pairs(n_queries, n_refs, seed=SEED)
+    queries, refs, keys, objs, ref_keys, qidx, ridx = [], [], [], [], [], [], []
+    for qi, rr in zip(ps.query.tolist(), ps.references.tolist()):
+        smp = ds.sample(qi)
+        queries.append(smp.image)
+        refs.append(torch.stack([ds[r][0] for r in rr]))
+        ref_keys.append(torch.stack([ds.sample(r).key_mask for r in rr]))
+        keys.append(smp.key_mask)
+        objs.append(smp.object_masks)
+        qidx += [qi] * len(rr)
+        ridx += rr
+    ref_emb = sim.embed(torch.cat(refs))
+    eff = CO.causal_object_effects(sim, ds, qidx, ref_emb)
+    pair_objs = CO.pad_object_masks([o for o in objs for _ in range(n_refs)])
+    if pair_objs.shape[1] < eff.effects.shape[1]:  # pragma: no cover - same objects, same count
+        raise RuntimeError("object masks and effects disagree on the object count")
+    return {"ds": ds, "queries": queries, "refs": refs, "ref_keys": ref_keys, "keys": keys, "objs": pair_objs,
+            "effects": eff, "qidx": qidx, "ridx": ridx, "n_refs": n_refs}
+
+
+def pair_keys(pairs: dict) -> torch.Tensor:
+    return torch.cat([k[None].expand(pairs["n_refs"], -1, -1) for k in pairs["keys"]])
+
+
+def sem(x: torch.Tensor) -> float:
+    x = x[~torch.isnan(x)].float()
+    return float(x.std() / x.numel() ** 0.5) if x.numel() > 1 else 0.0
+
+
+def sem_by_query(x: torch.Tensor, n_refs: int) -> float:
+    """Standard error over queries of the per-query means (the pairs of one query are not independent)."""
+    per_q = torch.nanmean(x.float().reshape(-1, n_refs), dim=1)
+    return sem(per_q)
+
+
+def score_maps(maps: torch.Tensor, pairs: dict, shift: str = "none") -> dict:
+    """Pointing game on the key object and agreement with the causal object, by both rules."""
+    keys = pair_keys(pairs)
+    eff = pairs["effects"]
+    point = metrics.pointing_game(maps, keys).float()
+    out = {"pairs": int(maps.shape[0]), "pointing": float(point.mean()), "pointing_sem": sem(point),
+           "pointing_sem_query": sem_by_query(point, pairs["n_refs"])}
+    for rule in ("mass", "point"):
+        top = CO.saliency_top_object(maps, pairs["objs"], rule, shift=shift if rule == "mass" else "none")
+        agree = CO.causal_object_agreement(top, eff)
+        out[f"agree_{rule}"] = float(torch.nanmean(agree))
+        out[f"agree_{rule}_sem"] = sem(agree)
+        out[f"agree_{rule}_sem_query"] = sem_by_query(agree, pairs["n_refs"])
+        out[f"none_{rule}"] = float((top < 0).float().mean())
+    return out
+
+
+def truth_summary(pairs: dict) -> dict:
+    eff = pairs["effects"]
+    objs = pairs["objs"]
+    top = eff.top
+    largest = objs.flatten(2).sum(2).argmax(1)
+    agree_largest = CO.causal_object_agreement(largest, eff)
+    second = torch.nan_to_num(eff.effects, nan=-float("inf")).topk(2, dim=1).values[:, 1]
+    return {
+        "pairs": len(eff), "queries": len(pairs["queries"]), "refs_per_query": pairs["n_refs"],
+        "causal_is_key": float((top == 0).float().mean()),
+        "mean_top_drop": float(torch.nan_to_num(eff.effects, nan=-float("inf")).amax(1).mean()),
+        "mean_second_drop": float(second[torch.isfinite(second)].mean()),
+        "mean_base_similarity": float(eff.base.mean()),
+        "chance_mass": float(CO.causal_object_chance(objs, eff, "mass").mean()),
+        "chance_point": float(CO.causal_object_chance(objs, eff, "point").mean()),
+        "chance_pointing_key": float(metrics.chance_level(pair_keys(pairs)).mean()),
+        "largest_object_agreement": float(torch.nanmean(agree_largest)),
+        "largest_object_agreement_sem": sem(agree_largest),
+    }
+
+
+# ------------------------------------------------------------------ RISE from shared scores
+def rise_maps(grids, shifts, scores, size, normalize: str) -> torch.Tensor:
+    """RISE maps from precomputed scores (N, K), as ``saliency.RISE`` normalizes them (checked in ``verify``)."""
+    n = grids.shape[0]
+    if normalize == "rise":
+        return ops.rise_saliency(grids, shifts, scores, size) / (n * P_KEEP)
+    if normalize == "centered":
+        scores = scores - scores.mean(dim=0, keepdim=True)
+    k = scores.shape[1]
+    both = ops.rise_saliency(grids, shifts, torch.cat([scores, torch.ones(n, 1)], dim=1), size)
+    msum = both[k:]
+    scale = 1.0 if normalize == "centered" else float(n)
+    return torch.where(msum > 0, both[:k] * scale / msum.clamp_min(1e-12), torch.zeros_like(both[:k]))
+
+
+def perturbed_embeddings(sim, image, grids, shifts, batch_size: int) -> torch.Tensor:
+    out = []
+    for i in range(0, grids.shape[0], batch_size):
+        out.append(sim(ops.rise_apply(grids[i:i + batch_size], shifts[i:i + batch_size], image, 0.0)))
+    return torch.cat(out)
+
+
+def masks_of(grids, shifts, size) -> torch.Tensor:
+    """(M, H, W) full-size masks (a white image blended with a black baseline)."""
+    return ops.rise_apply(grids, shifts, torch.ones(1, *size), 0.0)[:, 0]
+
+
+def verify(sim, pairs: dict, grid: int, n_max: int, batch_size: int) -> dict:
+    """The shared-score maps equal RISE.attribute's, fixed reference ('centered') and both images ('sane')."""
+    q, r = pairs["queries"][0], pairs["refs"][0]
+    size = tuple(q.shape[1:])
+    ex = saliency.RISE(sim, n_masks=n_max, grid=grid, p=P_KEEP, seed=SEED, batch_size=batch_size)
+    gen = torch.Generator().manual_seed(SEED)
+    grids, shifts = ex.generate_masks(size, n_max, gen, torch.device("cpu"))
+    with torch.no_grad():
+        emb = perturbed_embeddings(sim, q, grids, shifts, batch_size)
+        ref_emb = sim.embed(r)
+        mine = rise_maps(grids, shifts, sim.pairwise(emb, ref_emb), size, "centered")
+        lib = ex.attribute(q, r)
+        m = 30
+        scores = torch.zeros(n_max, r.shape[0])
+        for k in range(r.shape[0]):
+            rg, rs = ex.generate_masks(size, m, gen, torch.device("cpu"))
+            scores[:, k] = sim.pairwise(emb, perturbed_embeddings(sim, r[k], rg, rs, batch_size)).mean(1)
+        mine_both = rise_maps(grids, shifts, scores, size, "sane")
+        lib_both = saliency.RISE(sim, n_masks=n_max, grid=grid, p=P_KEEP, seed=SEED, batch_size=batch_size,
+                                 normalize="sane", fixed_reference=False, n_reference_masks=m).attribute(q, r)
+    out = {"fixed_centered_max_abs_diff": float((mine - lib).abs().max()),
+           "both_sane_max_rel_diff": float((mine_both - lib_both).abs().max() / lib_both.abs().max())}
+    if out["fixed_centered_max_abs_diff"] > 1e-4 * float(lib.abs().max()) + 1e-6 or out["both_sane_max_rel_diff"] > 1e-4:
+        raise RuntimeError(f"shared-score RISE maps differ from RISE.attribute: {out}")
+    return out
+
+
+def validation_sweep(sim, pairs: dict, grids_list, n_list, n_max: int, m_ref: int, batch_size: int,
+                     log) -> dict:
+    size = tuple(pairs["queries"][0].shape[1:])
+    rows, both_rows, per_ref = [], [], []
+    for grid in grids_list:
+        t0 = time.perf_counter()
+        ex = saliency.RISE(sim, n_masks=n_max, grid=grid, p=P_KEEP, seed=SEED)
+        maps = {(n, z): [] for n in n_list for z in NORMALIZATIONS}
+        both = {key: [] for key in [(z, m) for z in NORMALIZATIONS for m in (5, m_ref)] + [("centered_weighted", m_ref)]}
+        for qi, (q, r) in enumerate(zip(pairs["queries"], pairs["refs"])):
+            gen = torch.Generator().manual_seed(SEED + qi)
+            grids, shifts = ex.generate_masks(size, n_max, gen, torch.device("cpu"))
+            with torch.no_grad():
+                emb = perturbed_embeddings(sim, q, grids, shifts, batch_size)
+                ref_emb = sim.embed(r)
+                scores = sim.pairwise(emb, ref_emb)                                  # (N, K)
+                for n in n_list:
+                    for z in NORMALIZATIONS:
+                        maps[(n, z)].append(rise_maps(grids[:n], shifts[:n], scores[:n], size, z))
+                # both images: M reference masks per reference, scores (N, M) per reference
+                mean_scores = {key: torch.zeros(n_max, r.shape[0]) for key in both}
+                for k in range(r.shape[0]):
+                    rg, rs = ex.generate_masks(size, m_ref, gen, torch.device("cpu"))
+                    r_emb = perturbed_embeddings(sim, r[k], rg, rs, batch_size)
+                    sm = sim.pairwise(emb, r_emb)                                    # (N, M)
+                    to_clean = sim.pairwise(r_emb, ref_emb[k:k + 1])[:, 0]           # (M,)
+                    for (z, m) in both:
+                        if z == "centered_weighted":
+                            w = to_clean.clamp_min(0)
+                            mean_scores[(z, m)][:, k] = (sm * w).sum(1) / w.sum().clamp_min(1e-12)
+                        else:
+                            mean_scores[(z, m)][:, k] = sm[:, :m].mean(1)
+                    # each perturbed reference's own centred map: does it point, given what it kept?
+                    own = rise_maps(grids, shifts, sm, size, "centered")             # (M, H, W)
+                    kept = (masks_of(rg, rs, size) * pairs["ref_keys"][qi][k]).flatten(1).sum(1) \
+                        / pairs["ref_keys"][qi][k].sum()
+                    hit = metrics.pointing_game(own, pairs["keys"][qi][None].expand(m_ref, -1, -1)).float()
+                    per_ref += [(grid, float(a), float(b), float(c)) for a, b, c in zip(kept, to_clean, hit)]
+                for (z, m), sc in mean_scores.items():
+                    both[(z, m)].append(rise_maps(grids, shifts, sc, size, "centered" if z.startswith("centered")
+                                                  else z))
+        for (n, z), ms in maps.items():
+            row = score_maps(torch.cat(ms), pairs, shift="none" if z == "centered" else "mean")
+            rows.append({"grid": grid, "n_masks": n, "normalize": z, **row})
+        for (z, m), ms in both.items():
+            row = score_maps(torch.cat(ms), pairs, shift="none" if z.startswith("centered") else "mean")
+            both_rows.append({"grid": grid, "n_masks": n_max, "reference_masks": m, "normalize": z, **row})
+        log(f"validation grid {grid}: {time.perf_counter() - t0:.0f} s; best pointing so far "
+            f"{max(x['pointing'] for x in rows):.3f}")
+    return {"rise": rows, "rise_both": both_rows, "per_reference": per_ref}
+
+
+def choose(rows: list[dict]) -> dict:
+    def key(r):
+        return (-r["pointing"], r["n_masks"], NORMALIZATIONS.index(r["normalize"]), abs(r["grid"] - 6))
+    return sorted(rows, key=key)[0]
+
+
+def per_reference_table(per_ref: list, grid: int) -> list[dict]:
+    """Pointing of each perturbed reference's own map, binned by the share of its key object it kept."""
+    bins = [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.01)]
+    out = []
+    for lo, hi in bins:
+        sel = [(s, h) for g, k, s, h in per_ref if g == grid and lo <= k < hi]
+        if sel:
+            out.append({"kept_from": lo, "kept_to": min(hi, 1.0), "maps": len(sel),
+                        "similarity_to_clean_reference": sum(s for s, _ in sel) / len(sel),
+                        "pointing": sum(h for _, h in sel) / len(sel)})
+    return out
+
+
+# ------------------------------------------------------------------ test: the library's explainers
+def test_configs(chosen: dict, n_both: int, args) -> dict:
+    rise = dict(n_masks=chosen["n_masks"], grid=chosen["grid"], p=P_KEEP, normalize=chosen["normalize"], seed=SEED,
+                batch_size=args.batch_size)
+    both = dict(n_masks=n_both, grid=8, p=P_KEEP, normalize="sane", fixed_reference=False, n_reference_masks=30,
+                seed=SEED, batch_size=args.batch_size)
+    lime = dict(n_samples=args.lime_samples, segments="slic", batch_size=args.batch_size, seed=SEED)
+    mask = dict(n_iter=args.mask_steps, seed=SEED, batch_size=64)
+    return {
+        "attention": ("SimilarityAttention (layer4)", {"target_layers": "layer4"},
+                      lambda s: saliency.SimilarityAttention(s, "layer4"), "none"),
+        "gradcam": ("EmbeddingGradCAM (layer4)", {"target_layers": "layer4"},
+                    lambda s: saliency.EmbeddingGradCAM(s, "layer4"), "none"),
+        "sliding": ("Sliding window (defaults: window 24, stride 6)", {}, lambda s: saliency.SlidingWindow(s), "none"),
+        "rise": ("RISE fixed reference (chosen on validation)", rise, lambda s: saliency.RISE(s, **rise),
+                 "none" if rise["normalize"] == "centered" else "mean"),
+        "rise_both": ("RISE both images (SANE: grid 8, 30 reference masks, normalize 'sane')", both,
+                      lambda s: saliency.RISE(s, **both), "mean"),
+        "lime": (f"LIME (SLIC, {args.lime_samples} samples)", lime, lambda s: saliency.LIME(s, **lime), "none"),
+        "mask": (f"Mask (preset 'real', {args.mask_steps} steps)", mask, lambda s: saliency.Mask(s, **mask), "none"),
+    }
+
+
+def run_test_method(sim, factory, pairs: dict) -> tuple[torch.Tensor, float]:
+    ex = factory(sim)
+    t0 = time.perf_counter()
+    if isinstance(ex, saliency.Mask):
+        qs = torch.cat([q[None].expand(r.shape[0], -1, -1, -1) for q, r in zip(pairs["queries"], pairs["refs"])])
+        maps = ex.attribute_pairs(qs, torch.cat(pairs["refs"])).detach().float()
+    else:
+        maps = torch.cat([ex.attribute(q, r).detach().float() for q, r in zip(pairs["queries"], pairs["refs"])])
+    return maps, time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------ markdown
+def fmt(r: dict, key: str) -> str:
+    return f"{r[key]:.3f} ± {r[key + '_sem']:.3f} ({r[key + '_sem_query']:.3f})"
+
+
+def markdown(data: dict) -> str:
+    m = data["machine"]
+    tt, vt = data["truth"]["test"], data["truth"]["validation"]
+    lines = [
+        "# Saliency against causal object removal (ShapesWorld, issue 17 item 6)", "",
+        f"`{data['command']}` on {m.get('cpu_model', '?')} ({m.get('torch_threads')} threads), torch "
+        f"{m.get('torch', '?')}, commit {str(m.get('git_commit'))[:10]}; {data['seconds_total']:.0f} s in all "
+        f"(this run's stages; cached stages keep their own times). Seed {SEED} for pairs and masks.", "",
+        C.load_note(data).strip(), "",
+        f"Test: {tt['queries']} queries x {tt['refs_per_query']} same-class references = {tt['pairs']} pairs from "
+        f"the unseen test classes, shipped model. Validation: {vt['queries']} x {vt['refs_per_query']} = "
+        f"{vt['pairs']} pairs from the 12 held-out training classes (VALIDATION_CLASSES); every setting was chosen "
+        "there, and test was run once.", "",
+        "Causal object = the object whose removal (re-render without it, everything else pixel-identical) drops "
+        "the similarity most. A map agrees when it names that object: **mass** = the object whose mask holds the "
+        "largest sum of the centred map (uncentred maps: minus their mean), **point** = the object under the "
+        "map's maximum (background: no object). Values ± standard error over pairs (in brackets: over queries, "
+        "the honest one, since a query's pairs share its image).", "",
+        f"Ground truth (test): the causal object is the key object in {tt['causal_is_key']:.3f} of pairs; removing "
+        f"it drops the similarity by {tt['mean_top_drop']:.3f} on average (the next object: "
+        f"{tt['mean_second_drop']:.3f}; base similarity {tt['mean_base_similarity']:.3f}). Naming the largest "
+        f"object (always the key object here) agrees in {tt['largest_object_agreement']:.3f}: object removal on "
+        "ShapesWorld asks little more than the pointing game does.", "",
+        "## Test (once)", "",
+    ]
+    head = ["method", "agreement (mass) ↑", "agreement (point) ↑", "pointing (key) ↑", "s / query"]
+    body = []
+    for name, r in data["test"].items():
+        body.append([r["label"], fmt(r, "agree_mass"), fmt(r, "agree_point"), fmt(r, "pointing"),
+                     f"{r['seconds'] / tt['queries']:.2f}"])
+    body.append(["chance (random object / random pixel)", f"{tt['chance_mass']:.3f}", f"{tt['chance_point']:.3f}",
+                 f"{tt['chance_pointing_key']:.3f}", ""])
+    body.append(["largest object (a prior, not a map)", f"{tt['largest_object_agreement']:.3f}", "", "", ""])
+    lines += [C.md_table(head, body), ""]
+    missing = [k for k in data.get("planned", []) if k not in data["test"]]
+    if missing:
+        lines += [f"Not run (time): {', '.join(missing)}.", ""]
+    ch = data["chosen"]
+    lines += ["## Fixed-reference RISE: settings chosen on validation", "",
+              f"Chosen: grid {ch['grid']}, N = {ch['n_masks']}, normalize '{ch['normalize']}' (validation pointing "
+              f"{ch['pointing']:.3f}); rule: best validation pointing, ties to fewer masks, then 'centered', then "
+              "the grid nearest the library default 6. One mask draw per grid, embedded once; every N is a prefix "
+              "of it. The shared-score maps equal `RISE.attribute`'s (max difference "
+              f"{data['verify']['fixed_centered_max_abs_diff']:.1e}; both images {data['verify']['both_sane_max_rel_diff']:.1e} "
+              "relative).", ""]
+    head = ["grid", "N", "normalize", "pointing ↑", "agreement (mass)", "agreement (point)"]
+    body = [[r["grid"], r["n_masks"], r["normalize"], fmt(r, "pointing"), fmt(r, "agree_mass"), fmt(r, "agree_point")]
+            for r in sorted(data["validation"]["rise"], key=lambda r: (r["grid"], r["n_masks"], r["normalize"]))]
+    lines += [C.md_table(head, body), ""]
+    lines += ["## Both-images RISE (SANE's mode) on validation", "",
+              "Same query masks as above; each reference perturbed by M RISE masks (SANE: 30); the map is the mean "
+              "of the M maps (computed exactly as the map of the mean scores). 'sane' = N x (centred + mean score) "
+              "per pixel, an increasing affine map of the 'centered' one, so the two always point at the same pixel. "
+              "'centered_weighted' (exploratory, not a library option) weights each perturbed reference by its "
+              "similarity to the clean reference.", ""]
+    head = ["grid", "M", "normalize", "pointing ↑", "agreement (mass)", "agreement (point)"]
+    body = [[r["grid"], r["reference_masks"], r["normalize"], fmt(r, "pointing"), fmt(r, "agree_mass"),
+             fmt(r, "agree_point")]
+            for r in sorted(data["validation"]["rise_both"], key=lambda r: (r["grid"], r["reference_masks"],
+                                                                            r["normalize"]))]
+    lines += [C.md_table(head, body), ""]
+    lines += ["Each perturbed reference's own (centred) map, by the share of the reference's key object its mask "
+              "kept (all validation grids pooled per grid):", ""]
+    head = ["grid", "key object kept", "maps", "similarity to the clean reference", "pointing of its own map"]
+    body = []
+    for g, rows in data["validation"]["per_reference_bins"].items():
+        for b in rows:
+            body.append([g, f"[{b['kept_from']:.2f}, {b['kept_to']:.2f})", b["maps"],
+                         f"{b['similarity_to_clean_reference']:.3f}", f"{b['pointing']:.3f}"])
+    lines += [C.md_table(head, body), ""]
+    if data.get("note"):
+        lines += [data["note"], ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--val-queries", type=int, default=10)
+    ap.add_argument("--val-refs", type=int, default=8)
+    ap.add_argument("--test-queries", type=int, default=38)
+    ap.add_argument("--test-refs", type=int, default=8)
+    ap.add_argument("--grids", default="4,6,8")
+    ap.add_argument("--n-list", default="250,500,1000")
+    ap.add_argument("--n-max", type=int, default=1000)
+    ap.add_argument("--lime-samples", type=int, default=300)
+    ap.add_argument("--mask-steps", type=int, default=50)
+    ap.add_argument("--methods", default="attention,gradcam,sliding,rise,rise_both,lime,mask")
+    ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument("--stem", default=str(C.RESULTS / "saliency_causal"))
+    ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--note", default="")
+    ap.add_argument("--fast", action="store_true", help="tiny settings for a smoke test (no verification)")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--only-test", action="store_true",
+                    help="run only the listed test methods (not 'rise', which needs the validation choice) into "
+                         "<stem>.partial.json, write no results: for a second process beside the main run")
+    ap.add_argument("--merge", default="", metavar="STEM",
+                    help="take the test rows of STEM.partial.json (an --only-test run with the same settings)")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    load0 = C.system_load()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    sim = load_default_model("cpu")
+    grids_list = [int(x) for x in args.grids.split(",")]
+    n_list = sorted(int(x) for x in args.n_list.split(","))
+    if max(n_list) > args.n_max:
+        raise SystemExit(f"--n-list must not exceed --n-max ({args.n_max}), got {n_list}")
+    partial = Path(args.stem + ".partial.json")
+    key = {k: v for k, v in vars(args).items() if k not in ("stem", "fresh", "note", "methods", "lime_samples",
+                                                             "mask_steps", "batch_size", "threads", "only_test",
+                                                             "merge")}
+    cache = {"key": key, "stages": {}}
+    if partial.is_file() and not args.fresh:
+        old = json.loads(partial.read_text())
+        if old.get("key") == key:
+            cache = old
+
+    def save():
+        C.atomic_write_text(partial, json.dumps(cache, indent=1) + "\n")
+
+    def log(msg):
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    val = load_pairs("validation", args.val_queries, args.val_refs, sim)
+    test = load_pairs("test", args.test_queries, args.test_refs, sim)
+    log("pairs and causal ground truth ready")
+    st = cache["stages"]
+    if args.merge:
+        other = json.loads(Path(args.merge + ".partial.json").read_text())
+        if other.get("key") != key:
+            raise SystemExit(f"--merge: {args.merge}.partial.json was run with other settings: {other.get('key')}")
+        st.setdefault("test", {}).update(other["stages"].get("test", {}))
+        save()
+    if args.only_test:
+        if "rise" in args.methods.split(","):
+            raise SystemExit("--only-test cannot run 'rise': its setting is chosen on validation")
+        cfgs = test_configs({"grid": 6, "n_masks": args.n_max, "normalize": "centered"}, args.n_max, args)
+        st.setdefault("test", {})
+        for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
+            if name in st["test"]:
+                continue
+            label, settings, factory, shift = cfgs[name]
+            maps, secs = run_test_method(sim, factory, test)
+            row = score_maps(maps, test, shift)
+            row.update(label=label, settings=settings, settings_key=json.dumps(settings, sort_keys=True),
+                       seconds=secs, mass_shift=shift, load_after=C.system_load())
+            st["test"][name] = row
+            save()
+            log(f"{name}: mass {row['agree_mass']:.3f} point {row['agree_point']:.3f} pointing {row['pointing']:.3f} "
+                f"({secs:.0f} s)")
+        return
+    if "verify" not in st:
+        st["verify"] = ({"fixed_centered_max_abs_diff": float("nan"), "both_sane_max_rel_diff": float("nan")}
+                        if args.fast else verify(sim, val, grids_list[0], args.n_max, args.batch_size))
+        save()
+    if "validation" not in st:
+        t0 = time.perf_counter()
+        res = validation_sweep(sim, val, grids_list, n_list, args.n_max, 30, args.batch_size, log)
+        res["per_reference_bins"] = {str(g): per_reference_table(res["per_reference"], g) for g in grids_list}
+        res["seconds"] = time.perf_counter() - t0
+        del res["per_reference"]
+        st["validation"] = res
+        save()
+    chosen = choose(st["validation"]["rise"])
+    log(f"chosen: {chosen['grid']} {chosen['n_masks']} {chosen['normalize']} ({chosen['pointing']:.3f})")
+    cfgs = test_configs(chosen, args.n_max, args)
+    planned = [m.strip() for m in args.methods.split(",") if m.strip()]
+    st.setdefault("test", {})
+    for name in planned:
+        if name in st["test"] and st["test"][name].get("settings_key") == json.dumps(cfgs[name][1], sort_keys=True):
+            log(f"{name}: cached")
+            continue
+        label, settings, factory, shift = cfgs[name]
+        maps, secs = run_test_method(sim, factory, test)
+        row = score_maps(maps, test, shift)
+        row.update(label=label, settings=settings, settings_key=json.dumps(settings, sort_keys=True), seconds=secs,
+                   mass_shift=shift, load_after=C.system_load())
+        st["test"][name] = row
+        save()
+        log(f"{name}: mass {row['agree_mass']:.3f} point {row['agree_point']:.3f} pointing {row['pointing']:.3f} "
+            f"({secs:.0f} s)")
+    data = {
+        "benchmark": "saliency_causal",
+        "command": "python benchmarks/saliency_causal.py " + " ".join(sys.argv[1:]),
+        "seed": SEED, "p": P_KEEP,
+        "settings_selected_on": "validation",
+        "truth": {"validation": truth_summary(val), "test": truth_summary(test)},
+        "verify": st["verify"],
+        "validation": {k: v for k, v in st["validation"].items()},
+        "chosen": {k: chosen[k] for k in ("grid", "n_masks", "normalize", "pointing", "agree_mass", "agree_point")},
+        "test": {k: st["test"][k] for k in planned if k in st["test"]},
+        "planned": planned,
+        "machine": {**C.machine_info("cpu"), "load_at_start": load0},
+        "load_at_end": C.system_load(),
+        "seconds_total": time.perf_counter() - t_start,
+        "note": args.note,
+    }
+    js, md = C.write_results(args.stem, data, markdown(data))
+    print(md.read_text())
+    print(f"wrote {js} and {md}")
+
+
+if __name__ == "__main__":
+    main()
