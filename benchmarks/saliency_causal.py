@@ -262,6 +262,45 @@ def per_reference_table(per_ref: list, grid: int) -> list[dict]:
     return out
 
 
+def both_images_why(sim, pairs: dict, n_queries: int, grid: int, n_masks: int, m_ref: int, batch_size: int) -> dict:
+    """Both-images RISE, per perturbed reference: how much of the reference's key object its mask kept, and the
+    sign of its own centred query map on the query's key object (mean value there minus the mean elsewhere)."""
+    size = tuple(pairs["queries"][0].shape[1:])
+    ex = saliency.RISE(sim, n_masks=n_masks, grid=grid, p=P_KEEP, seed=SEED)
+    recs, avg = [], []
+    for qi in range(min(n_queries, len(pairs["queries"]))):
+        q, r = pairs["queries"][qi], pairs["refs"][qi]
+        key = pairs["keys"][qi]
+        gen = torch.Generator().manual_seed(SEED + 1000 + qi)
+        grids, shifts = ex.generate_masks(size, n_masks, gen, torch.device("cpu"))
+        with torch.no_grad():
+            emb = perturbed_embeddings(sim, q, grids, shifts, batch_size)
+            ref_emb = sim.embed(r)
+            for k in range(r.shape[0]):
+                rg, rs = ex.generate_masks(size, m_ref, gen, torch.device("cpu"))
+                r_emb = perturbed_embeddings(sim, r[k], rg, rs, batch_size)
+                own = rise_maps(grids, shifts, sim.pairwise(emb, r_emb), size, "centered")      # (M, H, W)
+                contrast = own[:, key].mean(1) - own[:, ~key].mean(1)
+                scale = own.flatten(1).abs().amax(1).clamp_min(1e-12)
+                kept = (masks_of(rg, rs, size) * pairs["ref_keys"][qi][k]).flatten(1).sum(1) \
+                    / pairs["ref_keys"][qi][k].sum()
+                to_clean = sim.pairwise(r_emb, ref_emb[k:k + 1])[:, 0]
+                recs += [(float(a), float(b), float(c)) for a, b, c in zip(kept, to_clean, contrast / scale)]
+                mean_map = own.mean(0)
+                avg.append(float((mean_map[key].mean() - mean_map[~key].mean()) / mean_map.abs().max()))
+    bins = []
+    for lo, hi in [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.01)]:
+        sel = [(s, c) for k, s, c in recs if lo <= k < hi]
+        if sel:
+            bins.append({"kept_from": lo, "kept_to": min(hi, 1.0), "maps": len(sel),
+                         "similarity_to_clean_reference": sum(s for s, _ in sel) / len(sel),
+                         "key_contrast": sum(c for _, c in sel) / len(sel),
+                         "share_negative": sum(c < 0 for _, c in sel) / len(sel)})
+    return {"queries": min(n_queries, len(pairs["queries"])), "grid": grid, "n_masks": n_masks,
+            "reference_masks": m_ref, "bins": bins, "mean_kept": sum(k for k, _, _ in recs) / len(recs),
+            "averaged_map_key_contrast": sum(avg) / len(avg)}
+
+
 # ------------------------------------------------------------------ test: the library's explainers
 def test_configs(chosen: dict, n_both: int, args) -> dict:
     rise = dict(n_masks=chosen["n_masks"], grid=chosen["grid"], p=P_KEEP, normalize=chosen["normalize"], seed=SEED,
@@ -371,6 +410,18 @@ def markdown(data: dict) -> str:
             body.append([g, f"[{b['kept_from']:.2f}, {b['kept_to']:.2f})", b["maps"],
                          f"{b['similarity_to_clean_reference']:.3f}", f"{b['pointing']:.3f}"])
     lines += [C.md_table(head, body), ""]
+    why = data.get("both_why")
+    if why:
+        lines += [f"Why (validation, first {why['queries']} queries x their references, grid {why['grid']}, "
+                  f"N = {why['n_masks']}, {why['reference_masks']} masks per reference): each perturbed reference's "
+                  "own centred map, its key-object contrast = (mean on the query's key object - mean elsewhere) / "
+                  f"max |map|. Reference masks keep {why['mean_kept']:.2f} of the reference's key object on average; "
+                  f"the averaged (both-images) map's contrast is {why['averaged_map_key_contrast']:.3f}.", ""]
+        head = ["key object kept", "maps", "similarity to the clean reference", "key-object contrast",
+                "share with negative contrast"]
+        body = [[f"[{b['kept_from']:.2f}, {b['kept_to']:.2f})", b["maps"], f"{b['similarity_to_clean_reference']:.3f}",
+                 f"{b['key_contrast']:.3f}", f"{b['share_negative']:.3f}"] for b in why["bins"]]
+        lines += [C.md_table(head, body), ""]
     if data.get("note"):
         lines += [data["note"], ""]
     return "\n".join(lines)
@@ -394,6 +445,8 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--note", default="")
     ap.add_argument("--fast", action="store_true", help="tiny settings for a smoke test (no verification)")
+    ap.add_argument("--why-queries", type=int, default=4, help="validation queries of the both-images analysis")
+    ap.add_argument("--why-masks", type=int, default=500, help="query masks of the both-images analysis")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--only-test", action="store_true",
                     help="run only the listed test methods (not 'rise', which needs the validation choice) into "
@@ -414,7 +467,7 @@ def main() -> None:
     partial = Path(args.stem + ".partial.json")
     key = {k: v for k, v in vars(args).items() if k not in ("stem", "fresh", "note", "methods", "lime_samples",
                                                              "mask_steps", "batch_size", "threads", "only_test",
-                                                             "merge")}
+                                                             "merge", "why_queries", "why_masks")}
     cache = {"key": key, "stages": {}}
     if partial.is_file() and not args.fresh:
         old = json.loads(partial.read_text())
@@ -467,6 +520,11 @@ def main() -> None:
         del res["per_reference"]
         st["validation"] = res
         save()
+    if "both_why" not in st and args.why_queries:
+        t0 = time.perf_counter()
+        st["both_why"] = both_images_why(sim, val, args.why_queries, 8, args.why_masks, 30, args.batch_size)
+        st["both_why"]["seconds"] = time.perf_counter() - t0
+        save()
     chosen = choose(st["validation"]["rise"])
     log(f"chosen: {chosen['grid']} {chosen['n_masks']} {chosen['normalize']} ({chosen['pointing']:.3f})")
     cfgs = test_configs(chosen, args.n_max, args)
@@ -493,6 +551,7 @@ def main() -> None:
         "truth": {"validation": truth_summary(val), "test": truth_summary(test)},
         "verify": st["verify"],
         "validation": {k: v for k, v in st["validation"].items()},
+        "both_why": st.get("both_why"),
         "chosen": {k: chosen[k] for k in ("grid", "n_masks", "normalize", "pointing", "agree_mass", "agree_point")},
         "test": {k: st["test"][k] for k in planned if k in st["test"]},
         "planned": planned,
