@@ -76,9 +76,16 @@ def emulate_cuda_on_cpu(module: ModuleType):
         _emulated_cuda = None
 
 
-def cuda_kernels(t: torch.Tensor) -> bool:
-    """Whether an op on t runs the CUDA kernels (a CUDA tensor, or a CPU tensor under emulate_cuda_on_cpu)."""
-    return t.device.type == "cuda" or (t.device.type == "cpu" and _emulated_cuda is not None)
+def cuda_limits(t: torch.Tensor) -> tuple[tuple[int, int], int]:
+    """(compute capability, opt-in shared memory bytes per block) of the device the CUDA kernels run
+    on for t; the host emulation counts as an sm_90 with its 227 KiB."""
+    if t.device.type != "cuda":
+        return (9, 0), 227 * 1024
+    cap = tuple(torch.cuda.get_device_capability(t.device))
+    # the opt-in limit from torch, else by compute capability (CUDA programming guide's table)
+    optin = int(getattr(torch.cuda.get_device_properties(t.device), "shared_memory_per_block_optin", 0)) or \
+        {(8, 0): 163 * 1024, (8, 7): 163 * 1024, (9, 0): 227 * 1024}.get(cap, 99 * 1024)
+    return cap, optin
 
 
 def import_error(name: str) -> str | None:
@@ -111,6 +118,49 @@ def module_for(device: torch.device, op: str) -> ModuleType | None:
             stacklevel=3,
         )
     return mod
+
+
+_CPU, _CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def _compiled(loader) -> bool:
+    """Whether a compiled module is there to register kernels for (a stale build counts: each call
+    then raises the stale-build error, as before)."""
+    try:
+        return loader() is not None
+    except RuntimeError:
+        return True
+
+
+def register_kernels(op, entry: str, *, cpu, cuda, fallback) -> None:
+    """Register op's compiled kernels with the dispatcher, one per device type, for each compiled
+    module that loads: ``cpu(mod, *args)`` for "cpu" (``_C``), ``cuda(mod, *args)`` for "cuda"
+    (``_C_cuda``). ``entry`` is the compiled function they launch. op's own body (the default, for
+    a device without a registered kernel) is the reference ``fallback(*args)``, warned once.
+
+    This is the one place that consults the host emulation of CUDA (emulate_cuda_on_cpu): the CPU
+    registration runs the CUDA launch, through the emulated module, on CPU tensors. A module that
+    lacks ``entry`` (built before it existed) or is missing at the call (tests) falls back too.
+    """
+    def cpu_kernel(*args):
+        mod = module_for(_CPU, entry)  # (the emulated module while emulate_cuda_on_cpu is active)
+        if mod is None:
+            return fallback(*args)
+        return (cpu if _emulated_cuda is None else cuda)(mod, *args)
+
+    def cuda_kernel(*args):
+        mod = module_for(_CUDA, entry)
+        return fallback(*args) if mod is None else cuda(mod, *args)
+
+    if _compiled(cpu_module):
+        op.register_kernel("cpu")(cpu_kernel)
+    if _compiled(cuda_module):
+        op.register_kernel("cuda")(cuda_kernel)
+
+
+def no_kernel(entry: str, device: torch.device) -> None:
+    """An op's default body, where no compiled kernel was registered for device: the warning (once)."""
+    module_for(device, entry)
 
 
 #: False sends every public call through the dispatcher (for benchmarks/contention_cpu.py's per-layer

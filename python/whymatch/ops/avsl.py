@@ -31,6 +31,8 @@ coef or bias of a level >= 1 is float64, else float32):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -139,10 +141,8 @@ def _cam_reference(cam_low, cam_high, edges, momentum, first, reliability, publi
             ref.avsl_reliability(cam_high, published).to(cam_high.dtype))
 
 
-def _cam_launch(cam_low, cam_high, edges, momentum, first, reliability, published):
-    mod = _ext.module_for(cam_low.device, "avsl_cam_correlation")
-    if mod is None:
-        return _cam_reference(cam_low, cam_high, edges, momentum, first, reliability, published)
+def _cam_kernel(mod, cam_low, cam_high, edges, momentum, first, reliability, published):
+    """The CPU and the CUDA kernel of both CAM ops (the same launch; edges None: no update)."""
     b, r1, h1, w1 = cam_low.shape
     _, r2, h2, w2 = cam_high.shape
     code = _ext.dtype_code(cam_low)
@@ -187,12 +187,22 @@ def _check_cam_op(op: str, cam_low: Tensor, cam_high: Tensor, reliability: bool,
     V.maybe_finite(f"{op}: cam_high", cam_high)
 
 
+def _cam_correlation_kernel(mod, cam_low, cam_high, reliability, published):
+    _check_cam_op("avsl_cam_correlation", cam_low, cam_high, reliability)
+    return _cam_kernel(mod, cam_low, cam_high, None, 0.5, False, reliability, published)
+
+
+def _cam_correlation_fallback(cam_low, cam_high, reliability, published):
+    _check_cam_op("avsl_cam_correlation", cam_low, cam_high, reliability)
+    return _cam_reference(cam_low, cam_high, None, 0.5, False, reliability, published)
+
+
 @torch.library.custom_op("whymatch::avsl_cam_correlation", mutates_args=())
 def _avsl_cam_correlation(cam_low: Tensor, cam_high: Tensor, reliability: bool,
                           published: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(corr (R1, R2), rel_low (B, R1), rel_high (B, R2)); the rel are (0,) when not reliability."""
-    _check_cam_op("avsl_cam_correlation", cam_low, cam_high, reliability)
-    return _cam_launch(cam_low, cam_high, None, 0.5, False, reliability, published)
+    _ext.no_kernel("avsl_cam_correlation", cam_low.device)
+    return _cam_correlation_fallback(cam_low, cam_high, reliability, published)
 
 
 def _cam_fake(cam_low, cam_high, reliability):
@@ -207,18 +217,36 @@ def _(cam_low, cam_high, reliability, published):
     return _cam_fake(cam_low, cam_high, reliability)
 
 
+_ext.register_kernels(_avsl_cam_correlation, "avsl_cam_correlation", cpu=_cam_correlation_kernel,
+                      cuda=_cam_correlation_kernel, fallback=_cam_correlation_fallback)
+
+
+def _edge_update_kernel(mod, edges, cam_low, cam_high, momentum, first, reliability, published):
+    _check_cam_op("avsl_edge_update_", cam_low, cam_high, reliability, edges, momentum)
+    return _cam_kernel(mod, cam_low, cam_high, edges, momentum, first, reliability, published)
+
+
+def _edge_update_fallback(edges, cam_low, cam_high, momentum, first, reliability, published):
+    _check_cam_op("avsl_edge_update_", cam_low, cam_high, reliability, edges, momentum)
+    return _cam_reference(cam_low, cam_high, edges, momentum, first, reliability, published)
+
+
 @torch.library.custom_op("whymatch::avsl_edge_update_", mutates_args=("edges",))
 def _avsl_edge_update(edges: Tensor, cam_low: Tensor, cam_high: Tensor, momentum: float, first: bool,
                       reliability: bool, published: bool) -> tuple[Tensor, Tensor, Tensor]:
     """As avsl_cam_correlation, and edges (R1, R2) = corr (first) or momentum * edges + (1 - momentum) * corr."""
-    _check_cam_op("avsl_edge_update_", cam_low, cam_high, reliability, edges, momentum)
-    return _cam_launch(cam_low, cam_high, edges, momentum, first, reliability, published)
+    _ext.no_kernel("avsl_cam_correlation", cam_low.device)
+    return _edge_update_fallback(edges, cam_low, cam_high, momentum, first, reliability, published)
 
 
 @_avsl_edge_update.register_fake
 def _(edges, cam_low, cam_high, momentum, first, reliability, published):
     _check_cam_op("avsl_edge_update_", cam_low, cam_high, reliability, edges, momentum)
     return _cam_fake(cam_low, cam_high, reliability)
+
+
+_ext.register_kernels(_avsl_edge_update, "avsl_cam_correlation", cpu=_edge_update_kernel, cuda=_edge_update_kernel,
+                      fallback=_edge_update_fallback)
 
 
 def _check_cam_rel_op(cam: Tensor) -> None:
@@ -230,14 +258,10 @@ def _check_cam_rel_op(cam: Tensor) -> None:
     V.maybe_finite(f"{op}: cam", cam)
 
 
-@torch.library.custom_op("whymatch::avsl_cam_reliability", mutates_args=())
-def _avsl_cam_reliability(cam: Tensor, published: bool) -> Tensor:
-    """(B, R) reliability statistic of contiguous float32/float64 CAMs (B, R, H, W), H * W >= 2."""
+def _cam_reliability_kernel(mod, cam, published):
+    """The CPU and the CUDA kernel (the same launch)."""
     _check_cam_rel_op(cam)
     b, r, h, w = cam.shape
-    mod = _ext.module_for(cam.device, "avsl_cam_reliability")
-    if mod is None:
-        return ref.avsl_reliability(cam, published).to(cam.dtype)
     rel = _ext.empty("avsl_cam_reliability", "rel", (b, r), dtype=cam.dtype, device=cam.device)
     with _ext.device_guard(cam):
         mod.avsl_cam_reliability(_ext.buf(cam), _ext.buf(rel), b, r, h, w, bool(published), _ext.dtype_code(cam),
@@ -245,10 +269,26 @@ def _avsl_cam_reliability(cam: Tensor, published: bool) -> Tensor:
     return rel
 
 
+def _cam_reliability_fallback(cam, published):
+    _check_cam_rel_op(cam)
+    return ref.avsl_reliability(cam, published).to(cam.dtype)
+
+
+@torch.library.custom_op("whymatch::avsl_cam_reliability", mutates_args=())
+def _avsl_cam_reliability(cam: Tensor, published: bool) -> Tensor:
+    """(B, R) reliability statistic of contiguous float32/float64 CAMs (B, R, H, W), H * W >= 2."""
+    _ext.no_kernel("avsl_cam_reliability", cam.device)
+    return _cam_reliability_fallback(cam, published)
+
+
 @_avsl_cam_reliability.register_fake
 def _(cam, published):
     _check_cam_rel_op(cam)
     return cam.new_empty(cam.shape[0], cam.shape[1])
+
+
+_ext.register_kernels(_avsl_cam_reliability, "avsl_cam_reliability", cpu=_cam_reliability_kernel,
+                      cuda=_cam_reliability_kernel, fallback=_cam_reliability_fallback)
 
 
 def link_star(edges: Tensor, k: int) -> Tensor:
@@ -360,9 +400,9 @@ def _packed_reference_backward(grad, qe, ge, rq, rg, links, coef, bias, sizes, g
     return grad_coef, grad_bias
 
 
-def _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes):
+def _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes, gallery_t: bool):
     col_ptr, row_idx, values = _compressed(links, sizes, rows=False)
-    if _ext.cuda_kernels(qe):  # the CUDA kernels read the gallery transposed (coalesced)
+    if gallery_t:  # the CUDA kernels read the gallery transposed (coalesced)
         ge, rg = ge.t().contiguous(), rg.t().contiguous()
     keep = [qe, ge, rq, rg, coef, bias, col_ptr, row_idx, values]
     return keep, [_ext.buf(t) for t in keep]
@@ -394,9 +434,12 @@ def _check_packed(op: str, qe, ge, rq, rg, links, coef, bias, sizes, gamma) -> t
     return q, g
 
 
-def _workspace(mod, op: int, q: int, g: int, sizes: list[int], k: int, like: Tensor) -> Tensor:
-    n = int(mod.avsl_workspace_bytes(op, q, g, list(sizes), k, _ext.dtype_code(like)))
-    return _ext.empty(("avsl_distance", "avsl_distance_backward", "avsl_topk")[op], "the workspace", (n,),
+WS_DISTANCE, WS_BACKWARD, WS_TOPK = 0, 1, 2  # avsl_workspace_bytes's kernel codes
+
+
+def _workspace(mod, kernel: int, q: int, g: int, sizes: list[int], k: int, like: Tensor) -> Tensor:
+    n = int(mod.avsl_workspace_bytes(kernel, q, g, list(sizes), k, _ext.dtype_code(like)))
+    return _ext.empty(("avsl_distance", "avsl_distance_backward", "avsl_topk")[kernel], "the workspace", (n,),
                       dtype=torch.uint8, device=like.device)
 
 
@@ -464,12 +507,7 @@ def _device_path(mod, qe: Tensor, q: int, g: int, sizes: list[int], topk: bool, 
     """gpu_path for the device of qe (the emulation counts as an sm_90 with its 227 KiB opt-in)."""
     if not hasattr(mod, "avsl_tc_topk"):
         return "simt"
-    cap, optin = (9, 0), 227 * 1024
-    if qe.device.type == "cuda":
-        cap = torch.cuda.get_device_capability(qe.device)
-        # the opt-in limit from torch, else by compute capability (CUDA programming guide's table)
-        optin = int(getattr(torch.cuda.get_device_properties(qe.device), "shared_memory_per_block_optin", 0)) or \
-            {(8, 0): 163 * 1024, (8, 7): 163 * 1024, (9, 0): 227 * 1024}.get(tuple(cap), 99 * 1024)
+    cap, optin = _ext.cuda_limits(qe)
     tc_smem = int(mod.avsl_tc_smem_bytes(list(sizes)))
     density = 0.0
     if q * g >= CUBLAS_MIN_PAIRS and links.numel() and gpu_path(
@@ -627,26 +665,36 @@ def cublas_topk(qe, ge, rq, rg, links, coef, bias, sizes, gamma, k, exclude_self
     return values, indices
 
 
-@torch.library.custom_op("whymatch::avsl_distance", mutates_args=())
-def _avsl_distance(qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor, coef: Tensor, bias: Tensor,
-                   sizes: list[int], gamma: float) -> Tensor:
+def _distance_kernel(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma, *, gpu: bool):
+    """The CPU kernel (gpu False) and the CUDA kernels (gpu True: the path of gpu_path, the gallery
+    transposed for the SIMT kernel)."""
     q, g = _check_packed("avsl_distance", qe, ge, rq, rg, links, coef, bias, sizes, gamma)
     _ext.check_size("avsl_distance", "the output", (q, g), qe.dtype, qe.device)
-    mod = _ext.module_for(qe.device, "avsl_distance")
-    if mod is None:
-        return _packed_reference(qe, ge, rq, rg, links, coef, bias, sizes, gamma).contiguous()
-    path = _device_path(mod, qe, q, g, sizes, False, links) if _ext.cuda_kernels(qe) else "cpu"
+    path = _device_path(mod, qe, q, g, sizes, False, links) if gpu else "cpu"
     if path == "tensorcore":
         return _tc_launch(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma)
     if path == "cublas":
         return _cublas_launch(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma)
     out = _ext.empty("avsl_distance", "the output", (q, g), dtype=qe.dtype, device=qe.device)
-    keep, ptrs = _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes)
+    keep, ptrs = _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes, gpu)
     with _ext.device_guard(qe):  # the workspace size depends on the device's shared-memory limit
-        ws = _workspace(mod, 0, q, g, sizes, 0, qe)
+        ws = _workspace(mod, WS_DISTANCE, q, g, sizes, 0, qe)
         mod.avsl_distance(*ptrs, _ext.buf(out), q, g, list(sizes), float(gamma), _ext.dtype_code(qe), _ext.buf(ws),
                           _ext.extra_arg(qe))
     return out
+
+
+def _distance_fallback(qe, ge, rq, rg, links, coef, bias, sizes, gamma):
+    q, g = _check_packed("avsl_distance", qe, ge, rq, rg, links, coef, bias, sizes, gamma)
+    _ext.check_size("avsl_distance", "the output", (q, g), qe.dtype, qe.device)
+    return _packed_reference(qe, ge, rq, rg, links, coef, bias, sizes, gamma).contiguous()
+
+
+@torch.library.custom_op("whymatch::avsl_distance", mutates_args=())
+def _avsl_distance(qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor, coef: Tensor, bias: Tensor,
+                   sizes: list[int], gamma: float) -> Tensor:
+    _ext.no_kernel("avsl_distance", qe.device)
+    return _distance_fallback(qe, ge, rq, rg, links, coef, bias, sizes, gamma)
 
 
 @_avsl_distance.register_fake
@@ -656,28 +704,45 @@ def _(qe, ge, rq, rg, links, coef, bias, sizes, gamma):
     return qe.new_empty(qe.shape[0], ge.shape[0])
 
 
-@torch.library.custom_op("whymatch::avsl_distance_backward", mutates_args=())
-def _avsl_distance_backward(grad: Tensor, qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor,
-                            coef: Tensor, bias: Tensor, sizes: list[int], gamma: float) -> tuple[Tensor, Tensor]:
-    """(dL/dcoef, dL/dbias), (S1,) each, of L = sum(grad * d); nodes, reliabilities and links are constants."""
+_ext.register_kernels(_avsl_distance, "avsl_distance", cpu=functools.partial(_distance_kernel, gpu=False),
+                      cuda=functools.partial(_distance_kernel, gpu=True), fallback=_distance_fallback)
+
+
+def _check_backward(grad, qe, ge, rq, rg, links, coef, bias, sizes, gamma) -> tuple[int, int]:
     op = "avsl_distance_backward"
     q, g = _check_packed(op, qe, ge, rq, rg, links, coef, bias, sizes, gamma)
     V.op_tensor(op, "grad", grad, ndim=2, dtypes=V.FLOAT_DTYPES + (torch.float64,), device=qe.device, shape=(q, g),
                 contiguous=False)
     V.maybe_finite(f"{op}: grad", grad)
-    mod = _ext.module_for(qe.device, "avsl_distance_backward")
-    if mod is None:
-        return _packed_reference_backward(grad, qe, ge, rq, rg, links, coef, bias, sizes, gamma)
+    return q, g
+
+
+def _backward_kernel(mod, grad, qe, ge, rq, rg, links, coef, bias, sizes, gamma, *, gpu: bool):
+    """The CPU kernel (gpu False) and the CUDA one (gpu True: the gallery transposed)."""
+    q, g = _check_backward(grad, qe, ge, rq, rg, links, coef, bias, sizes, gamma)
     grad = grad.to(qe.dtype).contiguous()
     grad_coef, grad_bias = torch.empty_like(coef), torch.empty_like(bias)
-    keep, ptrs = _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes)
+    keep, ptrs = _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes, gpu)
     row_ptr, col_idx, row_values = _compressed(links, sizes, rows=True)
     with _ext.device_guard(qe):  # the workspace size depends on the device's shared-memory limit
-        ws = _workspace(mod, 1, q, g, sizes, 0, qe)
+        ws = _workspace(mod, WS_BACKWARD, q, g, sizes, 0, qe)
         mod.avsl_distance_backward(_ext.buf(grad), *ptrs, _ext.buf(row_ptr), _ext.buf(col_idx), _ext.buf(row_values),
                                    _ext.buf(grad_coef), _ext.buf(grad_bias), q, g, list(sizes), float(gamma),
                                    _ext.dtype_code(qe), _ext.buf(ws), _ext.extra_arg(qe))
     return grad_coef, grad_bias
+
+
+def _backward_fallback(grad, qe, ge, rq, rg, links, coef, bias, sizes, gamma):
+    _check_backward(grad, qe, ge, rq, rg, links, coef, bias, sizes, gamma)
+    return _packed_reference_backward(grad, qe, ge, rq, rg, links, coef, bias, sizes, gamma)
+
+
+@torch.library.custom_op("whymatch::avsl_distance_backward", mutates_args=())
+def _avsl_distance_backward(grad: Tensor, qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor,
+                            coef: Tensor, bias: Tensor, sizes: list[int], gamma: float) -> tuple[Tensor, Tensor]:
+    """(dL/dcoef, dL/dbias), (S1,) each, of L = sum(grad * d); nodes, reliabilities and links are constants."""
+    _ext.no_kernel("avsl_distance_backward", qe.device)
+    return _backward_fallback(grad, qe, ge, rq, rg, links, coef, bias, sizes, gamma)
 
 
 @_avsl_distance_backward.register_fake
@@ -686,6 +751,11 @@ def _(grad, qe, ge, rq, rg, links, coef, bias, sizes, gamma):
     V.op_tensor("avsl_distance_backward", "grad", grad, ndim=2, dtypes=V.FLOAT_DTYPES + (torch.float64,),
                 device=qe.device, shape=(q, g), contiguous=False)
     return torch.empty_like(coef), torch.empty_like(bias)
+
+
+_ext.register_kernels(_avsl_distance_backward, "avsl_distance_backward",
+                      cpu=functools.partial(_backward_kernel, gpu=False),
+                      cuda=functools.partial(_backward_kernel, gpu=True), fallback=_backward_fallback)
 
 
 def _check_topk(qe, ge, rq, rg, links, coef, bias, sizes, gamma, k, exclude_self) -> tuple[int, int]:
@@ -699,36 +769,49 @@ def _check_topk(qe, ge, rq, rg, links, coef, bias, sizes, gamma, k, exclude_self
     return q, g
 
 
-@torch.library.custom_op("whymatch::avsl_topk", mutates_args=())
-def _avsl_topk(qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor, coef: Tensor, bias: Tensor,
-               sizes: list[int], gamma: float, k: int, exclude_self: bool) -> tuple[Tensor, Tensor]:
+def _topk_kernel(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma, k, exclude_self, *, gpu: bool):
+    """The CPU kernel (gpu False) and the CUDA kernels (gpu True: the path of gpu_path, the gallery
+    transposed for the SIMT kernel)."""
     q, g = _check_topk(qe, ge, rq, rg, links, coef, bias, sizes, gamma, k, exclude_self)
-    mod = _ext.module_for(qe.device, "avsl_topk")
-    if mod is None:
-        d = _packed_reference(qe, ge, rq, rg, links, coef, bias, sizes, gamma)
-        if exclude_self:
-            d.fill_diagonal_(float("inf"))
-        order = torch.sort(d, dim=1, stable=True).indices[:, :k]
-        return d.gather(1, order).contiguous(), order.contiguous()
-    path = _device_path(mod, qe, q, g, sizes, True, links) if _ext.cuda_kernels(qe) else "cpu"
+    path = _device_path(mod, qe, q, g, sizes, True, links) if gpu else "cpu"
     if path == "tensorcore":
         return _tc_launch(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma, k=k, exclude_self=exclude_self)
     if path == "cublas":
         return _cublas_launch(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma, k, exclude_self)
     values = _ext.empty("avsl_topk", "values", (q, k), dtype=qe.dtype, device=qe.device)
     indices = _ext.empty("avsl_topk", "indices", (q, k), dtype=torch.int64, device=qe.device)
-    keep, ptrs = _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes)
+    keep, ptrs = _launch_args(mod, qe, ge, rq, rg, links, coef, bias, sizes, gpu)
     with _ext.device_guard(qe):  # the workspace size depends on the device's shared-memory limit
-        ws = _workspace(mod, 2, q, g, sizes, k, qe)
+        ws = _workspace(mod, WS_TOPK, q, g, sizes, k, qe)
         mod.avsl_topk(*ptrs, _ext.buf(values), _ext.buf(indices), q, g, list(sizes), float(gamma), int(k),
                       bool(exclude_self), _ext.dtype_code(qe), _ext.buf(ws), _ext.extra_arg(qe))
     return values, indices
+
+
+def _topk_fallback(qe, ge, rq, rg, links, coef, bias, sizes, gamma, k, exclude_self):
+    _check_topk(qe, ge, rq, rg, links, coef, bias, sizes, gamma, k, exclude_self)
+    d = _packed_reference(qe, ge, rq, rg, links, coef, bias, sizes, gamma)
+    if exclude_self:
+        d.fill_diagonal_(float("inf"))
+    order = torch.sort(d, dim=1, stable=True).indices[:, :k]
+    return d.gather(1, order).contiguous(), order.contiguous()
+
+
+@torch.library.custom_op("whymatch::avsl_topk", mutates_args=())
+def _avsl_topk(qe: Tensor, ge: Tensor, rq: Tensor, rg: Tensor, links: Tensor, coef: Tensor, bias: Tensor,
+               sizes: list[int], gamma: float, k: int, exclude_self: bool) -> tuple[Tensor, Tensor]:
+    _ext.no_kernel("avsl_topk", qe.device)
+    return _topk_fallback(qe, ge, rq, rg, links, coef, bias, sizes, gamma, k, exclude_self)
 
 
 @_avsl_topk.register_fake
 def _(qe, ge, rq, rg, links, coef, bias, sizes, gamma, k, exclude_self):
     _check_topk(qe, ge, rq, rg, links, coef, bias, sizes, gamma, k, exclude_self)
     return qe.new_empty(qe.shape[0], k), qe.new_empty(qe.shape[0], k, dtype=torch.int64)
+
+
+_ext.register_kernels(_avsl_topk, "avsl_topk", cpu=functools.partial(_topk_kernel, gpu=False),
+                      cuda=functools.partial(_topk_kernel, gpu=True), fallback=_topk_fallback)
 
 
 def _setup_context(ctx, inputs, output):

@@ -7,6 +7,8 @@ backward ``whymatch::soft_mask_backward``) with autograd, so it works under
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -56,13 +58,9 @@ def _check_op(op: str, x, attention, alpha, beta, grad=None) -> None:
     V.maybe_finite(f"{op}: beta", beta)
 
 
-@torch.library.custom_op("whymatch::soft_mask", mutates_args=())
-def _soft_mask(x: Tensor, attention: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
+def _soft_mask_kernel(mod, x, attention, alpha, beta):
+    """The CPU and the CUDA kernel (the same launch)."""
     _check_op("soft_mask", x, attention, alpha, beta)
-    mod = _ext.module_for(x.device, "soft_mask")
-    if mod is None:
-        return ref.soft_mask(x, attention, alpha, beta).contiguous(
-            memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
     out = _like(x)
     b, c, hh, ww = x.shape
     with _ext.device_guard(x):
@@ -71,27 +69,38 @@ def _soft_mask(x: Tensor, attention: Tensor, alpha: Tensor, beta: Tensor) -> Ten
     return out
 
 
+def _soft_mask_fallback(x, attention, alpha, beta):
+    _check_op("soft_mask", x, attention, alpha, beta)
+    return ref.soft_mask(x, attention, alpha, beta).contiguous(
+        memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
+
+
+@torch.library.custom_op("whymatch::soft_mask", mutates_args=())
+def _soft_mask(x: Tensor, attention: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
+    _ext.no_kernel("soft_mask", x.device)
+    return _soft_mask_fallback(x, attention, alpha, beta)
+
+
 @_soft_mask.register_fake
 def _(x, attention, alpha, beta):
     _check_op("soft_mask", x, attention, alpha, beta)
     return _like(x)
 
 
-@torch.library.custom_op("whymatch::soft_mask_backward", mutates_args=())
-def _soft_mask_backward(grad: Tensor, x: Tensor, attention: Tensor, alpha: Tensor, beta: Tensor,
-                        need_x: bool, need_attention: bool) -> tuple[Tensor, Tensor]:
-    """(grad_x like x, G (B, h, w) compute dtype): G is the upsampling adjoint of dL/dz."""
+_ext.register_kernels(_soft_mask, "soft_mask", cpu=_soft_mask_kernel, cuda=_soft_mask_kernel,
+                      fallback=_soft_mask_fallback)
+
+
+def _soft_mask_backward_kernel(mod, grad, x, attention, alpha, beta, need_x, need_attention, *, ws_width):
+    """The CPU and the CUDA kernels; their workspace (B, H, ws_width(W, w)) differs: the CPU kernel keeps
+    the low-resolution columns (w), the CUDA one the full rows (W)."""
     _check_op("soft_mask_backward", x, attention, alpha, beta, grad)
     b, c, hh, ww = x.shape
     _, h, w = attention.shape
-    mod = _ext.module_for(x.device, "soft_mask")
-    if mod is None:
-        return _reference_backward(grad, x, attention, alpha, beta, need_x, need_attention)
     grad = grad.contiguous(memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
     grad_x = _like(x) if need_x else x.new_empty(0)
     g_att = torch.empty_like(attention) if need_attention else attention.new_empty(0)
-    ws_size = b * hh * (ww if _ext.cuda_kernels(x) else w)
-    ws = _ext.empty("soft_mask_backward", "the workspace", (ws_size if need_attention else 0,),
+    ws = _ext.empty("soft_mask_backward", "the workspace", (b * hh * ws_width(ww, w) if need_attention else 0,),
                     dtype=attention.dtype, device=x.device)
     with _ext.device_guard(x):
         mod.soft_mask_backward(_ext.buf(grad), _ext.buf(x), _ext.buf(attention), _ext.buf(alpha), _ext.buf(beta),
@@ -102,11 +111,30 @@ def _soft_mask_backward(grad: Tensor, x: Tensor, attention: Tensor, alpha: Tenso
     return grad_x, g_att
 
 
+def _soft_mask_backward_fallback(grad, x, attention, alpha, beta, need_x, need_attention):
+    _check_op("soft_mask_backward", x, attention, alpha, beta, grad)
+    return _reference_backward(grad, x, attention, alpha, beta, need_x, need_attention)
+
+
+@torch.library.custom_op("whymatch::soft_mask_backward", mutates_args=())
+def _soft_mask_backward(grad: Tensor, x: Tensor, attention: Tensor, alpha: Tensor, beta: Tensor,
+                        need_x: bool, need_attention: bool) -> tuple[Tensor, Tensor]:
+    """(grad_x like x, G (B, h, w) compute dtype): G is the upsampling adjoint of dL/dz."""
+    _ext.no_kernel("soft_mask", x.device)
+    return _soft_mask_backward_fallback(grad, x, attention, alpha, beta, need_x, need_attention)
+
+
 @_soft_mask_backward.register_fake
 def _(grad, x, attention, alpha, beta, need_x, need_attention):
     _check_op("soft_mask_backward", x, attention, alpha, beta, grad)
     return (_like(x) if need_x else x.new_empty(0)), (torch.empty_like(attention) if need_attention
                                                       else attention.new_empty(0))
+
+
+_ext.register_kernels(_soft_mask_backward, "soft_mask",
+                      cpu=functools.partial(_soft_mask_backward_kernel, ws_width=lambda full, low: low),
+                      cuda=functools.partial(_soft_mask_backward_kernel, ws_width=lambda full, low: full),
+                      fallback=_soft_mask_backward_fallback)
 
 
 def _interp_matrix(n_in: int, n_out: int, like: Tensor) -> Tensor:

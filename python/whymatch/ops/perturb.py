@@ -67,16 +67,12 @@ def _check_rise_apply_op(op: str, grids, shifts, image, baseline) -> tuple[int, 
 
 
 def _launch_rise_apply(mod, grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor, out: Tensor) -> None:
+    """The compiled rise_apply into out (no device guard: the CPU launch, and the CUDA one inside its guard)."""
     n, s, _ = grids.shape
     c, h, w = image.shape
     channels_last = out.dim() == 4 and out.numel() > 0 and not out.is_contiguous()
-    args = (_ext.buf(grids), _ext.buf(shifts), _ext.buf(image), _ext.buf(baseline), _ext.buf(out),
-            n, c, h, w, s, _ext.DTYPE_CODES[out.dtype], channels_last, _ext.extra_arg(image))
-    if image.device.type == "cpu":  # (no device to make current: the guard's cost is saved on tiny calls)
-        mod.rise_apply(*args)
-        return
-    with _ext.device_guard(image):
-        mod.rise_apply(*args)
+    mod.rise_apply(_ext.buf(grids), _ext.buf(shifts), _ext.buf(image), _ext.buf(baseline), _ext.buf(out),
+                   n, c, h, w, s, _ext.DTYPE_CODES[out.dtype], channels_last, _ext.extra_arg(image))
 
 
 def _rise_apply_dtype(op: str, dtype: object) -> torch.dtype:
@@ -85,21 +81,41 @@ def _rise_apply_dtype(op: str, dtype: object) -> torch.dtype:
     return dtype  # type: ignore[return-value]
 
 
-@torch.library.custom_op("whymatch::rise_apply", mutates_args=())
-def _rise_apply(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor, dtype: torch.dtype,
-                channels_last: bool) -> Tensor:
+def _rise_apply_cpu(mod, grids, shifts, image, baseline, dtype, channels_last):
+    """The CPU kernel (it range-checks the shift values itself, before writing anything)."""
     n, c, h, w = _check_rise_apply_op("rise_apply", grids, shifts, image, baseline)
     _rise_apply_dtype("rise_apply", dtype)
-    mod = _ext.module_for(image.device, "rise_apply")
-    if mod is None or _ext.cuda_kernels(image):  # the CUDA kernels clamp, the CPU ones check
-        _check_shift_values("rise_apply: shifts", shifts, (h, w), grids.shape[1])
-    if mod is None:
-        _ext.check_size("rise_apply", "the output", (n, c, h, w), dtype, image.device)
-        return ref.rise_apply(grids, shifts, image, baseline, dtype, channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = _ext.empty("rise_apply", "the output", (n, c, h, w), dtype=dtype, device=image.device, memory_format=fmt)
     _launch_rise_apply(mod, grids, shifts, image, baseline, out)
     return out
+
+
+def _rise_apply_cuda(mod, grids, shifts, image, baseline, dtype, channels_last):
+    """The CUDA kernel (it clamps the shifts to the canvas, so they are range-checked here)."""
+    n, c, h, w = _check_rise_apply_op("rise_apply", grids, shifts, image, baseline)
+    _rise_apply_dtype("rise_apply", dtype)
+    _check_shift_values("rise_apply: shifts", shifts, (h, w), grids.shape[1])
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = _ext.empty("rise_apply", "the output", (n, c, h, w), dtype=dtype, device=image.device, memory_format=fmt)
+    with _ext.device_guard(image):
+        _launch_rise_apply(mod, grids, shifts, image, baseline, out)
+    return out
+
+
+def _rise_apply_fallback(grids, shifts, image, baseline, dtype, channels_last):
+    n, c, h, w = _check_rise_apply_op("rise_apply", grids, shifts, image, baseline)
+    _rise_apply_dtype("rise_apply", dtype)
+    _check_shift_values("rise_apply: shifts", shifts, (h, w), grids.shape[1])
+    _ext.check_size("rise_apply", "the output", (n, c, h, w), dtype, image.device)
+    return ref.rise_apply(grids, shifts, image, baseline, dtype, channels_last)
+
+
+@torch.library.custom_op("whymatch::rise_apply", mutates_args=())
+def _rise_apply(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor, dtype: torch.dtype,
+                channels_last: bool) -> Tensor:
+    _ext.no_kernel("rise_apply", image.device)
+    return _rise_apply_fallback(grids, shifts, image, baseline, dtype, channels_last)
 
 
 @_rise_apply.register_fake
@@ -111,6 +127,10 @@ def _(grids, shifts, image, baseline, dtype, channels_last):
     return torch.empty((grids.shape[0], *image.shape), dtype=dtype, device=image.device, memory_format=fmt)
 
 
+_ext.register_kernels(_rise_apply, "rise_apply", cpu=_rise_apply_cpu, cuda=_rise_apply_cuda,
+                      fallback=_rise_apply_fallback)
+
+
 def _check_rise_apply_out(grids, shifts, image, baseline, out) -> None:
     op = "rise_apply_out"
     n, c, h, w = _check_rise_apply_op(op, grids, shifts, image, baseline)
@@ -118,23 +138,39 @@ def _check_rise_apply_out(grids, shifts, image, baseline, out) -> None:
                 channels_last_ok=True)
 
 
+def _rise_apply_out_cpu(mod, grids, shifts, image, baseline, out) -> None:
+    _check_rise_apply_out(grids, shifts, image, baseline, out)
+    _launch_rise_apply(mod, grids, shifts, image, baseline, out)
+
+
+def _rise_apply_out_cuda(mod, grids, shifts, image, baseline, out) -> None:
+    _check_rise_apply_out(grids, shifts, image, baseline, out)
+    _check_shift_values("rise_apply_out: shifts", shifts, tuple(image.shape[1:]), grids.shape[1])
+    with _ext.device_guard(image):
+        _launch_rise_apply(mod, grids, shifts, image, baseline, out)
+
+
+def _rise_apply_out_fallback(grids, shifts, image, baseline, out) -> None:
+    _check_rise_apply_out(grids, shifts, image, baseline, out)
+    _check_shift_values("rise_apply_out: shifts", shifts, tuple(image.shape[1:]), grids.shape[1])
+    channels_last = out.numel() > 0 and not out.is_contiguous()
+    out.copy_(ref.rise_apply(grids, shifts, image, baseline, out.dtype, channels_last))
+
+
 @torch.library.custom_op("whymatch::rise_apply_out", mutates_args=("out",))
 def _rise_apply_out(grids: Tensor, shifts: Tensor, image: Tensor, baseline: Tensor, out: Tensor) -> None:
-    _check_rise_apply_out(grids, shifts, image, baseline, out)
-    mod = _ext.module_for(image.device, "rise_apply")
-    if mod is None or _ext.cuda_kernels(image):  # the CUDA kernels clamp, the CPU ones check
-        _check_shift_values("rise_apply_out: shifts", shifts, tuple(image.shape[1:]), grids.shape[1])
-    if mod is None:
-        channels_last = out.numel() > 0 and not out.is_contiguous()
-        out.copy_(ref.rise_apply(grids, shifts, image, baseline, out.dtype, channels_last))
-        return
-    _launch_rise_apply(mod, grids, shifts, image, baseline, out)
+    _ext.no_kernel("rise_apply", image.device)
+    _rise_apply_out_fallback(grids, shifts, image, baseline, out)
 
 
 @_rise_apply_out.register_fake
 def _(grids, shifts, image, baseline, out):
     _check_rise_apply_out(grids, shifts, image, baseline, out)
     return None
+
+
+_ext.register_kernels(_rise_apply_out, "rise_apply", cpu=_rise_apply_out_cpu, cuda=_rise_apply_out_cuda,
+                      fallback=_rise_apply_out_fallback)
 
 
 def _check_rise_saliency_op(grids, shifts, scores, height, width) -> int:
@@ -151,18 +187,6 @@ def _check_rise_saliency_op(grids, shifts, scores, height, width) -> int:
     return scores.shape[1]
 
 
-@torch.library.custom_op("whymatch::rise_saliency", mutates_args=())
-def _rise_saliency(grids: Tensor, shifts: Tensor, scores: Tensor, height: int, width: int) -> Tensor:
-    k = _check_rise_saliency_op(grids, shifts, scores, height, width)
-    n, s, _ = grids.shape
-    mod = _ext.module_for(scores.device, "rise_saliency")
-    if mod is None or _ext.cuda_kernels(scores):
-        _check_shift_values("rise_saliency: shifts", shifts, (height, width), s)
-    if mod is None:
-        return ref.rise_saliency(grids, shifts, scores, (height, width))
-    return _launch_rise_saliency(mod, grids, shifts, scores, height, width)
-
-
 def _launch_rise_saliency(mod, grids: Tensor, shifts: Tensor, scores: Tensor, height: int, width: int) -> Tensor:
     n, s, _ = grids.shape
     k = scores.shape[1]
@@ -173,10 +197,39 @@ def _launch_rise_saliency(mod, grids: Tensor, shifts: Tensor, scores: Tensor, he
     return out
 
 
+def _rise_saliency_cpu(mod, grids, shifts, scores, height, width):
+    """The CPU kernel (it range-checks the shift values itself)."""
+    _check_rise_saliency_op(grids, shifts, scores, height, width)
+    return _launch_rise_saliency(mod, grids, shifts, scores, height, width)
+
+
+def _rise_saliency_cuda(mod, grids, shifts, scores, height, width):
+    """The CUDA kernel (it clamps the shifts, so they are range-checked here)."""
+    _check_rise_saliency_op(grids, shifts, scores, height, width)
+    _check_shift_values("rise_saliency: shifts", shifts, (height, width), grids.shape[1])
+    return _launch_rise_saliency(mod, grids, shifts, scores, height, width)
+
+
+def _rise_saliency_fallback(grids, shifts, scores, height, width):
+    _check_rise_saliency_op(grids, shifts, scores, height, width)
+    _check_shift_values("rise_saliency: shifts", shifts, (height, width), grids.shape[1])
+    return ref.rise_saliency(grids, shifts, scores, (height, width))
+
+
+@torch.library.custom_op("whymatch::rise_saliency", mutates_args=())
+def _rise_saliency(grids: Tensor, shifts: Tensor, scores: Tensor, height: int, width: int) -> Tensor:
+    _ext.no_kernel("rise_saliency", scores.device)
+    return _rise_saliency_fallback(grids, shifts, scores, height, width)
+
+
 @_rise_saliency.register_fake
 def _(grids, shifts, scores, height, width):
     _check_rise_saliency_op(grids, shifts, scores, height, width)
     return scores.new_empty((scores.shape[1], height, width), dtype=torch.float32)
+
+
+_ext.register_kernels(_rise_saliency, "rise_saliency", cpu=_rise_saliency_cpu, cuda=_rise_saliency_cuda,
+                      fallback=_rise_saliency_fallback)
 
 
 def _check_ranked_blend_op(first, second, rank, counts) -> tuple[int, int, int, int, int]:
@@ -193,15 +246,6 @@ def _check_ranked_blend_op(first, second, rank, counts) -> tuple[int, int, int, 
     return b, t, c, h, w
 
 
-@torch.library.custom_op("whymatch::ranked_blend", mutates_args=())
-def _ranked_blend(first: Tensor, second: Tensor, rank: Tensor, counts: Tensor) -> Tensor:
-    b, t, c, h, w = _check_ranked_blend_op(first, second, rank, counts)
-    mod = _ext.module_for(first.device, "ranked_blend")
-    if mod is None:
-        return ref.ranked_blend(first, second, rank, counts)
-    return _launch_ranked_blend(mod, first, second, rank, counts)
-
-
 def _launch_ranked_blend(mod, first: Tensor, second: Tensor, rank: Tensor, counts: Tensor) -> Tensor:
     b, c, h, w = first.shape
     t = counts.shape[0]
@@ -212,10 +256,31 @@ def _launch_ranked_blend(mod, first: Tensor, second: Tensor, rank: Tensor, count
     return out
 
 
+def _ranked_blend_kernel(mod, first, second, rank, counts):
+    """The CPU and the CUDA kernel (the same launch)."""
+    _check_ranked_blend_op(first, second, rank, counts)
+    return _launch_ranked_blend(mod, first, second, rank, counts)
+
+
+def _ranked_blend_fallback(first, second, rank, counts):
+    _check_ranked_blend_op(first, second, rank, counts)
+    return ref.ranked_blend(first, second, rank, counts)
+
+
+@torch.library.custom_op("whymatch::ranked_blend", mutates_args=())
+def _ranked_blend(first: Tensor, second: Tensor, rank: Tensor, counts: Tensor) -> Tensor:
+    _ext.no_kernel("ranked_blend", first.device)
+    return _ranked_blend_fallback(first, second, rank, counts)
+
+
 @_ranked_blend.register_fake
 def _(first, second, rank, counts):
     b, t, c, h, w = _check_ranked_blend_op(first, second, rank, counts)
     return first.new_empty((b, t, c, h, w))
+
+
+_ext.register_kernels(_ranked_blend, "ranked_blend", cpu=_ranked_blend_kernel, cuda=_ranked_blend_kernel,
+                      fallback=_ranked_blend_fallback)
 
 
 # ---------------------------------------------------------------------------
