@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 import whymatch
 from whymatch import jobs, saliency
-from whymatch.saliency import registry
+from whymatch.saliency import base, registry
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -35,7 +36,7 @@ def test_every_option_sets_a_constructor_keyword_of_its_explainer(name):
     for o in spec.all_options():
         assert o.param in params, f"{name}: option {o.setting} sets {o.param!r}, not a keyword of {spec.cls}"
         assert spec.cls in o.owners
-        assert o.default() == inspect.signature(o.owners[0].__init__).parameters[o.param].default
+        assert o.default() == params[o.param].default  # the default is the explainer's own, read not repeated
     for k in spec.fixed:
         assert k in params
 
@@ -47,6 +48,8 @@ def test_unknown_method_names_the_known_ones():
         jobs.make_explainer("nope", tiny_sim(), jobs.JobSettings())
     with pytest.raises(ValueError, match="setting must be one of"):
         registry.setting_default("nope")
+    with pytest.raises(ValueError, match="attention takes the settings target_layer, show_progress; got n_masks"):
+        registry.build("attention", tiny_sim(), None, n_masks=3)
 
 
 def test_make_explainer_passes_each_method_its_settings():
@@ -109,3 +112,60 @@ def test_attention_takes_sim_first_and_still_accepts_model():
         saliency.SimilarityAttention(sim, model=sim)
     with pytest.raises(TypeError, match="missing the similarity model"):
         saliency.SimilarityAttention()
+
+
+@pytest.mark.parametrize("name", registry.method_names())
+def test_every_explainer_shares_the_base_and_its_batch_size_policy(name):
+    spec = registry.get(name)
+    sim = tiny_sim()
+    assert issubclass(spec.cls, base.Explainer)
+    ex = spec.cls(sim)
+    assert ex.sim is sim and ex.device == sim.device and ex.show_progress is False
+    assert ex.batch_size == base.DEFAULT_BATCH_SIZE[spec.cls.batch_kind]
+    assert spec.cls(sim, batch_size=3).batch_size == 3
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        spec.cls(sim, batch_size=0)
+    with pytest.raises(TypeError, match="sim must be a whymatch.SimilarityModel, got int"):
+        spec.cls(42)
+
+
+def test_the_batch_size_policy_by_what_a_batch_holds():
+    kinds = {n: registry.get(n).cls.batch_kind for n in registry.method_names()}
+    assert kinds == {"rise": "images", "sliding": "images", "lime": "images", "mask": "pairs",
+                     "attention": "pairs", "gradcam": "pairs"}
+    assert base.default_batch_size("images") > base.default_batch_size("pairs")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        base.default_batch_size("tuples")
+    with pytest.raises(NotImplementedError, match="must implement attribute"):
+        base.Explainer(tiny_sim()).attribute(torch.zeros(3, 8, 8), torch.zeros(1, 3, 8, 8))
+
+
+TINY = jobs.JobSettings(n_masks=8, batch_size=4, lime_samples=8, lime_segments="grid", mask_iters=2,
+                        window=4, stride=4)
+
+
+@pytest.mark.parametrize("name", registry.method_names())
+def test_attribute_returns_one_map_per_reference_on_the_models_device(name):
+    sim = tiny_sim()
+    g = torch.Generator().manual_seed(0)
+    q, refs = torch.rand(3, 12, 12, generator=g), torch.rand(2, 3, 12, 12, generator=g)
+    ex = registry.build(name, sim, TINY)
+    ex.check(q, refs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a tiny random model may give a constant map: not the point here
+        maps = ex.attribute(q, refs)
+    assert maps.shape == (2, 12, 12) and maps.dtype == torch.float32 and maps.device == sim.device
+    with pytest.raises(ValueError, match="query must be"):
+        ex.attribute(torch.rand(2, 3, 12, 12), refs)
+
+
+@pytest.mark.parametrize("name", ("rise", "lime", "attention", "gradcam"))
+def test_show_progress_draws_one_bar_over_the_batches(name, capsys):
+    sim = tiny_sim()
+    q, refs = torch.rand(3, 12, 12), torch.rand(2, 3, 12, 12)
+    ex = registry.build(name, sim, TINY, show_progress=True)
+    ex.batch_size = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ex.attribute(q, refs)
+    assert "batch" in capsys.readouterr().err

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import _validate as V
-from ..saliency import _common
+from ..saliency import _common, base as _base
 from ..similarity import SimilarityModel
 from .losses import normalize_maps
 from .model import AttributeModel
@@ -344,7 +344,7 @@ class SANE:
             An :class:`AttributeExplanation` of the K pairs (query, reference k).
         """
         sim = self.sim
-        queries, refs, _ = _common.query_as_pairs(sim, query, references, None)
+        queries, refs, _ = _base.query_as_pairs(sim, query, references, None)
         refs = sim.check_images("references", refs)
         maps = self.saliency.attribute(queries[0], refs, **({"condition": condition} if condition is not None else {}))
         return self._assemble(queries, refs, maps, condition)

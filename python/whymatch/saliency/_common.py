@@ -1,23 +1,13 @@
-"""Input handling shared by the explainers: one place for the checks, the
-reference embeddings, the random generator and the progress bar."""
+"""Helpers shared by the explainers: output checks, constant-map warnings, the random generator and the
+baseline image. The base class, the batches and the input validation are in :mod:`whymatch.saliency.base`."""
 
 from __future__ import annotations
-
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..ops import _validate as V
 from ..similarity import SimilarityModel
-
-
-@dataclass
-class PairInputs:
-    query: Tensor             # (C, H, W) float32 on the model's device
-    references: Tensor | None  # (K, C, Hr, Wr) or None when embeddings were given
-    ref_embeddings: Tensor    # (K, D) float32 embeddings of the unperturbed references
 
 
 class ConstantMapWarning(RuntimeWarning):
@@ -98,31 +88,6 @@ def check_maps(maps: Tensor, method: str) -> Tensor:
     return maps
 
 
-class Explainer:
-    """What every explainer shares: ``sim``, the cheap :meth:`check` and the entry ``attribute``."""
-
-    sim: SimilarityModel
-    batch_size: int
-
-    def check(self, query: Tensor, references: Tensor | None = None, *, reference_embeddings: Tensor | None = None,
-              condition: object = None) -> None:
-        """Validate a call cheaply before the expensive work: the inputs as ``attribute`` would, one forward pass
-        of the query and the references (finite embeddings and scores) and the method's own settings against
-        the query's size. Raises ValueError / TypeError naming what is wrong; returns None.
-        """
-        sim = self.sim
-        inp = prepare(sim, query, references, reference_embeddings=reference_embeddings,
-                      batch_size=self.batch_size, need_images=not getattr(self, "fixed_reference", True))
-        with torch.no_grad():
-            fq = check_output(sim(inp.query[None].to(sim.input_dtype(inp.query.device))), "the query")
-            check_output(sim.pairwise(fq, inp.ref_embeddings, condition), "the query against the references",
-                         "similarity scores")
-        self._check_settings(inp)
-
-    def _check_settings(self, inp: PairInputs) -> None:
-        """Method-specific checks of the settings against the prepared inputs (none by default)."""
-
-
 #: The most elements an explainer allocates for its random draws (RISE grids, LIME samples): 8 GiB of float32.
 MAX_DRAWN = 2**31
 
@@ -138,37 +103,6 @@ def check_model(sim: object) -> SimilarityModel:
     if not isinstance(sim, SimilarityModel):
         raise TypeError(f"sim must be a whymatch.SimilarityModel, got {type(sim).__name__}")
     return sim
-
-
-def prepare(sim: SimilarityModel, query: object, references: object, *, reference_embeddings: object = None,
-            batch_size: int, need_images: bool = False) -> PairInputs:
-    """Validate a query (C, H, W) or (1, C, H, W) and K references (K, C, H, W) or (C, H, W)."""
-    if isinstance(query, Tensor) and query.dim() == 4:
-        if query.shape[0] != 1:
-            raise ValueError(f"query must be one image (C, H, W) or (1, C, H, W), got shape {tuple(query.shape)}; "
-                             "explain several queries with one call each")
-        query = query[0]
-    device = sim.device
-    query = sim.check_images("query", query, batch=False, device=device)
-    if references is None and reference_embeddings is None:
-        raise ValueError("references must be given (K, C, H, W) images, or reference_embeddings (K, D)")
-    if references is not None and reference_embeddings is not None:
-        raise ValueError("give either references or reference_embeddings, not both")
-    refs = None
-    if references is not None:
-        if isinstance(references, Tensor) and references.dim() == 3:
-            references = references[None]
-        refs = sim.check_images("references", references, device=device)
-        emb = check_output(sim.embed(refs.to(sim.input_dtype(device)), batch_size), "the references")
-    else:
-        if need_images:
-            raise ValueError("this mode perturbs the references, so references must be images, "
-                             "not reference_embeddings")
-        emb = V.tensor("reference_embeddings", reference_embeddings, ndim=2, dtypes=V.FLOAT_DTYPES,
-                       device=device, nonempty=True)
-        V.finite("reference_embeddings", emb)
-        emb = emb.float()
-    return PairInputs(query=query.float().contiguous(), references=refs, ref_embeddings=emb)
 
 
 def generator(seed: int | None) -> torch.Generator:
@@ -199,59 +133,3 @@ def baseline_image(baseline: object, image: Tensor) -> Tensor:
             raise ValueError(f"baseline must broadcast to {(c, h, w)}, got shape {tuple(baseline.shape)}") from None
         return V.finite("baseline", out.contiguous())
     return torch.full((c, h, w), V.real("baseline", baseline), device=image.device)
-
-
-def batches(n: int, batch_size: int, *, show: bool, desc: str) -> Iterator[tuple[int, int]]:
-    """(start, stop) slices of range(n), with a tqdm bar when ``show``."""
-    starts: Iterable[int] = range(0, n, batch_size)
-    if show:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, total=(n + batch_size - 1) // batch_size, desc=desc, unit="batch")
-    for i in starts:
-        yield i, min(n, i + batch_size)
-
-
-def query_as_pairs(sim: SimilarityModel, query: object, references: object,
-                   reference_embeddings: object) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """One query against K references as K pairs for an ``attribute_pairs``.
-
-    Returns (queries (K, C, H, W), an expanded view of the query; references (K, C, Hr, Wr) or
-    None; reference_embeddings (K, D) or None).
-    """
-    if isinstance(query, Tensor) and query.dim() == 4 and query.shape[0] == 1:
-        query = query[0]
-    q = sim.check_images("query", query, batch=False, device=sim.device)
-    if references is not None:
-        references = V.tensor("references", references, ndim=(3, 4), nonempty=True)
-        references = references[None] if references.dim() == 3 else references
-        k = references.shape[0]
-    elif reference_embeddings is not None:
-        k = V.tensor("reference_embeddings", reference_embeddings, ndim=2, nonempty=True).shape[0]
-    else:
-        raise ValueError("references must be given (K, C, H, W) images, or reference_embeddings (K, D)")
-    return q[None].expand(k, -1, -1, -1), references, reference_embeddings
-
-
-def check_pairs(sim: SimilarityModel, queries: object, references: object, reference_embeddings: object, *,
-                need_images: bool) -> tuple[Tensor, Tensor]:
-    """Validate B pairs: queries (B, C, H, W) with references (B, C, Hr, Wr) or reference_embeddings (B, D).
-
-    Returns (queries, references or reference embeddings), on the model's device.
-    """
-    dev = sim.device
-    q = sim.check_images("queries", queries, device=dev)
-    if (references is None) == (reference_embeddings is None):
-        raise ValueError("give exactly one of references (B, C, H, W) or reference_embeddings (B, D)")
-    if references is not None:
-        r = sim.check_images("references", references, device=dev)
-    else:
-        if need_images:
-            raise ValueError("this mode perturbs the references, so references must be images, "
-                             "not reference_embeddings")
-        r = V.finite("reference_embeddings", V.tensor("reference_embeddings", reference_embeddings, ndim=2,
-                                                      dtypes=V.FLOAT_DTYPES, device=dev, nonempty=True))
-    if r.shape[0] != q.shape[0]:
-        raise ValueError(f"queries and references must pair up one to one: got {q.shape[0]} queries and "
-                         f"{r.shape[0]} references")
-    return q, r

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..ops import _validate as V
 from ..similarity import SimilarityModel
 from . import _cam, _common
+from .base import Explainer
 
 __all__ = ["SimilarityAttention", "similarity_weights", "TUPLE_SIZES"]
 
@@ -62,7 +63,7 @@ def similarity_weights(mode: str, embeddings: list[Tensor] | tuple[Tensor, ...],
     return (1 - (fa - fp).abs()) * (fa - fn1).abs() * (fn1 - fn2).abs()
 
 
-class SimilarityAttention(_cam.TargetLayers, _common.Explainer):
+class SimilarityAttention(_cam.TargetLayers, Explainer):
     """Gradient attention maps of every image of a Siamese pair, triplet or quadruplet.
 
     For a tuple with unit-normalized embeddings f_1..f_T (T = 2, 3, 4), the weight
@@ -98,7 +99,9 @@ class SimilarityAttention(_cam.TargetLayers, _common.Explainer):
             tells which, after the first call or :meth:`check`). Every target layer must run
             exactly once per forward pass (not a module shared by several blocks).
         mode: 'siamese', 'triplet' or 'quadruplet'.
-        batch_size: tuples per forward/backward pass.
+        batch_size: tuples per forward/backward pass (None: 64, the base's policy for forward and backward
+            passes, :data:`whymatch.saliency.base.DEFAULT_BATCH_SIZE`).
+        show_progress: show a tqdm progress bar over the batches.
 
     Example::
 
@@ -106,8 +109,11 @@ class SimilarityAttention(_cam.TargetLayers, _common.Explainer):
         m_a, m_p, m_n = sa.attribute_tuples(anchors, positives, negatives)   # each (B, H, W)
     """
 
+    batch_kind = "pairs"
+    wraps_modules = True
+
     def __init__(self, sim: SimilarityModel | nn.Module | None = None, target_layers: object = None,
-                 mode: str = "siamese", *, batch_size: int = 64,
+                 mode: str = "siamese", *, batch_size: int | None = None, show_progress: bool = False,
                  model: SimilarityModel | nn.Module | None = None) -> None:
         if model is not None:  # the first argument's name before every explainer took ``sim``
             if sim is not None:
@@ -120,11 +126,8 @@ class SimilarityAttention(_cam.TargetLayers, _common.Explainer):
         if sim is None:
             raise TypeError("SimilarityAttention() missing the similarity model: sim, a whymatch.SimilarityModel "
                             "or an embedding nn.Module")
-        if isinstance(sim, nn.Module) and not isinstance(sim, SimilarityModel):
-            sim = SimilarityModel(sim)
-        self.sim = _common.check_model(sim)
+        super().__init__(sim, batch_size=batch_size, show_progress=show_progress)
         self.mode = V.choice("mode", mode, tuple(TUPLE_SIZES))
-        self.batch_size = V.positive_int("batch_size", batch_size)
         self._layers = _cam.resolve_target_layers(self.sim, target_layers)
 
     # ------------------------------------------------------------ hooks
@@ -209,8 +212,7 @@ class SimilarityAttention(_cam.TargetLayers, _common.Explainer):
         b = imgs[0].shape[0]
         _cam.warn_if_training(self.sim, "SimilarityAttention")
         out: list[list[Tensor]] = [[] for _ in imgs]
-        for i in range(0, b, self.batch_size):
-            j = min(b, i + self.batch_size)
+        for i, j in self._batches(b, "SimilarityAttention tuples"):
             pos = positive[i:j] if isinstance(positive, Tensor) else positive
             for m, mp in enumerate(self._tuple_batch([x[i:j].float() for x in imgs], pos, create_graph)):
                 out[m].append(mp)

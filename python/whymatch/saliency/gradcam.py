@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..ops import _validate as V
 from ..similarity import SimilarityModel
 from . import _cam, _common
+from .base import Explainer
 
 __all__ = ["EmbeddingGradCAM"]
 
 
-class EmbeddingGradCAM(_cam.TargetLayers, _common.Explainer):
+class EmbeddingGradCAM(_cam.TargetLayers, Explainer):
     """Grad-CAM with the pair's similarity as the target.
 
     For a query q and a reference r, with A the query's activations at the target
@@ -40,15 +40,17 @@ class EmbeddingGradCAM(_cam.TargetLayers, _common.Explainer):
         target_layers: a name relative to the embedder (e.g. 'layer4'), a module, or a list of them;
             None picks the last module that runs once per forward pass and outputs a feature map
             with more than one position that the gradient reaches.
-        batch_size: pairs per forward/backward pass.
+        batch_size: pairs per forward/backward pass (None: 64, the base's policy for forward and backward
+            passes, :data:`whymatch.saliency.base.DEFAULT_BATCH_SIZE`).
+        show_progress: show a tqdm progress bar over the batches.
     """
 
+    batch_kind = "pairs"
+    wraps_modules = True
+
     def __init__(self, sim: SimilarityModel | nn.Module, target_layers: object = None, *,
-                 batch_size: int = 64) -> None:
-        if isinstance(sim, nn.Module) and not isinstance(sim, SimilarityModel):
-            sim = SimilarityModel(sim)
-        self.sim = _common.check_model(sim)
-        self.batch_size = V.positive_int("batch_size", batch_size)
+                 batch_size: int | None = None, show_progress: bool = False) -> None:
+        super().__init__(sim, batch_size=batch_size, show_progress=show_progress)
         self._layers = _cam.resolve_target_layers(self.sim, target_layers)
 
     def __enter__(self) -> EmbeddingGradCAM:
@@ -92,12 +94,11 @@ class EmbeddingGradCAM(_cam.TargetLayers, _common.Explainer):
         sim = self.sim
         if return_reference_maps and references is None:
             raise ValueError("return_reference_maps needs reference images, not reference_embeddings")
-        q, r = _common.check_pairs(sim, queries, references, reference_embeddings, need_images=False)
+        q, r = self._pairs(queries, references, reference_embeddings, need_images=False)
         layers = self._layers_for(q)
         _cam.warn_if_training(sim, "EmbeddingGradCAM")
         q_maps, r_maps = [], []
-        for i in range(0, q.shape[0], self.batch_size):
-            j = min(q.shape[0], i + self.batch_size)
+        for i, j in self._batches(q.shape[0], "EmbeddingGradCAM pairs"):
             qx = q[i:j].float().detach().requires_grad_(True)
             with torch.enable_grad():
                 with _cam.ActivationCapture(layers) as cap_q:
@@ -137,8 +138,7 @@ class EmbeddingGradCAM(_cam.TargetLayers, _common.Explainer):
                   reference_embeddings: Tensor | None = None, condition: object = None,
                   return_reference_maps: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Maps (K, H, W) of the query for each of K references (or reference embeddings (K, D))."""
-        queries, references, reference_embeddings = _common.query_as_pairs(self.sim, query, references,
-                                                                           reference_embeddings)
+        queries, references, reference_embeddings = self._as_pairs(query, references, reference_embeddings)
         return self.attribute_pairs(queries, references,
                                     reference_embeddings=reference_embeddings, condition=condition,
                                     return_reference_maps=return_reference_maps)

@@ -14,6 +14,7 @@ from torch import Tensor
 from ..ops import _validate as V
 from ..similarity import SimilarityModel
 from . import _common
+from .base import Explainer, PairInputs
 
 __all__ = ["LIME", "LimeResult", "make_segments", "kernel_weights", "weighted_lasso", "weighted_ridge"]
 
@@ -297,7 +298,7 @@ def _weighted_r2(x: Tensor, y: Tensor, w: Tensor, coef: Tensor, intercepts: Tens
 
 
 # ---------------------------------------------------------------- explainer
-class LIME(_common.Explainer):
+class LIME(Explainer):
     """Black-box saliency for a pair from a local linear model over superpixels.
 
     The query is cut into S superpixels once (whatever the number of
@@ -379,7 +380,8 @@ class LIME(_common.Explainer):
         kernel_width: width of LIME's kernel on the cosine distance (LIME: 0.25).
         solver: 'lasso' or 'ridge'.
         alpha: penalty (>= 0); None: see above.
-        batch_size: perturbed images per forward pass.
+        batch_size: perturbed images per forward pass (None: 256, the base's policy for forward passes,
+            :data:`whymatch.saliency.base.DEFAULT_BATCH_SIZE`; was 250).
         seed: seed of the samples (None: a fresh random seed each call).
         show_progress: show a tqdm progress bar.
     """
@@ -388,8 +390,8 @@ class LIME(_common.Explainer):
                  n_segments: int = 50, baseline: float | str | Tensor = 0.0,
                  input_mean: float | Sequence[float] | None = None, input_std: float | Sequence[float] | None = None,
                  kernel_width: float = 0.25, solver: str = "lasso", alpha: float | None = None,
-                 batch_size: int = 250, seed: int | None = 0, show_progress: bool = False) -> None:
-        self.sim = _common.check_model(sim)
+                 batch_size: int | None = None, seed: int | None = 0, show_progress: bool = False) -> None:
+        super().__init__(sim, batch_size=batch_size, show_progress=show_progress)
         self.n_samples = V.positive_int("n_samples", n_samples)
         self.segments = _check_segments(segments)
         self.n_segments = V.positive_int("n_segments", n_segments)
@@ -401,18 +403,16 @@ class LIME(_common.Explainer):
         else:
             V.real("baseline", baseline)
         self.baseline = baseline
-        ch = sim.in_channels
+        ch = self.sim.in_channels
         self.input_mean = _stats("input_mean", input_mean, positive=False, channels=ch)
         self.input_std = _stats("input_std", input_std, positive=True, channels=ch)
         self.kernel_width = V.real("kernel_width", kernel_width, low=0.0, open_low=True)
         self.solver = V.choice("solver", solver, SOLVERS)
         self.alpha = None if alpha is None else V.real("alpha", alpha, low=0.0)
-        self.batch_size = V.positive_int("batch_size", batch_size)
         _common.generator(seed)  # validates the seed
         self.seed = seed
-        self.show_progress = bool(show_progress)
 
-    def _check_settings(self, inp: _common.PairInputs) -> None:
+    def _check_settings(self, inp: PairInputs) -> None:
         h, w = inp.query.shape[1:]
         if isinstance(self.segments, Tensor) and tuple(self.segments.shape) != (h, w):
             raise ValueError(f"segments must have the query's shape ({h}, {w}), got {tuple(self.segments.shape)}")
@@ -455,7 +455,7 @@ class LIME(_common.Explainer):
         fmt = torch.channels_last if sim.channels_last else torch.contiguous_format
         img, base = image.to(dtype), base.to(dtype)
         chunks = []
-        for i, j in _common.batches(samples.shape[0], self.batch_size, show=self.show_progress, desc="LIME samples"):
+        for i, j in self._batches(samples.shape[0], "LIME samples"):
             keep = samples[i:j][:, seg]                        # (b, H, W) bool
             batch = torch.where(keep[:, None], img, base).contiguous(memory_format=fmt)
             chunks.append(sim(batch))
@@ -483,9 +483,7 @@ class LIME(_common.Explainer):
             (K, H, W) float32 maps on the query's device, each pixel the signed,
             unnormalized coefficient of its superpixel; or a :class:`LimeResult`.
         """
-        sim = self.sim
-        inp = _common.prepare(sim, query, references, reference_embeddings=reference_embeddings,
-                              batch_size=self.batch_size)
+        inp = self._inputs(query, references, reference_embeddings)
         q = inp.query
         device = q.device
         gen = _common.generator(self.seed if seed is None else seed)

@@ -11,6 +11,7 @@ from torch import Tensor
 from ..ops import _validate as V
 from ..similarity import SimilarityModel
 from . import _common
+from .base import Explainer
 
 __all__ = ["Mask", "PRESETS", "median_blur", "gaussian_blur"]
 
@@ -76,7 +77,7 @@ def _tv(m: Tensor, beta: float) -> Tensor:
     return dy + dx
 
 
-class Mask(_common.Explainer):
+class Mask(Explainer):
     """The smallest, smoothest deletion that destroys the match, learned by gradient descent.
 
     For each pair (query q, reference r) a low-resolution mask m in [0, 1]
@@ -163,18 +164,21 @@ class Mask(_common.Explainer):
         noise_std: std of the noise added to the blended input at every step, in the space of the
             images given to the SimilarityModel (0: none).
         fixed_reference: False learns a reference mask too (both-images mode).
-        batch_size: pairs per optimization batch.
+        batch_size: pairs per optimization batch (None: 64, the base's policy for forward and backward
+            passes, :data:`whymatch.saliency.base.DEFAULT_BATCH_SIZE`).
         seed: seed of the noise (None: fresh randomness each call).
         show_progress: tqdm bar over the steps.
     """
+
+    batch_kind = "pairs"
 
     def __init__(self, sim: SimilarityModel, *, preset: str = "real", mask_size: int | None = None,
                  n_iter: int | None = None, lr: float | None = None, l1_coeff: float | None = None,
                  tv_coeff: float | None = None, tv_beta: float | None = None, perturbation: str | None = None,
                  blur_size: int | None = None, blur_sigma: float = 10.0,
                  baseline: float | str | Tensor = 0.0, noise_std: float | None = None, fixed_reference: bool = True,
-                 batch_size: int = 64, seed: int | None = 0, show_progress: bool = False) -> None:
-        self.sim = _common.check_model(sim)
+                 batch_size: int | None = None, seed: int | None = 0, show_progress: bool = False) -> None:
+        super().__init__(sim, batch_size=batch_size, show_progress=show_progress)
         self.preset = V.choice("preset", preset, tuple(PRESETS))
         given = dict(mask_size=mask_size, n_iter=n_iter, lr=lr, l1_coeff=l1_coeff, tv_coeff=tv_coeff,
                      tv_beta=tv_beta, perturbation=perturbation, blur_size=blur_size, noise_std=noise_std)
@@ -194,10 +198,8 @@ class Mask(_common.Explainer):
         self.baseline = baseline
         self.noise_std = V.real("noise_std", noise_std, low=0.0)
         self.fixed_reference = bool(fixed_reference)
-        self.batch_size = V.positive_int("batch_size", batch_size)
         _common.generator(seed)  # validates the seed
         self.seed = seed
-        self.show_progress = bool(show_progress)
         #: mean similarity of the perturbed pairs at each step of the last batch (for inspection)
         self.last_history: list[float] = []
 
@@ -318,7 +320,7 @@ class Mask(_common.Explainer):
         both = not self.fixed_reference
         if return_reference_maps and not both:
             raise ValueError("return_reference_maps needs fixed_reference=False (the reference is not masked)")
-        q, r = _common.check_pairs(sim, queries, references, reference_embeddings, need_images=both)
+        q, r = self._pairs(queries, references, reference_embeddings, need_images=both)
         q, r = q.float(), r.float()
         from . import _cam
 
@@ -351,8 +353,7 @@ class Mask(_common.Explainer):
                   reference_embeddings: Tensor | None = None, condition: object = None,
                   seed: int | None = None) -> Tensor:
         """Saliency (K, H, W) of the query for each of K references (K pairs optimized in one batch)."""
-        queries, references, reference_embeddings = _common.query_as_pairs(self.sim, query, references,
-                                                                           reference_embeddings)
+        queries, references, reference_embeddings = self._as_pairs(query, references, reference_embeddings)
         return self.attribute_pairs(queries, references,
                                     reference_embeddings=reference_embeddings, condition=condition, seed=seed)
 

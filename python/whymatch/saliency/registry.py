@@ -125,8 +125,13 @@ class ExplainerSpec:
     def build(self, sim, settings: object = None, **overrides):
         """The explainer configured from ``settings`` (any object with the option ``setting`` attributes, e.g.
         a JobSettings; a missing attribute or None: the explainer's default) and ``overrides`` (by setting)."""
+        opts = self.all_options()
+        unknown = sorted(set(overrides) - {o.setting for o in opts})
+        if unknown:
+            raise ValueError(f"{self.name} takes the settings {', '.join(o.setting for o in opts)}; got "
+                             f"{', '.join(unknown)}")
         kw = dict(self.fixed)
-        for o in self.all_options():
+        for o in opts:
             v = overrides[o.setting] if o.setting in overrides else getattr(settings, o.setting, None)
             if v is not None:
                 kw[o.param] = v
@@ -152,7 +157,7 @@ SHARED_OPTIONS: tuple[Option, ...] = (
     _opt("seed", "seed", "--seed", "seed of the random masks, samples and noise", RISE, LIME, Mask,
          low=-(2**63), high=2**64 - 1),
     _opt("show_progress", "show_progress", "--progress", "also show each method's own progress bar",
-         RISE, SlidingWindow, LIME, Mask, type=bool),
+         RISE, SlidingWindow, LIME, Mask, SimilarityAttention, EmbeddingGradCAM, type=bool),
 )
 
 _SPECS = (
@@ -180,9 +185,9 @@ _SPECS = (
              job_default=500, why="the jobs' default from before the 'real' preset (100 steps); not re-chosen"),
     ), shared=("fixed_reference", "seed", "show_progress")),
     ExplainerSpec("attention", SimilarityAttention, "similarity attention: gradient maps of a Siamese pair",
-                  (_TARGET_LAYER,), fixed=MappingProxyType({"mode": "siamese"})),
+                  (_TARGET_LAYER,), shared=("show_progress",), fixed=MappingProxyType({"mode": "siamese"})),
     ExplainerSpec("gradcam", EmbeddingGradCAM, "EmbeddingGradCAM: Grad-CAM of the pair's similarity",
-                  (_TARGET_LAYER,)),
+                  (_TARGET_LAYER,), shared=("show_progress",)),
 )
 
 #: name -> spec, in report order (black-box methods first, then the gradient methods)

@@ -10,6 +10,7 @@ from ..ops import _validate as V
 from ..ops.reference import rise_grid_geometry
 from ..similarity import SimilarityModel
 from . import _common
+from .base import Explainer, PairInputs
 
 __all__ = ["RISE", "NORMALIZE"]
 
@@ -17,7 +18,7 @@ NORMALIZE = ("centered", "rise", "sane")
 """The ``normalize`` choices of :class:`RISE`; the first is the default."""
 
 
-class RISE(_common.Explainer):
+class RISE(Explainer):
     """Black-box saliency for a pair: which query pixels make it similar to each reference.
 
     N random low-resolution binary grids (s x s, each cell on with probability p)
@@ -66,7 +67,8 @@ class RISE(_common.Explainer):
             of ``benchmarks/realphoto_table.py --sweep`` (EfficientNet-lite0, 8 pairs, 112 px, 300 masks,
             p 0.5): pointing 0.88 at s = 6, 0.62 at 4, 0.50 at 8; p = 0.3 at s = 6 gave 0.75.
         p: probability that a grid cell keeps its pixels, in (0, 1).
-        batch_size: perturbed images per forward pass.
+        batch_size: perturbed images per forward pass (None: 256, the base's policy for forward passes,
+            :data:`whymatch.saliency.base.DEFAULT_BATCH_SIZE`).
         baseline: what masked pixels become: a number, 'mean' (per-channel mean
             of the image) or a tensor broadcastable to (C, H, W), in the space of
             the images given to the SimilarityModel.
@@ -79,21 +81,19 @@ class RISE(_common.Explainer):
     """
 
     def __init__(self, sim: SimilarityModel, n_masks: int = 2000, grid: int = 6, p: float = 0.5, *,
-                 batch_size: int = 256, baseline: float | str | Tensor = 0.0, normalize: str = "centered",
+                 batch_size: int | None = None, baseline: float | str | Tensor = 0.0, normalize: str = "centered",
                  fixed_reference: bool = True, n_reference_masks: int = 30, seed: int | None = 0,
                  show_progress: bool = False) -> None:
-        self.sim = _common.check_model(sim)
+        super().__init__(sim, batch_size=batch_size, show_progress=show_progress)
         self.n_masks = V.positive_int("n_masks", n_masks)
         self.grid = V.positive_int("grid", grid)
         self.p = V.real("p", p, low=0.0, high=1.0, open_low=True, open_high=True)
-        self.batch_size = V.positive_int("batch_size", batch_size)
         self.baseline = baseline
         self.normalize = V.choice("normalize", normalize, NORMALIZE)
         self.fixed_reference = bool(fixed_reference)
         self.n_reference_masks = V.positive_int("n_reference_masks", n_reference_masks)
         _common.generator(seed)  # validates the seed
         self.seed = seed
-        self.show_progress = bool(show_progress)
 
     def generate_masks(self, size: tuple[int, int], n: int, gen: torch.Generator,
                        device: torch.device) -> tuple[Tensor, Tensor]:
@@ -115,7 +115,7 @@ class RISE(_common.Explainer):
         # one model input buffer, reused by every batch (no per-batch allocation)
         buf = torch.empty((min(self.batch_size, grids.shape[0]), *image.shape), dtype=dtype, device=image.device,
                           memory_format=fmt)
-        for i, j in _common.batches(grids.shape[0], self.batch_size, show=self.show_progress, desc=desc):
+        for i, j in self._batches(grids.shape[0], desc):
             batch = ops.rise_apply(grids[i:j], shifts[i:j], image, baseline, channels_last=sim.channels_last,
                                    out=buf[:j - i])
             emb = sim(batch)
@@ -144,8 +144,7 @@ class RISE(_common.Explainer):
             unnormalized (higher: the pixel supports the similarity more).
         """
         sim = self.sim
-        inp = _common.prepare(sim, query, references, reference_embeddings=reference_embeddings,
-                              batch_size=self.batch_size, need_images=not self.fixed_reference)
+        inp = self._inputs(query, references, reference_embeddings, need_images=not self.fixed_reference)
         q = inp.query
         c, h, w = q.shape
         self._check_settings(inp)
@@ -194,7 +193,7 @@ class RISE(_common.Explainer):
                                  "or the baseline equals the image)", atol=atol)
         return maps
 
-    def _check_settings(self, inp: _common.PairInputs) -> None:
+    def _check_settings(self, inp: PairInputs) -> None:
         _common.check_drawn(self.n_masks, self.grid * self.grid, "masks", "n_masks and grid")
         if not self.fixed_reference:
             _common.check_drawn(self.n_reference_masks, self.grid * self.grid, "reference masks",

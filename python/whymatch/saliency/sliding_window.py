@@ -8,6 +8,7 @@ from torch import Tensor
 from ..ops import _validate as V
 from ..similarity import SimilarityModel
 from . import _common
+from .base import Explainer, PairInputs
 
 __all__ = ["SlidingWindow", "window_boxes"]
 
@@ -68,7 +69,7 @@ def _coverage(boxes: Tensor, size: tuple[int, int], values: Tensor) -> tuple[Ten
     return acc, cnt
 
 
-class SlidingWindow(_common.Explainer):
+class SlidingWindow(Explainer):
     """Occlusion saliency for a pair: how much the similarity drops when a window of the query is hidden.
 
     For each window position the window is replaced by the baseline; the
@@ -96,7 +97,8 @@ class SlidingWindow(_common.Explainer):
         stride: step in pixels (int or (h, w)); default window // 4.
         padding: how far the window canvas reaches beyond each border; default window // 4.
         baseline: what occluded pixels become: a number, 'mean' or a tensor.
-        batch_size: occluded images per forward pass.
+        batch_size: occluded images per forward pass (None: 256, the base's policy for forward passes,
+            :data:`whymatch.saliency.base.DEFAULT_BATCH_SIZE`).
         fixed_reference: False occludes the references too.
         reference_window, reference_stride: the references' windows in
             both-images mode; default: the query's window, stride = window
@@ -106,10 +108,10 @@ class SlidingWindow(_common.Explainer):
 
     def __init__(self, sim: SimilarityModel, window: int | tuple[int, int] | None = None,
                  stride: int | tuple[int, int] | None = None, *, padding: int | tuple[int, int] | None = None,
-                 baseline: float | str | Tensor = 0.0, batch_size: int = 256, fixed_reference: bool = True,
+                 baseline: float | str | Tensor = 0.0, batch_size: int | None = None, fixed_reference: bool = True,
                  reference_window: int | tuple[int, int] | None = None,
                  reference_stride: int | tuple[int, int] | None = None, show_progress: bool = False) -> None:
-        self.sim = _common.check_model(sim)
+        super().__init__(sim, batch_size=batch_size, show_progress=show_progress)
         self.window = None if window is None else _pair("window", window)
         self.stride = None if stride is None else _pair("stride", stride)
         if padding is not None:
@@ -120,11 +122,9 @@ class SlidingWindow(_common.Explainer):
             padding = (V.positive_int("padding[0]", padding[0], 0), V.positive_int("padding[1]", padding[1], 0))
         self.padding = padding
         self.baseline = baseline
-        self.batch_size = V.positive_int("batch_size", batch_size)
         self.fixed_reference = bool(fixed_reference)
         self.reference_window = None if reference_window is None else _pair("reference_window", reference_window)
         self.reference_stride = None if reference_stride is None else _pair("reference_stride", reference_stride)
-        self.show_progress = bool(show_progress)
 
     def boxes(self, size: tuple[int, int], reference: bool = False) -> Tensor:
         """Window boxes (n, 4) (y0, x0, y1, x1) used for an image of ``size``."""
@@ -147,7 +147,7 @@ class SlidingWindow(_common.Explainer):
         base = _common.baseline_image(self.baseline, image)
         dtype = sim.input_dtype(image.device)
         out = []
-        for i, j in _common.batches(boxes.shape[0], self.batch_size, show=self.show_progress, desc=desc):
+        for i, j in self._batches(boxes.shape[0], desc):
             out.append(sim(_occluded(image, base, boxes[i:j], dtype)))
         return torch.cat(out)
 
@@ -167,8 +167,7 @@ class SlidingWindow(_common.Explainer):
             drop of the windows covering each pixel.
         """
         sim = self.sim
-        inp = _common.prepare(sim, query, references, reference_embeddings=reference_embeddings,
-                              batch_size=self.batch_size, need_images=not self.fixed_reference)
+        inp = self._inputs(query, references, reference_embeddings, need_images=not self.fixed_reference)
         q = inp.query
         h, w = q.shape[1:]
         boxes = self.boxes((h, w))
@@ -196,7 +195,7 @@ class SlidingWindow(_common.Explainer):
                                  "ignores the query, or the baseline equals the image)")
         return maps
 
-    def _check_settings(self, inp: _common.PairInputs) -> None:
+    def _check_settings(self, inp: PairInputs) -> None:
         self.boxes(tuple(inp.query.shape[1:]))
         if not self.fixed_reference and inp.references is not None:
             self.boxes(tuple(inp.references.shape[2:]), reference=True)
