@@ -25,7 +25,7 @@ import contextlib
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from .. import _checks as V
 from ..train import checkpoint as C
 from ..train.distributed import all_gather_shares, default_device, dist_info, shares
 from ..train.loop import CheckpointedLoop, _describe_module, _model_settings, _seed_of, best_score_alias
+from ..train.tasks import RUN_OPTIONS
 from .cache import SaliencyCache
 from .losses import AttributeLoss
 from .model import ATTRIBUTE_BACKBONES, AttributeModel, attribute_model_state, build_attribute_model
@@ -83,38 +84,50 @@ class SANEConfig:
         seed, device, resume, overwrite, show_progress, num_workers, eval_batch_size: as for the other
             trainers (a new run refuses an ``out`` holding another unless ``overwrite``; a resumed run
             refuses any other setting than those of :data:`whymatch.train.checkpoint.RESUMABLE`).
+
+    The fields that are options of ``whymatch train sane`` carry their CLI help and choices in their
+    metadata (see :class:`whymatch.train.TrainConfig`).
     """
 
-    data: str = "shapesworld"
-    backbone: str = "shapes"
-    out: str = "whymatch-sane"
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 5e-4
-    lr_decay: float = 0.985
-    lam: float = 5e-3
-    normalize: str = "softmax"
+    data: str = field(default="shapesworld", metadata=dict(
+        help="shapesworld, or awa2:PATH, polyvore:PATH (local copies)"))
+    backbone: str = field(default="shapes", metadata=dict(
+        help="randomly initialized trunk (default %(default)s; SANE: resnet50)", choices=ATTRIBUTE_BACKBONES))
+    out: str = field(default="whymatch-sane", metadata=dict(
+        help="output directory (checkpoints, metrics.jsonl, model.pt, saliency/)"))
+    epochs: int = field(default=20, metadata=dict(help=None))
+    batch_size: int = field(default=64, metadata=dict(help="images per batch per rank (default %(default)s)"))
+    lr: float = field(default=5e-4, metadata=dict(help="Adam learning rate (default %(default)s)"))
+    lr_decay: float = field(default=0.985, metadata=dict(help="per-epoch lr factor (default %(default)s)"))
+    lam: float = field(default=5e-3, metadata=dict(
+        help="weight of the saliency matching term; 0: no saliency maps (default %(default)s)"))
+    normalize: str = field(default="softmax", metadata=dict(
+        help="spatial normalization of the maps in the matching term (default %(default)s)",
+        choices=("softmax", "l1")))
     distance: str = "squared"
-    temperature: float = 0.05
-    k_maps: int = 5
-    n_masks: int = 500
+    temperature: float = field(default=0.05, metadata=dict(
+        help="softmax temperature of the saliency maps (default %(default)s)"))
+    k_maps: int = field(default=5, metadata=dict(help="saliency maps per training image (default %(default)s)"))
+    n_masks: int = field(default=500, metadata=dict(help="RISE masks per saliency map (default %(default)s)"))
     rise_grid: int = 8
     rise_p: float = 0.5
     rise_batch_size: int = 250
-    saliency_size: int = 48
-    similarity: str | None = None
-    image_size: int | None = None
-    n_train: int = 3000
-    n_val: int = 1000
+    saliency_size: int = field(default=48, metadata=dict(help="side of the cached maps (default %(default)s)"))
+    similarity: str | None = field(default=None, metadata=dict(
+        help="'package.module:factory' of the similarity model to explain (default: the shipped ShapesWorld "
+             "model; needed for awa2 / polyvore unless --lam 0)"))
+    image_size: int | None = field(default=None, metadata=dict(help="shapesworld image side (default 96)"))
+    n_train: int = field(default=3000, metadata=dict(help="shapesworld: training images"))
+    n_val: int = field(default=1000, metadata=dict(help="shapesworld: validation images (held-out classes)"))
     labels: str = "all"
     mu: float = 0.0
-    flip: bool = True
-    seed: int = 0
-    device: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    show_progress: bool = True
-    num_workers: int = 0
+    flip: bool = field(default=True, metadata=RUN_OPTIONS["flip"])
+    seed: int = field(default=0, metadata=RUN_OPTIONS["seed"])
+    device: str | None = field(default=None, metadata=RUN_OPTIONS["device"])
+    resume: bool = field(default=False, metadata=RUN_OPTIONS["resume"])
+    overwrite: bool = field(default=False, metadata=RUN_OPTIONS["overwrite"])
+    show_progress: bool = field(default=True, metadata=RUN_OPTIONS["show_progress"])
+    num_workers: int = field(default=0, metadata=RUN_OPTIONS["num_workers"])
     eval_batch_size: int = 256
 
 

@@ -16,7 +16,7 @@ loss's betas); the published code trains coef, bias and the proxies together as 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor, nn
@@ -236,17 +236,29 @@ class AVSLConfig(TrainConfig):
     recipe a config was built from by :meth:`from_recipe` (train_avsl does not apply it).
     """
 
-    topk: int = 128
-    momentum: float = 0.5
-    gamma: float = 10.0
-    reliability: str = "map"
-    loss: str = "proxyanchor"
-    use_proxy: bool = True
-    level_weights: tuple[float, ...] | None = None
-    neg_margin: float = 2.2
-    overall_neg_margin: float | None = None
+    topk: int = field(default=128, metadata=dict(help="lower-level nodes per upper node (default %(default)s)"))
+    momentum: float = field(default=0.5, metadata=dict(help="edge momentum (default %(default)s)"))
+    gamma: float = field(default=10.0, metadata=dict(help="reliability sigmoid sharpness (default %(default)s)"))
+    reliability: str = field(default="map", metadata=dict(
+        help="CAM minimum over the whole map, or over the last axis as published (default %(default)s)",
+        choices=("map", "published")))
+    loss: str = field(default="proxyanchor", metadata=dict(
+        help="distance-matrix loss per level and on the overall distance (default %(default)s)",
+        choices=("proxyanchor", "margin")))
+    use_proxy: bool = field(default=True, metadata=dict(
+        option="--no-proxy", help="in-batch anchors instead of one proxy per class"))
+    level_weights: tuple[float, ...] | None = field(default=None, metadata=dict(
+        help="comma-separated loss weight per level, low to high (default 1,0.2,1)"))
+    neg_margin: float = field(default=2.2, metadata=dict(
+        help="ProxyAnchor negative margin of the level losses (default %(default)s; published SOP: 2.4)"))
+    overall_neg_margin: float | None = field(default=None, metadata=dict(
+        help="ProxyAnchor negative margin of the overall distance's loss (default: --neg-margin)"))
     stop_after: int | None = None
-    recipe: str | None = None
+    recipe: str | None = field(default=None, metadata=dict(
+        help="published: the published runs' settings for --data (cub, cars196, sop; shapesworld gets CUB's): "
+             "per-group lrs, weight decay, 5 epochs with the backbone frozen, step decay, 61 epochs, batches of "
+             "180 (90 x 2), ResNet-50, 512 nodes, level weights; options given explicitly win",
+        choices=AVSL_RECIPES))
 
     @classmethod
     def from_recipe(cls, recipe: str, **overrides) -> AVSLConfig:

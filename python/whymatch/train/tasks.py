@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from .. import _checks as V
 from ..similarity import SimilarityModel
+from .trainer import SCHEDULERS
 
 __all__ = ["BACKBONES", "METRIC_LOSSES", "DATASETS", "TensorImages", "build_backbone", "build_data",
            "data_info", "task_config", "prepare_run", "build_metric_loss", "TrainConfig", "MiningConfig", "train_mining", "mining_group_layout",
@@ -23,6 +24,16 @@ __all__ = ["BACKBONES", "METRIC_LOSSES", "DATASETS", "TensorImages", "build_back
 BACKBONES = ("shapes", "resnet18", "resnet50")
 METRIC_LOSSES = ("contrastive", "triplet", "margin", "proxyanchor")
 DATASETS = ("shapesworld", "cub", "cars196", "sop")
+#: Field metadata (CLI help, switch name) of the run settings every trainer's config has (TrainConfig, SANEConfig).
+RUN_OPTIONS = {
+    "flip": dict(option="--no-flip", help="no random horizontal flips"),
+    "num_workers": dict(help=None),
+    "resume": dict(help="continue from OUT/checkpoint.pt"),
+    "overwrite": dict(help="replace the run already in OUT (refused without it; not with --resume)"),
+    "seed": dict(help=None),
+    "device": dict(help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)"),
+    "show_progress": dict(option="--quiet", help="no progress bar or per-epoch lines"),
+}
 
 
 class TensorImages(Dataset):
@@ -260,37 +271,56 @@ class TrainConfig:
 
     ``overwrite`` replaces a run already in ``out`` (refused otherwise); ``resume`` continues it with
     the stored settings (only those of :data:`whymatch.train.checkpoint.RESUMABLE` may change).
+
+    The metadata of a field that is a CLI option holds its ``help`` (``%(default)s``: the field's default;
+    ``{groups}``: the task's parameter groups), its ``choices`` and, for a switch that turns a True field
+    off, its ``option`` (e.g. ``--no-flip``); ``whymatch.cli`` generates the options from them.
     """
 
-    data: str = "shapesworld"
-    backbone: str = "shapes"
-    out: str = "whymatch-train"
-    epochs: int = 8
-    batch_p: int = 16
-    batch_k: int = 4
-    lr: float = 1e-3
-    loss_lr: float | None = None
-    weight_decay: float = 1e-4
-    embedding_dim: int = 64
-    image_size: int | None = None
-    n_train: int = 9000
-    n_test: int = 3000
-    seed: int = 0
-    device: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    flip: bool = True
-    warmup_steps: int = 0
-    batches_per_epoch: int | None = None
-    num_workers: int = 0
-    show_progress: bool = True
-    scheduler: str = "cosine"
-    milestones: tuple[int, ...] = ()
-    lr_decay: float = 0.1
-    warmup_epochs: int = 0
-    group_lr: dict = field(default_factory=dict)
-    freeze_epochs: int = 0
-    freeze_groups: tuple[str, ...] = ("backbone",)
+    data: str = field(default="shapesworld", metadata=dict(help="shapesworld, or cub:PATH, cars196:PATH, sop:PATH "
+                                                                 "(local copies)"))
+    backbone: str = field(default="shapes", metadata=dict(help="randomly initialized embedder (default %(default)s)",
+                                                          choices=BACKBONES))
+    out: str = field(default="whymatch-train", metadata=dict(help="output directory (checkpoints, metrics.jsonl, "
+                                                                  "model.pt)"))
+    epochs: int = field(default=8, metadata=dict(help=None))
+    batch_p: int = field(default=16, metadata=dict(help="classes per batch (default %(default)s)"))
+    batch_k: int = field(default=4, metadata=dict(help="images per class per batch (default %(default)s)"))
+    lr: float = field(default=1e-3, metadata=dict(help="AdamW learning rate (default %(default)s)"))
+    loss_lr: float | None = field(default=None, metadata=dict(
+        help="learning rate of the loss's parameters, e.g. proxies (default 100 x --lr)"))
+    weight_decay: float = field(default=1e-4, metadata=dict(help=None))
+    embedding_dim: int = field(default=64, metadata=dict(help=None))
+    image_size: int | None = field(default=None, metadata=dict(help="default 96 (shapesworld) or 224"))
+    n_train: int = field(default=9000, metadata=dict(help="shapesworld: training images"))
+    n_test: int = field(default=3000, metadata=dict(help="shapesworld: test images (held-out classes)"))
+    seed: int = field(default=0, metadata=RUN_OPTIONS["seed"])
+    device: str | None = field(default=None, metadata=RUN_OPTIONS["device"])
+    resume: bool = field(default=False, metadata=RUN_OPTIONS["resume"])
+    overwrite: bool = field(default=False, metadata=RUN_OPTIONS["overwrite"])
+    flip: bool = field(default=True, metadata=RUN_OPTIONS["flip"])
+    warmup_steps: int = field(default=0, metadata=dict(
+        help="linear learning-rate warm-up over this many steps (default 0)"))
+    batches_per_epoch: int | None = field(default=None, metadata=dict(help="default: train size / (P K)"))
+    num_workers: int = field(default=0, metadata=RUN_OPTIONS["num_workers"])
+    show_progress: bool = field(default=True, metadata=RUN_OPTIONS["show_progress"])
+    scheduler: str = field(default="cosine", metadata=dict(
+        help="per-step learning-rate factor: cosine decay to 0, step (x --lr-decay at each of --milestones) or "
+             "none (default %(default)s)", choices=SCHEDULERS))
+    milestones: tuple[int, ...] = field(default=(), metadata=dict(
+        help="--scheduler step: comma-separated epochs (0-based) at which the lr is multiplied by --lr-decay, "
+             "e.g. 20,40"))
+    lr_decay: float = field(default=0.1, metadata=dict(
+        help="--scheduler step: factor per milestone, in (0, 1] (default %(default)s)"))
+    warmup_epochs: int = field(default=0, metadata=dict(
+        help="the same warm-up in epochs (not both); the published AVSL code's 'warm up' is --freeze-epochs"))
+    group_lr: dict = field(default_factory=dict, metadata=dict(
+        help="learning rates of parameter groups, NAME=LR,... with NAME in {groups}; the others take --lr "
+             "(--loss-lr for 'loss')"))
+    freeze_epochs: int = field(default=0, metadata=dict(
+        help="do not update --freeze-groups during the first this many epochs (default 0)"))
+    freeze_groups: tuple[str, ...] = field(default=("backbone",), metadata=dict(
+        help="comma-separated groups to freeze, of {groups} (default backbone)"))
     extra: dict = field(default_factory=dict)
 
 
@@ -298,12 +328,16 @@ class TrainConfig:
 class MiningConfig(TrainConfig):
     """Settings of ``whymatch train mining``: :class:`TrainConfig` plus the loss's."""
 
-    loss: str = "triplet"
-    mode: str = "triplet"
-    gamma: float = 1.0
-    alpha: float = 10.0
-    beta: float = 0.5
-    mining: bool = True
+    loss: str = field(default="triplet", metadata=dict(
+        help="metric loss L_ml from pytorch-metric-learning (default %(default)s)", choices=METRIC_LOSSES))
+    mode: str = field(default="triplet", metadata=dict(
+        help="tuple form of the attention and of L_sm (default %(default)s)",
+        choices=("siamese", "triplet", "quadruplet")))
+    gamma: float = field(default=1.0, metadata=dict(help="weight of L_sm (default %(default)s)"))
+    alpha: float = field(default=10.0, metadata=dict(help="soft-mask sharpness (default %(default)s)"))
+    beta: float = field(default=0.5, metadata=dict(help="soft-mask threshold (default %(default)s)"))
+    mining: bool = field(default=True, metadata=dict(option="--no-mining",
+                                                     help="train with L_ml alone (the baseline)"))
 
 
 def train_mining(cfg: MiningConfig):
