@@ -169,3 +169,18 @@ def test_show_progress_draws_one_bar_over_the_batches(name, capsys):
         warnings.simplefilter("ignore")
         ex.attribute(q, refs)
     assert "batch" in capsys.readouterr().err
+
+
+def test_job_settings_take_their_defaults_from_the_registry():
+    import dataclasses
+
+    settings = {o.setting for o in registry.SHARED_OPTIONS} | {o.setting for s in registry.EXPLAINERS.values()
+                                                                for o in s.options}
+    fields = {f.name for f in dataclasses.fields(jobs.JobSettings)}
+    assert fields - settings == {"n_steps"}  # every other field is a registered method setting
+    d = jobs.JobSettings()
+    for name in fields & settings:
+        assert getattr(d, name) == registry.setting_default(name)
+    own = inspect.signature(saliency.RISE.__init__).parameters
+    assert (d.grid, d.p) == (own["grid"].default, own["p"].default)  # RISE's own defaults, not a copy
+    assert jobs.make_explainer("rise", tiny_sim(), d).grid == saliency.RISE(tiny_sim()).grid

@@ -25,22 +25,35 @@ from .similarity import SimilarityModel
 METHODS = _registry.method_names()
 
 
+_default = _registry.setting_default
+
+
 @dataclass
 class JobSettings:
-    n_masks: int = 1000
-    grid: int = 8
-    p: float = 0.5
-    batch_size: int = 250
-    window: int | None = None
-    stride: int | None = None
-    fixed_reference: bool = True
-    seed: int = 0
+    """The settings of a demo or explain job.
+
+    Every field but ``n_steps`` is a method setting, and its default is read from
+    :mod:`whymatch.saliency.registry`: the explainer's own constructor default (RISE's ``grid`` 6 and ``p``,
+    the sliding window's ``window``/``stride``, LIME's ``n_samples`` as ``lime_samples``, ...), or the
+    registry's job default where the jobs deliberately differ, with its reason there (``n_masks`` 1000,
+    ``batch_size`` 250, ``lime_segments`` 'slic', ``mask_iters`` 500). ``n_steps``: insertion/deletion steps
+    of the scoring.
+    """
+
+    n_masks: int = _default("n_masks")
+    grid: int = _default("grid")
+    p: float = _default("p")
+    batch_size: int = _default("batch_size")
+    window: int | None = _default("window")
+    stride: int | None = _default("stride")
+    fixed_reference: bool = _default("fixed_reference")
+    seed: int = _default("seed")
     n_steps: int = 50
-    show_progress: bool = False
-    lime_samples: int = 1000
-    lime_segments: str = "slic"
-    mask_iters: int = 500
-    target_layer: str | None = None
+    show_progress: bool = _default("show_progress")
+    lime_samples: int = _default("lime_samples")
+    lime_segments: str = _default("lime_segments")
+    mask_iters: int = _default("mask_iters")
+    target_layer: str | None = _default("target_layer")
 
 
 def make_explainer(method: str, sim: SimilarityModel, s: JobSettings):
@@ -222,7 +235,7 @@ def method_passes(method: str, sim: SimilarityModel, s: JobSettings, size: tuple
     pass counted as two forwards)."""
     both = not s.fixed_reference
     if method == "rise":
-        return s.n_masks + (k * 30 if both else 0) + k
+        return s.n_masks + (k * make_explainer("rise", sim, s).n_reference_masks if both else 0) + k
     if method == "sliding":
         ex = make_explainer("sliding", sim, s)
         n = ex.boxes(size).shape[0] + k
