@@ -5,6 +5,7 @@
 #include "bindings_mining.h"
 #include "common/cpu_isa.h"
 #include "common/parallel.h"
+#include "op_table.h"
 
 #include <atomic>
 #include <cstring>
@@ -24,7 +25,7 @@ PYBIND11_MODULE(_C, m) {
       m, [](const whymatch::AvslParams& p, int t) { whymatch::avsl_distance_cpu(p, t); },
       [](const whymatch::AvslParams& p, int t) { whymatch::avsl_distance_backward_cpu(p, t); },
       [](const whymatch::AvslParams& p, int t) { whymatch::avsl_topk_cpu(p, t); },
-      [](const whymatch::AvslParams&, int) -> int64_t { return 0; },
+      [](const whymatch::AvslParams&, whymatch::AvslWorkspace) -> int64_t { return 0; },
       [](void* dst, uintptr_t src, int64_t bytes, int) {
         std::memcpy(dst, reinterpret_cast<const void*>(src), static_cast<size_t>(bytes));
       });
@@ -68,4 +69,5 @@ PYBIND11_MODULE(_C, m) {
       },
       pybind11::arg("n"), pybind11::arg("num_threads"), pybind11::arg("grain") = 1, pybind11::arg("throw_at") = -1,
       "For tests: run the thread pool over [0, n), return how often each index ran; throw at throw_at.");
+  whymatch::bind_op_table(m);
 }

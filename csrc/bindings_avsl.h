@@ -133,7 +133,7 @@ void bind_avsl_ops(pybind11::module_& m, FwdFn forward, BwdFn backward, TopkFn t
                    ToHostFn to_host) {
   namespace py = pybind11;
   const char* extra_doc = std::is_same<Extra, int>::value ? "num_threads" : "stream";
-  auto ws_check = [workspace_bytes](const char* op, AvslParams& p, int which, const Buf& ws) {
+  auto ws_check = [workspace_bytes](const char* op, AvslParams& p, AvslWorkspace which, const Buf& ws) {
     const int64_t bytes = workspace_bytes(p, which);
     p.workspace = reinterpret_cast<void*>(need(op, "workspace", ws, bytes, 1));
   };
@@ -148,7 +148,7 @@ void bind_avsl_ops(pybind11::module_& m, FwdFn forward, BwdFn backward, TopkFn t
         auto th = [&](void* d, uintptr_t s, int64_t n) { to_host(d, s, n, (Extra)extra); };
         check_columns(op, p, b, th);
         p.out = reinterpret_cast<void*>(need(op, "out", out, Q * G, dtype_bytes(p.dtype)));
-        ws_check(op, p, 0, workspace);
+        ws_check(op, p, AvslWorkspace::kDistance, workspace);
         py::gil_scoped_release nogil;
         forward(p, (Extra)extra);
       },
@@ -175,7 +175,7 @@ void bind_avsl_ops(pybind11::module_& m, FwdFn forward, BwdFn backward, TopkFn t
         p.row_values = reinterpret_cast<const void*>(row_values.first);
         p.grad_coef = reinterpret_cast<void*>(need(op, "grad_coef", grad_coef, p.S1(), es));
         p.grad_bias = reinterpret_cast<void*>(need(op, "grad_bias", grad_bias, p.S1(), es));
-        ws_check(op, p, 1, workspace);
+        ws_check(op, p, AvslWorkspace::kBackward, workspace);
         py::gil_scoped_release nogil;
         backward(p, (Extra)extra);
       },
@@ -202,7 +202,7 @@ void bind_avsl_ops(pybind11::module_& m, FwdFn forward, BwdFn backward, TopkFn t
         p.exclude_self = exclude_self;
         p.topk_values = reinterpret_cast<void*>(need(op, "out_values", out_values, Q * k, dtype_bytes(p.dtype)));
         p.topk_indices = reinterpret_cast<int64_t*>(need(op, "out_indices", out_indices, Q * k, 8));
-        ws_check(op, p, 2, workspace);
+        ws_check(op, p, AvslWorkspace::kTopk, workspace);
         py::gil_scoped_release nogil;
         topk(p, (Extra)extra);
       },
@@ -215,15 +215,14 @@ void bind_avsl_ops(pybind11::module_& m, FwdFn forward, BwdFn backward, TopkFn t
       "avsl_workspace_bytes",
       [workspace_bytes](int op, int64_t Q, int64_t G, std::vector<int64_t> sizes, int64_t k, int dtype) -> int64_t {
         WM_CHECK(op >= 0 && op <= 2, "avsl_workspace_bytes: op must be 0, 1 or 2, got " << op);
+        const auto kernel = static_cast<AvslWorkspace>(op);
         AvslParams p = avsl_params("avsl_workspace_bytes", AvslBufs{}, Q, G, sizes, 10.0, dtype, false);
-        WM_CHECK(op != 2 || k >= 1, "avsl_workspace_bytes: k must be >= 1 for top-k, got " << k);
+        WM_CHECK(kernel != AvslWorkspace::kTopk || k >= 1, "avsl_workspace_bytes: k must be >= 1 for top-k, got " << k);
         p.k = k;
-        return workspace_bytes(p, op);
+        return workspace_bytes(p, kernel);
       },
       py::arg("op"), py::arg("Q"), py::arg("G"), py::arg("sizes"), py::arg("k"), py::arg("dtype"),
-      "Bytes of workspace the caller allocates for op 0 (forward), 1 (backward) or 2 (top-k).");
-  py::tuple ops = m.attr("ops");
-  m.attr("ops") = ops + py::make_tuple("avsl_distance", "avsl_distance_backward", "avsl_topk");
+      "Bytes of workspace the caller allocates for a kernel code of table['avsl_workspace'] (AvslWorkspace).");
 }
 
 }  // namespace whymatch

@@ -86,8 +86,6 @@ void bind_avsl_cam_ops(pybind11::module_& m, CorrFn correlation, RelFn reliabili
       },
       py::arg("B"), py::arg("R1"), py::arg("R2"), py::arg("H2"), py::arg("W2"), py::arg("dtype"),
       "Bytes of workspace the caller allocates for avsl_cam_correlation (the normalized maps, K-major).");
-  py::tuple ops = m.attr("ops");
-  m.attr("ops") = ops + py::make_tuple("avsl_cam_correlation", "avsl_cam_reliability");
 }
 
 }  // namespace whymatch

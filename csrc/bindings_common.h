@@ -129,8 +129,6 @@ void bind_ops(py::module_& m, RiseApplyFn rise_apply, RiseSalFn rise_saliency, R
       py::arg("first"), py::arg("second"), py::arg("rank"), py::arg("counts"), py::arg("out"), py::arg("b"),
       py::arg("t"), py::arg("c"), py::arg("hw"), py::arg("dtype"), py::arg(extra_doc),
       "Images along an insertion/deletion curve (see perturb/ranked_blend.h).");
-  m.attr("__version__") = WHYMATCH_VERSION;
-  m.attr("ops") = py::make_tuple("rise_apply", "rise_saliency", "ranked_blend");
 }
 
 }  // namespace whymatch

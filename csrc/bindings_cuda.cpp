@@ -9,6 +9,7 @@
 #include "bindings_avsl_fused.h"
 #include "bindings_avsl_cam.h"
 #include "bindings_mining.h"
+#include "op_table.h"
 
 namespace {
 
@@ -53,7 +54,7 @@ PYBIND11_MODULE(_C_cuda, m) {
         whymatch::avsl_distance_backward_cuda(p, as_stream(s));
       },
       [as_stream](const whymatch::AvslParams& p, uintptr_t s) { whymatch::avsl_topk_cuda(p, as_stream(s)); },
-      [](const whymatch::AvslParams& p, int op) { return whymatch::avsl_workspace_bytes_cuda(p, op); },
+      [](const whymatch::AvslParams& p, whymatch::AvslWorkspace w) { return whymatch::avsl_workspace_bytes_cuda(p, w); },
       [as_stream](void* dst, uintptr_t src, int64_t bytes, uintptr_t s) {
         // the compressed links' positions and indices, read on the host before the launch (their
         // values become addresses in the kernels); ordered after the work that wrote them
@@ -92,4 +93,5 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.attr("cuda_architectures") = WHYMATCH_CUDA_ARCHS;
   m.attr("cuda_compiler_version") = WHYMATCH_CUDA_VERSION;
   m.def("device_info", &device_info, "Devices visible to the CUDA runtime linked into this module.");
+  whymatch::bind_op_table(m);
 }

@@ -79,8 +79,6 @@ void bind_mining_ops(pybind11::module_& m, FwdFn forward, BwdFn backward) {
       py::arg("H"), py::arg("W"), py::arg("h"), py::arg("w"), py::arg("dtype"), py::arg("channels_last"),
       py::arg(extra_doc),
       "grad_x and the attention adjoint G of soft_mask (see mining/soft_mask.h); null pointers skip an output.");
-  py::tuple ops = m.attr("ops");
-  m.attr("ops") = ops + py::make_tuple("soft_mask", "soft_mask_backward");
 }
 
 }  // namespace whymatch

@@ -54,7 +54,7 @@ for low, high in ((9, 4), (14, 7)):
     torch.testing.assert_close(A.cam_correlation(c1, c2), ref.avsl_cam_correlation(c1, c2), rtol=2e-5, atol=1e-6)
     for published in (False, True):
         torch.testing.assert_close(A.cam_reliability(c1, published=published),
-                                   ref.avsl_reliability(c1, published=published), rtol=2e-5, atol=1e-7)
+                                   ref.avsl_cam_reliability(c1, published=published), rtol=2e-5, atol=1e-7)
 x = torch.rand(2, 3, 9, 37, generator=g)
 m = torch.rand(2, 3, 5, generator=g)
 for alpha in (10.0, 300.0, -300.0):  # the soft mask's exp is dispatched the same way; 300 reaches its clamp

@@ -134,9 +134,9 @@ def test_cam_correlation_empty_product_leaves_workspace(emu, empty):
                              _ext.buf(ws), b, r1, h1, w1, r2, h2, w2, 0.5, True, False, _ext.dtype_code(low), 0)
     assert (ws == 0xA5).all(), "the kernel wrote the workspace although there is no product"
     if r1:
-        torch.testing.assert_close(rel_low, ref.avsl_reliability(low, False), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rel_low, ref.avsl_cam_reliability(low, False), rtol=1e-5, atol=1e-6)
     if r2:
-        torch.testing.assert_close(rel_high, ref.avsl_reliability(high, False), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rel_high, ref.avsl_cam_reliability(high, False), rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ includes

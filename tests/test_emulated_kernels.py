@@ -276,7 +276,7 @@ def test_cam_statistics_and_edges(emu, gen, dtype, b, r1, hw1, r2, hw2, publishe
     corr, rl, rh, e, rel = run(emu, go)
     tol = torch.float32  # the reference computes in float32
     close(corr, ref.avsl_cam_correlation(low, high), tol, scale=50)
-    close(rl, ref.avsl_reliability(low, published), tol, scale=50)
-    close(rh, ref.avsl_reliability(high, published), tol, scale=50)
-    close(rel, ref.avsl_reliability(low, published), tol, scale=50)
+    close(rl, ref.avsl_cam_reliability(low, published), tol, scale=50)
+    close(rh, ref.avsl_cam_reliability(high, published), tol, scale=50)
+    close(rel, ref.avsl_cam_reliability(low, published), tol, scale=50)
     close(e, 0.3 * edges0 + 0.7 * ref.avsl_cam_correlation(low.float(), high.float()), torch.float32, scale=50)

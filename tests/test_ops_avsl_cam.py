@@ -92,11 +92,11 @@ def test_reliability_matches_reference(device, published, shape, gen):
     cam = torch.randn(*shape, generator=gen).to(device)
     got = ops.cam_reliability(cam, published=published)
     assert got.dtype == torch.float32 and got.shape == shape[:2]
-    torch.testing.assert_close(got, ref.avsl_reliability(cam, published=published), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got, ref.avsl_cam_reliability(cam, published=published), rtol=1e-4, atol=1e-6)
     # constant maps: zero after the shift, std 0 (as the reference)
     flat = torch.ones(2, 3, 4, 4, device=device)
     torch.testing.assert_close(ops.cam_reliability(flat, published=published),
-                               ref.avsl_reliability(flat, published=published))
+                               ref.avsl_cam_reliability(flat, published=published))
 
 
 @pytest.mark.parametrize("device", devices())
@@ -107,8 +107,8 @@ def test_statistics_fuses_both_reliabilities(device, published, gen):
     corr, r1, r2 = A.cam_statistics(c1, c2, edges=edges, first=True, published=published)
     torch.testing.assert_close(corr, ref.avsl_cam_correlation(c1, c2), **TOL)
     torch.testing.assert_close(edges, corr)
-    torch.testing.assert_close(r1, ref.avsl_reliability(c1, published=published), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(r2, ref.avsl_reliability(c2, published=published), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(r1, ref.avsl_cam_reliability(c1, published=published), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(r2, ref.avsl_cam_reliability(c2, published=published), rtol=1e-4, atol=1e-6)
     corr2, e1, e2 = A.cam_statistics(c1, c2, reliability=False)
     torch.testing.assert_close(corr2, corr)
     assert e1.numel() == 0 and e2.numel() == 0
@@ -120,7 +120,7 @@ def test_half_and_non_contiguous_inputs(gen):
                                ref.avsl_cam_correlation(c1.half(), c2.bfloat16()), **TOL)
     c1n, c2n = c1[:, ::2], c2.transpose(2, 3)
     torch.testing.assert_close(ops.cam_correlation(c1n, c2n), ref.avsl_cam_correlation(c1n, c2n), **TOL)
-    torch.testing.assert_close(ops.cam_reliability(c2n), ref.avsl_reliability(c2n), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ops.cam_reliability(c2n), ref.avsl_cam_reliability(c2n), rtol=1e-4, atol=1e-6)
 
 
 def test_no_gradient_flows(gen):
@@ -182,8 +182,8 @@ def test_fallback_to_reference(monkeypatch, gen):
     assert sum(issubclass(w.category, RuntimeWarning) for w in rec) == 1
     torch.testing.assert_close(corr, ref.avsl_cam_correlation(c1, c2))
     torch.testing.assert_close(edges, want_edges)
-    torch.testing.assert_close(r2, ref.avsl_reliability(c2))
-    torch.testing.assert_close(rel, ref.avsl_reliability(c1))
+    torch.testing.assert_close(r2, ref.avsl_cam_reliability(c2))
+    torch.testing.assert_close(rel, ref.avsl_cam_reliability(c1))
 
 
 def test_module_without_the_op_falls_back(monkeypatch, gen):
@@ -217,3 +217,10 @@ def test_module_without_the_op_falls_back(monkeypatch, gen):
 def test_errors_name_the_argument(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def test_old_reference_name_is_a_deprecated_alias(gen):
+    cam = torch.rand(2, 3, 4, 5, generator=gen)
+    with pytest.warns(DeprecationWarning, match="avsl_cam_reliability"):
+        old = ref.avsl_reliability(cam, True)
+    assert torch.equal(old, ref.avsl_cam_reliability(cam, True))

@@ -416,7 +416,7 @@ def prop_cam(data):
             return
         _close(corr, ref.avsl_cam_correlation(low.float(), high.float()), torch.float32)
         if rel:
-            _close(rl, ref.avsl_reliability(low.float()), torch.float32)
+            _close(rl, ref.avsl_cam_reliability(low.float()), torch.float32)
         if edges is not None:
             want = corr if first else momentum * before + (1 - momentum) * corr
             _close(edges, want, torch.float32)
@@ -425,7 +425,7 @@ def prop_cam(data):
                                                reliability=rel), check)
     rel_valid = floats and low.shape[2] * low.shape[3] >= 2
     _expect(rel_valid, lambda: ops.cam_reliability(low),
-            lambda r: None if meta else _close(r, ref.avsl_reliability(low.float()), torch.float32))
+            lambda r: None if meta else _close(r, ref.avsl_cam_reliability(low.float()), torch.float32))
     # the registered ops directly
     # the registered op also takes zero nodes (R = 0): only the batch must be non-empty
     rvalid = (floats and high.shape[0] == B and B > 0 and pos_ok and low.dtype in (torch.float32, torch.float64)

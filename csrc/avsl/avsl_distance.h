@@ -39,6 +39,9 @@ namespace whymatch {
 
 constexpr int kAvslMaxLevels = 8;
 
+// Which kernel a workspace is sized for (avsl_workspace_bytes; the codes are in the op table, op_table.h).
+enum class AvslWorkspace : int { kDistance = 0, kBackward = 1, kTopk = 2 };
+
 struct AvslParams {
   const void* qe = nullptr;        // (Q, S), T
   const void* ge = nullptr;        // (G, S), T
@@ -113,7 +116,7 @@ void avsl_distance_backward_cpu(const AvslParams& p, int num_threads);
 void avsl_topk_cpu(const AvslParams& p, int num_threads);
 
 // CUDA: bytes of device workspace that each op needs (the caller allocates it, p.workspace).
-int64_t avsl_workspace_bytes_cuda(const AvslParams& p, int op);  // op: 0 forward, 1 backward, 2 top-k
+int64_t avsl_workspace_bytes_cuda(const AvslParams& p, AvslWorkspace kernel);
 void avsl_distance_cuda(const AvslParams& p, void* stream);
 void avsl_distance_backward_cuda(const AvslParams& p, void* stream);
 void avsl_topk_cuda(const AvslParams& p, void* stream);

@@ -536,17 +536,18 @@ TopkLayout topk_layout(const AvslParams& p, const FwdConfig& f) {
 
 }  // namespace
 
-int64_t avsl_workspace_bytes_cuda(const AvslParams& p, int op) {
-  if (p.Q * p.G == 0 && op != 2) return 0;
-  if (op == 0) {
+int64_t avsl_workspace_bytes_cuda(const AvslParams& p, AvslWorkspace kernel) {
+  if (p.Q * p.G == 0 && kernel != AvslWorkspace::kTopk) return 0;
+  if (kernel == AvslWorkspace::kDistance) {
     const FwdConfig f = forward_config(p);
     return f.global ? forward_blocks(p, f) * f.hat_bytes : 0;
   }
-  if (op == 1) {
+  if (kernel == AvslWorkspace::kBackward) {
     if (p.S1() == 0) return 0;
     return backward_blocks(p) * (backward_block_bytes(p) + align256(2 * p.S1() * 8));
   }
-  WM_CHECK(op == 2, "avsl_workspace_bytes: op must be 0, 1 or 2, got " << op);
+  WM_CHECK(kernel == AvslWorkspace::kTopk,
+           "avsl_workspace_bytes: kernel code must be 0, 1 or 2, got " << static_cast<int>(kernel));
   if (p.Q == 0) return 0;
   return topk_layout(p, forward_config(p)).total;
 }

@@ -48,12 +48,6 @@
 
 namespace whymatch {
 
-template <typename T> struct DeviceType;
-template <> struct DeviceType<float> { using type = float; };
-template <> struct DeviceType<half_t> { using type = __half; };
-template <> struct DeviceType<bf16_t> { using type = __nv_bfloat16; };
-template <> struct DeviceType<double> { using type = double; };
-
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }

@@ -1,5 +1,5 @@
 // Floating-point storage types understood by the kernels, without torch.
-// The integer codes are shared with python/whymatch/ops/_ext.py (_DTYPE_CODES).
+// The integer codes reach Python through the op table (op_table.h), which python/whymatch/ops/_ext.py reads.
 #pragma once
 #include <cstdint>
 #include <cstring>

@@ -100,7 +100,7 @@ class AVSL(nn.Module):
         gamma: sharpness of the reliability sigmoid (the published 10).
         reliability: 'map' (whymatch: each CAM shifted by its minimum over the whole map) or
             'published' (the published code's minimum over the last axis only, marked FIXME
-            there); see :func:`whymatch.ops.reference.avsl_reliability`.
+            there); see :func:`whymatch.ops.reference.avsl_cam_reliability`.
         channels: the feature channels of each level; default: found by one forward pass of a
             (1, in_channels, probe_size, probe_size) zero batch in eval mode.
         stop_early: stop the backbone after the last level (see above).

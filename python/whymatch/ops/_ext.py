@@ -20,14 +20,39 @@ import torch
 
 from .._version import __version__
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-#: The codes of the ops that also take float64 (csrc/common/dtype.h, DType::F64): for gradcheck.
-FLOAT64_CODE = 3
-
 _cache: dict[str, ModuleType | None] = {}
 _emulated_cuda: ModuleType | None = None  # see emulate_cuda_on_cpu
 _import_errors: dict[str, str] = {}
 _warned: set[str] = set()
+
+#: What the Python side needs from the op table (csrc/op_table.h) of a compiled module: the names of
+#: the dtypes it hands the kernels, the limits and the workspace kernels it sizes.
+_TABLE_NEEDS = {"dtype_codes": ("float32", "float16", "bfloat16", "float64"), "limits": ("avsl_max_levels",),
+                "avsl_workspace": ("distance", "backward", "topk")}
+_table: dict | None = None  # the op table of the first compiled module loaded (all must agree)
+
+
+def _check_table(name: str, mod: ModuleType) -> None:
+    """Refuse a compiled module whose op table lacks what the Python side needs or differs from the
+    other module's (a build from other sources): the constants below come from it."""
+    global _table
+    table = getattr(mod, "table", None)
+    if not isinstance(table, dict):
+        raise RuntimeError(f"whymatch.{name} exports no op table (a build from before it): the build is stale. "
+                           "Reinstall with `pip install --force-reinstall .` from the source tree.")
+    for key, names in _TABLE_NEEDS.items():
+        missing = [n for n in names if n not in table.get(key, {})]
+        if missing:
+            raise RuntimeError(f"whymatch.{name}'s op table lacks {key} {missing}: it was built from other sources "
+                               "than this Python package; reinstall with `pip install --force-reinstall .`")
+    codes = [table["dtype_codes"][n] for n in _TABLE_NEEDS["dtype_codes"]]
+    if len(set(codes)) != len(codes):
+        raise RuntimeError(f"whymatch.{name}'s op table gives two dtypes one code: {table['dtype_codes']}")
+    if _table is not None and table != _table:
+        raise RuntimeError(f"whymatch.{name}'s op table {table} differs from the other compiled module's {_table}: "
+                           "they were built from different sources; reinstall with `pip install --force-reinstall .`")
+    if _table is None:
+        _table = table
 
 
 def _load(name: str) -> ModuleType | None:
@@ -44,6 +69,8 @@ def _load(name: str) -> ModuleType | None:
             f"package is {__version__}: the build is stale. Reinstall with `pip install --force-reinstall .` "
             "from the source tree."
         )
+    if mod is not None:
+        _check_table(name, mod)
     _cache[name] = mod
     return mod
 
@@ -54,6 +81,32 @@ def cpu_module() -> ModuleType | None:
 
 def cuda_module() -> ModuleType | None:
     return _load("_C_cuda")
+
+
+def op_table() -> dict | None:
+    """The compiled modules' op table (csrc/op_table.h: "ops", "dtype_codes", "limits",
+    "avsl_workspace"), checked against what the Python side needs; None when nothing was compiled."""
+    for loader in (cpu_module, cuda_module):
+        try:
+            loader()
+        except RuntimeError:  # a stale build: its calls say so
+            pass
+    return _table
+
+
+def _constants() -> tuple[dict, int | None, dict, dict]:
+    table = op_table()
+    if table is None:  # no kernels: nothing reads the codes, and the reference takes any number of levels
+        return dict.fromkeys((torch.float32, torch.float16, torch.bfloat16)), None, {"avsl_max_levels": 1 << 31}, {}
+    c = table["dtype_codes"]
+    return ({torch.float32: c["float32"], torch.float16: c["float16"], torch.bfloat16: c["bfloat16"]},
+            c["float64"], dict(table["limits"]), dict(table["avsl_workspace"]))
+
+
+#: The kernels' dtype codes (the op table's), of the dtypes every kernel takes; FLOAT64_CODE is the
+#: code of the ops that also take float64 (for gradcheck). LIMITS: the kernels' limits
+#: ("avsl_max_levels"); AVSL_WORKSPACE: the kernel codes of avsl_workspace_bytes.
+DTYPE_CODES, FLOAT64_CODE, LIMITS, AVSL_WORKSPACE = _constants()
 
 
 @contextlib.contextmanager
@@ -69,6 +122,9 @@ def emulate_cuda_on_cpu(module: ModuleType):
                            f"but the Python package is {__version__}")
     if _emulated_cuda is not None:
         raise RuntimeError("emulate_cuda_on_cpu is already active")
+    if getattr(module, "table", None) != op_table():
+        raise RuntimeError(f"the emulated CUDA module's op table {getattr(module, 'table', None)} differs from the "
+                           f"compiled modules' {op_table()}: rebuild it from these sources")
     _emulated_cuda = module
     try:
         yield module

@@ -40,7 +40,7 @@ from torch import Tensor
 from . import _ext, _validate as V
 from . import reference as ref
 
-_MAX_LEVELS = 8
+_MAX_LEVELS = _ext.LIMITS["avsl_max_levels"]  # the kernels' (the op table's)
 _FLOATS = (torch.float32, torch.float64)  # what the AVSL kernels take
 
 __all__ = ["cam_reliability", "cam_correlation", "cam_statistics", "link_star", "avsl_distance", "avsl_topk"]
@@ -49,7 +49,7 @@ __all__ = ["cam_reliability", "cam_correlation", "cam_statistics", "link_star", 
 def cam_reliability(cam: Tensor, *, published: bool = False) -> Tensor:
     """The per-node CAM statistic of AVSL's reliability: (B, R) float32 from CAMs (B, R, H, W).
 
-    See :func:`whymatch.ops.reference.avsl_reliability`; ``published=True`` reproduces the
+    See :func:`whymatch.ops.reference.avsl_cam_reliability`; ``published=True`` reproduces the
     published code's minimum over the last axis only. A fused kernel (``whymatch::avsl_cam_reliability``)
     reads each map once; no gradient (the published code computes it under no_grad).
     """
@@ -137,8 +137,8 @@ def _cam_reference(cam_low, cam_high, edges, momentum, first, reliability, publi
             edges.mul_(momentum).add_(corr, alpha=1.0 - momentum)
     if not reliability:
         return corr, cam_low.new_empty(0), cam_high.new_empty(0)
-    return (corr, ref.avsl_reliability(cam_low, published).to(cam_low.dtype),
-            ref.avsl_reliability(cam_high, published).to(cam_high.dtype))
+    return (corr, ref.avsl_cam_reliability(cam_low, published).to(cam_low.dtype),
+            ref.avsl_cam_reliability(cam_high, published).to(cam_high.dtype))
 
 
 def _cam_kernel(mod, cam_low, cam_high, edges, momentum, first, reliability, published):
@@ -271,7 +271,7 @@ def _cam_reliability_kernel(mod, cam, published):
 
 def _cam_reliability_fallback(cam, published):
     _check_cam_rel_op(cam)
-    return ref.avsl_reliability(cam, published).to(cam.dtype)
+    return ref.avsl_cam_reliability(cam, published).to(cam.dtype)
 
 
 @torch.library.custom_op("whymatch::avsl_cam_reliability", mutates_args=())
@@ -434,13 +434,14 @@ def _check_packed(op: str, qe, ge, rq, rg, links, coef, bias, sizes, gamma) -> t
     return q, g
 
 
-WS_DISTANCE, WS_BACKWARD, WS_TOPK = 0, 1, 2  # avsl_workspace_bytes's kernel codes
+# avsl_workspace_bytes's kernel codes (the op table's; unused without the kernels)
+WS_DISTANCE, WS_BACKWARD, WS_TOPK = (_ext.AVSL_WORKSPACE.get(k) for k in ("distance", "backward", "topk"))
 
 
 def _workspace(mod, kernel: int, q: int, g: int, sizes: list[int], k: int, like: Tensor) -> Tensor:
     n = int(mod.avsl_workspace_bytes(kernel, q, g, list(sizes), k, _ext.dtype_code(like)))
-    return _ext.empty(("avsl_distance", "avsl_distance_backward", "avsl_topk")[kernel], "the workspace", (n,),
-                      dtype=torch.uint8, device=like.device)
+    op = {WS_DISTANCE: "avsl_distance", WS_BACKWARD: "avsl_distance_backward", WS_TOPK: "avsl_topk"}[kernel]
+    return _ext.empty(op, "the workspace", (n,), dtype=torch.uint8, device=like.device)
 
 
 # ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["rise_grid_geometry", "rise_masks", "rise_apply", "rise_saliency", "ranked_blend", "soft_mask",
-           "avsl_reliability", "avsl_cam_correlation", "avsl_link_star", "avsl_nodes", "avsl_distance", "avsl_topk"]
+           "avsl_cam_reliability", "avsl_cam_correlation", "avsl_link_star", "avsl_nodes", "avsl_distance", "avsl_topk"]
 
 
 def rise_grid_geometry(size: tuple[int, int], s: int) -> tuple[int, int, int, int]:
@@ -105,8 +105,12 @@ def soft_mask(x: torch.Tensor, attention: torch.Tensor, alpha: torch.Tensor | fl
 # AVSL (Zhang et al., "Attributable Visual Similarity Learning", CVPR 2022)
 # ---------------------------------------------------------------------------
 
-def avsl_reliability(cam: torch.Tensor, published: bool = False) -> torch.Tensor:
+def avsl_cam_reliability(cam: torch.Tensor, published: bool = False) -> torch.Tensor:
     """Per-node CAM statistic eta of AVSL's reliability, (B, R) float32 from CAMs (B, R, H, W).
+
+    The one name of this statistic below the public :func:`whymatch.ops.cam_reliability` (as
+    ``avsl_cam_correlation`` is :func:`whymatch.ops.cam_correlation`'s): the registered op
+    ``whymatch::avsl_cam_reliability`` and its kernels are named so too.
 
     Each CAM is shifted by its minimum, L1-normalized over its H*W positions, and the
     (unbiased) standard deviation over the positions is the statistic: a peaked CAM
@@ -121,6 +125,15 @@ def avsl_reliability(cam: torch.Tensor, published: bool = False) -> torch.Tensor
         x = x - x.flatten(2).amin(dim=-1)[..., None, None]
     x = F.normalize(x.flatten(2), p=1, dim=-1)
     return x.std(dim=-1)
+
+
+def avsl_reliability(cam: torch.Tensor, published: bool = False) -> torch.Tensor:
+    """Deprecated name of :func:`avsl_cam_reliability` (the same statistic)."""
+    import warnings
+
+    warnings.warn("whymatch.ops.reference.avsl_reliability is deprecated: use avsl_cam_reliability (the same "
+                  "statistic)", DeprecationWarning, stacklevel=2)
+    return avsl_cam_reliability(cam, published)
 
 
 def avsl_cam_correlation(cam_low: torch.Tensor, cam_high: torch.Tensor) -> torch.Tensor:
