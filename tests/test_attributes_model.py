@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import numpy as np
@@ -284,7 +285,9 @@ def test_cache_build_open_and_content(tmp_path, monkeypatch):
     assert maps.dtype == torch.float32 and maps.shape == (3, 8, 8) and valid.tolist() == [True, True, False]
     assert float(maps[2].abs().sum()) == 0.0
     # the stored map is RISE's map of image 0 against its references, pooled to 8 x 8
-    rise = RISE(sim, n_masks=20, batch_size=20)
+    # with the cache's own RISE settings (its grid default is the cache's, not RISE's library default)
+    grid = inspect.signature(SaliencyCache.build).parameters["grid"].default
+    rise = RISE(sim, n_masks=20, grid=grid, batch_size=20)
     from whymatch.attributes.cache import _seed_for
 
     want = rise.attribute(imgs[0], imgs[refs[0, :2]], seed=_seed_for(0, 0))
