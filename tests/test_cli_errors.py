@@ -357,7 +357,7 @@ def test_the_table_covers_every_command():
 def test_unexpected_errors_are_one_line(exc, rc, words, monkeypatch, capsys):
     def boom(args):
         raise exc
-    monkeypatch.setattr(cli, "cmd_info", boom)
+    monkeypatch.setattr(cli.info, "cmd_info", boom)
     monkeypatch.delenv("WHYMATCH_DEBUG", raising=False)
     assert cli.main(["info"]) == rc
     err = capsys.readouterr().err
@@ -369,7 +369,7 @@ def test_unexpected_errors_are_one_line(exc, rc, words, monkeypatch, capsys):
 def test_whymatch_debug_shows_the_traceback(monkeypatch):
     def boom(args):
         raise ZeroDivisionError("division by zero")
-    monkeypatch.setattr(cli, "cmd_info", boom)
+    monkeypatch.setattr(cli.info, "cmd_info", boom)
     monkeypatch.setenv("WHYMATCH_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
         cli.main(["info"])
@@ -424,7 +424,7 @@ def test_no_traceback_reaches_the_terminal(words, command, expected, files, tmp_
 def test_interrupt_in_a_real_process(files):
     code = ("import sys\nfrom whymatch import cli\n"
             "def boom(args):\n    raise KeyboardInterrupt\n"
-            "cli.cmd_info = boom\nsys.exit(cli.main(['info']))\n")
+            "cli.info.cmd_info = boom\nsys.exit(cli.main(['info']))\n")
     res = _run_cli([], files, code)
     assert res.returncode == 130
     _check_one_line(res.stderr, "info", "interrupted")
@@ -442,10 +442,10 @@ def test_warnings_are_one_line_and_a_failure_shows_only_its_error(monkeypatch, c
         return cmd
 
     monkeypatch.delenv("WHYMATCH_DEBUG", raising=False)
-    monkeypatch.setattr(cli, "cmd_info", warn_then(0))
+    monkeypatch.setattr(cli.info, "cmd_info", warn_then(0))
     assert cli.main(["info"]) == 0
     assert capsys.readouterr().err.splitlines() == [
         "whymatch info: warning: RuntimeWarning: the maps are constant   at layer 'x'"]
-    monkeypatch.setattr(cli, "cmd_info", warn_then(ValueError("--thing must be 3, got 4")))
+    monkeypatch.setattr(cli.info, "cmd_info", warn_then(ValueError("--thing must be 3, got 4")))
     assert cli.main(["info"]) == 2
     assert capsys.readouterr().err.splitlines() == ["whymatch info: error: --thing must be 3, got 4"]
