@@ -255,13 +255,11 @@ class SimilarityAttention(_cam.TargetLayers, Explainer):
 
     def _members(self, query: Tensor, references: Tensor, negatives: Tensor | None,
                  negatives2: Tensor | None) -> list[Tensor]:
-        if isinstance(query, Tensor) and query.dim() == 4 and query.shape[0] == 1:
-            query = query[0]
-        q = self.sim.check_images("query", query, batch=False, device=self.sim.device)
-        refs = V.tensor("references", references, ndim=(3, 4), nonempty=True)
-        refs = refs[None] if refs.dim() == 3 else refs
+        if references is None:
+            raise ValueError("references must be given: (K, C, H, W) or (C, H, W) images")
+        queries, refs, _ = self._as_pairs(query, references, None)
         k = refs.shape[0]
-        members = [q[None].expand(k, -1, -1, -1), refs]
+        members = [queries, refs]
         extra = {"triplet": ("negatives",), "quadruplet": ("negatives", "negatives2")}.get(self.mode, ())
         for name, t in (("negatives", negatives), ("negatives2", negatives2)):
             if name not in extra:

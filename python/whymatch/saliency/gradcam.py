@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ..similarity import SimilarityModel
 from . import _cam, _common
-from .base import Explainer
+from .base import Explainer, PairInputs
 
 __all__ = ["EmbeddingGradCAM"]
 
@@ -63,15 +63,11 @@ class EmbeddingGradCAM(_cam.TargetLayers, Explainer):
     def target_layer_names(self) -> list[str] | None:
         return None if self._layers is None else [n for n, _ in self._layers]
 
-    def check(self, query: Tensor, references: Tensor | None = None, *, reference_embeddings: Tensor | None = None,
-              condition: object = None) -> None:
-        """Validate an :meth:`attribute` call cheaply: the inputs, finite embeddings and scores, and the target
-        layers (one forward and backward pass of one image: each layer must run once and output a feature map
-        with h * w > 1 that the gradient reaches; picks the layer when ``target_layers=None``)."""
-        super().check(query, references, reference_embeddings=reference_embeddings, condition=condition)
-        q = self.sim.check_images("query", query[0] if isinstance(query, Tensor) and query.dim() == 4 else query,
-                                  batch=False, device=self.sim.device)[None]
-        self._check_layers(q)
+    def _check_settings(self, inp: PairInputs) -> None:
+        """The target layers, in :meth:`check` after the inputs, embeddings and scores: one forward and backward
+        pass of the query (each layer must run once and output a feature map with h * w > 1 that the gradient
+        reaches; picks the layer when ``target_layers=None``)."""
+        self._check_layers(inp.query[None])
 
     def _maps(self, x: Tensor, acts: list[Tensor], grads: tuple[Tensor, ...]) -> Tensor:
         size = tuple(x.shape[2:])
