@@ -78,7 +78,7 @@ void bind_ops(py::module_& m, RiseApplyFn rise_apply, RiseSalFn rise_saliency, R
         p.image = cptr<float>(need(op, "image", image, any ? chw : 0, 4));
         p.baseline = cptr<float>(need(op, "baseline", baseline, any ? chw : 0, 4));
         p.out = reinterpret_cast<void*>(need(op, "out", out, nout, dtype_bytes(p.out_dtype)));
-        p.n = n; p.c = c; p.h = h; p.w = w; p.s = s;
+        p.N = n; p.C = c; p.H = h; p.W = w; p.S = s;
         p.channels_last = channels_last;
         py::gil_scoped_release nogil;
         rise_apply(p, (Extra)extra);
@@ -99,7 +99,7 @@ void bind_ops(py::module_& m, RiseApplyFn rise_apply, RiseSalFn rise_saliency, R
         p.shifts = cptr<int64_t>(need(op, "shifts", shifts, any ? checked_product(op, "n*2", {n, 2}) : 0, 8));
         p.scores = cptr<float>(need(op, "scores", scores, any ? checked_product(op, "n*k", {n, k}) : 0, 4));
         p.out = reinterpret_cast<float*>(need(op, "out", out, nout, 4));
-        p.n = n; p.k = k; p.h = h; p.w = w; p.s = s;
+        p.N = n; p.K = k; p.H = h; p.W = w; p.S = s;
         py::gil_scoped_release nogil;
         rise_saliency(p, (Extra)extra);
       },
@@ -122,7 +122,7 @@ void bind_ops(py::module_& m, RiseApplyFn rise_apply, RiseSalFn rise_saliency, R
         p.rank = cptr<int64_t>(need(op, "rank", rank, any ? b * hw : 0, 8));
         p.counts = cptr<int64_t>(need(op, "counts", counts, any ? t : 0, 8));
         p.out = reinterpret_cast<void*>(need(op, "out", out, nout, es));
-        p.b = b; p.t = t; p.c = c; p.hw = hw;
+        p.B = b; p.T = t; p.C = c; p.HW = hw;
         py::gil_scoped_release nogil;
         ranked_blend(p, (Extra)extra);
       },

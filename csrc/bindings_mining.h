@@ -28,7 +28,7 @@ inline void soft_mask_common(const char* op, SoftMaskParams& p, const Buf& x, co
   p.attention = reinterpret_cast<const void*>(need(op, "attention", attention, bhw > 0 ? att : 0, acc));
   p.alpha = reinterpret_cast<const void*>(need(op, "alpha", alpha, bhw > 0 ? 1 : 0, acc));
   p.beta = reinterpret_cast<const void*>(need(op, "beta", beta, bhw > 0 ? 1 : 0, acc));
-  p.b = b; p.c = c; p.H = H; p.W = W; p.h = h; p.w = w;
+  p.B = b; p.C = c; p.H = H; p.W = W; p.Ha = h; p.Wa = w;
 }
 
 template <typename Extra, typename FwdFn, typename BwdFn>

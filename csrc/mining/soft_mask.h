@@ -33,7 +33,7 @@ struct SoftMaskParams {
   void* grad_x = nullptr;           // backward: like x (may be null: not needed)
   void* grad_attention = nullptr;   // backward: G, [b, h, w], compute type (may be null)
   void* workspace = nullptr;        // backward: b * H * w compute-type values (CPU) / b * H * W (CUDA)
-  int64_t b = 0, c = 0, H = 0, W = 0, h = 0, w = 0;
+  int64_t B = 0, C = 0, H = 0, W = 0, Ha = 0, Wa = 0;  // Ha x Wa: the attention maps
   DType dtype = DType::F32;
   bool channels_last = false;
 };
@@ -85,18 +85,18 @@ WM_HOST_DEVICE acc_t sm_weight(const SmLerp<acc_t>& l, int64_t i) {
 }
 
 inline void check_soft_mask(const SoftMaskParams& p, bool backward) {
-  WM_CHECK(p.b >= 0 && p.c >= 0 && p.H >= 0 && p.W >= 0 && p.h >= 0 && p.w >= 0,
-           "soft_mask: sizes must be non-negative, got b=" << p.b << " c=" << p.c << " H=" << p.H << " W=" << p.W
-                                                         << " h=" << p.h << " w=" << p.w);
-  if (p.b * p.H * p.W > 0) {
-    WM_CHECK(p.h >= 1 && p.w >= 1, "soft_mask: attention maps must be at least 1 x 1, got " << p.h << " x " << p.w);
+  WM_CHECK(p.B >= 0 && p.C >= 0 && p.H >= 0 && p.W >= 0 && p.Ha >= 0 && p.Wa >= 0,
+           "soft_mask: sizes must be non-negative, got b=" << p.B << " c=" << p.C << " H=" << p.H << " W=" << p.W
+                                                         << " h=" << p.Ha << " w=" << p.Wa);
+  if (p.B * p.H * p.W > 0) {
+    WM_CHECK(p.Ha >= 1 && p.Wa >= 1, "soft_mask: attention maps must be at least 1 x 1, got " << p.Ha << " x " << p.Wa);
     WM_CHECK(p.attention && p.alpha && p.beta, "soft_mask: null attention/alpha/beta pointer");
-    if (p.c > 0) WM_CHECK(p.x, "soft_mask: null x pointer");
+    if (p.C > 0) WM_CHECK(p.x, "soft_mask: null x pointer");
     if (backward) {
-      if (p.c > 0) WM_CHECK(p.grad_out, "soft_mask_backward: null grad_out pointer");
-      if (p.grad_x && p.c > 0) WM_CHECK(p.x, "soft_mask_backward: null x pointer");
+      if (p.C > 0) WM_CHECK(p.grad_out, "soft_mask_backward: null grad_out pointer");
+      if (p.grad_x && p.C > 0) WM_CHECK(p.x, "soft_mask_backward: null x pointer");
       if (p.grad_attention) WM_CHECK(p.workspace, "soft_mask_backward: null workspace pointer");
-    } else if (p.c > 0) {
+    } else if (p.C > 0) {
       WM_CHECK(p.out, "soft_mask: null out pointer");
     }
   }

@@ -21,10 +21,10 @@ __device__ __forceinline__ double exp_acc(double v) { return exp(v); }
 template <typename acc_t>
 __device__ __forceinline__ acc_t keep_at(const SoftMaskParams& p, int64_t bi, int64_t y, int64_t x, acc_t alpha,
                                          acc_t beta) {
-  const acc_t* m = static_cast<const acc_t*>(p.attention) + bi * p.h * p.w;
-  const SmLerp<acc_t> ly = sm_lerp<acc_t>(y, p.H, p.h), lx = sm_lerp<acc_t>(x, p.W, p.w);
-  const acc_t* r0 = m + ly.i0 * p.w;
-  const acc_t* r1 = m + ly.i1 * p.w;
+  const acc_t* m = static_cast<const acc_t*>(p.attention) + bi * p.Ha * p.Wa;
+  const SmLerp<acc_t> ly = sm_lerp<acc_t>(y, p.H, p.Ha), lx = sm_lerp<acc_t>(x, p.W, p.Wa);
+  const acc_t* r0 = m + ly.i0 * p.Wa;
+  const acc_t* r1 = m + ly.i1 * p.Wa;
   const acc_t w0 = acc_t(1) - lx.l, w1 = lx.l;
   const acc_t u = (acc_t(1) - ly.l) * (w0 * __ldg(r0 + lx.i0) + w1 * __ldg(r0 + lx.i1)) +
                   ly.l * (w0 * __ldg(r1 + lx.i0) + w1 * __ldg(r1 + lx.i1));
@@ -33,7 +33,7 @@ __device__ __forceinline__ acc_t keep_at(const SoftMaskParams& p, int64_t bi, in
 
 // Element (bi, c, pix) and the distance between channels.
 __device__ __forceinline__ int64_t base_of(const SoftMaskParams& p, int64_t bi, int64_t pix) {
-  return p.channels_last ? (bi * p.H * p.W + pix) * p.c : bi * p.c * p.H * p.W + pix;
+  return p.channels_last ? (bi * p.H * p.W + pix) * p.C : bi * p.C * p.H * p.W + pix;
 }
 __device__ __forceinline__ int64_t cstride(const SoftMaskParams& p) { return p.channels_last ? 1 : p.H * p.W; }
 
@@ -49,7 +49,7 @@ __global__ void soft_mask_kernel(SoftMaskParams p, int64_t total) {
     const int64_t bi = i / hw, pix = i % hw;
     const acc_t k = keep_at<acc_t>(p, bi, pix / p.W, pix % p.W, alpha, beta);
     const int64_t base = base_of(p, bi, pix);
-    for (int64_t c = 0; c < p.c; ++c) {
+    for (int64_t c = 0; c < p.C; ++c) {
       const int64_t o = base + c * cs;
       out[o] = from_acc_d<T>(static_cast<acc_t>(to_acc_d(x[o])) * k);
     }
@@ -71,7 +71,7 @@ __global__ void soft_mask_backward_pixels(SoftMaskParams p, int64_t total) {
     const acc_t k = keep_at<acc_t>(p, bi, pix / p.W, pix % p.W, alpha, beta);
     const int64_t base = base_of(p, bi, pix);
     acc_t sgx = acc_t(0);
-    for (int64_t c = 0; c < p.c; ++c) {
+    for (int64_t c = 0; c < p.C; ++c) {
       const int64_t o = base + c * cs;
       const acc_t gv = to_acc_d(g[o]);
       if (gx) gx[o] = from_acc_d<T>(gv * k);
@@ -88,17 +88,17 @@ __global__ void soft_mask_backward_cells(SoftMaskParams p, int64_t cells) {
   const int lane = threadIdx.x & 31;
   const int64_t cell = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
   if (cell >= cells) return;
-  const int64_t bi = cell / (p.h * p.w), ij = cell % (p.h * p.w), i = ij / p.w, j = ij % p.w;
+  const int64_t bi = cell / (p.Ha * p.Wa), ij = cell % (p.Ha * p.Wa), i = ij / p.Wa, j = ij % p.Wa;
   int64_t ylo, yhi, xlo, xhi;
-  sm_range<acc_t>(i, p.H, p.h, &ylo, &yhi);
-  sm_range<acc_t>(j, p.W, p.w, &xlo, &xhi);
+  sm_range<acc_t>(i, p.H, p.Ha, &ylo, &yhi);
+  sm_range<acc_t>(j, p.W, p.Wa, &xlo, &xhi);
   const acc_t* q = static_cast<const acc_t*>(p.workspace) + bi * p.H * p.W;
   acc_t acc = acc_t(0);
   for (int64_t y = ylo; y < yhi; ++y) {
-    const acc_t wy = sm_weight(sm_lerp<acc_t>(y, p.H, p.h), i);
+    const acc_t wy = sm_weight(sm_lerp<acc_t>(y, p.H, p.Ha), i);
     const acc_t* row = q + y * p.W;
     acc_t racc = acc_t(0);
-    for (int64_t x = xlo + lane; x < xhi; x += 32) racc += sm_weight(sm_lerp<acc_t>(x, p.W, p.w), j) * row[x];
+    for (int64_t x = xlo + lane; x < xhi; x += 32) racc += sm_weight(sm_lerp<acc_t>(x, p.W, p.Wa), j) * row[x];
     acc += wy * racc;
   }
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
@@ -113,8 +113,8 @@ unsigned int blocks_for(int64_t total, int threads) {
 
 void soft_mask_cuda(const SoftMaskParams& p, void* stream) {
   check_soft_mask(p, false);
-  const int64_t total = p.b * p.H * p.W;
-  if (total == 0 || p.c == 0) return;
+  const int64_t total = p.B * p.H * p.W;
+  if (total == 0 || p.C == 0) return;
   auto st = static_cast<cudaStream_t>(stream);
   const int threads = 256;
   WM_CUDA_CHECK_PENDING("soft_mask");
@@ -128,14 +128,14 @@ void soft_mask_backward_cuda(const SoftMaskParams& p, void* stream) {
   check_soft_mask(p, true);
   auto st = static_cast<cudaStream_t>(stream);
   const bool f64 = p.dtype == DType::F64;
-  const int64_t cells = p.b * p.h * p.w;
-  const int64_t total = p.b * p.H * p.W;
+  const int64_t cells = p.B * p.Ha * p.Wa;
+  const int64_t total = p.B * p.H * p.W;
   WM_CUDA_CHECK_PENDING("soft_mask_backward");
-  if (p.grad_attention && cells > 0 && p.c * total == 0) {  // nothing reads the maps: zero gradient
+  if (p.grad_attention && cells > 0 && p.C * total == 0) {  // nothing reads the maps: zero gradient
     WM_CUDA_CHECK(cudaMemsetAsync(p.grad_attention, 0, cells * (f64 ? sizeof(double) : sizeof(float)), st));
     return;
   }
-  if (total == 0 || p.c == 0) return;
+  if (total == 0 || p.C == 0) return;
   const int threads = 256;
   SoftMaskParams q = p;
   if (!p.grad_attention) q.workspace = nullptr;

@@ -15,13 +15,13 @@ struct RankedBlendParams {
   const int64_t* rank = nullptr;    // [b, h*w]
   const int64_t* counts = nullptr;  // [t]
   void* out = nullptr;              // [b, t, c, h*w]
-  int64_t b = 0, t = 0, c = 0, hw = 0;
+  int64_t B = 0, T = 0, C = 0, HW = 0;
   DType dtype = DType::F32;
 };
 
 inline void check_ranked_blend(const RankedBlendParams& p) {
-  WM_CHECK(p.b >= 0 && p.t >= 0 && p.c >= 0 && p.hw >= 0, "ranked_blend: sizes must be non-negative");
-  if (p.b * p.t * p.c * p.hw > 0)
+  WM_CHECK(p.B >= 0 && p.T >= 0 && p.C >= 0 && p.HW >= 0, "ranked_blend: sizes must be non-negative");
+  if (p.B * p.T * p.C * p.HW > 0)
     WM_CHECK(p.first && p.second && p.rank && p.counts && p.out, "ranked_blend: null pointer");
 }
 

@@ -14,12 +14,12 @@ __global__ void ranked_blend_kernel(RankedBlendParams p, int64_t total) {
   T* out = static_cast<T*>(p.out);
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
        i += (int64_t)blockDim.x * gridDim.x) {
-    const int64_t bt = i / p.hw, pix = i % p.hw;
-    const int64_t b = bt / p.t, t = bt % p.t;
-    const bool take_first = __ldg(p.rank + b * p.hw + pix) < __ldg(p.counts + t);
-    const T* src = (take_first ? first : second) + b * p.c * p.hw + pix;
-    T* o = out + bt * p.c * p.hw + pix;
-    for (int64_t c = 0; c < p.c; ++c) o[c * p.hw] = src[c * p.hw];
+    const int64_t bt = i / p.HW, pix = i % p.HW;
+    const int64_t b = bt / p.T, t = bt % p.T;
+    const bool take_first = __ldg(p.rank + b * p.HW + pix) < __ldg(p.counts + t);
+    const T* src = (take_first ? first : second) + b * p.C * p.HW + pix;
+    T* o = out + bt * p.C * p.HW + pix;
+    for (int64_t c = 0; c < p.C; ++c) o[c * p.HW] = src[c * p.HW];
   }
 }
 
@@ -27,8 +27,8 @@ __global__ void ranked_blend_kernel(RankedBlendParams p, int64_t total) {
 
 void ranked_blend_cuda(const RankedBlendParams& p, void* stream) {
   check_ranked_blend(p);
-  const int64_t total = p.b * p.t * p.hw;
-  if (total == 0 || p.c == 0) return;
+  const int64_t total = p.B * p.T * p.HW;
+  if (total == 0 || p.C == 0) return;
   const int threads = 256;
   const unsigned int blocks = static_cast<unsigned int>(std::min<int64_t>((total + threads - 1) / threads, 65535LL * 32));
   auto st = static_cast<cudaStream_t>(stream);

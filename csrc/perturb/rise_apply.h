@@ -14,15 +14,15 @@ struct RiseApplyParams {
   const float* image = nullptr;     // [c, h, w]
   const float* baseline = nullptr;  // [c, h, w]
   void* out = nullptr;              // [n, c, h, w], or [n, h, w, c] when channels_last
-  int64_t n = 0, c = 0, h = 0, w = 0, s = 0;
+  int64_t N = 0, C = 0, H = 0, W = 0, S = 0;
   DType out_dtype = DType::F32;
   bool channels_last = false;
 };
 
 inline void check_rise_apply(const RiseApplyParams& p) {
-  WM_CHECK(p.n >= 0 && p.c >= 0 && p.h >= 0 && p.w >= 0, "rise_apply: sizes must be non-negative");
-  WM_CHECK(p.s >= 1, "rise_apply: grid size s must be >= 1, got " << p.s);
-  if (p.n * p.c * p.h * p.w > 0) {
+  WM_CHECK(p.N >= 0 && p.C >= 0 && p.H >= 0 && p.W >= 0, "rise_apply: sizes must be non-negative");
+  WM_CHECK(p.S >= 1, "rise_apply: grid size s must be >= 1, got " << p.S);
+  if (p.N * p.C * p.H * p.W > 0) {
     WM_CHECK(p.grids && p.shifts && p.image && p.baseline && p.out, "rise_apply: null pointer");
   }
 }

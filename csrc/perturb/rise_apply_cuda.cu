@@ -23,8 +23,8 @@ __global__ void __launch_bounds__(kThreads) rise_apply_kernel(RiseApplyParams p,
   const float* img = p.image + pix;
   const float* base = p.baseline + pix;
   T* out = static_cast<T*>(p.out);
-  for (int64_t n0 = blockIdx.y * static_cast<int64_t>(kMasks); n0 < p.n; n0 += gridDim.y * static_cast<int64_t>(kMasks)) {
-    const int nm = static_cast<int>(p.n - n0 < kMasks ? p.n - n0 : kMasks);
+  for (int64_t n0 = blockIdx.y * static_cast<int64_t>(kMasks); n0 < p.N; n0 += gridDim.y * static_cast<int64_t>(kMasks)) {
+    const int nm = static_cast<int>(p.N - n0 < kMasks ? p.N - n0 : kMasks);
     float m[kMasks];
 #pragma unroll
     for (int u = 0; u < kMasks; ++u) m[u] = u < nm ? rise_mask32(p.grids, p.shifts, n0 + u, y, x, g) : 0.f;
@@ -48,14 +48,14 @@ __global__ void __launch_bounds__(kThreads) rise_apply_kernel(RiseApplyParams p,
 
 void rise_apply_cuda(const RiseApplyParams& p, void* stream) {
   check_rise_apply(p);
-  const int64_t hw = p.h * p.w;
-  if (p.n * hw == 0 || p.c == 0) return;
-  const RiseGeom32 g = rise_geom32("rise_apply", p.c, p.h, p.w, p.s);
-  const dim3 grid(ceil_div(hw, kThreads), static_cast<unsigned int>(std::min<int64_t>(ceil_div(p.n, kMasks), 65535)));
+  const int64_t hw = p.H * p.W;
+  if (p.N * hw == 0 || p.C == 0) return;
+  const RiseGeom32 g = rise_geom32("rise_apply", p.C, p.H, p.W, p.S);
+  const dim3 grid(ceil_div(hw, kThreads), static_cast<unsigned int>(std::min<int64_t>(ceil_div(p.N, kMasks), 65535)));
   auto st = static_cast<cudaStream_t>(stream);
   WM_CUDA_CHECK_PENDING("rise_apply");
   WM_DISPATCH_FLOAT_CUDA(p.out_dtype, "rise_apply", [&] {
-    rise_apply_kernel<scalar_t><<<grid, kThreads, 0, st>>>(p, g, static_cast<int>(p.c));
+    rise_apply_kernel<scalar_t><<<grid, kThreads, 0, st>>>(p, g, static_cast<int>(p.C));
   });
   WM_CUDA_LAUNCH_CHECK();
 }

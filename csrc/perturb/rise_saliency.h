@@ -14,14 +14,14 @@ struct RiseSaliencyParams {
   const int64_t* shifts = nullptr;  // [n, 2]
   const float* scores = nullptr;    // [n, k]
   float* out = nullptr;             // [k, h, w]
-  int64_t n = 0, k = 0, h = 0, w = 0, s = 0;
+  int64_t N = 0, K = 0, H = 0, W = 0, S = 0;
 };
 
 inline void check_rise_saliency(const RiseSaliencyParams& p) {
-  WM_CHECK(p.n >= 0 && p.k >= 0 && p.h >= 0 && p.w >= 0, "rise_saliency: sizes must be non-negative");
-  WM_CHECK(p.s >= 1, "rise_saliency: grid size s must be >= 1, got " << p.s);
-  if (p.k * p.h * p.w > 0) WM_CHECK(p.out, "rise_saliency: null output pointer");
-  if (p.n * p.k * p.h * p.w > 0) WM_CHECK(p.grids && p.shifts && p.scores, "rise_saliency: null pointer");
+  WM_CHECK(p.N >= 0 && p.K >= 0 && p.H >= 0 && p.W >= 0, "rise_saliency: sizes must be non-negative");
+  WM_CHECK(p.S >= 1, "rise_saliency: grid size s must be >= 1, got " << p.S);
+  if (p.K * p.H * p.W > 0) WM_CHECK(p.out, "rise_saliency: null output pointer");
+  if (p.N * p.K * p.H * p.W > 0) WM_CHECK(p.grids && p.shifts && p.scores, "rise_saliency: null pointer");
 }
 
 void rise_saliency_cpu(const RiseSaliencyParams& p, int num_threads);

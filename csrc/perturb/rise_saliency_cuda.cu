@@ -25,15 +25,15 @@ __global__ void __launch_bounds__(kPixels * kGroups) rise_saliency_kernel(RiseSa
   const bool valid = upix < static_cast<unsigned int>(g.hw);
   const int pix = valid ? static_cast<int>(upix) : 0;
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kRefsPerThread;
-  const int kc = static_cast<int>(p.k - k0 < kRefsPerThread ? p.k - k0 : kRefsPerThread);
+  const int kc = static_cast<int>(p.K - k0 < kRefsPerThread ? p.K - k0 : kRefsPerThread);
   const int y = pix / g.w, x = pix - y * g.w;
   float acc[kRefsPerThread];
 #pragma unroll
   for (int j = 0; j < kRefsPerThread; ++j) acc[j] = 0.f;
   if (valid) {
-    for (int64_t n = grp; n < p.n; n += kGroups) {
+    for (int64_t n = grp; n < p.N; n += kGroups) {
       const float m = rise_mask32(p.grids, p.shifts, n, y, x, g);
-      const float* sc = p.scores + n * p.k + k0;
+      const float* sc = p.scores + n * p.K + k0;
 #pragma unroll
       for (int j = 0; j < kRefsPerThread; ++j)
         if (j < kc) acc[j] += __ldg(sc + j) * m;
@@ -54,17 +54,17 @@ __global__ void __launch_bounds__(kPixels * kGroups) rise_saliency_kernel(RiseSa
 
 void rise_saliency_cuda(const RiseSaliencyParams& p, void* stream) {
   check_rise_saliency(p);
-  const int64_t hw = p.h * p.w;
-  if (p.k * hw == 0) return;
+  const int64_t hw = p.H * p.W;
+  if (p.K * hw == 0) return;
   auto st = static_cast<cudaStream_t>(stream);
   WM_CUDA_CHECK_PENDING("rise_saliency");
-  if (p.n == 0) {
-    WM_CUDA_CHECK(cudaMemsetAsync(p.out, 0, sizeof(float) * p.k * hw, st));
+  if (p.N == 0) {
+    WM_CUDA_CHECK(cudaMemsetAsync(p.out, 0, sizeof(float) * p.K * hw, st));
     return;
   }
-  const RiseGeom32 g = rise_geom32("rise_saliency", 1, p.h, p.w, p.s);
-  const int64_t ktiles = (p.k + kRefsPerThread - 1) / kRefsPerThread;
-  WM_CHECK(ktiles <= 65535, "rise_saliency: at most " << 65535 * kRefsPerThread << " references per call, got " << p.k);
+  const RiseGeom32 g = rise_geom32("rise_saliency", 1, p.H, p.W, p.S);
+  const int64_t ktiles = (p.K + kRefsPerThread - 1) / kRefsPerThread;
+  WM_CHECK(ktiles <= 65535, "rise_saliency: at most " << 65535 * kRefsPerThread << " references per call, got " << p.K);
   dim3 grid(ceil_div(hw, kPixels), static_cast<unsigned int>(ktiles));
   rise_saliency_kernel<<<grid, kPixels * kGroups, 0, st>>>(p, g);
   WM_CUDA_LAUNCH_CHECK();
