@@ -451,6 +451,8 @@ def main() -> None:
     ap.add_argument("--only-test", action="store_true",
                     help="run only the listed test methods (not 'rise', which needs the validation choice) into "
                          "<stem>.partial.json, write no results: for a second process beside the main run")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="run no test method that is not cached (the table names what is missing)")
     ap.add_argument("--merge", default="", metavar="STEM",
                     help="take the test rows of STEM.partial.json (an --only-test run with the same settings)")
     args = ap.parse_args()
@@ -467,7 +469,7 @@ def main() -> None:
     partial = Path(args.stem + ".partial.json")
     key = {k: v for k, v in vars(args).items() if k not in ("stem", "fresh", "note", "methods", "lime_samples",
                                                              "mask_steps", "batch_size", "threads", "only_test",
-                                                             "merge", "why_queries", "why_masks")}
+                                                             "merge", "why_queries", "why_masks", "cached_only")}
     cache = {"key": key, "stages": {}}
     if partial.is_file() and not args.fresh:
         old = json.loads(partial.read_text())
@@ -533,6 +535,9 @@ def main() -> None:
     for name in planned:
         if name in st["test"] and st["test"][name].get("settings_key") == json.dumps(cfgs[name][1], sort_keys=True):
             log(f"{name}: cached")
+            continue
+        if args.cached_only:
+            log(f"{name}: not in the cache, not run (--cached-only)")
             continue
         label, settings, factory, shift = cfgs[name]
         maps, secs = run_test_method(sim, factory, test)
