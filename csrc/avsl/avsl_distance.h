@@ -84,6 +84,22 @@ WM_HOST_DEVICE bool avsl_before(T d1, int64_t j1, T d2, int64_t j2) {
   return j1 < j2;
 }
 
+// Inserts (v, j) into a list (ld, lj) of cnt <= k entries sorted by avsl_before: when the list is
+// full, (v, j) replaces the last entry if it comes before it. cnt grows up to k (k >= 1). The serial
+// insertion of the GPU top-k kernels (SIMT, tensor-core, fused cuBLAS epilogue): one thread per list.
+template <typename T>
+WM_HOST_DEVICE void avsl_topk_insert(T v, int64_t j, T* ld, int64_t* lj, int64_t& cnt, int64_t k) {
+  if (cnt == k && !avsl_before(v, j, ld[k - 1], lj[k - 1])) return;
+  int64_t pos = cnt < k ? cnt++ : k - 1;  // full: the last entry drops out
+  while (pos > 0 && avsl_before(v, j, ld[pos - 1], lj[pos - 1])) {
+    ld[pos] = ld[pos - 1];
+    lj[pos] = lj[pos - 1];
+    --pos;
+  }
+  ld[pos] = v;
+  lj[pos] = j;
+}
+
 inline void check_avsl(const AvslParams& p, const char* what, bool backward, bool topk) {
   WM_CHECK(p.L >= 1 && p.L <= kAvslMaxLevels,
            what << ": the number of levels must be in [1, " << kAvslMaxLevels << "], got " << p.L);

@@ -328,16 +328,7 @@ __global__ void __launch_bounds__(kThreads) avsl_topk_partial_kernel(AvslParams 
         for (int jj = 0; jj < P; ++jj) {
           const int64_t j = j0 + jj;
           if (j >= p.G || (p.exclude_self && j == i)) continue;
-          const T v = dt[jj];
-          if (cnt == k && !avsl_before(v, j, ld[k - 1], lj[k - 1])) continue;
-          int64_t pos = cnt < k ? cnt++ : k - 1;  // drop the last when full
-          while (pos > 0 && avsl_before(v, j, ld[pos - 1], lj[pos - 1])) {
-            ld[pos] = ld[pos - 1];
-            lj[pos] = lj[pos - 1];
-            --pos;
-          }
-          ld[pos] = v;
-          lj[pos] = j;
+          avsl_topk_insert(dt[jj], j, ld, lj, cnt, k);
         }
       }
       // No barrier here: lane 0's reads of dt end before it enters the next tile_forward, and dt

@@ -103,16 +103,7 @@ __global__ void avsl_fused_topk_kernel(AvslFusedParams p) {
         for (int w = 0; w < n; ++w) {
           const int64_t j = p.g0 + t0 + w;
           if (p.exclude_self && j == i) continue;
-          const float v = dist[w];
-          if (cnt == p.k && !avsl_before(v, j, ld[p.k - 1], lj[p.k - 1])) continue;
-          int64_t pos = cnt < p.k ? cnt++ : p.k - 1;
-          while (pos > 0 && avsl_before(v, j, ld[pos - 1], lj[pos - 1])) {
-            ld[pos] = ld[pos - 1];
-            lj[pos] = lj[pos - 1];
-            --pos;
-          }
-          ld[pos] = v;
-          lj[pos] = j;
+          avsl_topk_insert(dist[w], j, ld, lj, cnt, p.k);
         }
       }
       __syncthreads();  // thread 0 has read the tile: the next one may overwrite it

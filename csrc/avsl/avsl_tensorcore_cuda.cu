@@ -287,16 +287,7 @@ __global__ void __launch_bounds__(kTcThreads, 1) avsl_tc_topk_kernel(AvslParams 
         for (int g = 0; g < kTcGallery; ++g) {
           const int64_t j = j0 + g;
           if (j >= p.G || (p.exclude_self && j == i)) continue;
-          const float v = dt[t * kTcGallery + g];
-          if (cnt == k && !avsl_before(v, j, ld[k - 1], lj[k - 1])) continue;
-          int64_t pos = cnt < k ? cnt++ : k - 1;
-          while (pos > 0 && avsl_before(v, j, ld[pos - 1], lj[pos - 1])) {
-            ld[pos] = ld[pos - 1];
-            lj[pos] = lj[pos - 1];
-            --pos;
-          }
-          ld[pos] = v;
-          lj[pos] = j;
+          avsl_topk_insert(dt[t * kTcGallery + g], j, ld, lj, cnt, k);
         }
       }
       // No barrier here: the next tile writes dt only after tc_tile's barriers, which the owners reach
