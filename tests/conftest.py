@@ -1,3 +1,6 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,3 +19,14 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def emu():
+    """The host emulation of ``_C_cuda`` (tests/cuda_emulation: the real .cu files compiled with g++),
+    built or reused once per session. Test files with their own build variant override it."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cuda_emulation import build
+    from helpers import emulated_module_path
+
+    return build.load(emulated_module_path())

@@ -21,16 +21,10 @@ from whymatch.ops import avsl as A
 from whymatch.ops import reference as ref
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cuda_emulation import build as emu_build  # noqa: E402
 from cuda_emulation.avsl_paths import bound as _bound, run_path as _run  # noqa: E402
-from helpers import emulated_marks, emulated_module_path, random_avsl_inputs  # noqa: E402
+from helpers import emulated_marks, random_avsl_inputs  # noqa: E402
 
 pytestmark = emulated_marks()
-
-
-@pytest.fixture(scope="session")
-def emu():
-    return emu_build.load(emulated_module_path())
 
 
 @pytest.fixture

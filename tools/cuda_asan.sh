@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT=${WHYMATCH_ASAN_OUT:-benchmarks/results/cuda_asan.md}
 # every emulated kernel test file (test_emulated_checks.py plants bugs on purpose: not here)
-TESTS="tests/test_emulated_kernels.py tests/test_emulated_findings.py tests/test_emulated_barriers.py tests/test_emulated_tensorcore.py"
+TESTS="tests/test_emulated_kernels.py tests/test_emulated_findings.py tests/test_emulated_barriers.py tests/test_emulated_tensorcore.py tests/test_emulated_avsl_fused.py"
 LOG=$(mktemp /tmp/wm_cuda_asan.XXXXXX.log)
 t0=$(date +%s)
 SO=$($PY tests/cuda_emulation/build.py --variant asan 2>>"$LOG" | tail -1) || { cat "$LOG"; exit 1; }
