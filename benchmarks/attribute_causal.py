@@ -51,7 +51,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -255,7 +254,7 @@ def summarize(per_seed: list[dict[str, torch.Tensor]]) -> dict:
 
 # ------------------------------------------------------------------ main
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = C.parser(__doc__)
     ap.add_argument("--pairs", type=int, default=300, help="scored test pairs (unseen classes)")
     ap.add_argument("--val-pairs", type=int, default=120, help="validation pairs (held-out training classes)")
     ap.add_argument("--n-test", type=int, default=600, help="test images (pairs and the image-swap database)")

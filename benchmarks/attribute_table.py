@@ -36,7 +36,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -80,7 +79,7 @@ def train_attribute_model(args, lam: float, out: Path):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = C.parser(__doc__)
     ap.add_argument("--pairs", type=int, default=160, help="scored pairs")
     ap.add_argument("--held-out", type=int, default=80, help="pairs that choose phi")
     ap.add_argument("--n-test", type=int, default=1500, help="test images (database of the metrics)")

@@ -361,6 +361,21 @@ def write_results(stem: str | Path, data: dict[str, Any], markdown: str) -> tupl
     return js, md
 
 
+def write_and_show(stem: str | Path, data: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    """:func:`write_results`, then print the markdown and the two paths (the end of every results script)."""
+    js, md = write_results(stem, data, markdown)
+    print(md.read_text())
+    print(f"wrote {js} and {md}")
+    return js, md
+
+
+def parser(doc: str | None):
+    """An ``argparse.ArgumentParser`` that prints a script's whole module docstring as its ``--help`` text."""
+    import argparse
+
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 # --------------------------------------------------------------------------- ShapesWorld training runs
 
 def shapesworld_sets(n_train: int, n_test: int, image_size: int, seed: int):
@@ -385,9 +400,7 @@ def shapesworld_data_info(train, test, image_size: int) -> dict[str, Any]:
 
 def shapesworld_training_parser(doc: str, stem: str):
     """The options every ShapesWorld training benchmark shares (data, budget, threads, output)."""
-    import argparse
-
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(doc)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image-size", type=int, default=48)
     ap.add_argument("--n-train", type=int, default=3000)

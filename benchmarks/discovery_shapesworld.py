@@ -29,7 +29,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -137,7 +136,7 @@ def markdown(data: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = C.parser(__doc__)
     ap.add_argument("--n", type=int, default=600, help="images for attention / oracle / full-frame rows")
     ap.add_argument("--n-rise", type=int, default=90, help="images for the RISE rows (the first ones)")
     ap.add_argument("--rise-masks", type=int, default=300)
@@ -257,9 +256,7 @@ def main() -> None:
         "load_at_end": C.system_load(),
         "note": args.note,
     }
-    js, md = C.write_results(args.stem, data, markdown(data))
-    print(md.read_text())
-    print(f"wrote {js} and {md}")
+    C.write_and_show(args.stem, data, markdown(data))
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = C.parser(__doc__)
     ap.add_argument("--n", type=int, default=60_000)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--classes", type=int, default=600)

@@ -35,7 +35,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -429,7 +428,7 @@ def markdown(data: dict) -> str:
 
 # ------------------------------------------------------------------ main
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = C.parser(__doc__)
     ap.add_argument("--val-queries", type=int, default=10)
     ap.add_argument("--val-refs", type=int, default=8)
     ap.add_argument("--test-queries", type=int, default=38)
@@ -565,9 +564,7 @@ def main() -> None:
         "seconds_total": time.perf_counter() - t_start,
         "note": args.note,
     }
-    js, md = C.write_results(args.stem, data, markdown(data))
-    print(md.read_text())
-    print(f"wrote {js} and {md}")
+    C.write_and_show(args.stem, data, markdown(data))
 
 
 if __name__ == "__main__":

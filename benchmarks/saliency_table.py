@@ -40,7 +40,6 @@ later (``--fresh`` ignores the cache).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import statistics
@@ -243,7 +242,7 @@ def retime(args) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = C.parser(__doc__)
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--refs", type=int, default=3)
     ap.add_argument("--methods", default="all", help="comma-separated names of configs(), or 'all'")
@@ -323,9 +322,7 @@ def main() -> None:
         "machine": C.machine_info(device),
         "note": args.note,
     }
-    js, md = C.write_results(args.stem, data, markdown(data))
-    print(md.read_text())
-    print(f"wrote {js} and {md}")
+    C.write_and_show(args.stem, data, markdown(data))
 
 
 if __name__ == "__main__":

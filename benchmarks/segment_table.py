@@ -26,7 +26,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -84,7 +83,7 @@ def markdown(data: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = C.parser(__doc__)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
@@ -143,9 +142,7 @@ def main() -> None:
         "load_at_end": C.system_load(),
         "note": args.note,
     }
-    js, md = C.write_results(args.stem, data, markdown(data))
-    print(md.read_text())
-    print(f"wrote {js} and {md}")
+    C.write_and_show(args.stem, data, markdown(data))
 
 
 if __name__ == "__main__":
