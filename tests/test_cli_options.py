@@ -104,3 +104,20 @@ def test_method_help_lists_the_registry(capsys):
     assert cli.main(["explain", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert ", ".join(method_names()) in text
+
+
+def test_explainer_options_come_from_the_registry():
+    """demo/explain add one option per registered CLI option, with its range, and the options reach the job."""
+    from whymatch.cli.common import _settings
+    from whymatch.saliency.registry import cli_options
+
+    argv = ["demo", "--out", "o", "--both-images", "--progress", "--lime-samples", "7", "--seed", "3",
+            "--window", str(cli.MAX_IMAGE_SIDE)]
+    s = _settings(cli.build_parser(argv).parse_args(argv))
+    assert (s.fixed_reference, s.show_progress, s.lime_samples, s.seed, s.window) == \
+        (False, True, 7, 3, cli.MAX_IMAGE_SIDE)
+    text = cli.build_parser(["demo"]).parse_args(["demo"])._parser.format_help()
+    assert set(re.findall(r"^  (--[a-z-]+)", text, flags=re.M)) >= {o.flag for o in cli_options()}
+    for bad in (["--window", str(cli.MAX_IMAGE_SIDE + 1)], ["--seed", "-1"], ["--seed", str(2**32)]):
+        with pytest.raises(SystemExit):
+            cli.build_parser(["demo"]).parse_args(["demo", *bad])

@@ -6,17 +6,15 @@ from __future__ import annotations
 import argparse
 
 from ..models.loading import load_user_model as _load_user_model
-from .option_types import MAX_IMAGE_SIDE, _factory_spec, _image_side, _int_in, _run_device, _seed
+from .option_types import _factory_spec, _image_side, _int_in, _run_device
 
 
 def _settings(args):
+    """The job settings of the explainer options given (:func:`explainer_options`: one per registered option)."""
     from ..jobs import JobSettings
+    from ..saliency.registry import cli_options
 
-    return JobSettings(n_masks=args.n_masks, batch_size=args.batch_size, seed=args.seed,
-                       fixed_reference=not args.both_images, show_progress=args.progress,
-                       window=args.window, stride=args.stride, lime_samples=args.lime_samples,
-                       lime_segments=args.lime_segments, mask_iters=args.mask_iters,
-                       target_layer=args.target_layer)
+    return JobSettings(**{o.setting: getattr(args, o.setting) for o in cli_options()})
 
 
 def _methods(choice: str) -> tuple[str, ...]:
@@ -76,34 +74,24 @@ def _load_model(args, device):
 
 def explainer_options(sp, n_masks: int | None, batch_size: int | None = 250, methods_help: str = "",
                       n_masks_help: str = "500 on a CPU, 2000 on CUDA"):
-    """The explainer options of demo and explain (the methods: :func:`whymatch.saliency.registry.method_names`)."""
-    from ..saliency.registry import method_names
+    """The explainer options of demo and explain: --method (:func:`whymatch.saliency.registry.method_names`) and one
+    option per :func:`whymatch.saliency.registry.cli_options`, with its flag, help, range and job default
+    (``n_masks`` and ``batch_size``: the values given here, None meaning that the command decides per device)."""
+    from ..saliency.registry import cli_options, method_names
 
     sp.add_argument("--method", default=None, type=_method_list,
                     help=f"'all' or a comma-separated list of: {', '.join(method_names())} (default: {methods_help})")
-    sp.add_argument("--n-masks", type=_int_in(1, 1_000_000), default=n_masks,
-                    help="RISE masks per query (default " + (str(n_masks) if n_masks is not None else
-                                                              n_masks_help) + ")")
-    sp.add_argument("--lime-samples", type=_int_in(1, 1_000_000), default=1000,
-                    help="LIME samples per query (default %(default)s)")
-    sp.add_argument("--lime-segments", default="slic", choices=("slic", "quickshift", "grid"),
-                    help="LIME superpixels (default %(default)s)")
-    sp.add_argument("--mask-iters", type=_int_in(1, 1_000_000), default=500,
-                    help="Mask optimization steps (default %(default)s)")
-    sp.add_argument("--target-layer", default=None,
-                    help="layer for attention/gradcam, a module name of the embedder (default: the last "
-                         "feature map)")
-    sp.add_argument("--window", type=_int_in(1, MAX_IMAGE_SIDE), default=None,
-                    help="sliding window side in pixels (default H/4)")
-    sp.add_argument("--stride", type=_int_in(1, MAX_IMAGE_SIDE), default=None,
-                    help="sliding window stride (default window/4)")
-    sp.add_argument("--batch-size", type=_int_in(1, 65536), default=batch_size,
-                    help="perturbed images per forward pass (default " + (str(batch_size) if batch_size else
-                                                                         "50 on a CPU, 250 on CUDA") + ")")
-    sp.add_argument("--both-images", action="store_true",
-                    help="perturb the references too (SANE; RISE, sliding window and Mask)")
-    sp.add_argument("--seed", type=_seed, default=0)
-    sp.add_argument("--progress", action="store_true", help="also show each method's own progress bar")
+    decided = {"n_masks": (n_masks, n_masks_help), "batch_size": (batch_size, "50 on a CPU, 250 on CUDA")}
+    for o in cli_options():
+        kw = o.argparse_kwargs()
+        default, when_none = decided.get(o.setting, (o.job_value(), None))
+        if o.type is int:
+            kw["type"] = _int_in(int(o.low), None if o.high is None else int(o.high))
+        if o.type is not bool:
+            shown = when_none if default is None else default
+            if shown is not None:
+                kw["help"] += f" (default {shown})"
+        sp.add_argument(o.flag, default=default, **kw)
     device_options(sp)
 
 

@@ -40,8 +40,8 @@ __all__ = ["Option", "ExplainerSpec", "EXPLAINERS", "SHARED_OPTIONS", "method_na
 
 _OWN = object()  # sentinel: the job default is the explainer's own
 
-#: the largest image side the CLI accepts for window/stride (same as whymatch.io's limit on image sides)
-_MAX_SIDE = 16384
+#: the largest window/stride the CLI accepts: its largest image side (whymatch.cli.option_types.MAX_IMAGE_SIDE)
+_MAX_SIDE = 4096
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ SHARED_OPTIONS: tuple[Option, ...] = (
          "perturb the references too (SANE; RISE, sliding window and Mask)", RISE, SlidingWindow, Mask,
          type=bool, negate=True),
     _opt("seed", "seed", "--seed", "seed of the random masks, samples and noise", RISE, LIME, Mask,
-         low=-(2**63), high=2**64 - 1),
+         low=0, high=2**32 - 1),
     _opt("show_progress", "show_progress", "--progress", "also show each method's own progress bar",
          RISE, SlidingWindow, LIME, Mask, SimilarityAttention, EmbeddingGradCAM, type=bool),
 )
