@@ -71,6 +71,22 @@ inline int64_t head_elems(const T* p, int64_t align, int64_t n) {
 template <typename T>
 inline bool element_aligned(const T* p) { return reinterpret_cast<uintptr_t>(p) % sizeof(T) == 0; }
 
+#if WM_BLEND_X86
+// The variant of a row primitive for this process's instruction set (common/cpu_isa.h): every
+// pick_* below. An overloaded name (mix_avx512) resolves to the overload of type Fn.
+template <typename Fn>
+inline Fn by_isa(Fn avx512, Fn avx2, Fn base) {
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512: return avx512;
+    case CpuIsa::kAvx2: return avx2;
+    default: return base;
+  }
+}
+#define WM_BLEND_PICK(Fn, avx512, avx2, base) by_isa<Fn>(avx512, avx2, base)
+#else
+#define WM_BLEND_PICK(Fn, avx512, avx2, base) static_cast<Fn>(base)
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // mix: o[i] = to_T(m[i] * a[i] + (1 - m[i]) * b[i]), the RISE blend, float math, one rounding to T.
 // ---------------------------------------------------------------------------------------------
@@ -204,20 +220,7 @@ WM_BLEND_AVX2 inline void mix_avx2(T* o, const float* m, const float* a, const f
 #endif  // WM_BLEND_X86
 
 template <typename T>
-inline MixFn<T> pick_mix() {
-#if WM_BLEND_X86
-  switch (cpu_isa()) {
-    case CpuIsa::kAvx512: return [](T* o, const float* m, const float* a, const float* b, int64_t n, bool s) {
-      mix_avx512(o, m, a, b, n, s);
-    };
-    case CpuIsa::kAvx2: return [](T* o, const float* m, const float* a, const float* b, int64_t n, bool s) {
-      mix_avx2(o, m, a, b, n, s);
-    };
-    default: break;
-  }
-#endif
-  return &mix_scalar<T>;
-}
+inline MixFn<T> pick_mix() { return WM_BLEND_PICK(MixFn<T>, mix_avx512, mix_avx2, mix_scalar<T>); }
 
 // ---------------------------------------------------------------------------------------------
 // select: o[i] = keep[i] ? f[i] : s[i] on raw elements of U (uint32_t or uint16_t), keep[i] all ones
@@ -270,18 +273,7 @@ WM_BLEND_AVX2 inline void select_avx2(U* o, const U* keep, const U* f, const U* 
 
 template <typename U>
 inline SelectFn<U> pick_select() {
-#if WM_BLEND_X86
-  switch (cpu_isa()) {
-    case CpuIsa::kAvx512: return [](U* o, const U* k, const U* f, const U* s, int64_t n, bool st) {
-      select_avx512(o, k, f, s, n, st);
-    };
-    case CpuIsa::kAvx2: return [](U* o, const U* k, const U* f, const U* s, int64_t n, bool st) {
-      select_avx2(o, k, f, s, n, st);
-    };
-    default: break;
-  }
-#endif
-  return &select_scalar<U>;
+  return WM_BLEND_PICK(SelectFn<U>, select_avx512<U>, select_avx2<U>, select_scalar<U>);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -308,16 +300,7 @@ WM_BLEND_AVX2 void keep_avx2(U* k, const int64_t* rank, int64_t count, int64_t n
 #endif
 
 template <typename U>
-inline KeepFn<U> pick_keep() {
-#if WM_BLEND_X86
-  switch (cpu_isa()) {
-    case CpuIsa::kAvx512: return &keep_avx512<U>;
-    case CpuIsa::kAvx2: return &keep_avx2<U>;
-    default: break;
-  }
-#endif
-  return &keep_scalar<U>;
-}
+inline KeepFn<U> pick_keep() { return WM_BLEND_PICK(KeepFn<U>, keep_avx512<U>, keep_avx2<U>, keep_scalar<U>); }
 
 // ---------------------------------------------------------------------------------------------
 // lerp: o[i] = a * r0[i] + b * r1[i], one row of a RISE mask from two rows of its grid
@@ -353,20 +336,9 @@ WM_BLEND_AVX2 inline void lerp_avx2(float* o, const float* r0, const float* r1, 
 }
 #endif
 
-inline LerpFn pick_lerp() {
-#if WM_BLEND_X86
-  switch (cpu_isa()) {
-    case CpuIsa::kAvx512: return [](float* o, const float* r0, const float* r1, float a, float b, int64_t n) {
-      lerp_avx512(o, r0, r1, a, b, n);
-    };
-    case CpuIsa::kAvx2: return [](float* o, const float* r0, const float* r1, float a, float b, int64_t n) {
-      lerp_avx2(o, r0, r1, a, b, n);
-    };
-    default: break;
-  }
-#endif
-  return &lerp_scalar;
-}
+inline LerpFn pick_lerp() { return WM_BLEND_PICK(LerpFn, lerp_avx512, lerp_avx2, lerp_scalar); }
+
+#undef WM_BLEND_PICK
 
 }  // namespace blend
 }  // namespace whymatch
