@@ -69,7 +69,7 @@ SPECS: dict[str, list[tuple]] = {
         ("per (mask, pixel): mask loop, 8 references", ["acc[j] += __ldg(sc + j) * m"], r"^FFMA", "inner", 8),
     ],
     "ranked_blend_kernel": [
-        ("per output value: channel loop", ["o[c * p.hw] = src[c * p.hw]"], r"^STG", "inner", 1),
+        ("per output value: channel loop", ["o[c * p.hw] = src[c * p.hw]", "o[c * p.HW] = src[c * p.HW]"], r"^STG", "inner", 1),
     ],
     "soft_mask_kernel": [
         ("per (image, pixel): grid-stride loop, all channels", ["return acc_t(1) / (acc_t(1) + exp_acc("], r".",
