@@ -17,27 +17,17 @@ def _settings(args):
     return JobSettings(**{o.setting: getattr(args, o.setting) for o in cli_options()})
 
 
-def _methods(choice: str) -> tuple[str, ...]:
-    """'all' or a comma-separated list of methods, checked against jobs.METHODS."""
+def _method_list(text: str) -> tuple[str, ...]:
+    """--method: 'all' or a comma-separated list of registered methods (jobs.METHODS), without repeats."""
     from ..jobs import METHODS
 
-    if isinstance(choice, tuple):  # already parsed by the option's type
-        return choice
-    if choice == "all":
+    if text == "all":
         return METHODS
-    names = tuple(m.strip() for m in choice.split(",") if m.strip())
-    bad = [m for m in names if m not in METHODS]
-    if bad or not names:
-        raise ValueError(f"--method must be 'all' or a comma-separated list of {', '.join(METHODS)}; "
-                         f"got {choice!r}")
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not names or any(m not in METHODS for m in names):
+        raise argparse.ArgumentTypeError(f"must be 'all' or a comma-separated list of {', '.join(METHODS)}; "
+                                         f"got {text!r}")
     return tuple(dict.fromkeys(names))
-
-
-def _method_list(text: str) -> tuple[str, ...]:
-    try:
-        return _methods(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc).replace("--method must", "must", 1)) from None
 
 
 def _resolve_device(spec: str | None):
@@ -45,18 +35,6 @@ def _resolve_device(spec: str | None):
     from ..ops.devices import resolve_device
 
     return resolve_device(spec or "auto", "--device")
-
-
-def _default_methods(command: str, device) -> tuple[str, ...]:
-    from ..jobs import default_methods
-
-    return default_methods(command, device)
-
-
-def _CPU_SCORE_STEPS() -> int:
-    from ..jobs import CPU_SCORE_STEPS
-
-    return CPU_SCORE_STEPS
 
 
 def _load_model(args, device):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .checks import _check_report_out
-from .common import _CPU_SCORE_STEPS, _default_methods, _methods, _resolve_device, _settings, explainer_options
+from .common import _resolve_device, _settings, explainer_options
 from .option_types import _int_in, _out_path
 
 
@@ -16,19 +16,19 @@ DEMO_CPU_MASKS = 500
 
 
 def cmd_demo(args) -> int:
-    from ..jobs import run_demo
+    from ..jobs import CPU_SCORE_STEPS, default_methods, run_demo
     from ..viz import format_table
 
     _check_report_out(args.out)
     device = _resolve_device(args.device)
-    methods = _methods(args.method) if args.method is not None else _default_methods("demo", device)
+    methods = args.method if args.method is not None else default_methods("demo", device)
     fast = args.method is None and device.type == "cpu"
     masks_given = args.n_masks is not None
     if not masks_given:
         args.n_masks = DEMO_CPU_MASKS if fast else 1000
     settings = _settings(args)
     if fast:  # the fast default: fewer RISE masks and a coarser insertion/deletion curve too
-        settings.n_steps = _CPU_SCORE_STEPS()
+        settings.n_steps = CPU_SCORE_STEPS
         print(f"settings for a CPU: methods {', '.join(methods)}, {settings.n_steps} insertion/deletion steps"
               + ("" if masks_given else f", {settings.n_masks} RISE masks")
               + " (--method all: all six methods, 1000 masks, 50 steps)")

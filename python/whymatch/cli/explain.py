@@ -6,8 +6,7 @@ import os
 from pathlib import Path
 
 from .checks import _check_explain_settings, _check_images, _check_report_out
-from .common import (_CPU_SCORE_STEPS, _default_methods, _load_model, _methods, _resolve_device, _settings,
-                     explainer_options, model_options)
+from .common import _load_model, _resolve_device, _settings, explainer_options, model_options
 from .option_types import _out_path
 
 
@@ -46,14 +45,14 @@ def cmd_explain(args) -> int:
     import torch
 
     from ..io import load_image
-    from ..jobs import explain_sets, summarize, write
+    from ..jobs import CPU_SCORE_STEPS, default_methods, explain_sets, summarize, write
     from ..viz import format_table
 
     phases: dict[str, float] = {}
     if args.model and args.pretrained:
         raise ValueError("give either --model or --pretrained, not both")
     device = _resolve_device(args.device)
-    methods = _methods(args.method) if args.method is not None else _default_methods("explain", device)
+    methods = args.method if args.method is not None else default_methods("explain", device)
     chosen = _explain_defaults(args, device)
     size = args.size if args.size is not None else (96 if not (args.model or args.pretrained) else 224)
     _check_explain_settings(args, size, methods)
@@ -69,7 +68,7 @@ def cmd_explain(args) -> int:
     phases["model and images"] = time.perf_counter() - t
     s = _settings(args)
     if chosen:
-        s.n_steps = _CPU_SCORE_STEPS()
+        s.n_steps = CPU_SCORE_STEPS
         print(f"settings for a CPU: methods {', '.join(methods)}; {', '.join(chosen)}; "
               f"{s.n_steps} insertion/deletion steps (--device cuda, --method all or the options change them)")
     estimate = None
