@@ -8,7 +8,9 @@ the command starts, before any model, data or explanation work.
 One module per command (``info``, ``demo``, ``explain``, ``search_explain``, ``explain_avsl``, ``train_mining``,
 ``train_avsl``, ``train_sane``), each with its ``cmd_*`` function and an ``add_parser(sub)`` that adds its
 subcommand; ``app`` holds the parser and :func:`main`, ``option_types`` the argparse types, ``checks`` the checks
-made before any work, ``common`` what the explaining commands share and ``train`` what the training commands share.
+made before any work, ``common`` what the explaining commands share (their explainer options come from
+:func:`whymatch.saliency.registry.cli_options`), ``train`` the group of the training tasks and ``training``
+what the training commands share.
 """
 
 from __future__ import annotations
