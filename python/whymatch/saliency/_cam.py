@@ -159,6 +159,26 @@ class TargetLayers:
     sim: SimilarityModel
     _layers: list[tuple[str, nn.Module]] | None
 
+    # the pytorch-grad-cam idiom: ``with Explainer(...) as ex:``; no hook stays registered between calls
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Nothing stays registered between calls; kept for the pytorch-grad-cam idiom."""
+
+    @property
+    def target_layer_names(self) -> list[str] | None:
+        """The target layers' names (None until the first call when they are picked automatically)."""
+        return None if self._layers is None else [n for n, _ in self._layers]
+
+    @property
+    def target_layers(self) -> list[nn.Module] | None:
+        """The target modules (None until the first call when they are picked automatically)."""
+        return None if self._layers is None else [m for _, m in self._layers]
+
     def _layers_for(self, images: Tensor) -> list[tuple[str, nn.Module]]:
         layers = self._layers
         if layers is None:  # concurrent first calls find the same layer; the last assignment wins

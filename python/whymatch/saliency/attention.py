@@ -130,25 +130,6 @@ class SimilarityAttention(_cam.TargetLayers, Explainer):
         self.mode = V.choice("mode", mode, tuple(TUPLE_SIZES))
         self._layers = _cam.resolve_target_layers(self.sim, target_layers)
 
-    # ------------------------------------------------------------ hooks
-    def __enter__(self) -> SimilarityAttention:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-    def release(self) -> None:
-        """Nothing stays registered between calls; kept for the pytorch-grad-cam idiom."""
-
-    @property
-    def target_layer_names(self) -> list[str] | None:
-        return None if self._layers is None else [n for n, _ in self._layers]
-
-    @property
-    def target_layers(self) -> list[nn.Module] | None:
-        """The target modules (None until the first call when they are picked automatically)."""
-        return None if self._layers is None else [m for _, m in self._layers]
-
     # ------------------------------------------------------------ core
     def _forward(self, x: Tensor, layers) -> tuple[Tensor, list[Tensor]]:
         """Unit-normalized embeddings and the target activations of one batch, with graph."""

@@ -53,16 +53,6 @@ class EmbeddingGradCAM(_cam.TargetLayers, Explainer):
         super().__init__(sim, batch_size=batch_size, show_progress=show_progress)
         self._layers = _cam.resolve_target_layers(self.sim, target_layers)
 
-    def __enter__(self) -> EmbeddingGradCAM:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    @property
-    def target_layer_names(self) -> list[str] | None:
-        return None if self._layers is None else [n for n, _ in self._layers]
-
     def _check_settings(self, inp: PairInputs) -> None:
         """The target layers, in :meth:`check` after the inputs, embeddings and scores: one forward and backward
         pass of the query (each layer must run once and output a feature map with h * w > 1 that the gradient
