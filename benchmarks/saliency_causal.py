@@ -163,6 +163,26 @@ def masks_of(grids, shifts, size) -> torch.Tensor:
     return ops.rise_apply(grids, shifts, torch.ones(1, *size), 0.0)[:, 0]
 
 
+def kept_share(grids, shifts, size, key: torch.Tensor) -> torch.Tensor:
+    """(M,) share of the (H, W) boolean ``key`` object that each of M masks keeps."""
+    return (masks_of(grids, shifts, size) * key).flatten(1).sum(1) / key.sum()
+
+
+#: bins of the share of the reference's key object a reference mask kept (the last one includes 1.0)
+KEPT_BINS = [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.01)]
+
+
+def kept_bins(recs: list[tuple], stats: dict) -> list[dict]:
+    """``recs`` = (kept share, value...) tuples binned by KEPT_BINS; ``stats`` = {name: f(selected recs)}."""
+    out = []
+    for lo, hi in KEPT_BINS:
+        sel = [r for r in recs if lo <= r[0] < hi]
+        if sel:
+            out.append({"kept_from": lo, "kept_to": min(hi, 1.0), "maps": len(sel),
+                        **{name: f(sel) for name, f in stats.items()}})
+    return out
+
+
 def verify(sim, pairs: dict, grid: int, n_max: int, batch_size: int) -> dict:
     """The shared-score maps equal RISE.attribute's, fixed reference ('centered') and both images ('sane')."""
     q, r = pairs["queries"][0], pairs["refs"][0]
@@ -224,8 +244,7 @@ def validation_sweep(sim, pairs: dict, grids_list, n_list, n_max: int, m_ref: in
                             mean_scores[(z, m)][:, k] = sm[:, :m].mean(1)
                     # each perturbed reference's own centred map: does it point, given what it kept?
                     own = rise_maps(grids, shifts, sm, size, "centered")             # (M, H, W)
-                    kept = (masks_of(rg, rs, size) * pairs["ref_keys"][qi][k]).flatten(1).sum(1) \
-                        / pairs["ref_keys"][qi][k].sum()
+                    kept = kept_share(rg, rs, size, pairs["ref_keys"][qi][k])
                     hit = metrics.pointing_game(own, pairs["keys"][qi][None].expand(m_ref, -1, -1)).float()
                     per_ref += [(grid, float(a), float(b), float(c)) for a, b, c in zip(kept, to_clean, hit)]
                 for (z, m), sc in mean_scores.items():
@@ -250,15 +269,9 @@ def choose(rows: list[dict]) -> dict:
 
 def per_reference_table(per_ref: list, grid: int) -> list[dict]:
     """Pointing of each perturbed reference's own map, binned by the share of its key object it kept."""
-    bins = [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.01)]
-    out = []
-    for lo, hi in bins:
-        sel = [(s, h) for g, k, s, h in per_ref if g == grid and lo <= k < hi]
-        if sel:
-            out.append({"kept_from": lo, "kept_to": min(hi, 1.0), "maps": len(sel),
-                        "similarity_to_clean_reference": sum(s for s, _ in sel) / len(sel),
-                        "pointing": sum(h for _, h in sel) / len(sel)})
-    return out
+    recs = [(k, s, h) for g, k, s, h in per_ref if g == grid]
+    return kept_bins(recs, {"similarity_to_clean_reference": lambda sel: sum(r[1] for r in sel) / len(sel),
+                            "pointing": lambda sel: sum(r[2] for r in sel) / len(sel)})
 
 
 def both_images_why(sim, pairs: dict, n_queries: int, grid: int, n_masks: int, m_ref: int, batch_size: int) -> dict:
@@ -281,20 +294,14 @@ def both_images_why(sim, pairs: dict, n_queries: int, grid: int, n_masks: int, m
                 own = rise_maps(grids, shifts, sim.pairwise(emb, r_emb), size, "centered")      # (M, H, W)
                 contrast = own[:, key].mean(1) - own[:, ~key].mean(1)
                 scale = own.flatten(1).abs().amax(1).clamp_min(1e-12)
-                kept = (masks_of(rg, rs, size) * pairs["ref_keys"][qi][k]).flatten(1).sum(1) \
-                    / pairs["ref_keys"][qi][k].sum()
+                kept = kept_share(rg, rs, size, pairs["ref_keys"][qi][k])
                 to_clean = sim.pairwise(r_emb, ref_emb[k:k + 1])[:, 0]
                 recs += [(float(a), float(b), float(c)) for a, b, c in zip(kept, to_clean, contrast / scale)]
                 mean_map = own.mean(0)
                 avg.append(float((mean_map[key].mean() - mean_map[~key].mean()) / mean_map.abs().max()))
-    bins = []
-    for lo, hi in [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.01)]:
-        sel = [(s, c) for k, s, c in recs if lo <= k < hi]
-        if sel:
-            bins.append({"kept_from": lo, "kept_to": min(hi, 1.0), "maps": len(sel),
-                         "similarity_to_clean_reference": sum(s for s, _ in sel) / len(sel),
-                         "key_contrast": sum(c for _, c in sel) / len(sel),
-                         "share_negative": sum(c < 0 for _, c in sel) / len(sel)})
+    bins = kept_bins(recs, {"similarity_to_clean_reference": lambda sel: sum(r[1] for r in sel) / len(sel),
+                            "key_contrast": lambda sel: sum(r[2] for r in sel) / len(sel),
+                            "share_negative": lambda sel: sum(r[2] < 0 for r in sel) / len(sel)})
     return {"queries": min(n_queries, len(pairs["queries"])), "grid": grid, "n_masks": n_masks,
             "reference_masks": m_ref, "bins": bins, "mean_kept": sum(k for k, _, _ in recs) / len(recs),
             "averaged_map_key_contrast": sum(avg) / len(avg)}
@@ -321,6 +328,16 @@ def test_configs(chosen: dict, n_both: int, args) -> dict:
         "lime": (f"LIME (SLIC, {args.lime_samples} samples)", lime, lambda s: saliency.LIME(s, **lime), "none"),
         "mask": (f"Mask (preset 'real', {args.mask_steps} steps)", mask, lambda s: saliency.Mask(s, **mask), "none"),
     }
+
+
+def test_row(sim, cfg: tuple, pairs: dict) -> dict:
+    """One test method's row: its maps scored (``score_maps``), its settings, seconds and the load after it."""
+    label, settings, factory, shift = cfg
+    maps, secs = run_test_method(sim, factory, pairs)
+    row = score_maps(maps, pairs, shift)
+    row.update(label=label, settings=settings, settings_key=json.dumps(settings, sort_keys=True), seconds=secs,
+               mass_shift=shift, load_after=C.system_load())
+    return row
 
 
 def run_test_method(sim, factory, pairs: dict) -> tuple[torch.Tensor, float]:
@@ -443,7 +460,7 @@ def main() -> None:
     ap.add_argument("--stem", default=str(C.RESULTS / "saliency_causal"))
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--note", default="")
-    ap.add_argument("--fast", action="store_true", help="tiny settings for a smoke test (no verification)")
+    ap.add_argument("--fast", action="store_true", help="skip the check of the shared-score maps against RISE.attribute (smoke tests)")
     ap.add_argument("--why-queries", type=int, default=4, help="validation queries of the both-images analysis")
     ap.add_argument("--why-masks", type=int, default=500, help="query masks of the both-images analysis")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -485,6 +502,13 @@ def main() -> None:
     test = load_pairs("test", args.test_queries, args.test_refs, sim)
     log("pairs and causal ground truth ready")
     st = cache["stages"]
+
+    def run_and_save(name: str, cfgs: dict) -> None:
+        row = st["test"][name] = test_row(sim, cfgs[name], test)
+        save()
+        log(f"{name}: mass {row['agree_mass']:.3f} point {row['agree_point']:.3f} pointing {row['pointing']:.3f} "
+            f"({row['seconds']:.0f} s)")
+
     if args.merge:
         other = json.loads(Path(args.merge + ".partial.json").read_text())
         if other.get("key") != key:
@@ -499,15 +523,7 @@ def main() -> None:
         for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
             if name in st["test"]:
                 continue
-            label, settings, factory, shift = cfgs[name]
-            maps, secs = run_test_method(sim, factory, test)
-            row = score_maps(maps, test, shift)
-            row.update(label=label, settings=settings, settings_key=json.dumps(settings, sort_keys=True),
-                       seconds=secs, mass_shift=shift, load_after=C.system_load())
-            st["test"][name] = row
-            save()
-            log(f"{name}: mass {row['agree_mass']:.3f} point {row['agree_point']:.3f} pointing {row['pointing']:.3f} "
-                f"({secs:.0f} s)")
+            run_and_save(name, cfgs)
         return
     if "verify" not in st:
         st["verify"] = ({"fixed_centered_max_abs_diff": float("nan"), "both_sane_max_rel_diff": float("nan")}
@@ -538,15 +554,7 @@ def main() -> None:
         if args.cached_only:
             log(f"{name}: not in the cache, not run (--cached-only)")
             continue
-        label, settings, factory, shift = cfgs[name]
-        maps, secs = run_test_method(sim, factory, test)
-        row = score_maps(maps, test, shift)
-        row.update(label=label, settings=settings, settings_key=json.dumps(settings, sort_keys=True), seconds=secs,
-                   mass_shift=shift, load_after=C.system_load())
-        st["test"][name] = row
-        save()
-        log(f"{name}: mass {row['agree_mass']:.3f} point {row['agree_point']:.3f} pointing {row['pointing']:.3f} "
-            f"({secs:.0f} s)")
+        run_and_save(name, cfgs)
     data = {
         "benchmark": "saliency_causal",
         "command": "python benchmarks/saliency_causal.py " + " ".join(sys.argv[1:]),
@@ -554,7 +562,7 @@ def main() -> None:
         "settings_selected_on": "validation",
         "truth": {"validation": truth_summary(val), "test": truth_summary(test)},
         "verify": st["verify"],
-        "validation": {k: v for k, v in st["validation"].items()},
+        "validation": st["validation"],
         "both_why": st.get("both_why"),
         "chosen": {k: chosen[k] for k in ("grid", "n_masks", "normalize", "pointing", "agree_mass", "agree_point")},
         "test": {k: st["test"][k] for k in planned if k in st["test"]},
