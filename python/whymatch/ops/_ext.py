@@ -286,8 +286,9 @@ def ptr(t: torch.Tensor) -> int:
 
 
 def buf(t: torch.Tensor) -> tuple[int, int]:
-    """A tensor as the compiled entries take a buffer: (address, bytes). The entries check the
-    bytes against what the kernel will touch; t must be dense (contiguous or channels_last)."""
+    """A tensor as the compiled entries take a buffer: (address, bytes); an empty tensor is the absent
+    buffer (0, 0), as :func:`no_buf`. The entries check the bytes against what the kernel will touch;
+    t must be dense (contiguous or channels_last)."""
     n = t.numel()
     if n and t.is_contiguous():  # the common case first: it is called for every buffer of every launch
         return (t.data_ptr(), n * t.element_size())

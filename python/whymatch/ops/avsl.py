@@ -152,10 +152,10 @@ def _cam_kernel(mod, cam_low, cam_high, edges, momentum, first, reliability, pub
     rel_high = _ext.empty(op, "rel_high", (b, r2) if reliability else (0,), dtype=dt, device=dev)
     ws = _ext.empty(op, "the workspace", (int(mod.avsl_cam_workspace_bytes(b, r1, r2, h2, w2, code)),),
                     dtype=torch.uint8, device=dev)
-    opt = (lambda t: _ext.buf(t) if t.numel() else _ext.no_buf())
     with _ext.device_guard(cam_low):
         mod.avsl_cam_correlation(_ext.buf(cam_low), _ext.buf(cam_high), _ext.buf(corr),
-                                 _ext.buf(edges) if edges is not None else _ext.no_buf(), opt(rel_low), opt(rel_high),
+                                 _ext.buf(edges) if edges is not None else _ext.no_buf(), _ext.buf(rel_low),
+                                 _ext.buf(rel_high),
                                  _ext.buf(ws), b, r1, h1, w1, r2, h2, w2, float(momentum), bool(first),
                                  bool(published), code, _ext.extra_arg(cam_low))
     return corr, rel_low, rel_high
@@ -523,19 +523,19 @@ def _tc_launch(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma, k=None, exc
     op = "avsl_topk" if k is not None else "avsl_distance"
     q, g = qe.shape[0], ge.shape[0]
     ge_t, rg_t = ge.t().contiguous(), rg.t().contiguous()  # the gallery transposed (coalesced)
-    opt = (lambda t: _ext.buf(t) if t.numel() else _ext.no_buf())
-    args = [_ext.buf(qe), _ext.buf(ge_t), opt(rq), opt(rg_t), opt(coef), opt(bias), opt(links)]
+    args = [_ext.buf(t) for t in (qe, ge_t, rq, rg_t, coef, bias, links)]
     with _ext.device_guard(qe):
         ws = _ext.empty(op, "the workspace", (int(mod.avsl_tc_workspace_bytes(q, g, list(sizes))),),
                         dtype=torch.uint8, device=qe.device)
         if k is None:
             out = _ext.empty(op, "the output", (q, g), dtype=qe.dtype, device=qe.device)
-            mod.avsl_tc_distance(*args, _ext.buf(out), q, g, list(sizes), float(gamma), opt(ws), _ext.extra_arg(qe))
+            mod.avsl_tc_distance(*args, _ext.buf(out), q, g, list(sizes), float(gamma), _ext.buf(ws),
+                                 _ext.extra_arg(qe))
             return out
         values = _ext.empty(op, "values", (q, k), dtype=qe.dtype, device=qe.device)
         indices = _ext.empty(op, "indices", (q, k), dtype=torch.int64, device=qe.device)
         mod.avsl_tc_topk(*args, _ext.buf(values), _ext.buf(indices), q, g, list(sizes), float(gamma), int(k),
-                         bool(exclude_self), opt(ws), _ext.extra_arg(qe))
+                         bool(exclude_self), _ext.buf(ws), _ext.extra_arg(qe))
         return values, indices
 
 
@@ -574,8 +574,7 @@ def _fused_cublas(mod, qe, ge, rq, rg, links, coef, bias, sizes, gamma, k=None, 
     if q * g == 0:
         return out if k is None else (values, indices)
     nq, ng = chunk or _fused_chunk(q, g, sizes)
-    opt = (lambda t: _ext.buf(t) if t.numel() else _ext.no_buf())
-    ins = [_ext.buf(qe), _ext.buf(ge), opt(rq), opt(rg), opt(coef), opt(bias)]
+    ins = [_ext.buf(t) for t in (qe, ge, rq, rg, coef, bias)]
     rmax = max(sizes)
     bufs = [_ext.empty(op, "the cuBLAS path's chunk buffers", (nq * ng * rmax,), dtype=qe.dtype, device=dev)
             for _ in range(2 if nlev > 1 else 0)]
