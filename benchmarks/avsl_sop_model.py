@@ -176,13 +176,14 @@ def tensorcore_model(k: dict, cu: Path) -> dict:
             "l2_bytes": link_bytes + gallery_bytes, "hbm_bytes": hbm_bytes, "registers": k["registers"]}
 
 
-def simt_model(k: dict, cu: Path) -> dict:
+def simt_model(k: dict, cu: Path, link_k: int | None = None) -> dict:
+    """The sparse SIMT kernel's work at SOP size with ``link_k`` nonzeros per link* column (default SOP's)."""
     fn = k["fn"]
     Q, G, L, R = SOP["Q"], SOP["G"], SOP["levels"], SOP["R"]
     link = loop_mix(fn, cu, "for (int64_t k = kb; k < ke; ++k) acc += __ldg(vals + k) * prev[", r"^FFMA")
     col = loop_mix(fn, cu, "cur[c * P + jj] = valid ? h : T(0);", r"^ST")
     per_link = link["instructions"] / max(1, link["anchors"])
-    links_per_pair = (L - 1) * R * SOP["link_k"]
+    links_per_pair = (L - 1) * R * (SOP["link_k"] if link_k is None else link_k)
     thread_instr = Q * G * (links_per_pair * per_link + (L - 1) * R * col["instructions"] / max(1, col["anchors"]))
     warp_instr = thread_instr / 32
     flops = 2.0 * Q * G * links_per_pair
@@ -241,8 +242,8 @@ def cublas_fused_model(k: dict, cu: Path) -> dict:
             "registers": {n: k[n]["registers"] for n in ("prologue", "blend", "epilogue_distance", "topk")}}
 
 
-def predict(path: str, m: dict, dev: dict) -> dict:
-    a = ASSUMPTIONS
+def predict(path: str, m: dict, dev: dict, a: dict = ASSUMPTIONS) -> dict:
+    """Predicted seconds of ``path`` with the work ``m`` on the device ``dev`` under the assumptions ``a``."""
     issue_rate = dev["sms"] * 4 * dev["boost_ghz"] * 1e9 * a["issue_efficiency"]
     t = {}
     if path == "tensorcore":
@@ -478,12 +479,8 @@ def main(argv=None) -> int:
     grid = []
     for l2 in (0.8, 1.0, 1.2):
         for eff in (0.4, 0.5, 0.6, 0.7):
-            saved = ASSUMPTIONS["mma_sync_efficiency"]
-            ASSUMPTIONS["mma_sync_efficiency"] = eff
-            try:
-                r = predict("tensorcore", tc, dict(DEVICES["h100"], l2_tbs=DEVICES["h100"]["l2_tbs"] * l2))
-            finally:
-                ASSUMPTIONS["mma_sync_efficiency"] = saved
+            r = predict("tensorcore", tc, dict(DEVICES["h100"], l2_tbs=DEVICES["h100"]["l2_tbs"] * l2),
+                        dict(ASSUMPTIONS, mma_sync_efficiency=eff))
             grid.append({"l2_tbs": DEVICES["h100"]["l2_tbs"] * l2, "mma_sync_efficiency": eff,
                          "seconds": r["seconds"], "bound": r["bound"]})
     res["sensitivity"]["h100_tensorcore_grid"] = grid
@@ -496,15 +493,9 @@ def main(argv=None) -> int:
     # the size rule's density threshold: the link* density at which the sparse SIMT kernel's prediction
     # reaches the fused cuBLAS path's (the SIMT kernel's work grows with the nonzeros, cuBLAS's does not)
     t_fused = preds["h100"]["cublas_fused"]["seconds"]
-    saved_k, cross = SOP["link_k"], None
-    try:
-        for kk in range(1, SOP["R"] + 1):
-            SOP["link_k"] = kk
-            if predict("simt", simt_model(smk[pick[0]], simt_cu), DEVICES["h100"])["seconds"] >= t_fused:
-                cross = kk / SOP["R"]
-                break
-    finally:
-        SOP["link_k"] = saved_k
+    cross = next((kk / SOP["R"] for kk in range(1, SOP["R"] + 1)
+                  if predict("simt", simt_model(smk[pick[0]], simt_cu, kk), DEVICES["h100"])["seconds"] >= t_fused),
+                 None)
     res["size_rule"] = {"h100_simt_equals_cublas_fused_at_link_density": cross,
                         "h100_cublas_fused_seconds": t_fused}
     if not args.no_accuracy:
