@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .. import _checks as V
 from ..io import FileFormatError, check_tensor_dict, check_tensors_match, load_torch_file
 
 __all__ = ["RUN_FILES", "RESUMABLE", "check_run_dir", "clear_run_files", "setting_differences",
@@ -144,21 +145,23 @@ def check_resume_config(checkpoint: str | os.PathLike, config: Mapping) -> dict:
 
 
 # ------------------------------------------------------------------ entries of a checkpoint
+def _entry(check, *args: object):
+    """A generic argument check of :mod:`whymatch._checks` applied to a checkpoint entry: the same message,
+    raised as a FileFormatError (the value came from a file, not from the caller)."""
+    try:
+        return check(*args)
+    except (TypeError, ValueError) as exc:
+        raise FileFormatError(str(exc)) from None
+
+
 def check_int(what: str, value: object, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise FileFormatError(f"{what} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise FileFormatError(f"{what} must be >= {minimum}, got {value}")
-    return value
+    return _entry(V.positive_int, what, value, minimum)
 
 
 def check_number(what: str, value: object, *, allow_inf: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise FileFormatError(f"{what} must be a number, got {type(value).__name__}")
-    v = float(value)
-    if math.isnan(v) or (math.isinf(v) and not allow_inf):
-        raise FileFormatError(f"{what} must be finite, got {v}")
-    return v
+    if allow_inf and isinstance(value, float) and math.isinf(value):
+        return float(value)
+    return _entry(V.real, what, value)
 
 
 def _kind(v: object) -> str:
