@@ -10,11 +10,11 @@
 namespace whymatch {
 
 struct RankedBlendParams {
-  const void* first = nullptr;      // [b, c, h*w]
-  const void* second = nullptr;     // [b, c, h*w]
-  const int64_t* rank = nullptr;    // [b, h*w]
-  const int64_t* counts = nullptr;  // [t]
-  void* out = nullptr;              // [b, t, c, h*w]
+  const void* first = nullptr;      // [B, C, HW]
+  const void* second = nullptr;     // [B, C, HW]
+  const int64_t* rank = nullptr;    // [B, HW]
+  const int64_t* counts = nullptr;  // [T]
+  void* out = nullptr;              // [B, T, C, HW]
   int64_t B = 0, T = 0, C = 0, HW = 0;
   DType dtype = DType::F32;
 };

@@ -9,11 +9,11 @@
 namespace whymatch {
 
 struct RiseApplyParams {
-  const float* grids = nullptr;     // [n, s, s]
-  const int64_t* shifts = nullptr;  // [n, 2]: (dy, dx), 0 <= dy < cell_h, 0 <= dx < cell_w
-  const float* image = nullptr;     // [c, h, w]
-  const float* baseline = nullptr;  // [c, h, w]
-  void* out = nullptr;              // [n, c, h, w], or [n, h, w, c] when channels_last
+  const float* grids = nullptr;     // [N, S, S]
+  const int64_t* shifts = nullptr;  // [N, 2]: (dy, dx), 0 <= dy < cell_h, 0 <= dx < cell_w
+  const float* image = nullptr;     // [C, H, W]
+  const float* baseline = nullptr;  // [C, H, W]
+  void* out = nullptr;              // [N, C, H, W], or [N, H, W, C] when channels_last
   int64_t N = 0, C = 0, H = 0, W = 0, S = 0;
   DType out_dtype = DType::F32;
   bool channels_last = false;

@@ -10,10 +10,10 @@
 namespace whymatch {
 
 struct RiseSaliencyParams {
-  const float* grids = nullptr;     // [n, s, s]
-  const int64_t* shifts = nullptr;  // [n, 2]
-  const float* scores = nullptr;    // [n, k]
-  float* out = nullptr;             // [k, h, w]
+  const float* grids = nullptr;     // [N, S, S]
+  const int64_t* shifts = nullptr;  // [N, 2]
+  const float* scores = nullptr;    // [N, K]
+  float* out = nullptr;             // [K, H, W]
   int64_t N = 0, K = 0, H = 0, W = 0, S = 0;
 };
 
