@@ -69,6 +69,7 @@ from whymatch.attributes.explain import SANE, phi_grid, rank_scores  # noqa: E40
 from whymatch.attributes.model import AttributeOutput, attribute_model_state  # noqa: E402
 from whymatch.attributes.tcav import TCAV, PairSensitivity  # noqa: E402
 from whymatch.data import ShapesWorld  # noqa: E402
+from whymatch.io import atomic_torch_save  # noqa: E402
 from whymatch.data.shapesworld import ATTRIBUTE_NAMES, TRAIN_CLASSES  # noqa: E402
 from whymatch.metrics.attributes import (  # noqa: E402
     attribute_insertion_deletion,
@@ -118,10 +119,7 @@ class Cache:
             self.hits.append(name)
             return torch.load(path, weights_only=True)
         out = fn()
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(out, tmp)
-        tmp.replace(path)
+        atomic_torch_save(out, path)
         return out
 
 
@@ -280,9 +278,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stop-after-cache", action="store_true",
                     help="compute the cached steps (causal truth, counterfactual renders) and stop")
     ap.add_argument("--write-shipped", action="store_true",
-                    help="write the seed-0 'sane' attribute model and its phi to the package's shipped files")
+                    help="write the seed-0 key-object attribute model and its Eq. 4 phi ('sane_eq4') to the package's shipped files")
     ap.add_argument("--ship-from", type=Path, default=None,
-                    help="only rebuild the seed-0 'sane' model with the settings and phi of this results JSON "
+                    help="only rebuild the seed-0 key-object model with the settings and 'sane_eq4' phi of this results JSON "
                          "(written by a full run) and write the shipped files")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script")
     ap.add_argument("--out", type=Path, default=C.RESULTS / "attribute_causal")
@@ -427,8 +425,7 @@ def main(argv=None) -> int:
         g = relative(terms.confidence)
         if gate == "pair":
             g = torch.minimum(g, relative(conf_ref))
-        t = type(terms)(terms.confidence, terms.map_match, terms.tcav, g * raw[variant + (name,)])
-        return t
+        return type(terms)(terms.confidence, terms.map_match, terms.tcav, g * raw[variant + (name,)])
 
     def fit_phi(sane, terms, criterion, n_weights=3):
         grid = phi_grid(n=3) if n_weights == 3 else phi_grid(PHI4_VALUES, n=4)
@@ -592,7 +589,7 @@ def relative(conf: torch.Tensor) -> torch.Tensor:
 
 def ship_from(args) -> int:
     """Retrain the seed-0 'sane' head exactly as the full run did (same images, settings, seed) and ship it
-    with the phi that run chose on validation."""
+    with the Eq. 4 phi ('sane_eq4') that run chose on validation."""
     data = json.loads(args.ship_from.read_text())
     best = data["chosen_settings"]
     st = data["settings"]
@@ -623,7 +620,7 @@ def write_shipped(base_model, shipped, data) -> None:
     """The seed-0 key-object attribute model and its validation-chosen Eq. 4 phi ('sane_eq4') as the package's
     shipped files. The per-pair sensitivity term is not shipped: its directions need counterfactual renders."""
     from whymatch.attributes.model import default_attribute_weights_path
-    from whymatch.io import atomic_torch_save, atomic_write_text
+    from whymatch.io import atomic_write_text
 
     w, phi = shipped
     model = with_head(base_model, w)

@@ -139,16 +139,20 @@ def explain(make, sim, pairs, device) -> tuple[torch.Tensor, list[float], int]:
     for p in pairs:
         q, r = p.query.to(device), p.reference.to(device)[None]
         t0 = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConstantMapWarning)
+        with warnings.catch_warnings():  # constant maps are counted from the maps themselves below
+            warnings.simplefilter("ignore", ConstantMapWarning)
             m = exp.attribute(q, r)
         if device.type == "cuda":
             torch.cuda.synchronize()
         secs.append(time.perf_counter() - t0)
-        del caught  # the explainers warn (ConstantMapWarning); counted from the maps themselves below
         n_const += int(constant_maps(m).sum())
         maps.append(m.float().cpu())
     return torch.cat(maps), secs, n_const
+
+
+def mean_se(v: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample std / sqrt(n); nan for one value) of a 1-d tensor."""
+    return float(v.mean()), float(v.std(unbiased=True) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
 
 
 def score(sim, pairs, maps, device, n_steps: int) -> dict:
@@ -160,9 +164,7 @@ def score(sim, pairs, maps, device, n_steps: int) -> dict:
            "insertion": 100 * cd.insertion.auc.float().cpu(), "deletion": 100 * cd.deletion.auc.float().cpu()}
     out = {}
     for k, v in per.items():
-        out[k] = float(v.mean())
-        # standard error of the mean over the pairs (sample std / sqrt(n))
-        out[f"{k}_se"] = float(v.std(unbiased=True) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+        out[k], out[f"{k}_se"] = mean_se(v)
         out[f"per_pair_{k}"] = [round(float(x), 4) for x in v]
     out["per_pair_pointing"] = per["pointing"].int().tolist()
     return out
@@ -198,8 +200,7 @@ def concat_rows(stems: list[str], split: str, size: int, seed: int, offset: int,
         res = {}
         for k in ("pointing", "mass", "insertion", "deletion"):
             v = torch.tensor([x for r, _ in got for x in r[f"per_pair_{k}"]], dtype=torch.float64)
-            res[k] = float(v.mean())
-            res[f"{k}_se"] = float(v.std(unbiased=True) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+            res[k], res[f"{k}_se"] = mean_se(v)
             res[f"per_pair_{k}"] = [int(x) for x in v] if k == "pointing" else [round(float(x), 4) for x in v]
         secs = [x for r, n in got for x in (r.get("per_pair_seconds") or [r["seconds_per_pair"]] * n)]
         res.update(seconds_per_pair=sum(secs) / len(secs), per_pair_seconds=secs,
@@ -212,6 +213,21 @@ def concat_rows(stems: list[str], split: str, size: int, seed: int, offset: int,
             "part_notes": [f"`{Path(s).name}` (pairs {d.get('offset', 0)}-{d.get('offset', 0) + d['pairs'] - 1}, "
                            f"{', '.join(d['methods'])}, {d['total_seconds']:.0f} s): " + C.load_note(d).strip()
                            for s, d in parts]}
+
+
+def combine(previous: dict | None, other: dict) -> dict:
+    """The results ``previous`` with the rows, commands and settings of ``other`` added (``other`` when None).
+
+    The runs ran side by side: the total time is the longer one's; ``previous`` wins a setting both have.
+    """
+    if previous is None:
+        return other
+    out = {**previous, "methods": {**previous["methods"], **other["methods"]},
+           "commands": previous.get("commands", [previous["command"]]) + other.get("commands", [other["command"]]),
+           "total_seconds": max(previous["total_seconds"], other["total_seconds"])}
+    if "settings" in other:
+        out["settings"] = {**other["settings"], **previous.get("settings", {})}
+    return out
 
 
 def main() -> None:
@@ -322,23 +338,11 @@ def main() -> None:
             raise SystemExit(f"--merge: {other} holds other pairs ({old['split']}, {old['pairs']} pairs from "
                              f"{old.get('offset', 0)}, {old['size']} px, seed {old['seed']}); expected {split}, "
                              f"{n_pairs} from {a.offset}, {a.size}, {a.seed}")
-        if previous is None:
-            previous = old
-        else:
-            previous = {**previous, "methods": {**previous["methods"], **old["methods"]},
-                        "commands": previous.get("commands", [previous["command"]])
-                        + old.get("commands", [old["command"]]),
-                        "total_seconds": max(previous["total_seconds"], old["total_seconds"]),
-                        "settings": {**old["settings"], **previous["settings"]}}
+        previous = combine(previous, old)
     if a.concat:
         joined = concat_rows([s for s in a.concat.split(",") if s], split, a.size, a.seed, a.offset, n_pairs)
         part_notes += joined["part_notes"]
-        if previous is None:
-            previous = joined
-        else:
-            previous = {**previous, "methods": {**previous["methods"], **joined["methods"]},
-                        "commands": previous.get("commands", [previous["command"]]) + joined["commands"],
-                        "total_seconds": max(previous["total_seconds"], joined["total_seconds"])}
+        previous = combine(previous, joined)
 
     def notes(rows: dict) -> str:
         out = []

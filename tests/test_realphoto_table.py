@@ -70,3 +70,19 @@ def test_concat_refuses_gaps_overlaps_other_pairs_and_mixed_budgets(tmp_path):
     other = _part(tmp_path / "other", 2, v, budget={"n_masks": 200})
     with pytest.raises(SystemExit, match="different budgets"):
         T.concat_rows([a, other], "test", 224, 0, 0, 4)
+
+
+def test_combine_adds_the_rows_commands_and_settings_of_a_run_made_side_by_side():
+    first = {"methods": {"rise": 1, "lime": 2}, "command": "run a", "total_seconds": 10.0,
+             "settings": {"rise_n_masks": 200, "causal_steps": 10}}
+    second = {"methods": {"lime": 3, "mask": 4}, "command": "run c", "commands": ["run b", "run c"],
+              "total_seconds": 30.0,
+              "settings": {"rise_n_masks": 1000, "mask_n_iter": 40}}
+    assert T.combine(None, second) is second
+    out = T.combine(first, second)
+    assert out["methods"] == {"rise": 1, "lime": 3, "mask": 4}  # the later run's row wins
+    assert out["commands"] == ["run a", "run b", "run c"] and out["total_seconds"] == 30.0
+    assert out["settings"] == {"rise_n_masks": 200, "causal_steps": 10, "mask_n_iter": 40}  # the first's win
+    joined = {"methods": {"rise (larger budget)": 5}, "command": "", "commands": ["run d"],  # --concat's
+              "total_seconds": 5.0}
+    assert T.combine(out, joined)["settings"] == out["settings"]

@@ -37,6 +37,16 @@ def _resolve_device(spec: str | None):
     return resolve_device(spec or "auto", "--device")
 
 
+def _image_size(args) -> int:
+    """--size, else the model's: 96 px for the shipped ShapesWorld CNN, 224 for --model / --pretrained (given
+    both: ValueError)."""
+    if args.model and args.pretrained:
+        raise ValueError("give either --model or --pretrained, not both")
+    if args.size is not None:
+        return args.size
+    return 224 if (args.model or args.pretrained) else 96
+
+
 def _load_model(args, device):
     """The model of --model / --pretrained / the shipped ShapesWorld CNN, on ``device``."""
     if args.model:
@@ -83,7 +93,8 @@ def device_options(sp):
 
 
 def model_options(parser):
-    """--model, --pretrained and --size of explain and search-explain (the model: :func:`_load_model`)."""
+    """--model, --pretrained and --size of explain and search-explain (the model: :func:`_load_model`, the size:
+    :func:`_image_size`)."""
     parser.add_argument("--model", type=_factory_spec,
                         help="'package.module:factory' returning a SimilarityModel or an nn.Module")
     parser.add_argument("--pretrained", choices=("efficientnet-lite0",),

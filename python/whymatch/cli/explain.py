@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from .checks import _check_explain_settings, _check_images, _check_report_out
-from .common import _load_model, _resolve_device, _settings, explainer_options, model_options
+from .common import _image_size, _load_model, _resolve_device, _settings, explainer_options, model_options
 from .option_types import _out_path
 
 
@@ -49,12 +49,10 @@ def cmd_explain(args) -> int:
     from ..viz import format_table
 
     phases: dict[str, float] = {}
-    if args.model and args.pretrained:
-        raise ValueError("give either --model or --pretrained, not both")
+    size = _image_size(args)  # refuses --model with --pretrained before anything else
     device = _resolve_device(args.device)
     methods = args.method if args.method is not None else default_methods("explain", device)
     chosen = _explain_defaults(args, device)
-    size = args.size if args.size is not None else (96 if not (args.model or args.pretrained) else 224)
     _check_explain_settings(args, size, methods)
     # nothing is loaded before it is checked: the output directory, then every image's header, then the model
     _check_report_out(args.out)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from .checks import _check_images, _check_index_path, _check_report_out
-from .common import _load_model, _resolve_device, device_options, model_options
+from .common import _image_size, _load_model, _resolve_device, device_options, model_options
 from .option_types import _int_in, _out_path, _seed
 
 
@@ -20,10 +20,8 @@ def cmd_search_explain(args) -> int:
     from ..search import DirectoryImages, GalleryIndex, explain_search, write_search_report
     from ..viz import format_table
 
-    if args.model and args.pretrained:
-        raise ValueError("give either --model or --pretrained, not both")
+    size = _image_size(args)  # refuses --model with --pretrained before anything else
     device = _resolve_device(args.device)
-    size = args.size if args.size is not None else (96 if not (args.model or args.pretrained) else 224)
     _check_report_out(args.out)
     _check_images([args.query])
     if args.index is not None:
