@@ -9,7 +9,8 @@ objects takes the largest). Metrics of an explanation that names one attribute p
 - top1_causal: it is the attribute whose change drops the similarity most;
 - causal_deletion: the drop when it alone is changed (similarity units; higher is better);
 - top1_shared: it is an attribute the two KEY objects share (the old ground truth);
-- swap_deletion: the paper's image-swap attribute deletion (secondary column).
+- swap_deletion / swap_insertion: the paper's image-swap attribute deletion and insertion (secondary
+  columns; the layout of SANE's Table 2, which benchmarks/attribute_table.py used to write).
 
 Protocol (nothing is tuned on test):
 - The shipped ShapesWorld similarity model is explained.
@@ -38,6 +39,13 @@ Protocol (nothing is tuned on test):
   criterion (top1_causal, ties broken by causal deletion); the phi that the paper's criterion
   (image-swap deletion on the same validation pairs) chooses is reported beside it.
 
+Bounds (a section of their own: rows that are NOT methods, told which object is the key object; computed from
+the cached causal truth and ``object_attributes``' key-object row, no training): (a) the key object's attribute
+of the best FIXED order of kinds (size / colour / shape / pattern), the order chosen on the validation pairs:
+the best any per-kind prior can do; (b) SANE's own per-attribute scores restricted to the key object's four
+attributes: what the choice among them costs; the ceiling (the causal top among the key object's attributes);
+(c) the fraction of pairs whose runner-up drop is within 10% of the top drop (the truth is nearly a tie).
+
 Expensive, deterministic steps (causal ground truth of the validation and test pairs, the
 counterfactual renders of the training images, trunk features) are cached under ``--cache-dir``
 (default ``benchmarks/.work/attribute_causal``), keyed by their settings and the similarity model's
@@ -52,6 +60,7 @@ Usage::
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import sys
@@ -91,6 +100,7 @@ ROWS = {
     "sane_no_matching": "SANE Eq. 4 w/o map matching (plain model, a + cos + TCAV)",
     "sane_eq4": "SANE Eq. 4 (key-object model, a + cos + TCAV; phi by the causal criterion)",
     "sane_eq4_paper_phi": "SANE Eq. 4, phi by the paper's criterion (image-swap deletion)",
+    "sane_eq4_no_tcav": "SANE Eq. 4 w/o TCAV (key-object model, a + cos; phi3 = 0)",
     "sensitivity_alone": "per-pair sensitivity alone (the chosen directions, gated)",
     "sane_cav": "SANE + per-pair sensitivity along label-fitted CAVs (key-object labels)",
     "sane_cf_global": "SANE + per-pair sensitivity, global counterfactual CAVs",
@@ -250,6 +260,70 @@ def summarize(per_seed: list[dict[str, torch.Tensor]]) -> dict:
     return out
 
 
+# ------------------------------------------------------------------ bounds (rows that are not methods)
+def attribute_kinds(names=ATTRIBUTE_NAMES) -> torch.Tensor:
+    """(A,) int64: the position in KINDS of each attribute's kind (``kind:value`` names)."""
+    return torch.tensor([KINDS.index(n.split(":")[0]) for n in names])
+
+
+def restricted_choice(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """(P,) int64: each pair's highest-scoring attribute among the allowed ones (a NaN score ranks below every
+    number; ties keep the lowest index). scores (P, A) float, allowed (P, A) bool, one True per row at least."""
+    if scores.shape != allowed.shape or scores.ndim != 2:
+        raise ValueError(f"scores and allowed must both be (P, A), got {tuple(scores.shape)} and {tuple(allowed.shape)}")
+    if allowed.dtype != torch.bool:
+        raise TypeError(f"allowed must be a bool tensor, got {allowed.dtype}")
+    if scores.shape[0] and not bool(allowed.any(1).all()):
+        raise ValueError("allowed must hold at least one True per pair, got a pair with none")
+    s = scores.float()
+    s = torch.where(torch.isnan(s), torch.full_like(s, torch.finfo(s.dtype).min), s)
+    return torch.where(allowed, s, torch.full_like(s, -float("inf"))).argmax(1)
+
+
+def fixed_order_choice(effects: torch.Tensor, allowed: torch.Tensor, order, kinds: torch.Tensor) -> torch.Tensor:
+    """(P,) int64: the allowed attribute (the key object's) of the first kind in ``order`` (indices into KINDS)
+    whose change could be rendered (a defined effect: whether a counterfactual exists is a property of the
+    scene, not of the model); the first kind's attribute when none could."""
+    order = [int(k) for k in order]
+    if sorted(order) != list(range(len(KINDS))):
+        raise ValueError(f"order must be a permutation of 0..{len(KINDS) - 1}, got {order}")
+    priority = torch.tensor([float(len(order) - order.index(int(k))) for k in kinds])     # (A,), higher first
+    scores = priority.expand_as(effects).clone()
+    scores[torch.isnan(effects)] -= len(order)                                            # below every defined one
+    return restricted_choice(scores, allowed)
+
+
+def best_fixed_order(effects: torch.Tensor, allowed: torch.Tensor, kinds: torch.Tensor):
+    """The order of KINDS whose :func:`fixed_order_choice` scores best on these pairs (causal top-1, ties broken
+    by causal deletion, then by the first in itertools.permutations order). Returns (order, value)."""
+    scored = [(causal_fit_value(fixed_order_choice(effects, allowed, o, kinds), effects), o)
+              for o in itertools.permutations(range(len(KINDS)))]
+    value, order = max(scored, key=lambda t: t[0])      # max keeps the first of equal values
+    return order, value
+
+
+def causal_top1_within(chosen: torch.Tensor, effects: torch.Tensor, rel: float = 0.1) -> torch.Tensor:
+    """(P,) float: 1 where the chosen attribute's drop is within ``rel`` x |top drop| of the top drop (a near-tie
+    counts as a hit), 0 where not, NaN for a pair with no defined effect."""
+    filled = torch.nan_to_num(effects.float(), nan=-float("inf"))
+    best = filled.amax(1)
+    got = filled.gather(1, chosen.long()[:, None])[:, 0]
+    hit = (got >= best - rel * best.abs() - 1e-6).float()
+    return torch.where(torch.isinf(best), torch.full_like(hit, float("nan")), hit)
+
+
+def near_tie(effects: torch.Tensor, rel: float = 0.1) -> torch.Tensor:
+    """(P,) float: 1 where the runner-up attribute's drop is within ``rel`` x |top drop| of the top drop (the
+    causal truth is nearly a tie), 0 where not, NaN where fewer than two attributes have a defined effect."""
+    if effects.ndim != 2 or effects.shape[1] < 2:
+        raise ValueError(f"effects must be (P, A) with A >= 2, got {tuple(effects.shape)}")
+    filled = torch.nan_to_num(effects.float(), nan=-float("inf"))
+    top2 = filled.topk(2, dim=1).values
+    hit = (top2[:, 1] >= top2[:, 0] - rel * top2[:, 0].abs() - 1e-6).float()
+    defined = (~torch.isnan(effects)).sum(1) >= 2
+    return torch.where(defined, hit, torch.full_like(hit, float("nan")))
+
+
 # ------------------------------------------------------------------ main
 def main(argv=None) -> int:
     ap = C.parser(__doc__)
@@ -258,8 +332,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n-test", type=int, default=600, help="test images (pairs and the image-swap database)")
     ap.add_argument("--n-val", type=int, default=400, help="validation-class images")
     ap.add_argument("--n-train", type=int, default=800, help="attribute-model training images (48 classes)")
-    ap.add_argument("--n-cf", type=int, default=400,
-                    help="training images whose counterfactual renders give the sensitivity's directions")
+    ap.add_argument("--n-cf", type=int, default=240,
+                    help="training images whose counterfactual renders give the sensitivity's directions "
+                         "(240: ~9,400 renders, the committed results)")
     ap.add_argument("--epochs", type=int, default=10, help="epochs of the attribute head")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--saliency", choices=("attention", "rise"), default="attention")
@@ -380,12 +455,14 @@ def main(argv=None) -> int:
 
     # the paper's image-swap deletion of every (pair, attribute), once: a choice is then a lookup
     t0 = time.perf_counter()
-    swap = {}
+    swap, swap_ins = {}, {}
     for name in ("val", "test"):
         q, r = pairs[name].query, pairs[name].references[:, 0]
-        swap[name] = torch.stack([attribute_insertion_deletion(
-            emb[name][q], emb[name][r], torch.full((len(q),), j), attrs[name][q], emb[name], attrs[name],
-            similarity=sim, query_index=q, reference_index=r).deletion.float() for j in range(A)], 1)
+        res = [attribute_insertion_deletion(emb[name][q], emb[name][r], torch.full((len(q),), j), attrs[name][q],
+                                            emb[name], attrs[name], similarity=sim, query_index=q,
+                                            reference_index=r) for j in range(A)]
+        swap[name] = torch.stack([x.deletion.float() for x in res], 1)
+        swap_ins[name] = torch.stack([x.insertion.float() for x in res], 1)
     tick("swap_deletion_table", t0)
 
     def score(name, chosen, with_swap=True):
@@ -395,6 +472,7 @@ def main(argv=None) -> int:
                "causal_deletion": causal_attribute_deletion(chosen, eff)}
         if with_swap:
             res["swap_deletion"] = swap[name].gather(1, chosen[:, None])[:, 0]
+            res["swap_insertion"] = swap_ins[name].gather(1, chosen[:, None])[:, 0]
         return res
 
     # sensitivity objects (deterministic: the same for every seed)
@@ -427,8 +505,9 @@ def main(argv=None) -> int:
             g = torch.minimum(g, relative(conf_ref))
         return type(terms)(terms.confidence, terms.map_match, terms.tcav, g * raw[variant + (name,)])
 
-    def fit_phi(sane, terms, criterion, n_weights=3):
-        grid = phi_grid(n=3) if n_weights == 3 else phi_grid(PHI4_VALUES, n=4)
+    def fit_phi(sane, terms, criterion, n_weights=3, grid=None):
+        if grid is None:
+            grid = phi_grid(n=3) if n_weights == 3 else phi_grid(PHI4_VALUES, n=4)
         if criterion == "causal":
             return sane.fit_phi(terms, lambda c: causal_fit_value(c, effects["val"]["effects"]), grid=grid)
         return sane.fit_phi(terms, lambda c: float(torch.nanmean(score("val", c)["swap_deletion"])), grid=grid)
@@ -477,8 +556,27 @@ def main(argv=None) -> int:
     default_kind = max(chosen_sens, key=lambda kd: (chosen_sens[kd]["top1_causal"], chosen_sens[kd]["causal_deletion"]))
     tick("tuning", t0)
 
+    # ---------------------------------------------------------------- bounds (not methods; no training)
+    kinds_of = attribute_kinds()
+    key_q = {name: key_attrs[name][pairs[name].query] for name in ("val", "test")}
+
+    def bound_score(chosen):
+        res = score("test", chosen, with_swap=False)
+        res["top1_causal_within10"] = causal_top1_within(chosen, effects["test"]["effects"], 0.1)
+        return res
+
+    order, order_val = best_fixed_order(effects["val"]["effects"], key_q["val"], kinds_of)
+    bound_seeds = {
+        "oracle_key_fixed_order": [bound_score(fixed_order_choice(effects["test"]["effects"], key_q["test"],
+                                                                  order, kinds_of))],
+        "oracle_key_sane": [], "oracle_key_sane_eq4": [],
+        "oracle_key_oracle_attribute": [bound_score(restricted_choice(effects["test"]["effects"], key_q["test"]))],
+    }
+    ties = {name: near_tie(effects[name]["effects"], 0.1) for name in ("val", "test")}
+
     # ---------------------------------------------------------------- 3 seeds, scored on test
     per_seed = {k: [] for k in ROWS}
+    sane_choices: list[torch.Tensor] = []
     phis: dict[str, list] = {k: [] for k in ROWS if k.startswith("sane") or k == "sensitivity_alone"}
     maps_info: dict[str, list] = {"plain": [], "sane": []}
     shipped = None
@@ -509,10 +607,15 @@ def main(argv=None) -> int:
         maps_info["sane"].append(mean_average_precision(confidences(model, imgs["test"]), key_attrs["test"])[0])
         sane, terms_val = terms_of(model, "val", best["temperature"])
         _, terms_test = terms_of(model, "test", best["temperature"])
-        for row, crit in (("sane_eq4", "causal"), ("sane_eq4_paper_phi", "paper")):
-            phi, _ = fit_phi(sane, terms_val, crit)
+        no_tcav = [t for t in phi_grid(n=3) if t[2] == 0]
+        for row, crit, grid in (("sane_eq4", "causal", None), ("sane_eq4_paper_phi", "paper", None),
+                                ("sane_eq4_no_tcav", "causal", no_tcav)):
+            phi, _ = fit_phi(sane, terms_val, crit, grid=grid)
             phis[row].append(phi)
             per_seed[row].append(score("test", rank_scores(terms_test, phi).argmax(1)))
+            if row == "sane_eq4":
+                bound_seeds["oracle_key_sane_eq4"].append(
+                    bound_score(restricted_choice(rank_scores(terms_test, phi), key_attrs["test"][tq])))
             if s == 0 and row == "sane_eq4":
                 shipped = (w.clone(), phi)      # the shipped files hold Eq. 4 (three weights), see write_shipped
         cref = {"val": confidences(model, imgs["val"][pairs["val"].references[:, 0]]),
@@ -527,12 +630,27 @@ def main(argv=None) -> int:
             phis[row].append(phi)
             per_seed[row].append(score("test", rank_scores(tt, phi).argmax(1)))
             if row == "sane":
+                sane_choices.append(rank_scores(tt, phi).argmax(1))
+                bound_seeds["oracle_key_sane"].append(
+                    bound_score(restricted_choice(rank_scores(tt, phi), key_attrs["test"][tq])))
                 alone = (0.0, 0.0, 0.0, 1.0)
                 phis["sensitivity_alone"].append(alone)
                 per_seed["sensitivity_alone"].append(score("test", rank_scores(tt, alone).argmax(1)))
     tick("train_and_score_seeds", t0)
 
     methods = {k: summarize(v) for k, v in per_seed.items()}
+    bounds = {k: summarize(v) for k, v in bound_seeds.items()}
+    bounds["oracle_key_fixed_order"].update({"order": [KINDS[k] for k in order],
+                                             "val_top1_causal": float(torch.nanmean(causal_top1(
+                                                 fixed_order_choice(effects["val"]["effects"], key_q["val"], order,
+                                                                    kinds_of), effects["val"]["effects"])))})
+    tie_test = ties["test"][~torch.isnan(ties["test"])]
+    bounds["near_tie_10pct"] = {"fraction": float(tie_test.mean()),
+                                "sem": float(tie_test.std() / math.sqrt(max(1, tie_test.numel()))),
+                                "pairs": int(tie_test.numel()),
+                                "val_fraction": float(torch.nanmean(ties["val"]))}
+    sane_within = [causal_top1_within(c, effects["test"]["effects"], 0.1) for c in sane_choices]
+    bounds["sane_within10"] = summarize([{"top1_causal_within10": w} for w in sane_within])
     for k, v in phis.items():
         methods[k]["phi_per_seed"] = [list(p) for p in v]
     methods["attribute_classifier"]["model_map"] = float(torch.tensor(maps_info["plain"]).mean())
@@ -551,6 +669,8 @@ def main(argv=None) -> int:
         "benchmark": "attribute_causal",
         "phi_selected_on": "validation",
         "methods": methods,
+        "bounds": bounds,
+        "command": " ".join(["python benchmarks/attribute_causal.py", *(sys.argv[1:] if argv is None else argv)]),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "validation_classes": list(VAL_CLASSES),
         "tuning": tuning,
@@ -642,6 +762,43 @@ def _pm(r, key, nd=3):
     return f"{v:.{nd}f} ± {r.get(key + '_sem', 0.0):.{nd}f}"
 
 
+def bounds_markdown(data: dict) -> list[str]:
+    """The bounds section: rows that are told the key object (not methods), and how often the truth is a near-tie."""
+    b = data.get("bounds")
+    if not b:
+        return []
+    fo, tie, sane = b["oracle_key_fixed_order"], b["near_tie_10pct"], data["methods"]["sane"]
+    cols = ("top1_causal", "top1_causal_within10", "causal_deletion", "top1_shared")
+
+    def row(label, r):
+        return [label, *(_pm(r, c) for c in cols)]
+    return [
+        "## Bounds (not methods: these rows are told which object is the key object)",
+        "",
+        "Computed from the cached causal truth and the data set's per-object labels, no training; anything chosen "
+        "is chosen on the validation pairs, the test pairs are scored once. 'Within 10%': the named attribute's "
+        "drop is within 10% of the top drop (a near-tie counts as a hit).",
+        "",
+        C.md_table(["bound", "top-1 causal ↑", "top-1 causal within 10% ↑", "causal deletion ↑", "top-1 shared"], [
+            row(f"(a) oracle key object + the best fixed order of kinds ({' > '.join(fo['order'])}, chosen on "
+                f"validation: val top-1 causal {fo['val_top1_causal']:.3f})", fo),
+            row("(b) oracle key object + SANE's own scores ('sane', its phi per seed) among the key object's 4 "
+                "attributes", b["oracle_key_sane"]),
+            row("(b) oracle key object + SANE Eq. 4's scores ('sane_eq4') among the key object's 4 attributes",
+                b["oracle_key_sane_eq4"]),
+            row("ceiling: oracle key object + the causal top among its 4 attributes (any key-object explanation)",
+                b["oracle_key_oracle_attribute"]),
+            ["for comparison: 'sane' as scored above (not told the key object)", _pm(sane, "top1_causal"),
+             _pm(b["sane_within10"], "top1_causal_within10"), _pm(sane, "causal_deletion"),
+             _pm(sane, "top1_shared")],
+        ]),
+        "",
+        f"(c) Near-ties: the runner-up attribute's drop is within 10% of the top drop in {tie['fraction']:.3f} ± "
+        f"{tie['sem']:.3f} of the {tie['pairs']} test pairs (validation: {tie['val_fraction']:.3f}).",
+        "",
+    ]
+
+
 def markdown(data: dict) -> str:
     m, s = data["machine"], data["settings"]
     rows = []
@@ -650,7 +807,7 @@ def markdown(data: dict) -> str:
         phi = r.get("phi_per_seed")
         rows.append([label, "—" if r.get("model_map") is None else f"{r['model_map']:.3f}",
                      _pm(r, "top1_shared"), _pm(r, "top1_causal"), _pm(r, "causal_deletion"),
-                     _pm(r, "swap_deletion"),
+                     _pm(r, "swap_deletion"), _pm(r, "swap_insertion"),
                      "" if not phi else " ".join("(" + ", ".join(f"{v:g}" for v in p) + ")" for p in phi)])
     ct = data["causal_truth"]
     best = data["chosen_settings"]
@@ -658,7 +815,7 @@ def markdown(data: dict) -> str:
     lines = [
         "# SANE attributes against causal ground truth (counterfactual ShapesWorld)",
         "",
-        f"`python benchmarks/attribute_causal.py` on {m.get('cpu_model', '?')} ({m.get('torch_threads')} threads), "
+        f"`{data.get('command', 'python benchmarks/attribute_causal.py')}` on {m.get('cpu_model', '?')} ({m.get('torch_threads')} threads), "
         f"torch {m.get('torch', '?')}, commit {str(m.get('git_commit'))[:10]}; {data['total_s']:.0f} s in all.",
         f"{ct['test_pairs']} scored positive pairs from the unseen test classes; phi and the attribute-model "
         f"settings chosen on {s['val_pairs']} pairs of 12 held-out training classes (phi_selected_on: "
@@ -671,13 +828,14 @@ def markdown(data: dict) -> str:
         "Values are means over seeds ± standard error over pairs (per-seed values in the JSON).",
         "",
         C.md_table(["method", "model mAP", "top-1 shared ↑", "top-1 causal ↑", "causal deletion ↑",
-                    "swap deletion (paper) ↑", "phi per seed"], rows),
+                    "swap deletion (paper) ↑", "swap insertion (paper) ↑", "phi per seed"], rows),
         "",
         f"Chance top-1 shared: {data['chance_top1_shared']:.3f}. Causal truth: {ct['renders_per_pair']:.0f} "
         f"counterfactual renders per pair; the causal top attribute belongs to the key object in "
         f"{ct['top_is_key_attribute']:.2f} of pairs; by kind {ct['top_kind_counts']}; its mean drop "
         f"{ct['mean_drop_of_top']:.3f} (base similarity {ct['base_similarity']:.3f}).",
         "",
+        *bounds_markdown(data),
         f"Settings chosen on validation: mu (localization) {best['mu']:g}, lambda (saliency matching) "
         f"{best['lam']:g}, temperature {best['temperature']:g}. Validation grid (seed 0, phi fitted on the "
         "same validation pairs), best first:",
