@@ -697,7 +697,7 @@ def main(argv=None) -> int:
     }
     C.write_results(args.out, data, markdown(data))
     if args.write_shipped and shipped is not None:
-        write_shipped(base_model, shipped, data)
+        write_shipped(with_head(base_model, shipped[0]), shipped[1], data)
     print(markdown(data))
     return 0
 
@@ -707,10 +707,10 @@ def relative(conf: torch.Tensor) -> torch.Tensor:
     return torch.where(mx > 0, conf / mx.clamp_min(1e-30), torch.zeros_like(conf))
 
 
-def ship_from(args) -> int:
-    """Retrain the seed-0 'sane' head exactly as the full run did (same images, settings, seed) and ship it
-    with the Eq. 4 phi ('sane_eq4') that run chose on validation."""
-    data = json.loads(args.ship_from.read_text())
+def build_shipped_model(data: dict):
+    """Retrain the seed-0 key-object head exactly as a full run did (same images, settings, seed) from that run's
+    results JSON (``data``); returns (AttributeModel, the 'sane_eq4' phi that run chose on validation). The one
+    code path behind ``--ship-from`` and scripts/train_shapesworld_attributes.py."""
     best = data["chosen_settings"]
     st = data["settings"]
     phi = tuple(data["methods"]["sane_eq4"]["phi_per_seed"][0])
@@ -731,28 +731,36 @@ def ship_from(args) -> int:
         fit_sal = saliency_maps(SimilarityAttention(sim, "layer4"), x, x[s_fit.argmax(1)])
     w = train_head(base_model, feats, attrs, masks=masks, saliency=fit_sal, lam=best["lam"], mu=best["mu"],
                    temperature=best["temperature"], seed=st["seed"], epochs=st["epochs"])
-    write_shipped(base_model, (w, phi), data)
-    print(f"shipped: settings {best}, phi {phi}")
+    return with_head(base_model, w), phi
+
+
+def ship_from(args) -> int:
+    """``--ship-from JSON``: rebuild the shipped model from a full run's results and write the package's files."""
+    data = json.loads(args.ship_from.read_text())
+    model, phi = build_shipped_model(data)
+    write_shipped(model, phi, data)
+    print(f"shipped: settings {data['chosen_settings']}, phi {phi}")
     return 0
 
 
-def write_shipped(base_model, shipped, data) -> None:
-    """The seed-0 key-object attribute model and its validation-chosen Eq. 4 phi ('sane_eq4') as the package's
-    shipped files. The per-pair sensitivity term is not shipped: its directions need counterfactual renders."""
+def write_shipped(model, phi, data, weights_path: Path | None = None) -> tuple[Path, Path]:
+    """The seed-0 key-object attribute model and its validation-chosen Eq. 4 phi ('sane_eq4') as the shipped files:
+    ``weights_path`` (default the package's shapesworld_attributes.pt) and shapesworld_sane.json beside it.
+    The per-pair sensitivity term is not shipped: its directions need counterfactual renders."""
     from whymatch.attributes.model import default_attribute_weights_path
     from whymatch.io import atomic_write_text
 
-    w, phi = shipped
-    model = with_head(base_model, w)
-    wpath = default_attribute_weights_path()
+    wpath = Path(weights_path) if weights_path is not None else default_attribute_weights_path()
     atomic_torch_save(attribute_model_state(model, source="benchmarks/attribute_causal.py (seed 0, 'sane_eq4')",
-                                            settings=data["chosen_settings"]), wpath)
-    atomic_write_text(wpath.with_name("shapesworld_sane.json"), json.dumps({
+                                            settings={**data["chosen_settings"], "labels": "key"}), wpath)
+    jpath = wpath.with_name("shapesworld_sane.json")
+    atomic_write_text(jpath, json.dumps({
         "phi": list(phi), "temperature": data["chosen_settings"]["temperature"],
         "saliency_scale": "max",
         "source": "benchmarks/attribute_causal.py: phi chosen on validation-class pairs (held-out training "
                   "classes) by causal top-1 agreement",
         "validation_top1_causal": max(t["top1_causal"] for t in data["tuning"])}, indent=1) + "\n")
+    return wpath, jpath
 
 
 def _pm(r, key, nd=3):

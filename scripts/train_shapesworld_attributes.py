@@ -1,27 +1,32 @@
 #!/usr/bin/env python
-"""Train the ShapesWorld attribute model that ships with whymatch (SANE, Plummer et al. 2020).
+"""Rebuild the ShapesWorld attribute model and SANE phi that ship with whymatch, and compare them with the shipped files.
 
-    python scripts/train_shapesworld_attributes.py             # the shipped weights (about 9 min on 2 CPU cores)
-    python scripts/train_shapesworld_attributes.py --lam 0 --weights none --out build/sane_lam0   # no matching
+    python scripts/train_shapesworld_attributes.py                  # rebuild into build/sane_shapesworld (~2 min on 2 cores)
+    python scripts/train_shapesworld_attributes.py --ship           # ... and replace the package's files with it
+    python scripts/train_shapesworld_attributes.py --results R.json --out DIR
 
-What it does, all from a fixed seed:
+Where the shipped files come from. ``python/whymatch/models/weights/shapesworld_attributes.pt`` and
+``shapesworld_sane.json`` are written by ``benchmarks/attribute_causal.py`` (``--write-shipped`` in a full
+run, or ``--ship-from RESULTS.json``): SANE's attribute head (a 3 x 3 conv to the 18 attribute maps) on the
+shipped similarity model's frozen ShapesCNN trunk, trained with key-object labels and the per-object
+localization term, seed 0, with the attribute-model settings and the Eq. 4 phi ('sane_eq4') that the run
+chose on validation-class pairs by causal top-1 agreement. This script runs the same code
+(``attribute_causal.build_shipped_model`` and ``write_shipped``) from a results JSON (default: the committed
+``benchmarks/results/attribute_causal.json``):
 
-1. Renders ShapesWorld train-split images (60 classes) for training and test-split images
-   (60 other classes: new combinations of the same attribute values) for validation, at
-   96 x 96, the size the shipped similarity model was trained at. Labels: the 18 binary
-   attributes of every object in the image (``ShapesWorld.attributes(i, which='all')``).
-2. Computes RISE saliency maps of every training image against its ``--k-maps`` most similar
-   images of its class under the shipped similarity model (``load_default_model()``), into a
-   :class:`whymatch.attributes.cache.SaliencyCache` under OUT/saliency (reused by a rerun).
-3. Trains :func:`whymatch.attributes.model.build_attribute_model` ('shapes': the ShapesCNN conv
-   trunk, fresh weights, a 3 x 3 conv to 18 maps of 12 x 12) with
-   :class:`whymatch.attributes.losses.AttributeLoss` (Huber on softmax confidences vs labels /
-   A_gt, plus lambda x the saliency matching term), Adam 5e-4 decayed by 0.985 per epoch.
-4. Reports validation mAP (attributes ranked by confidence) and a localization check on the
-   validation set: for each attribute only the key object has, does the arg-max cell of its
-   activation map lie on the key object?
-5. Writes the model (state dict + attribute names + config, ``weights_only``-loadable) to
-   python/whymatch/models/weights/shapesworld_attributes.pt and the numbers to OUT/results.json.
+1. Retrains the head exactly as that run's seed 0 did (same images of the 48 fit classes, settings, seed).
+2. Writes it to OUT/shapesworld_attributes.pt and its phi to OUT/shapesworld_sane.json (never to the package
+   unless asked), and OUT/results.json: the results JSON it came from, the settings and phi, key-object
+   attribute mAP and key-attribute pointing of the rebuilt and the shipped model on images of the 12
+   validation classes (``shapesworld.VALIDATION_CLASSES``; nothing is chosen here), and whether the rebuilt
+   weights and phi equal the shipped ones.
+3. The package's files are written only where they are missing (what the error of
+   ``load_default_attribute_model`` asks for) or with ``--ship``. A shipped model that differs from the rebuilt
+   one is reported, never replaced by default.
+
+Training the whole attribute network (trunk included) with SANE's published loss, image-level or per-object
+labels, is ``whymatch train sane --data shapesworld --out DIR`` (``whymatch.attributes.train``); it does not
+write the shipped files.
 """
 
 from __future__ import annotations
@@ -29,8 +34,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -38,14 +41,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from whymatch.attributes.model import attribute_model_state
-from whymatch.attributes.train import SANEConfig, train_sane
-from whymatch.data import ShapesWorld
-from whymatch.data.shapesworld import ATTRIBUTE_NAMES
-from whymatch.io import atomic_torch_save, atomic_write_text
-
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_WEIGHTS = ROOT / "python" / "whymatch" / "models" / "weights" / "shapesworld_attributes.pt"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import attribute_causal as AC  # noqa: E402
+from whymatch.attributes.model import default_attribute_weights_path, load_attribute_model  # noqa: E402
+from whymatch.data import ShapesWorld  # noqa: E402
+from whymatch.data.shapesworld import ATTRIBUTE_NAMES, VALIDATION_CLASSES  # noqa: E402
+from whymatch.io import atomic_write_text  # noqa: E402
+from whymatch.metrics.attributes import mean_average_precision  # noqa: E402
+
+DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "attribute_causal.json"
 
 
 @torch.no_grad()
@@ -74,63 +80,91 @@ def key_pointing(model, ds: ShapesWorld, batch_size: int = 200) -> dict:
             "by_kind": {k: sum(v) / len(v) for k, v in sorted(per_kind.items())}}
 
 
+@torch.no_grad()
+def check(model, ds: ShapesWorld) -> dict:
+    """Key-object attribute mAP and key-attribute pointing of ``model`` on ``ds``."""
+    x = ds.images()
+    conf = torch.cat([model(x[i:i + 256]).confidences.float() for i in range(0, len(x), 256)])
+    key = torch.stack([ds.attributes(i, "key") for i in range(len(ds))])
+    return {"key_map": mean_average_precision(conf, key)[0], **key_pointing(model, ds)}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def same_model(a, b) -> tuple[bool, float]:
+    """Whether two attribute models hold the same tensors, and the largest absolute difference."""
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys() or any(sa[k].shape != sb[k].shape for k in sa):
+        return False, float("inf")
+    diff = max((float((sa[k].float() - sb[k].float()).abs().max()) for k in sa if sa[k].numel()), default=0.0)
+    return diff == 0.0, diff
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-train", type=int, default=1500)
-    ap.add_argument("--n-val", type=int, default=600)
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lam", type=float, default=5e-3)
-    ap.add_argument("--temperature", type=float, default=0.05)
-    ap.add_argument("--normalize", default="softmax", choices=("softmax", "l1"))
-    ap.add_argument("--k-maps", type=int, default=5)
-    ap.add_argument("--n-masks", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=max(1, min(os.cpu_count() or 1, 8)))
+    ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
+                    help="results JSON of a full benchmarks/attribute_causal.py run (settings, seed-0 'sane_eq4' phi)")
     ap.add_argument("--out", type=Path, default=ROOT / "build" / "sane_shapesworld",
-                    help="training directory (checkpoints, saliency cache, results.json)")
-    ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="where the model goes; 'none' to skip")
-    ap.add_argument("--quiet", action="store_true")
+                    help="where the rebuilt model, its phi and results.json go")
+    ap.add_argument("--ship", action="store_true",
+                    help="also replace the package's shipped attribute model and phi with the rebuilt ones")
+    ap.add_argument("--n-check", type=int, default=400, help="validation-class images of the mAP / pointing check")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    if not args.results.is_file():
+        raise FileNotFoundError(f"--results must be a results JSON of benchmarks/attribute_causal.py, "
+                                f"got a missing file {args.results}")
+    data = json.loads(args.results.read_text())
+    for key in ("chosen_settings", "settings", "methods", "tuning"):
+        if key not in data:
+            raise ValueError(f"--results must hold '{key}' (a full attribute_causal.py run), got keys {sorted(data)}")
+    if "sane_eq4" not in data["methods"]:
+        raise ValueError(f"--results must hold the 'sane_eq4' row (attribute_causal.py since 1f99685), "
+                         f"got rows {sorted(data['methods'])}")
 
-    t_start = time.perf_counter()
+    t0 = time.perf_counter()
     torch.set_num_threads(args.threads)
-    cfg = SANEConfig(data="shapesworld", backbone="shapes", out=str(args.out), epochs=args.epochs,
-                     batch_size=args.batch_size, lam=args.lam, temperature=args.temperature,
-                     normalize=args.normalize, k_maps=args.k_maps, n_masks=args.n_masks, n_train=args.n_train,
-                     n_val=args.n_val, image_size=96, seed=args.seed, device="cpu", show_progress=not args.quiet,
-                     overwrite=True)  # a rerun replaces the run and reuses its saliency cache
-    trainer = train_sane(cfg)
-    t_train = time.perf_counter() - t_start
-    model = trainer.model.eval()
-    final = trainer.evaluate()
-    val = ShapesWorld("test", args.n_val, 96, seed=args.seed)
-    point = key_pointing(model, val)
-    saliency_s = None
-    if trainer.cache is not None:
-        saliency_s = trainer.cache.manifest.get("build_time_s")
+    model, phi = AC.build_shipped_model(data)
+    built_w, built_j = AC.write_shipped(model, phi, data, args.out / "shapesworld_attributes.pt")
+    shipped_w = default_attribute_weights_path()
+    shipped_j = shipped_w.with_name("shapesworld_sane.json")
+    val = ShapesWorld("train", args.n_check, 96, seed=data["settings"]["seed"] + 12, classes=VALIDATION_CLASSES)
     res = {
-        "command": "python scripts/train_shapesworld_attributes.py" + ("" if not (argv or sys.argv[1:])
-                                                                       else " " + " ".join(argv or sys.argv[1:])),
-        "config": {k: v for k, v in vars(args).items() if k not in ("out", "weights")},
-        "val_map": final["map"], "val_map_logits": final["map_logits"], "val_ap": final["ap"],
-        "localization": point,
-        "history": trainer.history,
-        "wall_time_s": {"total": time.perf_counter() - t_start, "train_incl_data_and_saliency": t_train,
-                        "saliency_cache": saliency_s},
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
+        "command": " ".join(["python scripts/train_shapesworld_attributes.py",
+                             *(sys.argv[1:] if argv is None else argv)]),
+        "results_json": str(args.results), "results_commit": (data.get("machine") or {}).get("git_commit"),
+        "settings": data["chosen_settings"], "phi": list(phi),
+        "rebuilt": {"weights": str(built_w), "sha256": sha256(built_w), "phi_file": str(built_j),
+                    "check_on_validation_classes": check(model, val)},
     }
-    if args.weights != "none":
-        w = Path(args.weights)
-        atomic_torch_save(attribute_model_state(model, epoch=trainer.epoch, map=final["map"],
-                                                train=trainer.config), w)
-        blob = w.read_bytes()
-        res["weights"] = {"path": str(w), "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    if shipped_w.is_file():
+        shipped = load_attribute_model(shipped_w)
+        equal, diff = same_model(model, shipped)
+        shipped_phi = json.loads(shipped_j.read_text()).get("phi") if shipped_j.is_file() else None
+        res["shipped"] = {"weights": str(shipped_w), "sha256": sha256(shipped_w),
+                          "equal_weights": equal, "max_abs_weight_difference": diff,
+                          "phi": shipped_phi, "equal_phi": shipped_phi == list(phi),
+                          "check_on_validation_classes": check(shipped, val)}
+    if args.ship or not shipped_w.is_file():
+        AC.write_shipped(model, phi, data)
+        res["wrote_package_files"] = [str(shipped_w), str(shipped_j)]
+    res["seconds"] = time.perf_counter() - t0
     atomic_write_text(args.out / "results.json", json.dumps(res, indent=2) + "\n")
-    print(f"validation mAP {final['map']:.4f} (by logits {final['map_logits']:.4f}); key-attribute pointing "
-          f"{point['key_pointing']:.3f} over {point['n_pairs']} pairs; {res['wall_time_s']['total']:.0f} s; "
-          f"results in {args.out / 'results.json'}")
+
+    r = res["rebuilt"]["check_on_validation_classes"]
+    print(f"rebuilt from {args.results} (settings {data['chosen_settings']}, phi {tuple(phi)}) -> {built_w}: "
+          f"validation-class key mAP {r['key_map']:.3f}, key-attribute pointing {r['key_pointing']:.3f}")
+    if "shipped" in res:
+        s = res["shipped"]
+        c = s["check_on_validation_classes"]
+        same = "the same model and phi" if s["equal_weights"] and s["equal_phi"] else (
+            f"a DIFFERENT model (max |weight difference| {s['max_abs_weight_difference']:.3g}, phi {s['phi']})")
+        print(f"shipped {shipped_w}: {same}; validation-class key mAP {c['key_map']:.3f}, "
+              f"key-attribute pointing {c['key_pointing']:.3f}")
+    print("package files " + ("written: " + ", ".join(res["wrote_package_files"]) if "wrote_package_files" in res
+                              else "unchanged (--ship replaces them)") + f"; {res['seconds']:.0f} s; {args.out / 'results.json'}")
     return 0
 
 

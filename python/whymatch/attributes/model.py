@@ -6,8 +6,10 @@ with the saliency map of a match. The published network is a ResNet-50 trunk, a 
 convolution without bias to A channels (a 4 x 4 map at 112 px) and average pooling;
 whymatch builds the same head on any trunk that returns a feature map.
 
-The shipped ShapesWorld weights (``whymatch/models/weights/shapesworld_attributes.pt``)
-are written by ``scripts/train_shapesworld_attributes.py``.
+The shipped ShapesWorld weights (``whymatch/models/weights/shapesworld_attributes.pt``) are
+written by ``benchmarks/attribute_causal.py`` (``--write-shipped`` / ``--ship-from``: the head on
+the similarity model's frozen trunk that the run chose on validation classes);
+``scripts/train_shapesworld_attributes.py`` rebuilds them from its results and writes them where missing.
 """
 
 from __future__ import annotations
