@@ -401,8 +401,8 @@ def shapesworld_sane(sim: SimilarityModel, *, n_tcav: int = 1000, seed: int = 0)
 
 
 def shapesworld_sane_settings() -> dict:
-    """SANE's phi (and saliency temperature) for the shipped ShapesWorld models: the weights chosen by
-    ``benchmarks/attribute_table.py --write-phi`` on held-out pairs (models/weights/shapesworld_sane.json),
+    """SANE's phi (and saliency temperature) for the shipped ShapesWorld models: the weights chosen on
+    validation-class pairs by ``benchmarks/attribute_causal.py`` (models/weights/shapesworld_sane.json),
     or equal weights when that file is missing."""
     import math
 
