@@ -61,6 +61,68 @@ def test_rise_apply_unaligned_out_every_offset(stream, dtype, channels_last, sha
         assert flat[:offset].float().isnan().all() and flat[offset + used:].float().isnan().all(), offset
 
 
+def _baselines(c, h, w, gen):
+    """Baselines whose planes are constant in every way the kernel tells apart (it reads a constant plane
+    as one value): all zero, one value, another value per channel, one plane constant and the others not,
+    0.0 and -0.0 mixed (bitwise not constant), a NaN plane."""
+    rand = torch.rand(c, h, w, generator=gen)
+    per_channel = torch.arange(1, c + 1, dtype=torch.float32).view(c, 1, 1).expand(c, h, w).contiguous() * 0.3
+    one_plane = rand.clone()
+    one_plane[0] = -1.5
+    signed_zero = torch.zeros(c, h, w)
+    signed_zero[..., ::2] = -0.0
+    nan_plane = rand.clone()
+    nan_plane[-1] = float("nan")
+    return {"zero": torch.zeros(c, h, w), "scalar": torch.full((c, h, w), 0.7), "per_channel": per_channel,
+            "one_plane": one_plane, "signed_zero": signed_zero, "nan_plane": nan_plane}
+
+
+BASELINE_KINDS = ["zero", "scalar", "per_channel", "one_plane", "signed_zero", "nan_plane"]
+
+
+@pytest.mark.parametrize("kind", BASELINE_KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_rise_apply_constant_baseline_planes_match_the_general_path(kind, dtype, channels_last, gen):
+    """A constant baseline plane is read as one value: the reference agrees, and the result is bit for bit
+    the general path's (the same baseline with one pixel of each plane changed, which makes no plane
+    constant, changes only the outputs at that pixel)."""
+    n, c, h, w, s = 4, 3, 6, 37, 4
+    grids, shifts, image, _ = _rise_inputs(n, c, h, w, s, gen)
+    base = _baselines(c, h, w, gen)[kind]
+    got = ops.rise_apply(grids, shifts, image, base, dtype=dtype, channels_last=channels_last)
+    want = ref.rise_apply(grids, shifts, image, base, dtype, channels_last)
+    torch.testing.assert_close(got.float(), want.float(), equal_nan=True, **TOL[dtype])
+    broken = base.clone()
+    broken[:, 2, 5] += 1.0  # no plane is constant now; only pixel (2, 5) of the outputs may change
+    general = ops.rise_apply(grids, shifts, image, broken, dtype=dtype, channels_last=channels_last)
+    keep = torch.ones(h, w, dtype=torch.bool)
+    keep[2, 5] = False
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(got.contiguous().view(bits)[..., keep], general.contiguous().view(bits)[..., keep])
+
+
+@pytest.mark.parametrize("stream", ["0", NEVER])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_rise_apply_bands_and_mask_blocks(stream, dtype, channels_last, gen, monkeypatch):
+    """Images wide enough that the kernel writes each block of masks in several bands of rows (and blocks
+    of a few masks): every band, block and chunk boundary against the reference, constant and random
+    baselines, 1 and 2 threads."""
+    monkeypatch.setenv("WHYMATCH_STREAM_MIN_BYTES", stream)
+    n, c, h, w, s = 23, 3, 50, 700, 4
+    grids, shifts, image, base = _rise_inputs(n, c, h, w, s, gen)
+    for b in (base, torch.zeros_like(base)):
+        want = ref.rise_apply(grids, shifts, image, b, dtype, channels_last).float()
+        for threads in (1, 2):
+            ops.set_num_threads(threads)
+            try:
+                got = ops.rise_apply(grids, shifts, image, b, dtype=dtype, channels_last=channels_last)
+            finally:
+                ops.set_num_threads(None)
+            torch.testing.assert_close(got.float(), want, **TOL[dtype])
+
+
 @pytest.mark.parametrize("stream", ["0", NEVER])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hw", [(5, 7), (4, 16), (3, 43), (1, 1)])
@@ -105,8 +167,9 @@ _ISA_SCRIPT = textwrap.dedent(r"""
         grids = torch.rand(n, s, s, generator=g)
         shifts = torch.stack([torch.randint(0, math.ceil(h / s), (n,), generator=g),
                               torch.randint(0, math.ceil(w / s), (n,), generator=g)], 1)
-        image, base = torch.rand(c, h, w, generator=g) * 4 - 2, torch.rand(c, h, w, generator=g)
-        for dt in TOL:
+        image, rand = torch.rand(c, h, w, generator=g) * 4 - 2, torch.rand(c, h, w, generator=g)
+        per_channel = torch.arange(c, dtype=torch.float32).view(c, 1, 1).expand(c, h, w).contiguous()
+        for base, dt in [(b, dt) for b in (rand, torch.zeros(c, h, w), per_channel) for dt in TOL]:
             for cl in (False, True):
                 want = ref.rise_apply(grids, shifts, image, base, dt, cl).float()
                 for off in (0, 1, 5, 13):

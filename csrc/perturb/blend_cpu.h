@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "common/cpu_isa.h"
 #include "common/dtype.h"
@@ -89,14 +90,15 @@ inline Fn by_isa(Fn avx512, Fn avx2, Fn base) {
 
 // ---------------------------------------------------------------------------------------------
 // mix: o[i] = to_T(m[i] * a[i] + (1 - m[i]) * b[i]), the RISE blend, float math, one rounding to T.
+// CB (a constant baseline): b[i] is b[0] for every i, read once (one load stream less per element).
 // ---------------------------------------------------------------------------------------------
 
 template <typename T>
 using MixFn = void (*)(T* o, const float* m, const float* a, const float* b, int64_t n, bool stream);
 
-template <typename T>
+template <bool CB, typename T>
 inline void mix_scalar(T* o, const float* m, const float* a, const float* b, int64_t n, bool) {
-  for (int64_t i = 0; i < n; ++i) o[i] = from_float<T>(m[i] * a[i] + (1.f - m[i]) * b[i]);
+  for (int64_t i = 0; i < n; ++i) o[i] = from_float<T>(m[i] * a[i] + (1.f - m[i]) * b[CB ? 0 : i]);
 }
 
 #if WM_BLEND_X86
@@ -104,6 +106,13 @@ inline void mix_scalar(T* o, const float* m, const float* a, const float* b, int
 // ---- AVX-512 ----
 WM_BLEND_AVX512 inline __m512 mix16(__m512 m, __m512 a, __m512 b) {
   return _mm512_fmadd_ps(m, a, _mm512_fnmadd_ps(m, b, b));  // m*a + (b - m*b)
+}
+// 16 baseline values from b + i, or b[0] 16 times with CB (masked: lanes outside k are 0)
+template <bool CB>
+WM_BLEND_AVX512 inline __m512 ld16(const float* b, int64_t i) { return CB ? _mm512_set1_ps(*b) : _mm512_loadu_ps(b + i); }
+template <bool CB>
+WM_BLEND_AVX512 inline __m512 ldk16(__mmask16 k, const float* b, int64_t i) {
+  return CB ? _mm512_maskz_mov_ps(k, _mm512_set1_ps(*b)) : _mm512_maskz_loadu_ps(k, b + i);
 }
 // 16 floats -> 16 half / bfloat16 (round to nearest even; NaN stays NaN)
 WM_BLEND_AVX512 inline __m256i to16_avx512(__m512 v, half_t*) {
@@ -118,6 +127,7 @@ WM_BLEND_AVX512 inline __m256i to16_avx512(__m512 v, bf16_t*) {
   return _mm512_cvtepi32_epi16(r);
 }
 
+template <bool CB>
 WM_BLEND_AVX512 inline void mix_avx512(float* o, const float* m, const float* a, const float* b, int64_t n,
                                        bool stream) {
   int64_t i = 0;
@@ -126,48 +136,50 @@ WM_BLEND_AVX512 inline void mix_avx512(float* o, const float* m, const float* a,
     if (h) {
       const __mmask16 k = static_cast<__mmask16>((1u << h) - 1);
       _mm512_mask_storeu_ps(o, k, mix16(_mm512_maskz_loadu_ps(k, m), _mm512_maskz_loadu_ps(k, a),
-                                        _mm512_maskz_loadu_ps(k, b)));
+                                        ldk16<CB>(k, b, 0)));
       i = h;
     }
 #pragma GCC unroll 4
     for (; i + 16 <= n; i += 16)
-      _mm512_stream_ps(o + i, mix16(_mm512_loadu_ps(m + i), _mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i)));
+      _mm512_stream_ps(o + i, mix16(_mm512_loadu_ps(m + i), _mm512_loadu_ps(a + i), ld16<CB>(b, i)));
   } else {
 #pragma GCC unroll 4
     for (; i + 16 <= n; i += 16)
-      _mm512_storeu_ps(o + i, mix16(_mm512_loadu_ps(m + i), _mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i)));
+      _mm512_storeu_ps(o + i, mix16(_mm512_loadu_ps(m + i), _mm512_loadu_ps(a + i), ld16<CB>(b, i)));
   }
   if (i < n) {
     const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1);
     _mm512_mask_storeu_ps(o + i, k, mix16(_mm512_maskz_loadu_ps(k, m + i), _mm512_maskz_loadu_ps(k, a + i),
-                                          _mm512_maskz_loadu_ps(k, b + i)));
+                                          ldk16<CB>(k, b, i)));
   }
 }
 
-template <typename T>  // half_t or bf16_t: 32 outputs (64 bytes) a step, scalar head and tail
-WM_BLEND_AVX512 inline void mix_avx512(T* o, const float* m, const float* a, const float* b, int64_t n,
+template <bool CB, typename T>  // half_t or bf16_t: 32 outputs (64 bytes) a step, scalar head and tail
+WM_BLEND_AVX512 inline void mix16bit_avx512(T* o, const float* m, const float* a, const float* b, int64_t n,
                                        bool stream) {
   stream = stream && element_aligned(o);
   const int64_t h = stream ? head_elems(o, 64, n) : 0;
-  mix_scalar(o, m, a, b, h, false);
+  mix_scalar<CB>(o, m, a, b, h, false);
   int64_t i = h;
   for (; i + 32 <= n; i += 32) {
-    const __m256i lo = to16_avx512(mix16(_mm512_loadu_ps(m + i), _mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i)),
+    const __m256i lo = to16_avx512(mix16(_mm512_loadu_ps(m + i), _mm512_loadu_ps(a + i), ld16<CB>(b, i)),
                                    static_cast<T*>(nullptr));
     const __m256i hi = to16_avx512(
-        mix16(_mm512_loadu_ps(m + i + 16), _mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16)),
+        mix16(_mm512_loadu_ps(m + i + 16), _mm512_loadu_ps(a + i + 16), ld16<CB>(b, i + 16)),
         static_cast<T*>(nullptr));
     const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
     if (stream) _mm512_stream_si512(reinterpret_cast<__m512i*>(o + i), v);
     else _mm512_storeu_si512(o + i, v);
   }
-  mix_scalar(o + i, m + i, a + i, b + i, n - i, false);
+  mix_scalar<CB>(o + i, m + i, a + i, b + (CB ? 0 : i), n - i, false);
 }
 
 // ---- AVX2 ----
 WM_BLEND_AVX2 inline __m256 mix8(__m256 m, __m256 a, __m256 b) {
   return _mm256_fmadd_ps(m, a, _mm256_fnmadd_ps(m, b, b));
 }
+template <bool CB>
+WM_BLEND_AVX2 inline __m256 ld8(const float* b, int64_t i) { return CB ? _mm256_set1_ps(*b) : _mm256_loadu_ps(b + i); }
 WM_BLEND_AVX2 inline __m128i to16_avx2(__m256 v, half_t*) {
   return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
@@ -187,40 +199,47 @@ WM_BLEND_AVX2 inline __m256i pack16_avx2(__m256 lo, __m256 hi, bf16_t*) {
   return _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_round_avx2(lo), bf16_round_avx2(hi)), 0xD8);
 }
 
+template <bool CB>
 WM_BLEND_AVX2 inline void mix_avx2(float* o, const float* m, const float* a, const float* b, int64_t n,
                                    bool stream) {
   stream = stream && element_aligned(o);
   const int64_t h = stream ? head_elems(o, 32, n) : 0;
-  mix_scalar(o, m, a, b, h, false);
+  mix_scalar<CB>(o, m, a, b, h, false);
   int64_t i = h;
   for (; i + 8 <= n; i += 8) {
-    const __m256 v = mix8(_mm256_loadu_ps(m + i), _mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i));
+    const __m256 v = mix8(_mm256_loadu_ps(m + i), _mm256_loadu_ps(a + i), ld8<CB>(b, i));
     if (stream) _mm256_stream_ps(o + i, v);
     else _mm256_storeu_ps(o + i, v);
   }
-  mix_scalar(o + i, m + i, a + i, b + i, n - i, false);
+  mix_scalar<CB>(o + i, m + i, a + i, b + (CB ? 0 : i), n - i, false);
 }
 
-template <typename T>  // half_t or bf16_t: 16 outputs (32 bytes) a step
-WM_BLEND_AVX2 inline void mix_avx2(T* o, const float* m, const float* a, const float* b, int64_t n, bool stream) {
+template <bool CB, typename T>  // half_t or bf16_t: 16 outputs (32 bytes) a step
+WM_BLEND_AVX2 inline void mix16bit_avx2(T* o, const float* m, const float* a, const float* b, int64_t n, bool stream) {
   stream = stream && element_aligned(o);
   const int64_t h = stream ? head_elems(o, 32, n) : 0;
-  mix_scalar(o, m, a, b, h, false);
+  mix_scalar<CB>(o, m, a, b, h, false);
   int64_t i = h;
   for (; i + 16 <= n; i += 16) {
-    const __m256 lo = mix8(_mm256_loadu_ps(m + i), _mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i));
-    const __m256 hi = mix8(_mm256_loadu_ps(m + i + 8), _mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8));
+    const __m256 lo = mix8(_mm256_loadu_ps(m + i), _mm256_loadu_ps(a + i), ld8<CB>(b, i));
+    const __m256 hi = mix8(_mm256_loadu_ps(m + i + 8), _mm256_loadu_ps(a + i + 8), ld8<CB>(b, i + 8));
     const __m256i v = pack16_avx2(lo, hi, static_cast<T*>(nullptr));
     if (stream) _mm256_stream_si256(reinterpret_cast<__m256i*>(o + i), v);
     else _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i), v);
   }
-  mix_scalar(o + i, m + i, a + i, b + i, n - i, false);
+  mix_scalar<CB>(o + i, m + i, a + i, b + (CB ? 0 : i), n - i, false);
 }
 
 #endif  // WM_BLEND_X86
 
-template <typename T>
-inline MixFn<T> pick_mix() { return WM_BLEND_PICK(MixFn<T>, mix_avx512, mix_avx2, mix_scalar<T>); }
+template <typename T, bool CB = false>
+inline MixFn<T> pick_mix() {
+  if constexpr (std::is_same_v<T, float>) {
+    return WM_BLEND_PICK(MixFn<T>, mix_avx512<CB>, mix_avx2<CB>, (mix_scalar<CB, T>));
+  } else {
+    return WM_BLEND_PICK(MixFn<T>, (mix16bit_avx512<CB, T>), (mix16bit_avx2<CB, T>), (mix_scalar<CB, T>));
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // select: o[i] = keep[i] ? f[i] : s[i] on raw elements of U (uint32_t or uint16_t), keep[i] all ones
