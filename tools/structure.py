@@ -17,7 +17,7 @@ Floors. The data flow data -> SimilarityModel -> explainers / trainers -> ops ->
 each part a floor; a module may import its own floor and the floors below it. Read from the
 bottom (FLOORS below):
 
-0 base     _version, io, _checks: helpers that need nothing of whymatch
+0 base     _version, io, _checks, memory: helpers that need nothing of whymatch
 1 data     data/: the input of the flow; loads and generates images, needs no model nor kernel
 2 model    similarity.py, models/: SimilarityModel and the networks it wraps, usable without
            registering a single op
@@ -58,7 +58,7 @@ PACKAGE = "whymatch"
 FLOOR_NAMES = ["base", "data", "model", "ops", "explain", "app"]
 # first-level part of the package -> floor (index into FLOOR_NAMES)
 FLOORS: dict[str, int] = {
-    "_version": 0, "io": 0, "_checks": 0,
+    "_version": 0, "io": 0, "_checks": 0, "memory": 0,
     "data": 1,
     "similarity": 2, "models": 2,
     "ops": 3, "_C": 3, "_C_cuda": 3,

@@ -49,24 +49,12 @@ def _error_message(exc: BaseException) -> str:
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed heap memory instead of returning every large block to the kernel.
+    """Ask glibc to keep freed heap memory for the whole run instead of returning every large block to the kernel
+    (:func:`whymatch.memory.keep_freed_memory`): `whymatch demo` spent 17 s of system time without it (20 s wall
+    with it against 32 s without, on 2 idle cores, 2026-12-03). Returns whether it applied."""
+    from ..memory import keep_freed_memory as keep
 
-    The explainers allocate and free batch-sized activations over and over; with glibc's defaults
-    each one is a fresh mmap and munmap, page faults included: `whymatch demo` spent 17 s of system
-    time in them (20 s wall with this call against 32 s without, on 2 idle cores, 2026-12-03).
-    Skipped where the user set glibc's own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, or where
-    libc is not glibc; returns whether it applied.
-    """
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-    except (OSError, AttributeError):
-        return False
+    return keep()
 
 
 def _add_command(sub, module, options: bool) -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..memory import reusing
 from ..ops import _validate as V
 from ..similarity import SimilarityModel
 from .substrate import make_substrate
@@ -152,11 +153,12 @@ def insertion_deletion(sim: SimilarityModel, queries: Tensor, references: Tensor
             from tqdm.auto import tqdm
 
             chunks = tqdm(chunks, desc=which, unit="batch")
-        for i0, i1, s0, s1 in chunks:
-            imgs = ops.ranked_blend(first[i0:i1], second[i0:i1], rank[i0:i1], counts[s0:s1])
-            emb = sim(imgs.reshape(-1, c, h, w)).view(i1 - i0, s1 - s0, -1)
-            for j in range(i1 - i0):
-                curves[i0 + j, s0:s1] = sim.pairwise(emb[j], ref_emb[i0 + j:i0 + j + 1], condition)[:, 0]
+        with reusing(device.type == "cpu"):  # freed batch memory kept for the next chunk (whymatch.memory)
+            for i0, i1, s0, s1 in chunks:
+                imgs = ops.ranked_blend(first[i0:i1], second[i0:i1], rank[i0:i1], counts[s0:s1])
+                emb = sim(imgs.reshape(-1, c, h, w)).view(i1 - i0, s1 - s0, -1)
+                for j in range(i1 - i0):
+                    curves[i0 + j, s0:s1] = sim.pairwise(emb[j], ref_emb[i0 + j:i0 + j + 1], condition)[:, 0]
         normed = normalize_curves(curves) if normalize == "minmax" else curves
         setattr(result, which, CausalCurves(curves=curves, normalized=normed, auc=curve_auc(normed)))
     return result

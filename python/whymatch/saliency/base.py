@@ -24,6 +24,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..memory import reusing
 from ..ops import _validate as V
 from ..similarity import SimilarityModel
 from . import _common
@@ -40,7 +41,14 @@ __all__ = ["Explainer", "PairInputs", "DEFAULT_BATCH_SIZE", "default_batch_size"
 #:   several times the memory of a forward-only image.
 #:
 #: ``batch_size=None`` (every explainer's default) means this policy; results do not depend on the batch size.
+#: On a CPU an 'images' batch also holds at most :data:`CPU_BATCH_BYTES` of input images (at least 8 images):
+#: 69 images at 3 x 224 x 224, the full 256 at 96 px.
 DEFAULT_BATCH_SIZE: dict[str, int] = {"images": 256, "pairs": 64}
+#: The CPU's cap on one default 'images' batch, in bytes of float32 input. Each batch's activations are
+#: allocated and freed again; at 224 px, 256 images' activations (GiBs) outgrow what the heap keeps
+#: (:mod:`whymatch.memory`) and are mapped and faulted in anew every batch: RISE with 500 masks on
+#: EfficientNet-lite0 took 1.8x the wall time at 256 as at 64 (benchmarks/results/rise_heap.md).
+CPU_BATCH_BYTES = 40 << 20
 
 
 def default_batch_size(kind: str) -> int:
@@ -90,6 +98,7 @@ class Explainer:
         self.sim = _common.check_model(sim)
         self.batch_size = (default_batch_size(self.batch_kind) if batch_size is None
                            else V.positive_int("batch_size", batch_size))
+        self._default_batch = batch_size is None
         self.show_progress = bool(show_progress)
 
     @property
@@ -102,9 +111,19 @@ class Explainer:
         raise NotImplementedError(f"{type(self).__name__} must implement attribute(query, references, **kw)")
 
     # ------------------------------------------------------------ batches and progress
-    def _batches(self, n: int, desc: str) -> Iterator[tuple[int, int]]:
-        """(start, stop) slices of ``n`` items, ``batch_size`` at a time, with a bar when ``show_progress``."""
-        return batches(n, self.batch_size, show=self.show_progress, desc=desc)
+    def _batch_for(self, image: Tensor) -> int:
+        """The batch size for perturbed copies of ``image``: ``batch_size``, capped on a CPU by
+        :data:`CPU_BATCH_BYTES` when it is the default."""
+        if not self._default_batch or self.device.type != "cpu" or self.batch_kind != "images":
+            return self.batch_size
+        return max(8, min(self.batch_size, CPU_BATCH_BYTES // max(1, image.numel() * 4)))
+
+    def _batches(self, n: int, desc: str, *, bar: bool = True, size: int | None = None) -> Iterator[tuple[int, int]]:
+        """(start, stop) slices of ``n`` items, ``size`` (default ``batch_size``) at a time, with a bar when
+        ``show_progress`` (and ``bar``); on a CPU the loop runs with freed memory kept for the next batch
+        (:func:`whymatch.memory.reusing`)."""
+        with reusing(self.device.type == "cpu"):
+            yield from batches(n, size or self.batch_size, show=self.show_progress and bar, desc=desc)
 
     # ------------------------------------------------------------ input validation
     def _inputs(self, query: object, references: object, reference_embeddings: object = None, *,

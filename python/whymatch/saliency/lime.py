@@ -455,7 +455,7 @@ class LIME(Explainer):
         fmt = torch.channels_last if sim.channels_last else torch.contiguous_format
         img, base = image.to(dtype), base.to(dtype)
         chunks = []
-        for i, j in self._batches(samples.shape[0], "LIME samples"):
+        for i, j in self._batches(samples.shape[0], "LIME samples", size=self._batch_for(image)):
             keep = samples[i:j][:, seg]                        # (b, H, W) bool
             batch = torch.where(keep[:, None], img, base).contiguous(memory_format=fmt)
             chunks.append(sim(batch))

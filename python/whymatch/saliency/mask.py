@@ -327,8 +327,7 @@ class Mask(Explainer):
         _cam.warn_if_training(sim, "Mask")
         gens = self._generators(self.seed if seed is None else _seed(seed), q.shape[0], 0)
         q_maps, r_maps = [], []
-        for i in range(0, q.shape[0], self.batch_size):
-            j = min(q.shape[0], i + self.batch_size)
+        for i, j in self._batches(q.shape[0], "Mask pairs", bar=False):  # its bar counts the steps
             if both:
                 mq, mr = self._optimize(q[i:j], r[i:j], None, condition, gens[i:j])
             else:

@@ -113,9 +113,10 @@ class RISE(Explainer):
         chunks = []
         fmt = torch.channels_last if sim.channels_last else torch.contiguous_format
         # one model input buffer, reused by every batch (no per-batch allocation)
-        buf = torch.empty((min(self.batch_size, grids.shape[0]), *image.shape), dtype=dtype, device=image.device,
+        size = self._batch_for(image)
+        buf = torch.empty((min(size, grids.shape[0]), *image.shape), dtype=dtype, device=image.device,
                           memory_format=fmt)
-        for i, j in self._batches(grids.shape[0], desc):
+        for i, j in self._batches(grids.shape[0], desc, size=size):
             batch = ops.rise_apply(grids[i:j], shifts[i:j], image, baseline, channels_last=sim.channels_last,
                                    out=buf[:j - i])
             emb = sim(batch)

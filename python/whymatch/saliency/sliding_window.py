@@ -147,7 +147,7 @@ class SlidingWindow(Explainer):
         base = _common.baseline_image(self.baseline, image)
         dtype = sim.input_dtype(image.device)
         out = []
-        for i, j in self._batches(boxes.shape[0], desc):
+        for i, j in self._batches(boxes.shape[0], desc, size=self._batch_for(image)):
             out.append(sim(_occluded(image, base, boxes[i:j], dtype)))
         return torch.cat(out)
 
