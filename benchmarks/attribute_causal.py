@@ -270,7 +270,8 @@ def restricted_choice(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tens
     """(P,) int64: each pair's highest-scoring attribute among the allowed ones (a NaN score ranks below every
     number; ties keep the lowest index). scores (P, A) float, allowed (P, A) bool, one True per row at least."""
     if scores.shape != allowed.shape or scores.ndim != 2:
-        raise ValueError(f"scores and allowed must both be (P, A), got {tuple(scores.shape)} and {tuple(allowed.shape)}")
+        raise ValueError(f"scores and allowed must both be (P, A), got {tuple(scores.shape)} and "
+                         f"{tuple(allowed.shape)}")
     if allowed.dtype != torch.bool:
         raise TypeError(f"allowed must be a bool tensor, got {allowed.dtype}")
     if scores.shape[0] and not bool(allowed.any(1).all()):
@@ -787,7 +788,8 @@ def bounds_markdown(data: dict) -> list[str]:
         "is chosen on the validation pairs, the test pairs are scored once. 'Within 10%': the named attribute's "
         "drop is within 10% of the top drop (a near-tie counts as a hit).",
         "",
-        C.md_table(["bound", "top-1 causal ↑", "top-1 causal within 10% ↑", "causal deletion ↑", "top-1 shared"], [
+        C.md_table(["bound", "top-1 causal ↑", "top-1 causal within 10% ↑", "causal deletion ↑",
+                    "top-1 shared"], [
             row(f"(a) oracle key object + the best fixed order of kinds ({' > '.join(fo['order'])}, chosen on "
                 f"validation: val top-1 causal {fo['val_top1_causal']:.3f})", fo),
             row("(b) oracle key object + SANE's own scores ('sane', its phi per seed) among the key object's 4 "
@@ -823,7 +825,8 @@ def markdown(data: dict) -> str:
     lines = [
         "# SANE attributes against causal ground truth (counterfactual ShapesWorld)",
         "",
-        f"`{data.get('command', 'python benchmarks/attribute_causal.py')}` on {m.get('cpu_model', '?')} ({m.get('torch_threads')} threads), "
+        f"`{data.get('command', 'python benchmarks/attribute_causal.py')}` on {m.get('cpu_model', '?')} "
+        f"({m.get('torch_threads')} threads), "
         f"torch {m.get('torch', '?')}, commit {str(m.get('git_commit'))[:10]}; {data['total_s']:.0f} s in all.",
         f"{ct['test_pairs']} scored positive pairs from the unseen test classes; phi and the attribute-model "
         f"settings chosen on {s['val_pairs']} pairs of 12 held-out training classes (phi_selected_on: "

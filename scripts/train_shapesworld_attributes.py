@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Rebuild the ShapesWorld attribute model and SANE phi that ship with whymatch, and compare them with the shipped files.
+"""Rebuild the ShapesWorld attribute model and SANE phi that ship with whymatch; compare them with the shipped files.
 
-    python scripts/train_shapesworld_attributes.py                  # rebuild into build/sane_shapesworld (~2 min on 2 cores)
-    python scripts/train_shapesworld_attributes.py --ship           # ... and replace the package's files with it
+    python scripts/train_shapesworld_attributes.py          # rebuild into build/sane_shapesworld (~1 min, 2 cores)
+    python scripts/train_shapesworld_attributes.py --ship   # ... and replace the package's files with it
     python scripts/train_shapesworld_attributes.py --results R.json --out DIR
 
 Where the shipped files come from. ``python/whymatch/models/weights/shapesworld_attributes.pt`` and
@@ -163,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             f"a DIFFERENT model (max |weight difference| {s['max_abs_weight_difference']:.3g}, phi {s['phi']})")
         print(f"shipped {shipped_w}: {same}; validation-class key mAP {c['key_map']:.3f}, "
               f"key-attribute pointing {c['key_pointing']:.3f}")
-    print("package files " + ("written: " + ", ".join(res["wrote_package_files"]) if "wrote_package_files" in res
-                              else "unchanged (--ship replaces them)") + f"; {res['seconds']:.0f} s; {args.out / 'results.json'}")
+    wrote = res.get("wrote_package_files")
+    print("package files " + ("written: " + ", ".join(wrote) if wrote else "unchanged (--ship replaces them)")
+          + f"; {res['seconds']:.0f} s; {args.out / 'results.json'}")
     return 0
 
 
