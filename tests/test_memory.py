@@ -161,6 +161,9 @@ def test_default_cpu_image_batches_hold_at_most_cpu_batch_bytes(size, want):
         assert cls(sim)._batch_for(image) == want
         assert cls(sim, batch_size=256)._batch_for(image) == 256
         assert cls(sim, batch_size=5)._batch_for(image) == 5
+        ex = cls(sim)
+        ex.batch_size = 300  # set after construction: the user's choice
+        assert ex._batch_for(image) == 300
     g = torch.Generator().manual_seed(1)
     q, r = torch.rand(3, 224, 224, generator=g), torch.rand(2, 3, 224, 224, generator=g)
     sizes = []

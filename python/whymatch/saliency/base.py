@@ -113,8 +113,9 @@ class Explainer:
     # ------------------------------------------------------------ batches and progress
     def _batch_for(self, image: Tensor) -> int:
         """The batch size for perturbed copies of ``image``: ``batch_size``, capped on a CPU by
-        :data:`CPU_BATCH_BYTES` when it is the default."""
-        if not self._default_batch or self.device.type != "cpu" or self.batch_kind != "images":
+        :data:`CPU_BATCH_BYTES` when it is the default (neither given nor set on the explainer since)."""
+        default = self._default_batch and self.batch_size == default_batch_size(self.batch_kind)
+        if not default or self.device.type != "cpu" or self.batch_kind != "images":
             return self.batch_size
         return max(8, min(self.batch_size, CPU_BATCH_BYTES // max(1, image.numel() * 4)))
 
