@@ -14,15 +14,22 @@ For each ShapesWorld pair (a query and a same-class reference, shipped model, co
 
 Stages (each cached in ``<stem>.partial.json``, so an interrupted run resumes):
 
-1. ``validation``: pairs from ``VALIDATION_CLASSES`` (12 held-out training classes, never test
-   classes). Fixed-reference RISE: for each grid, one draw of ``--n-max`` masks is embedded once and
+1. ``validation``: pairs from ``VALIDATION_CLASSES`` (12 training-split classes, never test classes),
+   scored with the *validation proxy* (``--val-model``, default ``proxy``): a ShapesCNN trained by
+   ``scripts/train_shapesworld.py --classes fit`` on the other 48 training-split classes, so the
+   validation classes are as unseen to it as the test classes are to the shipped model (the shipped
+   model saw them in training, and on seen classes every grid-6 setting pointed perfectly: the old
+   validation could not choose). The proxy is trained into ``build/val_proxy`` when missing (about
+   5 min on 2 cores, fixed seed) and its sha256 is recorded. Fixed-reference RISE: for each grid, one draw of ``--n-max`` masks is embedded once and
    the maps for every N prefix and every normalization ('centered', 'sane', 'rise') are computed from
    the same scores (checked against ``RISE.attribute`` on the first query). The setting with the best
    validation pointing game is chosen (ties: fewer masks, then 'centered', then the grid nearest the
    library default 6). Both-images RISE (SANE's 30 reference masks) is analysed on the same masks:
    its normalizations, and each perturbed reference's own map against how much of the reference's key
    object that reference mask kept.
-2. ``test``: every method once on the test pairs (test classes), RISE with the validation choice.
+2. ``test``: every method once on the test pairs (test classes, shipped model), RISE with the validation
+   choice. ``--reuse-test JSON`` takes the test rows of an earlier results file whose test pairs and
+   method settings are the same (checked), so a new validation choice reruns only what it changes.
 
 Standard errors: over pairs, and over queries (each query's pairs share its image: the honest one).
 
@@ -35,7 +42,9 @@ Usage::
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,9 +58,36 @@ from whymatch import metrics, ops, saliency  # noqa: E402
 from whymatch.data import ShapesWorld  # noqa: E402
 from whymatch.data.shapesworld import VALIDATION_CLASSES  # noqa: E402
 from whymatch.metrics import causal_objects as CO  # noqa: E402
-from whymatch.models import load_default_model  # noqa: E402
+from whymatch.models import ShapesCNN, load_default_model  # noqa: E402
+from whymatch.io import load_torch_file  # noqa: E402
+from whymatch.similarity import SimilarityModel  # noqa: E402
 
 P_KEEP = 0.5
+ROOT = Path(__file__).resolve().parents[1]
+PROXY_WEIGHTS = ROOT / "build" / "val_proxy" / "shapesworld_cnn_fit.pt"
+PROXY_COMMAND = ["scripts/train_shapesworld.py", "--classes", "fit", "--n-train", "7200"]
+
+
+def load_validation_model(spec: str):
+    """(model, description) for the validation stage: 'shipped', 'proxy' (trained when missing) or a weights path."""
+    if spec == "shipped":
+        return load_default_model("cpu"), {"model": "shipped", "sees_validation_classes": True}
+    path = PROXY_WEIGHTS if spec == "proxy" else Path(spec)
+    if spec == "proxy" and not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(ROOT / PROXY_COMMAND[0]), *PROXY_COMMAND[1:], "--weights", str(path),
+               "--results-dir", str(path.parent)]
+        print(f"training the validation proxy: {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, check=True)
+    if not path.is_file():
+        raise SystemExit(f"--val-model: no weights file {path}")
+    embedder = ShapesCNN()
+    embedder.load_state_dict(load_torch_file(path, "validation proxy weights"))
+    blob = path.read_bytes()
+    desc = {"model": "proxy" if spec == "proxy" else str(path), "sees_validation_classes": False,
+            "train_command": "python " + " ".join(PROXY_COMMAND) if spec == "proxy" else None,
+            "weights_sha256": hashlib.sha256(blob).hexdigest()}
+    return SimilarityModel(embedder.eval(), "cosine", in_channels=3).eval(), desc
 SEED = 0
 NORMALIZATIONS = ("centered", "sane", "rise")
 
@@ -356,6 +392,13 @@ def fmt(r: dict, key: str) -> str:
     return f"{r[key]:.3f} ± {r[key + '_sem']:.3f} ({r[key + '_sem_query']:.3f})"
 
 
+def validation_model_note(vm: dict | None) -> str:
+    if not vm or vm.get("model") == "shipped":
+        return "scored with the shipped model (which saw those classes in training)"
+    return (f"scored with a validation proxy that never saw them (`{vm.get('train_command') or vm['model']}`: the "
+            f"shipped recipe on the other 48 training-split classes; weights sha256 {vm['weights_sha256'][:12]})")
+
+
 def markdown(data: dict) -> str:
     m = data["machine"]
     tt, vt = data["truth"]["test"], data["truth"]["validation"]
@@ -367,8 +410,9 @@ def markdown(data: dict) -> str:
         C.load_note(data).strip(), "",
         f"Test: {tt['queries']} queries x {tt['refs_per_query']} same-class references = {tt['pairs']} pairs from "
         f"the unseen test classes, shipped model. Validation: {vt['queries']} x {vt['refs_per_query']} = "
-        f"{vt['pairs']} pairs from the 12 held-out training classes (VALIDATION_CLASSES); every setting was chosen "
-        "there, and test was run once.", "",
+        f"{vt['pairs']} pairs from the 12 VALIDATION_CLASSES (training split, never test), "
+        + validation_model_note(data.get("validation_model")) + "; every setting was chosen there, and test was run "
+        "once.", "",
         "Causal object = the object whose removal (re-render without it, everything else pixel-identical) drops "
         "the similarity most. A map agrees when it names that object: **mass** = the object whose mask holds the "
         "largest sum of the centred map (uncentred maps: minus their mean), **point** = the object under the "
@@ -444,15 +488,43 @@ def markdown(data: dict) -> str:
 
 
 # ------------------------------------------------------------------ main
+def reuse_test_rows(path: Path, truth: dict, into: dict) -> list[str]:
+    """Copy the test rows of an earlier results file ``path`` into ``into`` when its test pairs are this run's.
+
+    The pairs are compared by their ground-truth summary (counts exactly, every mean to 1e-6: the thread count
+    changes float sums in the last bits); a row is then used only where its ``settings_key`` equals the current
+    method's (checked where the methods run).
+    """
+    old = json.loads(path.read_text())
+    prev = old.get("truth", {}).get("test", {})
+    if set(prev) != set(truth) or any(
+            (prev[k] != v) if isinstance(v, int) else abs(prev[k] - v) > 1e-6 * max(1.0, abs(v))
+            for k, v in truth.items()):
+        raise SystemExit(f"--reuse-test: {path} was run on other test pairs (its ground truth differs)")
+    taken = []
+    for name, row in old.get("test", {}).items():
+        if name not in into:
+            into[name] = row
+            taken.append(name)
+    return taken
+
+
 def main() -> None:
     ap = C.parser(__doc__)
-    ap.add_argument("--val-queries", type=int, default=10)
+    ap.add_argument("--val-queries", type=int, default=30)
     ap.add_argument("--val-refs", type=int, default=8)
     ap.add_argument("--test-queries", type=int, default=38)
     ap.add_argument("--test-refs", type=int, default=8)
-    ap.add_argument("--grids", default="4,6,8")
-    ap.add_argument("--n-list", default="250,500,1000")
-    ap.add_argument("--n-max", type=int, default=1000)
+    ap.add_argument("--grids", default="4,5,6,7,8")
+    ap.add_argument("--n-list", default="250,500,1000,2000,4000")
+    ap.add_argument("--n-max", type=int, default=4000)
+    ap.add_argument("--val-model", default="proxy",
+                    help="model of the validation stage: 'proxy' (trained without VALIDATION_CLASSES; built into "
+                         "build/val_proxy when missing), 'shipped' (saw them in training), or a ShapesCNN weights file")
+    ap.add_argument("--reuse-test", default="", metavar="JSON",
+                    help="take test rows from this earlier results file where its test pairs and a method's "
+                         "settings are the same as this run's")
+    ap.add_argument("--both-masks", type=int, default=1000, help="query masks of both-images RISE on test")
     ap.add_argument("--lime-samples", type=int, default=300)
     ap.add_argument("--mask-steps", type=int, default=50)
     ap.add_argument("--methods", default="attention,gradcam,sliding,rise,rise_both,lime,mask")
@@ -461,7 +533,7 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--note", default="")
     ap.add_argument("--fast", action="store_true", help="skip the check of the shared-score maps against RISE.attribute (smoke tests)")
-    ap.add_argument("--why-queries", type=int, default=4, help="validation queries of the both-images analysis")
+    ap.add_argument("--why-queries", type=int, default=8, help="validation queries of the both-images analysis")
     ap.add_argument("--why-masks", type=int, default=500, help="query masks of the both-images analysis")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--only-test", action="store_true",
@@ -478,6 +550,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     sim = load_default_model("cpu")
+    val_sim, val_model = load_validation_model(args.val_model)
     grids_list = [int(x) for x in args.grids.split(",")]
     n_list = sorted(int(x) for x in args.n_list.split(","))
     if max(n_list) > args.n_max:
@@ -485,7 +558,8 @@ def main() -> None:
     partial = Path(args.stem + ".partial.json")
     key = {k: v for k, v in vars(args).items() if k not in ("stem", "fresh", "note", "methods", "lime_samples",
                                                              "mask_steps", "batch_size", "threads", "only_test",
-                                                             "merge", "why_queries", "why_masks", "cached_only")}
+                                                             "merge", "why_queries", "why_masks", "cached_only",
+                                                             "reuse_test")}
     cache = {"key": key, "stages": {}}
     if partial.is_file() and not args.fresh:
         old = json.loads(partial.read_text())
@@ -498,10 +572,13 @@ def main() -> None:
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    val = load_pairs("validation", args.val_queries, args.val_refs, sim)
+    val = load_pairs("validation", args.val_queries, args.val_refs, val_sim)
     test = load_pairs("test", args.test_queries, args.test_refs, sim)
     log("pairs and causal ground truth ready")
     st = cache["stages"]
+    if args.reuse_test:
+        reused = reuse_test_rows(Path(args.reuse_test), truth_summary(test), st.setdefault("test", {}))
+        log(f"test rows offered by {args.reuse_test}: {', '.join(reused) or 'none'}")
 
     def run_and_save(name: str, cfgs: dict) -> None:
         row = st["test"][name] = test_row(sim, cfgs[name], test)
@@ -518,7 +595,7 @@ def main() -> None:
     if args.only_test:
         if "rise" in args.methods.split(","):
             raise SystemExit("--only-test cannot run 'rise': its setting is chosen on validation")
-        cfgs = test_configs({"grid": 6, "n_masks": args.n_max, "normalize": "centered"}, args.n_max, args)
+        cfgs = test_configs({"grid": 6, "n_masks": args.n_max, "normalize": "centered"}, args.both_masks, args)
         st.setdefault("test", {})
         for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
             if name in st["test"]:
@@ -527,11 +604,11 @@ def main() -> None:
         return
     if "verify" not in st:
         st["verify"] = ({"fixed_centered_max_abs_diff": float("nan"), "both_sane_max_rel_diff": float("nan")}
-                        if args.fast else verify(sim, val, grids_list[0], args.n_max, args.batch_size))
+                        if args.fast else verify(val_sim, val, grids_list[0], args.n_max, args.batch_size))
         save()
     if "validation" not in st:
         t0 = time.perf_counter()
-        res = validation_sweep(sim, val, grids_list, n_list, args.n_max, 30, args.batch_size, log)
+        res = validation_sweep(val_sim, val, grids_list, n_list, args.n_max, 30, args.batch_size, log)
         res["per_reference_bins"] = {str(g): per_reference_table(res["per_reference"], g) for g in grids_list}
         res["seconds"] = time.perf_counter() - t0
         del res["per_reference"]
@@ -539,12 +616,12 @@ def main() -> None:
         save()
     if "both_why" not in st and args.why_queries:
         t0 = time.perf_counter()
-        st["both_why"] = both_images_why(sim, val, args.why_queries, 8, args.why_masks, 30, args.batch_size)
+        st["both_why"] = both_images_why(val_sim, val, args.why_queries, 8, args.why_masks, 30, args.batch_size)
         st["both_why"]["seconds"] = time.perf_counter() - t0
         save()
     chosen = choose(st["validation"]["rise"])
     log(f"chosen: {chosen['grid']} {chosen['n_masks']} {chosen['normalize']} ({chosen['pointing']:.3f})")
-    cfgs = test_configs(chosen, args.n_max, args)
+    cfgs = test_configs(chosen, args.both_masks, args)
     planned = [m.strip() for m in args.methods.split(",") if m.strip()]
     st.setdefault("test", {})
     for name in planned:
@@ -560,6 +637,7 @@ def main() -> None:
         "command": "python benchmarks/saliency_causal.py " + " ".join(sys.argv[1:]),
         "seed": SEED, "p": P_KEEP,
         "settings_selected_on": "validation",
+        "validation_model": val_model,
         "truth": {"validation": truth_summary(val), "test": truth_summary(test)},
         "verify": st["verify"],
         "validation": st["validation"],

@@ -20,6 +20,11 @@ What it does, all from a fixed seed:
    the same occluder moved onto a distractor.
 5. Writes the weights (state dict) to python/whymatch/models/weights/shapesworld_cnn.pt
    and benchmarks/results/shapesworld_model.{json,md}.
+
+``--classes fit`` trains on the 48 ``FIT_CLASSES`` only, so the 12 ``VALIDATION_CLASSES`` stay unseen:
+a validation proxy of the shipped model, for choosing explainer settings on classes the model never saw
+(as the test classes are to the shipped model) without touching test. Give it its own ``--weights`` and
+``--results-dir``; it is never shipped.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from torch import Tensor, nn
 
 from whymatch import SimilarityModel
 from whymatch.data import TEST_CLASSES, TRAIN_CLASSES, ShapesWorld
+from whymatch.data.shapesworld import FIT_CLASSES
 from whymatch.models import ShapesCNN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,9 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=max(1, min(os.cpu_count() or 1, 8)))
     ap.add_argument("--n-occlusion-pairs", type=int, default=300)
+    ap.add_argument("--classes", choices=("train", "fit"), default="train",
+                    help="train: all 60 train-split classes (the shipped model); fit: the 48 FIT_CLASSES, leaving "
+                         "VALIDATION_CLASSES unseen (a validation proxy; give it its own --weights)")
     ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     ap.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
     args = ap.parse_args(argv)
+    classes = TRAIN_CLASSES if args.classes == "train" else FIT_CLASSES
+    if args.classes == "fit" and args.weights.resolve() == DEFAULT_WEIGHTS.resolve():
+        ap.error(f"--classes fit would overwrite the shipped weights {DEFAULT_WEIGHTS}: give --weights")
 
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -249,20 +261,21 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
 
     # ---------------------------------------------------------------- data
-    train = ShapesWorld("train", args.n_train, args.image_size, seed=args.seed)
+    train = ShapesWorld("train", args.n_train, args.image_size, seed=args.seed,
+                        classes=None if args.classes == "train" else classes)
     test = ShapesWorld("test", args.n_test, args.image_size, seed=args.seed)
     t0 = time.perf_counter()
     x_train = train.images(dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     x_test = test.images()
     t_gen = time.perf_counter() - t0
-    class_index = {c: i for i, c in enumerate(TRAIN_CLASSES)}
+    class_index = {c: i for i, c in enumerate(classes)}
     y_train = torch.tensor([class_index[int(c)] for c in train.labels])
     y_test = test.labels
     print(f"rendered {len(train)} train + {len(test)} test images in {t_gen:.1f} s", flush=True)
 
     # ---------------------------------------------------------------- model
     model = ShapesCNN().to(memory_format=torch.channels_last)
-    loss_fn = NormSoftmaxLoss(len(TRAIN_CLASSES), model.embedding_dim, args.temperature)
+    loss_fn = NormSoftmaxLoss(len(classes), model.embedding_dim, args.temperature)
     opt = torch.optim.Adam([
         {"params": model.parameters(), "lr": args.lr, "weight_decay": args.weight_decay},
         {"params": loss_fn.parameters(), "lr": args.proxy_lr, "weight_decay": 0.0},
@@ -327,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "data": {
             "dataset": "ShapesWorld", "image_size": args.image_size,
-            "n_train_classes": len(TRAIN_CLASSES), "n_test_classes": len(TEST_CLASSES),
+            "n_train_classes": len(classes), "train_classes": args.classes, "n_test_classes": len(TEST_CLASSES),
             "n_train_images": len(train), "n_test_images": len(test),
             "chance_recall_at_1": chance,
         },
