@@ -87,3 +87,39 @@ def test_near_tie_and_top1_within():
     assert within.tolist() == [1.0, 0.0, 1.0, 0.0]
     assert B.causal_top1(chosen, effects).tolist() == [0.0, 0.0, 1.0, 0.0]
     assert B.causal_top1_within(chosen, effects, 0.5)[1] == 1.0     # 0.5 >= 0.8 - 0.4
+
+
+def test_self_drop_targets_average_each_kind_of_the_key_object_only():
+    # two images, D = 2; image 0's key object changes shape twice and colour once, a distractor's size once;
+    # image 1 has no key-object render of any kind but pattern
+    e = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    changed = torch.tensor([[0.0, 1.0], [1.0, 0.0], [-1.0, 0.0], [1.0, 1.0], [1.0, 0.0]])
+    bank = {"embeddings": e, "changed": changed,
+            "source": torch.tensor([0, 0, 0, 0, 1]),
+            "attribute": torch.tensor([I["shape:square"], I["shape:star"], I["colour:red"], I["size:large"],
+                                       I["pattern:dots"]]),
+            "key": torch.tensor([True, True, True, False, True])}
+    y, defined = B.self_drop_targets(bank, 4, KINDS)
+    shape, colour, pattern, size = (B.KINDS.index(k) for k in ("shape", "colour", "pattern", "size"))
+    assert y[0, shape] == pytest.approx((1.0 + 0.0) / 2)      # drops 1 - cos: 1 and 0
+    assert y[0, colour] == pytest.approx(2.0)
+    assert not defined[0, size] and y[0, size] == 0           # a distractor's render is not the key object's
+    assert defined[1, pattern] and y[1, pattern] == pytest.approx(1.0)
+    assert defined.sum() == 3
+
+
+def test_reliance_ridge_recovers_a_linear_rule_and_ignores_undefined_rows():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g)
+    w_true = torch.randn(5, 4, generator=g)
+    y = x @ w_true + 0.5
+    defined = torch.ones(200, 4, dtype=torch.bool)
+    defined[:50, 2] = False
+    y[:50, 2] = 1e6                                           # garbage where undefined: must not be fitted
+    w = B.fit_reliance_ridge(x, y, defined, 1e-6)
+    assert torch.allclose(B.predict_reliance(x[50:], w), (x @ w_true + 0.5)[50:], atol=1e-3)
+    # a large weight shrinks the slopes, not the intercept
+    w_big = B.fit_reliance_ridge(x, x @ w_true * 0 + 0.5, defined.clone().fill_(True), 1e6)
+    assert torch.allclose(w_big[-1], torch.full((4,), 0.5), atol=1e-3)
+    with pytest.raises(ValueError, match="lam"):
+        B.fit_reliance_ridge(x, y, defined, -1.0)
