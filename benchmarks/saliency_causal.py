@@ -14,13 +14,15 @@ For each ShapesWorld pair (a query and a same-class reference, shipped model, co
 
 Stages (each cached in ``<stem>.partial.json``, so an interrupted run resumes):
 
-1. ``validation``: pairs from ``VALIDATION_CLASSES`` (12 training-split classes, never test classes),
-   scored with the *validation proxy* (``--val-model``, default ``proxy``): a ShapesCNN trained by
-   ``scripts/train_shapesworld.py --classes fit`` on the other 48 training-split classes, so the
-   validation classes are as unseen to it as the test classes are to the shipped model (the shipped
-   model saw them in training, and on seen classes every grid-6 setting pointed perfectly: the old
-   validation could not choose). The proxy is trained into ``build/val_proxy`` when missing (about
-   5 min on 2 cores, fixed seed) and its sha256 is recorded. Fixed-reference RISE: for each grid, one draw of ``--n-max`` masks is embedded once and
+1. ``validation``: pairs from the training-split classes (never test classes), scored by models that
+   never saw them (``--val-model``, default ``crossfit``): two proxies of the shipped model, trained by
+   ``scripts/train_shapesworld.py --classes half0`` / ``half1`` on every other training class, each
+   scoring the pairs of the half it did not see, as the shipped model never saw the test classes. Why:
+   the shipped model saw every training class, and the 12 ``VALIDATION_CLASSES`` alone hold one star
+   class of 12 (the test classes: 16 of 60); on them every grid-6 setting pointed perfectly, with the
+   shipped model and with a proxy that never saw them (``--val-model proxy``), so they could not choose.
+   Proxies are trained into ``build/val_proxy`` when missing (fixed seed, about 3 min each on 2 cores)
+   and their sha256 is recorded. Fixed-reference RISE: for each grid, one draw of ``--n-max`` masks is embedded once and
    the maps for every N prefix and every normalization ('centered', 'sane', 'rise') are computed from
    the same scores (checked against ``RISE.attribute`` on the first query). The setting with the best
    validation pointing game is chosen (ties: fewer masks, then 'centered', then the grid nearest the
@@ -56,7 +58,7 @@ import torch  # noqa: E402
 import common as C  # noqa: E402
 from whymatch import metrics, ops, saliency  # noqa: E402
 from whymatch.data import ShapesWorld  # noqa: E402
-from whymatch.data.shapesworld import VALIDATION_CLASSES  # noqa: E402
+from whymatch.data.shapesworld import TRAIN_CLASSES, VALIDATION_CLASSES  # noqa: E402
 from whymatch.metrics import causal_objects as CO  # noqa: E402
 from whymatch.models import ShapesCNN, load_default_model  # noqa: E402
 from whymatch.io import load_torch_file  # noqa: E402
@@ -64,59 +66,104 @@ from whymatch.similarity import SimilarityModel  # noqa: E402
 
 P_KEEP = 0.5
 ROOT = Path(__file__).resolve().parents[1]
-PROXY_WEIGHTS = ROOT / "build" / "val_proxy" / "shapesworld_cnn_fit.pt"
-PROXY_COMMAND = ["scripts/train_shapesworld.py", "--classes", "fit", "--n-train", "7200"]
-
-
-def load_validation_model(spec: str):
-    """(model, description) for the validation stage: 'shipped', 'proxy' (trained when missing) or a weights path."""
-    if spec == "shipped":
-        return load_default_model("cpu"), {"model": "shipped", "sees_validation_classes": True}
-    path = PROXY_WEIGHTS if spec == "proxy" else Path(spec)
-    if spec == "proxy" and not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(ROOT / PROXY_COMMAND[0]), *PROXY_COMMAND[1:], "--weights", str(path),
-               "--results-dir", str(path.parent)]
-        print(f"training the validation proxy: {' '.join(cmd)}", flush=True)
-        subprocess.run(cmd, check=True)
-    if not path.is_file():
-        raise SystemExit(f"--val-model: no weights file {path}")
-    embedder = ShapesCNN()
-    embedder.load_state_dict(load_torch_file(path, "validation proxy weights"))
-    blob = path.read_bytes()
-    desc = {"model": "proxy" if spec == "proxy" else str(path), "sees_validation_classes": False,
-            "train_command": "python " + " ".join(PROXY_COMMAND) if spec == "proxy" else None,
-            "weights_sha256": hashlib.sha256(blob).hexdigest()}
-    return SimilarityModel(embedder.eval(), "cosine", in_channels=3).eval(), desc
 SEED = 0
 NORMALIZATIONS = ("centered", "sane", "rise")
+#: validation proxies: name -> [(train_shapesworld.py --classes choice, training images, the classes it never saw)]
+PROXIES = {
+    "proxy": [("fit", 7200, VALIDATION_CLASSES)],
+    "crossfit": [("half0", 4500, TRAIN_CLASSES[1::2]), ("half1", 4500, TRAIN_CLASSES[0::2])],
+}
+
+
+def proxy_path(choice: str) -> Path:
+    return ROOT / "build" / "val_proxy" / f"shapesworld_cnn_{choice}.pt"
+
+
+def load_cnn(path: Path, what: str):
+    embedder = ShapesCNN()
+    embedder.load_state_dict(load_torch_file(path, what))
+    return SimilarityModel(embedder.eval(), "cosine", in_channels=3).eval()
+
+
+def load_validation_models(spec: str) -> tuple[list, dict]:
+    """([(model, classes)] folds of the validation stage, a description).
+
+    'shipped': the shipped model on VALIDATION_CLASSES (it saw them in training); 'proxy': one proxy trained
+    on FIT_CLASSES, on VALIDATION_CLASSES; 'crossfit': two proxies, each trained on half of the 60 training-split
+    classes and validating on the other half (all 60 classes are validation classes, each unseen by the model
+    that scores it); a path: those ShapesCNN weights on VALIDATION_CLASSES. Proxies are trained into
+    build/val_proxy when missing (fixed seed; about 3-5 min each on 2 cores).
+    """
+    if spec == "shipped":
+        return [(load_default_model("cpu"), VALIDATION_CLASSES)], {"model": "shipped", "sees_validation_classes": True}
+    if spec not in PROXIES:
+        path = Path(spec)
+        if not path.is_file():
+            raise SystemExit(f"--val-model: no weights file {path}")
+        return [(load_cnn(path, "validation model weights"), VALIDATION_CLASSES)], {
+            "model": str(path), "sees_validation_classes": None,
+            "weights_sha256": [hashlib.sha256(path.read_bytes()).hexdigest()]}
+    folds, commands, shas = [], [], []
+    for choice, n_train, unseen in PROXIES[spec]:
+        path = proxy_path(choice)
+        cmd = ["scripts/train_shapesworld.py", "--classes", choice, "--n-train", str(n_train), "--weights",
+               str(path.relative_to(ROOT)), "--results-dir", str(path.parent.relative_to(ROOT) / choice)]
+        if not path.is_file():
+            print(f"training a validation proxy: python {' '.join(cmd)}", flush=True)
+            subprocess.run([sys.executable, *cmd], check=True, cwd=ROOT)
+        folds.append((load_cnn(path, "validation proxy weights"), unseen))
+        commands.append("python " + " ".join(cmd))
+        shas.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    return folds, {"model": spec, "sees_validation_classes": False, "train_commands": commands,
+                   "weights_sha256": shas, "classes": sum(len(c) for _, c in folds)}
 
 
 # ------------------------------------------------------------------ pairs and ground truth
-def load_pairs(split: str, n_queries: int, n_refs: int, sim) -> dict:
-    """Query/reference images, key masks, object masks and the causal object effects of every pair."""
-    if split == "validation":
-        ds = ShapesWorld("train", n_samples=50 * len(VALIDATION_CLASSES), seed=0, classes=VALIDATION_CLASSES)
-    else:
-        ds = ShapesWorld("test", n_samples=3000, seed=0)
-    ps = ds.pairs(n_queries, n_refs, seed=SEED)
-    queries, refs, keys, objs, ref_keys, qidx, ridx = [], [], [], [], [], [], []
-    for qi, rr in zip(ps.query.tolist(), ps.references.tolist()):
-        smp = ds.sample(qi)
-        queries.append(smp.image)
-        refs.append(torch.stack([ds[r][0] for r in rr]))
-        ref_keys.append(torch.stack([ds.sample(r).key_mask for r in rr]))
-        keys.append(smp.key_mask)
-        objs.append(smp.object_masks)
-        qidx += [qi] * len(rr)
-        ridx += rr
-    ref_emb = sim.embed(torch.cat(refs))
-    eff = CO.causal_object_effects(sim, ds, qidx, ref_emb)
+def load_pairs(split: str, n_queries: int, n_refs: int, folds) -> dict:
+    """Query/reference images, key masks, object masks and the causal object effects of every pair.
+
+    ``folds``: [(model, classes)]: the queries are split evenly over the folds; fold f draws its pairs from
+    ``classes`` (None: the whole split) and its causal truth (and, in the validation stage, its maps) come from
+    its own model. ``pairs["fold"][i]`` is query i's fold, ``pairs["sims"]`` the models.
+    """
+    queries, refs, keys, objs, ref_keys, qidx, ridx, fold_of, effs = [], [], [], [], [], [], [], [], []
+    for f, (sim, classes) in enumerate(folds):
+        nq = n_queries // len(folds) + (1 if f < n_queries % len(folds) else 0)
+        if split == "validation":
+            ds = ShapesWorld("train", n_samples=50 * len(classes), seed=0, classes=classes)
+        else:
+            ds = ShapesWorld("test", n_samples=3000, seed=0, classes=classes)
+        ps = ds.pairs(nq, n_refs, seed=SEED)
+        f_refs, f_q = [], []
+        for qi, rr in zip(ps.query.tolist(), ps.references.tolist()):
+            smp = ds.sample(qi)
+            queries.append(smp.image)
+            f_refs.append(torch.stack([ds[r][0] for r in rr]))
+            ref_keys.append(torch.stack([ds.sample(r).key_mask for r in rr]))
+            keys.append(smp.key_mask)
+            objs.append(smp.object_masks)
+            f_q += [qi] * len(rr)
+            ridx += rr
+            fold_of.append(f)
+        refs += f_refs
+        qidx += f_q
+        effs.append(CO.causal_object_effects(sim, ds, f_q, sim.embed(torch.cat(f_refs))))
+    width = max(e.effects.shape[1] for e in effs)
+    eff = CO.CausalObjectEffects(
+        effects=torch.cat([torch.nn.functional.pad(e.effects, (0, width - e.effects.shape[1]), value=float("nan"))
+                           for e in effs]),
+        base=torch.cat([e.base for e in effs]), n_objects=torch.cat([e.n_objects for e in effs]))
     pair_objs = CO.pad_object_masks([o for o in objs for _ in range(n_refs)])
     if pair_objs.shape[1] < eff.effects.shape[1]:  # pragma: no cover - same objects, same count
         raise RuntimeError("object masks and effects disagree on the object count")
-    return {"ds": ds, "queries": queries, "refs": refs, "ref_keys": ref_keys, "keys": keys, "objs": pair_objs,
-            "effects": eff, "qidx": qidx, "ridx": ridx, "n_refs": n_refs}
+    return {"queries": queries, "refs": refs, "ref_keys": ref_keys, "keys": keys, "objs": pair_objs,
+            "effects": eff, "qidx": qidx, "ridx": ridx, "n_refs": n_refs, "fold": fold_of,
+            "sims": [sim for sim, _ in folds]}
+
+
+def model_of(pairs: dict, qi: int):
+    """The model that scores query ``qi``'s pairs (its fold's)."""
+    return pairs["sims"][pairs["fold"][qi]]
 
 
 def pair_keys(pairs: dict) -> torch.Tensor:
@@ -219,9 +266,10 @@ def kept_bins(recs: list[tuple], stats: dict) -> list[dict]:
     return out
 
 
-def verify(sim, pairs: dict, grid: int, n_max: int, batch_size: int) -> dict:
+def verify(pairs: dict, grid: int, n_max: int, batch_size: int) -> dict:
     """The shared-score maps equal RISE.attribute's, fixed reference ('centered') and both images ('sane')."""
     q, r = pairs["queries"][0], pairs["refs"][0]
+    sim = model_of(pairs, 0)
     size = tuple(q.shape[1:])
     ex = saliency.RISE(sim, n_masks=n_max, grid=grid, p=P_KEEP, seed=SEED, batch_size=batch_size)
     gen = torch.Generator().manual_seed(SEED)
@@ -246,16 +294,17 @@ def verify(sim, pairs: dict, grid: int, n_max: int, batch_size: int) -> dict:
     return out
 
 
-def validation_sweep(sim, pairs: dict, grids_list, n_list, n_max: int, m_ref: int, batch_size: int,
+def validation_sweep(pairs: dict, grids_list, n_list, n_max: int, m_ref: int, batch_size: int,
                      log) -> dict:
     size = tuple(pairs["queries"][0].shape[1:])
     rows, both_rows, per_ref = [], [], []
     for grid in grids_list:
         t0 = time.perf_counter()
-        ex = saliency.RISE(sim, n_masks=n_max, grid=grid, p=P_KEEP, seed=SEED)
+        ex = saliency.RISE(model_of(pairs, 0), n_masks=n_max, grid=grid, p=P_KEEP, seed=SEED)     # masks only
         maps = {(n, z): [] for n in n_list for z in NORMALIZATIONS}
         both = {key: [] for key in [(z, m) for z in NORMALIZATIONS for m in (5, m_ref)] + [("centered_weighted", m_ref)]}
         for qi, (q, r) in enumerate(zip(pairs["queries"], pairs["refs"])):
+            sim = model_of(pairs, qi)
             gen = torch.Generator().manual_seed(SEED + qi)
             grids, shifts = ex.generate_masks(size, n_max, gen, torch.device("cpu"))
             with torch.no_grad():
@@ -310,14 +359,15 @@ def per_reference_table(per_ref: list, grid: int) -> list[dict]:
                             "pointing": lambda sel: sum(r[2] for r in sel) / len(sel)})
 
 
-def both_images_why(sim, pairs: dict, n_queries: int, grid: int, n_masks: int, m_ref: int, batch_size: int) -> dict:
+def both_images_why(pairs: dict, n_queries: int, grid: int, n_masks: int, m_ref: int, batch_size: int) -> dict:
     """Both-images RISE, per perturbed reference: how much of the reference's key object its mask kept, and the
     sign of its own centred query map on the query's key object (mean value there minus the mean elsewhere)."""
     size = tuple(pairs["queries"][0].shape[1:])
-    ex = saliency.RISE(sim, n_masks=n_masks, grid=grid, p=P_KEEP, seed=SEED)
+    ex = saliency.RISE(model_of(pairs, 0), n_masks=n_masks, grid=grid, p=P_KEEP, seed=SEED)     # masks only
     recs, avg = [], []
     for qi in range(min(n_queries, len(pairs["queries"]))):
         q, r = pairs["queries"][qi], pairs["refs"][qi]
+        sim = model_of(pairs, qi)
         key = pairs["keys"][qi]
         gen = torch.Generator().manual_seed(SEED + 1000 + qi)
         grids, shifts = ex.generate_masks(size, n_masks, gen, torch.device("cpu"))
@@ -392,11 +442,21 @@ def fmt(r: dict, key: str) -> str:
     return f"{r[key]:.3f} ± {r[key + '_sem']:.3f} ({r[key + '_sem_query']:.3f})"
 
 
-def validation_model_note(vm: dict | None) -> str:
+def validation_model_note(vm: dict | None, vt: dict) -> str:
+    """The sentence that says which classes and models the validation stage used."""
+    pairs = f"{vt['queries']} x {vt['refs_per_query']} = {vt['pairs']} pairs"
     if not vm or vm.get("model") == "shipped":
-        return "scored with the shipped model (which saw those classes in training)"
-    return (f"scored with a validation proxy that never saw them (`{vm.get('train_command') or vm['model']}`: the "
-            f"shipped recipe on the other 48 training-split classes; weights sha256 {vm['weights_sha256'][:12]})")
+        return (f"Validation: {pairs} from the 12 VALIDATION_CLASSES (training split, never test), scored with the "
+                "shipped model (which saw those classes in training)")
+    if vm["model"] == "crossfit":
+        cmds = "`, `".join(vm["train_commands"])
+        return (f"Validation: {pairs} from all {vm['classes']} training-split classes (never test), cross-fitted: "
+                f"two proxies of the shipped model (its recipe on half of those classes: `{cmds}`; weights sha256 "
+                f"{', '.join(h[:12] for h in vm['weights_sha256'])}), each scoring the pairs of the half it never "
+                "saw, as the shipped model never saw the test classes")
+    cmd = "; ".join(vm.get("train_commands") or [vm["model"]])
+    return (f"Validation: {pairs} from the 12 VALIDATION_CLASSES (training split, never test), scored with a "
+            f"model that never saw them (`{cmd}`; weights sha256 {', '.join(h[:12] for h in vm['weights_sha256'])})")
 
 
 def markdown(data: dict) -> str:
@@ -409,10 +469,8 @@ def markdown(data: dict) -> str:
         f"(this run's stages; cached stages keep their own times). Seed {SEED} for pairs and masks.", "",
         C.load_note(data).strip(), "",
         f"Test: {tt['queries']} queries x {tt['refs_per_query']} same-class references = {tt['pairs']} pairs from "
-        f"the unseen test classes, shipped model. Validation: {vt['queries']} x {vt['refs_per_query']} = "
-        f"{vt['pairs']} pairs from the 12 VALIDATION_CLASSES (training split, never test), "
-        + validation_model_note(data.get("validation_model")) + "; every setting was chosen there, and test was run "
-        "once.", "",
+        "the unseen test classes, shipped model. " + validation_model_note(data.get("validation_model"), vt)
+        + "; every setting was chosen there, and test was run once.", "",
         "Causal object = the object whose removal (re-render without it, everything else pixel-identical) drops "
         "the similarity most. A map agrees when it names that object: **mass** = the object whose mask holds the "
         "largest sum of the centred map (uncentred maps: minus their mean), **point** = the object under the "
@@ -518,9 +576,11 @@ def main() -> None:
     ap.add_argument("--grids", default="4,5,6,7,8")
     ap.add_argument("--n-list", default="250,500,1000,2000,4000")
     ap.add_argument("--n-max", type=int, default=4000)
-    ap.add_argument("--val-model", default="proxy",
-                    help="model of the validation stage: 'proxy' (trained without VALIDATION_CLASSES; built into "
-                         "build/val_proxy when missing), 'shipped' (saw them in training), or a ShapesCNN weights file")
+    ap.add_argument("--val-model", default="crossfit",
+                    help="models of the validation stage: 'crossfit' (two proxies, each trained on half the training "
+                         "classes, validating on the other half), 'proxy' (trained without VALIDATION_CLASSES), "
+                         "'shipped' (saw them in training), or a ShapesCNN weights file; proxies are built into "
+                         "build/val_proxy when missing")
     ap.add_argument("--reuse-test", default="", metavar="JSON",
                     help="take test rows from this earlier results file where its test pairs and a method's "
                          "settings are the same as this run's")
@@ -550,7 +610,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     sim = load_default_model("cpu")
-    val_sim, val_model = load_validation_model(args.val_model)
+    val_folds, val_model = load_validation_models(args.val_model)
     grids_list = [int(x) for x in args.grids.split(",")]
     n_list = sorted(int(x) for x in args.n_list.split(","))
     if max(n_list) > args.n_max:
@@ -572,8 +632,8 @@ def main() -> None:
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    val = load_pairs("validation", args.val_queries, args.val_refs, val_sim)
-    test = load_pairs("test", args.test_queries, args.test_refs, sim)
+    val = load_pairs("validation", args.val_queries, args.val_refs, val_folds)
+    test = load_pairs("test", args.test_queries, args.test_refs, [(sim, None)])
     log("pairs and causal ground truth ready")
     st = cache["stages"]
     if args.reuse_test:
@@ -604,11 +664,11 @@ def main() -> None:
         return
     if "verify" not in st:
         st["verify"] = ({"fixed_centered_max_abs_diff": float("nan"), "both_sane_max_rel_diff": float("nan")}
-                        if args.fast else verify(val_sim, val, grids_list[0], args.n_max, args.batch_size))
+                        if args.fast else verify(val, grids_list[0], args.n_max, args.batch_size))
         save()
     if "validation" not in st:
         t0 = time.perf_counter()
-        res = validation_sweep(val_sim, val, grids_list, n_list, args.n_max, 30, args.batch_size, log)
+        res = validation_sweep(val, grids_list, n_list, args.n_max, 30, args.batch_size, log)
         res["per_reference_bins"] = {str(g): per_reference_table(res["per_reference"], g) for g in grids_list}
         res["seconds"] = time.perf_counter() - t0
         del res["per_reference"]
@@ -616,7 +676,7 @@ def main() -> None:
         save()
     if "both_why" not in st and args.why_queries:
         t0 = time.perf_counter()
-        st["both_why"] = both_images_why(val_sim, val, args.why_queries, 8, args.why_masks, 30, args.batch_size)
+        st["both_why"] = both_images_why(val, args.why_queries, 8, args.why_masks, 30, args.batch_size)
         st["both_why"]["seconds"] = time.perf_counter() - t0
         save()
     chosen = choose(st["validation"]["rise"])

@@ -21,10 +21,12 @@ What it does, all from a fixed seed:
 5. Writes the weights (state dict) to python/whymatch/models/weights/shapesworld_cnn.pt
    and benchmarks/results/shapesworld_model.{json,md}.
 
-``--classes fit`` trains on the 48 ``FIT_CLASSES`` only, so the 12 ``VALIDATION_CLASSES`` stay unseen:
-a validation proxy of the shipped model, for choosing explainer settings on classes the model never saw
-(as the test classes are to the shipped model) without touching test. Give it its own ``--weights`` and
-``--results-dir``; it is never shipped.
+``--classes fit`` trains on the 48 ``FIT_CLASSES`` only, so the 12 ``VALIDATION_CLASSES`` stay unseen;
+``--classes half0`` / ``half1`` train on every other training-split class (``TRAIN_CLASSES[0::2]`` /
+``[1::2]``), so the other half stays unseen. These are validation proxies of the shipped model, for
+choosing explainer settings on classes the model never saw (as the test classes are to the shipped
+model) without touching test. Give them their own ``--weights`` and ``--results-dir``; they are never
+shipped.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ from whymatch.models import ShapesCNN
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = ROOT / "python" / "whymatch" / "models" / "weights" / "shapesworld_cnn.pt"
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results"
+#: the training classes of each --classes choice
+CLASS_SETS = {"train": TRAIN_CLASSES, "fit": FIT_CLASSES, "half0": TRAIN_CLASSES[0::2], "half1": TRAIN_CLASSES[1::2]}
 
 
 class NormSoftmaxLoss(nn.Module):
@@ -245,14 +249,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=max(1, min(os.cpu_count() or 1, 8)))
     ap.add_argument("--n-occlusion-pairs", type=int, default=300)
-    ap.add_argument("--classes", choices=("train", "fit"), default="train",
+    ap.add_argument("--classes", choices=tuple(CLASS_SETS), default="train",
                     help="train: all 60 train-split classes (the shipped model); fit: the 48 FIT_CLASSES, leaving "
-                         "VALIDATION_CLASSES unseen (a validation proxy; give it its own --weights)")
+                         "VALIDATION_CLASSES unseen; half0 / half1: TRAIN_CLASSES[0::2] / [1::2], leaving the other "
+                         "half unseen (validation proxies; give them their own --weights)")
     ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     ap.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
     args = ap.parse_args(argv)
-    classes = TRAIN_CLASSES if args.classes == "train" else FIT_CLASSES
-    if args.classes == "fit" and args.weights.resolve() == DEFAULT_WEIGHTS.resolve():
+    classes = CLASS_SETS[args.classes]
+    if args.classes != "train" and args.weights.resolve() == DEFAULT_WEIGHTS.resolve():
         ap.error(f"--classes fit would overwrite the shipped weights {DEFAULT_WEIGHTS}: give --weights")
 
     t_start = time.perf_counter()
