@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     classes = CLASS_SETS[args.classes]
     if args.classes != "train" and args.weights.resolve() == DEFAULT_WEIGHTS.resolve():
-        ap.error(f"--classes fit would overwrite the shipped weights {DEFAULT_WEIGHTS}: give --weights")
+        ap.error(f"--classes {args.classes} would overwrite the shipped weights {DEFAULT_WEIGHTS}: give --weights")
 
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
