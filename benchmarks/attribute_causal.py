@@ -865,8 +865,8 @@ def bounds_markdown(data: dict) -> list[str]:
             row("(b) oracle key object + SANE Eq. 4's scores ('sane_eq4') among the key object's 4 attributes",
                 b["oracle_key_sane_eq4"]),
             *([row("(d) oracle key object + the query's own counterfactual drops (exact renders of the query, "
-                   "1 - s(q, q'); the reference ignored): the query's exact own reliance, which any query-only estimate "
-                   "approximates",
+                   "1 - s(q, q'); the reference ignored): the query's exact own reliance, which any query-only "
+                   "estimate approximates",
                    b["oracle_key_query_self_drops"])] if "oracle_key_query_self_drops" in b else []),
             *([row(f"(e) oracle key object + a learned reliance predictor (not SANE): ridge from the query's "
                    f"embedding and key-object labels to each kind's self-drop, trained on "
