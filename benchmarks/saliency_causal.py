@@ -631,8 +631,17 @@ def reuse_test_rows(path: Path, truth: dict, into: dict) -> list[str]:
     changes float sums in the last bits); a row is then used only where its ``settings_key`` equals the current
     method's (checked where the methods run).
     """
-    old = json.loads(path.read_text())
-    prev = old.get("truth", {}).get("test", {})
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--reuse-test: cannot read {path} as a results file: {exc}") from None
+    if not isinstance(old, dict):
+        raise SystemExit(f"--reuse-test: {path} is not a saliency_causal results file (no JSON object)")
+    prev = old.get("truth", {})
+    prev = prev.get("test", {}) if isinstance(prev, dict) else {}
+    if not isinstance(prev, dict) or not isinstance(old.get("test", {}), dict):
+        raise SystemExit(f"--reuse-test: {path} is not a saliency_causal results file (its 'truth' or 'test' is "
+                         "not an object)")
     if set(prev) != set(truth) or any(
             (prev[k] != v) if isinstance(v, int) else abs(prev[k] - v) > 1e-6 * max(1.0, abs(v))
             for k, v in truth.items()):
