@@ -442,7 +442,7 @@ def main(argv=None) -> int:
         tick("causal_ground_truth", t0c)
     t0c = time.perf_counter()
     tq0 = pairs["test"].query
-    # the query's own counterfactual drops (1 - s(q, q')): what a query-only reliance estimate could know at best
+    # the query's own counterfactual drops (1 - s(q, q')): its exact reliance, the reference ignored (bound d)
     self_truth = cache.get("truth_self_test", {"split": test.split, "n": len(test), "seed": test.seed,
                                                "pairs": len(tq0), "pair_seed": args.seed},
                            lambda: {"effects": causal_attribute_effects(sim, test, tq0,
