@@ -62,9 +62,8 @@ from whymatch import metrics, ops, saliency  # noqa: E402
 from whymatch.data import ShapesWorld  # noqa: E402
 from whymatch.data.shapesworld import TRAIN_CLASSES, VALIDATION_CLASSES  # noqa: E402
 from whymatch.metrics import causal_objects as CO  # noqa: E402
-from whymatch.models import ShapesCNN, load_default_model  # noqa: E402
-from whymatch.io import load_torch_file  # noqa: E402
-from whymatch.similarity import SimilarityModel  # noqa: E402
+from whymatch.io import FileFormatError  # noqa: E402
+from whymatch.models import load_default_model  # noqa: E402
 
 P_KEEP = 0.5
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,12 +82,6 @@ def proxy_path(choice: str) -> Path:
     return ROOT / "build" / "val_proxy" / f"shapesworld_cnn_{choice}.pt"
 
 
-def load_cnn(path: Path, what: str):
-    embedder = ShapesCNN()
-    embedder.load_state_dict(load_torch_file(path, what))
-    return SimilarityModel(embedder.eval(), "cosine", in_channels=3).eval()
-
-
 def load_validation_models(spec: str) -> tuple[list, dict]:
     """([(model, classes)] folds of the validation stage, a description).
 
@@ -104,7 +97,11 @@ def load_validation_models(spec: str) -> tuple[list, dict]:
         path = Path(spec)
         if not path.is_file():
             raise SystemExit(f"--val-model: no weights file {path}")
-        return [(load_cnn(path, "validation model weights"), VALIDATION_CLASSES)], {
+        try:
+            model = load_default_model("cpu", weights=path)
+        except FileFormatError as exc:
+            raise SystemExit(f"--val-model: {exc}") from None
+        return [(model, VALIDATION_CLASSES)], {
             "model": str(path), "sees_validation_classes": None,
             "weights_sha256": [hashlib.sha256(path.read_bytes()).hexdigest()]}
     folds, commands, shas = [], [], []
@@ -115,7 +112,7 @@ def load_validation_models(spec: str) -> tuple[list, dict]:
         if not path.is_file():
             print(f"training a validation proxy: python {' '.join(cmd)}", flush=True)
             subprocess.run([sys.executable, *cmd], check=True, cwd=ROOT)
-        folds.append((load_cnn(path, "validation proxy weights"), unseen))
+        folds.append((load_default_model("cpu", weights=path), unseen))
         commands.append("python " + " ".join(cmd))
         shas.append(hashlib.sha256(path.read_bytes()).hexdigest())
     return folds, {"model": spec, "sees_validation_classes": False, "train_commands": commands,

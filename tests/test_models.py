@@ -50,6 +50,27 @@ def test_missing_weights_error_names_path_and_script(monkeypatch):
     assert "no_such_file.pt" in msg and "scripts/train_shapesworld.py" in msg
 
 
+def test_weights_path_loads_another_shapescnn_with_the_same_checks(model, tmp_path):
+    from whymatch.io import FileFormatError
+    net = ShapesCNN()
+    torch.manual_seed(3)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    torch.save(net.state_dict(), tmp_path / "other.pt")
+    other = load_default_model(weights=tmp_path / "other.pt")
+    x = torch.rand(2, 3, 96, 96)
+    assert torch.equal(other.embed(x), whymatch.SimilarityModel(net.eval(), "cosine").embed(x))
+    assert not torch.equal(other.embed(x), model.embed(x))
+    assert torch.equal(load_default_model(weights=str(default_weights_path())).embed(x), model.embed(x))
+    torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "wrong.pt")
+    with pytest.raises(FileFormatError, match="wrong.pt"):
+        load_default_model(weights=tmp_path / "wrong.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_default_model(weights=tmp_path / "missing.pt")
+    with pytest.raises(TypeError, match="weights must be a path"):
+        load_default_model(weights=3)
+
+
 def test_positive_pairs_of_unseen_classes_score_higher(model):
     ds = ShapesWorld("test", 240, seed=99)  # test classes: never seen in training
     p = ds.pairs(60, k_refs=1, n_negatives=1, seed=0)

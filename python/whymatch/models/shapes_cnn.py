@@ -8,6 +8,8 @@ the held-out ShapesWorld classes is recorded in
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -103,7 +105,8 @@ def default_weights_path() -> Path:
     """Filesystem path of the shipped ShapesWorld weights (where they belong when the file is missing)."""
     return shipped_path(WEIGHTS_RESOURCE)
 
-def load_default_model(device: str | torch.device = "cpu") -> SimilarityModel:
+def load_default_model(device: str | torch.device = "cpu", *,
+                       weights: str | os.PathLike | None = None) -> SimilarityModel:
     """The shipped ShapesWorld CNN as a cosine-similarity :class:`whymatch.SimilarityModel`.
 
     Loads ``whymatch/models/weights/shapesworld_cnn.pt`` (a state dict, read with
@@ -111,6 +114,9 @@ def load_default_model(device: str | torch.device = "cpu") -> SimilarityModel:
 
     Args:
         device: where to put the model.
+        weights: another ShapesCNN state dict to load instead (for example a validation proxy
+            written by ``scripts/train_shapesworld.py --classes half0 --weights PATH``), with the
+            same checks.
 
     Returns:
         A SimilarityModel in eval mode wrapping a :class:`ShapesCNN`
@@ -118,13 +124,20 @@ def load_default_model(device: str | torch.device = "cpu") -> SimilarityModel:
         Its embedder's ``layer4`` is the last conv block.
 
     Raises:
-        FileNotFoundError: the weights file is missing (it is written by
+        FileNotFoundError: the weights file is missing (the shipped one is written by
             ``python scripts/train_shapesworld.py``).
+        whymatch.io.FileFormatError: the file is not a ShapesCNN() state dict.
     """
     from ..io import FileFormatError, check_tensor_dict, check_tensors_match, load_torch_file
 
     embedder = ShapesCNN()
-    with open_shipped(WEIGHTS_RESOURCE, "ShapesWorld model weights", TRAIN_SCRIPT) as path:
+    if weights is None:
+        opened = open_shipped(WEIGHTS_RESOURCE, "ShapesWorld model weights", TRAIN_SCRIPT)
+    else:
+        if not isinstance(weights, (str, os.PathLike)):
+            raise TypeError(f"weights must be a path or None, got {type(weights).__name__}")
+        opened = contextlib.nullcontext(Path(weights))
+    with opened as path:
         state = load_torch_file(path, "ShapesWorld model weights")
         try:
             check_tensors_match("the weights", check_tensor_dict("the weights", state), embedder.state_dict(),
