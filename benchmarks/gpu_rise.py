@@ -233,7 +233,9 @@ def section_e2e(a, dev) -> dict:
     g = torch.Generator(device="cpu").manual_seed(4)
     query = torch.rand(3, *size, generator=g).to(dev)
     reference = torch.rand(1, 3, *size, generator=g).to(dev)
-    rise = RISE(sim, n_masks=n, grid=8, p=p, batch_size=bs, seed=seed)
+    # normalize='rise' (the published form, scores @ masks / (N p)), which the plain pipeline below computes; the
+    # library's default 'centered' divides by the per-pixel mask sum instead, so it would not equal it
+    rise = RISE(sim, n_masks=n, grid=8, p=p, batch_size=bs, seed=seed, normalize="rise")
     grids, shifts = gen_masks(n, size, 8, p, seed, dev)
     zero = torch.zeros(3, *size, device=dev)  # RISE's default baseline 0.0
 
