@@ -478,7 +478,9 @@ def gpu_path(q: int, g: int, sizes: list[int], dtype: torch.dtype, *, topk: bool
        density of about 0.07 with the fused kernels (SIMT 211 s at 0.25, the published k = 128 of 512;
        fused cuBLAS path 84 s, SGEMM-bound) and about 0.26-0.28 without (torch-op cuBLAS path 223 s).
     5. ``simt`` otherwise.
-    The thresholds come from the performance model, not from a GPU measurement (none was lent).
+    The thresholds come from the performance model. The one GPU run so far (an H200,
+    benchmarks/results/gpu/avsl_sop_cuda.md) took 132 s on the tensor-core path at SOP scale, where the
+    model predicts 56.7 s, so the model is optimistic and the thresholds are unconfirmed.
     """
     import os
 
