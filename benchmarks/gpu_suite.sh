@@ -151,7 +151,8 @@ run_step() {
 
 # ---------------------------------------------------------------- 2. CUDA tests
 if want tests; then
-  TEST_ARGS=(tests -q -m cuda -x -p no:cacheprovider)
+  # a test module that cannot import (a dependency the --no-deps install skipped) must not stop the CUDA tests
+  TEST_ARGS=(tests -q -m cuda -x -p no:cacheprovider --continue-on-collection-errors -rfE)
   if "$PY" -c "import pytest_timeout" 2>/dev/null; then
     TEST_ARGS+=(--timeout=120)
   fi
